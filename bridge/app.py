@@ -1,0 +1,125 @@
+"""The Flask app: forward-auth, whoami for apps, and health.
+
+The request path reads as credential -> session -> decision -> response:
+``credentials.extract``, ``SessionMirror.resolve``, and ``responses``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, Request, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from bridge import responses
+from bridge.config import Settings
+from bridge.credentials import extract
+from bridge.errors import BridgeError, StoreUnavailable
+from bridge.kratos import KratosClient
+from bridge.mirror import SessionMirror
+from bridge.store import Keys, SessionStore
+
+log = logging.getLogger(__name__)
+
+_ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?")
+_FORWARDED_URI = re.compile(r"/[\x21-\x7e]{0,2047}")
+_ORIGINAL_URL = re.compile(r"https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[\x21-\x7e]{0,2047})?")
+
+
+def build_store(settings: Settings) -> SessionStore:
+    keys = Keys(settings.key_prefix, settings.aal2_stream)
+    if settings.redis_url is None:
+        from bridge.store.memory import MemoryStore
+
+        return MemoryStore(keys, settings.aal2_stream_maxlen)
+    from bridge.store.redis import RedisStore
+
+    return RedisStore(settings.redis_url, keys, settings.redis_timeout, settings.aal2_stream_maxlen)
+
+
+def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
+    app = Flask("bridge")
+    store = store if store is not None else build_store(settings)
+    kratos = KratosClient(
+        settings.kratos_public_url,
+        settings.kratos_admin_url,
+        settings.session_cookie,
+        settings.kratos_timeout,
+    )
+    mirror = SessionMirror(
+        store,
+        kratos,
+        settings.secret,
+        settings.revalidate_after,
+        settings.negative_cache_ttl,
+        settings.kratos_timeout,
+    )
+    app.extensions["bridge"] = {"store": store, "kratos": kratos, "mirror": mirror}
+
+    def resolve(with_app: bool):  # -> Resolved
+        credential = extract(request.headers, settings.session_cookie)
+        return mirror.resolve(credential, with_app=with_app)
+
+    # Envoy's ext_authz sends the original method and appends the original path.
+    @app.route("/auth", methods=_ANY_METHOD)
+    @app.route("/auth/<path:_subpath>", methods=_ANY_METHOD)
+    def auth(_subpath: str = "") -> Response:
+        resolved = resolve(with_app=False)
+        return responses.allow(resolved.session, resolved.set_cookie)
+
+    @app.get("/whoami")
+    def whoami() -> Response:
+        resolved = resolve(with_app=True)
+        return responses.session_json(resolved.session, resolved.set_cookie)
+
+    @app.get("/health/alive")
+    def alive() -> Response:
+        return jsonify(status="ok")
+
+    @app.get("/health/ready")
+    def ready() -> Response | tuple[Response, int]:
+        problems = {}
+        try:
+            store.ping()
+        except StoreUnavailable as error:
+            problems["redis"] = str(error)
+        kratos_problem = kratos.ready()
+        if kratos_problem is not None:
+            problems["kratos"] = kratos_problem
+        if problems:
+            return jsonify(status="unavailable", errors=problems), 503
+        return jsonify(status="ok")
+
+    @app.errorhandler(BridgeError)
+    def bridge_error(error: BridgeError) -> Response:
+        return responses.failure(error, settings.login_url, original_url(request))
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        return responses.http_error(error.code or 500, error.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> Response:
+        log.exception("unexpected error on %s", request.path)
+        return responses.internal_error()
+
+    return app
+
+
+def original_url(req: Request) -> str | None:
+    """The URL the user asked the proxy for, if the proxy told us and it looks sane."""
+    original = req.headers.get("X-Original-URL")
+    if original and _ORIGINAL_URL.fullmatch(original):
+        return original
+    proto = req.headers.get("X-Forwarded-Proto", "")
+    host = req.headers.get("X-Forwarded-Host", "")
+    uri = req.headers.get("X-Forwarded-Uri", "/")
+    if (
+        proto in ("http", "https")
+        and _FORWARDED_HOST.fullmatch(host)
+        and _FORWARDED_URI.fullmatch(uri)
+    ):
+        return f"{proto}://{host}{uri}"
+    return None

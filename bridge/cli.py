@@ -1,0 +1,98 @@
+"""``kratos-bridge``: serve, check, config-reference. Exit 2 on a configuration error."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from bridge.config import Settings, load_settings, reference_table
+from bridge.errors import ConfigError, StoreUnavailable
+
+EXIT_CONFIG = 2
+EXIT_UNHEALTHY = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kratos-bridge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the forward-auth server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--config", help="YAML file of settings; BRIDGE_* variables win")
+    check = commands.add_parser("check", help="validate settings and reach Redis and Kratos")
+    check.add_argument("--config")
+    commands.add_parser("config-reference", help="print the settings table (Markdown)")
+    args = parser.parse_args(argv)
+
+    if args.command == "config-reference":
+        print(reference_table())
+        return 0
+    try:
+        settings = load_settings(config_file=args.config)
+        if args.command == "serve":
+            settings = settings.with_overrides(host=args.host, port=args.port)
+            if not 1 <= settings.port <= 65535:
+                raise ConfigError("--port", f"{settings.port} is outside 1..65535")
+    except ConfigError as error:
+        print(f"kratos-bridge: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "check":
+        return check_command(settings)
+    from bridge.server import serve as run_server
+
+    run_server(settings)
+    return 0
+
+
+def check_command(settings: Settings) -> int:
+    """Print what the bridge would run with and whether Redis and Kratos answer."""
+    from bridge.app import build_store
+    from bridge.kratos import KratosClient
+
+    ok = True
+    print(f"kratos public:   {settings.kratos_public_url}")
+    print(f"kratos admin:    {settings.kratos_admin_url}")
+    print(f"store:           {_store_label(settings)}")
+    print(
+        f"revalidate after {settings.revalidate_after:g}s, negative cache "
+        f"{settings.negative_cache_ttl:g}s"
+    )
+    store = build_store(settings)
+    started = time.perf_counter()
+    try:
+        store.ping()
+        print(f"redis:           ok ({(time.perf_counter() - started) * 1000:.1f} ms)")
+    except StoreUnavailable as error:
+        print(f"redis:           FAILED ({error})")
+        ok = False
+    kratos = KratosClient(
+        settings.kratos_public_url,
+        settings.kratos_admin_url,
+        settings.session_cookie,
+        settings.kratos_timeout,
+    )
+    problem = kratos.ready()
+    print(f"kratos:          {'ok' if problem is None else 'FAILED (' + problem + ')'}")
+    ok = ok and problem is None
+    version = kratos.version()
+    print(f"kratos version:  {version or 'unknown (admin API not reachable)'}")
+    return 0 if ok else EXIT_UNHEALTHY
+
+
+def _store_label(settings: Settings) -> str:
+    if settings.redis_url is None:
+        return "embedded (in-process, single process only)"
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(settings.redis_url)
+    netloc = parts.hostname or parts.path
+    if parts.port:
+        netloc += f":{parts.port}"
+    return f"redis {parts.scheme}://{netloc}{parts.path if parts.hostname else ''}"

@@ -1,0 +1,44 @@
+"""Every failure the request path can meet, as one small hierarchy.
+
+The HTTP layer maps these to status codes in one place (``bridge.responses``),
+so a stage raises what it means and never decides a status code itself.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of everything the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """A configuration key has a value the bridge cannot run with."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class CredentialMissing(BridgeError):
+    """The request carries no session cookie, session token or bearer token."""
+
+
+class SessionInvalid(BridgeError):
+    """Kratos does not accept the credential (or its shape rules it out first)."""
+
+
+class StepUpRequired(BridgeError):
+    """The session is valid but a second factor is needed (Kratos 403 aal2)."""
+
+    def __init__(self, redirect_browser_to: str | None) -> None:
+        super().__init__("a second factor is required")
+        self.redirect_browser_to = redirect_browser_to
+
+
+class KratosUnavailable(BridgeError):
+    """Kratos could not be asked, or answered something we cannot trust."""
+
+
+class StoreUnavailable(BridgeError):
+    """The session store (Redis) could not be reached."""

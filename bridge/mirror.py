@@ -1,0 +1,177 @@
+"""From credential to session: the mirror first, Kratos when the mirror is missing or stale.
+
+Rules this module keeps:
+
+- A mirrored session is trusted for ``revalidate_after`` seconds; after that
+  Kratos is asked again, so a logout or revocation takes effect within that bound.
+- Kratos rejecting a credential drops the mirror at once and is remembered for
+  ``negative_cache_ttl`` seconds.
+- Concurrent requests for one credential make one Kratos call per process
+  (``SingleFlight``); for a stale session, processes take a short lock in the
+  store and the others wait for its result instead of asking Kratos too.
+- Kratos unreachable means no answer from a stale mirror: the caller gets
+  ``KratosUnavailable`` and answers 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from bridge.credentials import Credential
+from bridge.errors import SessionInvalid
+from bridge.kratos import KratosClient
+from bridge.session import MirroredSession, aal2_event, mirror
+from bridge.store import REJECTED, SessionStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_PEER_POLL_SECONDS = 0.005
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Resolved:
+    """A session the bridge may answer from, and a cookie Kratos re-issued on the way."""
+
+    session: MirroredSession
+    set_cookie: str | None = None
+
+
+class SessionMirror:
+    """Resolves credentials to mirrored sessions."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        kratos: KratosClient,
+        secret: bytes,
+        revalidate_after: float,
+        negative_cache_ttl: float,
+        kratos_timeout: float,
+    ) -> None:
+        self._store = store
+        self._kratos = kratos
+        self._secret = secret
+        self._revalidate_after_ms = int(revalidate_after * 1000)
+        self._negative_ttl_ms = int(negative_cache_ttl * 1000)
+        self._lock_ttl_ms = int(kratos_timeout * 1000) + 500
+        self._in_flight: SingleFlight[Resolved] = SingleFlight()
+
+    def resolve(self, credential: Credential, *, with_app: bool = False) -> Resolved:
+        fingerprint = credential.fingerprint(self._secret)
+        session = self._mirrored(fingerprint, with_app)
+        if session is not None and session.is_fresh(now_ms(), self._revalidate_after_ms):
+            return Resolved(session)
+        resolved = self._in_flight.do(
+            fingerprint, lambda: self._revalidate(credential, fingerprint, session)
+        )
+        if with_app and not resolved.session.app:
+            app = self._store.load(resolved.session.id, with_app=True)
+            if app is not None:
+                resolved = Resolved(app, resolved.set_cookie)
+        return resolved
+
+    def _mirrored(self, fingerprint: str, with_app: bool) -> MirroredSession | None:
+        session_id = self._store.find_session_id(fingerprint)
+        if session_id is REJECTED:
+            raise SessionInvalid("Kratos rejected this credential recently")
+        if session_id is None:
+            return None
+        return self._store.load(session_id, with_app=with_app)
+
+    def _revalidate(
+        self, credential: Credential, fingerprint: str, stale: MirroredSession | None
+    ) -> Resolved:
+        locked = False
+        if stale is not None:
+            locked = self._store.claim_revalidation(stale.id, self._lock_ttl_ms)
+            if not locked:
+                fresh = self._wait_for_peer(stale)
+                if fresh is not None:
+                    return Resolved(fresh)
+        try:
+            return self._ask_kratos(credential, fingerprint, stale)
+        finally:
+            if locked:
+                self._store.release_revalidation(stale.id)
+
+    def _wait_for_peer(self, stale: MirroredSession) -> MirroredSession | None:
+        """Another process is asking Kratos about this session: use its answer when it lands."""
+        deadline = time.monotonic() + self._lock_ttl_ms / 1000
+        while time.monotonic() < deadline:
+            time.sleep(_PEER_POLL_SECONDS)
+            current = self._store.load(stale.id)
+            if current is None:
+                return None
+            if current.validated_at_ms != stale.validated_at_ms:
+                return current if current.is_fresh(now_ms(), self._revalidate_after_ms) else None
+        return None
+
+    def _ask_kratos(
+        self, credential: Credential, fingerprint: str, stale: MirroredSession | None
+    ) -> Resolved:
+        try:
+            answer = self._kratos.whoami(credential)
+        except SessionInvalid:
+            self._store.forget(
+                fingerprint,
+                stale.id if stale else None,
+                stale.identity_id if stale else None,
+                self._negative_ttl_ms,
+            )
+            raise
+        validated_at = now_ms()
+        session = mirror(answer, validated_at)
+        event_id = self._store.save(
+            fingerprint, session, aal2_event(session, validated_at), validated_at
+        )
+        if event_id is not None:
+            log.info("aal2 event %s for session %s", event_id, session.id)
+        return Resolved(session, answer.set_cookie)
+
+
+@dataclass
+class _Call(Generic[T]):
+    done: threading.Event = field(default_factory=threading.Event)
+    result: T | None = None
+    error: BaseException | None = None
+
+
+class SingleFlight(Generic[T]):
+    """Runs one call per key at a time; concurrent callers with that key share its outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[str, _Call[T]] = {}
+
+    def do(self, key: str, function: Callable[[], T]) -> T:
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if leader:
+                call = self._calls[key] = _Call()
+        assert call is not None
+        if leader:
+            try:
+                call.result = function()
+            except BaseException as error:
+                call.error = error
+            finally:
+                with self._lock:
+                    del self._calls[key]
+                call.done.set()
+        else:
+            call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]

@@ -1,0 +1,110 @@
+"""The one place that turns outcomes into HTTP answers: identity headers and error JSON.
+
+Identity headers are only ever set on an allow. Every error is a small JSON
+object ``{"error": <code>, "message": <text>}``, plus ``redirect_browser_to``
+where the browser has somewhere to go.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlencode, urlsplit
+
+from flask import Response, jsonify
+
+from bridge.errors import (
+    BridgeError,
+    CredentialMissing,
+    KratosUnavailable,
+    SessionInvalid,
+    StepUpRequired,
+    StoreUnavailable,
+)
+from bridge.session import MirroredSession
+
+IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email")
+REDIRECT_HEADER = "X-Bridge-Redirect"
+_NO_STORE = {"Cache-Control": "no-store"}
+# Header values come from identity traits, which users edit: only plain visible ASCII passes.
+_SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,512}")
+
+
+def allow(session: MirroredSession, set_cookie: str | None) -> Response:
+    response = Response(status=200, headers=_NO_STORE)
+    for name, value in identity_headers(session).items():
+        response.headers[name] = value
+    if set_cookie:
+        response.headers["Set-Cookie"] = set_cookie
+    return response
+
+
+def identity_headers(session: MirroredSession) -> dict[str, str]:
+    headers = {
+        "X-User-Id": session.identity_id,
+        "X-Session-Id": session.id,
+        "X-User-Aal": session.aal,
+        "X-User-Email": session.email,
+    }
+    return {k: v for k, v in headers.items() if v and _SAFE_HEADER_VALUE.fullmatch(v)}
+
+
+def session_json(session: MirroredSession, set_cookie: str | None) -> Response:
+    response = jsonify(session.to_json())
+    response.headers.update(_NO_STORE)
+    if set_cookie:
+        response.headers["Set-Cookie"] = set_cookie
+    return response
+
+
+def failure(error: BridgeError, login_url: str, return_to: str | None) -> Response:
+    """The answer for every ``BridgeError`` the request path raises."""
+    if isinstance(error, StepUpRequired):
+        target = error.redirect_browser_to or _with_query(
+            login_url, aal="aal2", return_to=return_to
+        )
+        response = _error(401, "aal2_required", "a second factor is required", target)
+        response.headers[REDIRECT_HEADER] = target
+        return response
+    if isinstance(error, CredentialMissing | SessionInvalid):
+        code = "session_missing" if isinstance(error, CredentialMissing) else "session_invalid"
+        return _error(401, code, str(error), _with_query(login_url, return_to=return_to))
+    if isinstance(error, KratosUnavailable):
+        return _error(503, "kratos_unavailable", str(error), retry_after=True)
+    if isinstance(error, StoreUnavailable):
+        return _error(503, "store_unavailable", str(error), retry_after=True)
+    return internal_error()
+
+
+def internal_error() -> Response:
+    return _error(500, "internal_error", "the bridge failed; the request was not allowed")
+
+
+def http_error(status: int, name: str) -> Response:
+    """Werkzeug's own errors (404, 405, 431, ...) in the same JSON shape."""
+    return _error(status, name.lower().replace(" ", "_"), name)
+
+
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    redirect_browser_to: str | None = None,
+    *,
+    retry_after: bool = False,
+) -> Response:
+    body: dict[str, str] = {"error": code, "message": message}
+    if redirect_browser_to:
+        body["redirect_browser_to"] = redirect_browser_to
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(_NO_STORE)
+    if retry_after:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def _with_query(url: str, **params: str | None) -> str:
+    query = urlencode({k: v for k, v in params.items() if v})
+    if not query:
+        return url
+    return f"{url}{'&' if urlsplit(url).query else '?'}{query}"

@@ -1,0 +1,117 @@
+"""The app-owned view of a Kratos session, and the AAL2 event it may give rise to.
+
+``MirroredSession`` is what ``/whoami`` returns and what the store keeps: the
+parts of Kratos's session an app needs, in a shape that does not change when
+Kratos adds fields, plus when the bridge last validated it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.kratos import KratosSession
+
+
+@dataclass(frozen=True, slots=True)
+class MirroredSession:
+    """One Kratos session as mirrored by the bridge."""
+
+    kratos: dict[str, Any]  # the unified view built by ``unified_view``
+    validated_at_ms: int
+    expires_at_ms: int
+    app: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.kratos["session_id"]
+
+    @property
+    def identity_id(self) -> str:
+        return self.kratos["identity"]["id"]
+
+    @property
+    def aal(self) -> str:
+        return self.kratos["aal"]
+
+    @property
+    def email(self) -> str | None:
+        email = (self.kratos["identity"].get("traits") or {}).get("email")
+        return email if isinstance(email, str) else None
+
+    def is_fresh(self, now_ms: int, revalidate_after_ms: int) -> bool:
+        return now_ms < self.expires_at_ms and now_ms - self.validated_at_ms < revalidate_after_ms
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.kratos, "validated_at": _iso(self.validated_at_ms), "app": self.app}
+
+    def encode(self) -> str:
+        return json.dumps(self.kratos, separators=(",", ":"), sort_keys=True)
+
+
+def mirror(session: KratosSession, validated_at_ms: int) -> MirroredSession:
+    return MirroredSession(
+        kratos=unified_view(session.body),
+        validated_at_ms=validated_at_ms,
+        expires_at_ms=session.expires_at_ms,
+    )
+
+
+def unified_view(body: dict[str, Any]) -> dict[str, Any]:
+    """Kratos's whoami body reduced to the fields the bridge promises apps."""
+    identity = body["identity"]
+    devices = [d for d in body.get("devices") or [] if isinstance(d, dict)]
+    device = devices[0] if devices else None
+    return {
+        "session_id": body["id"],
+        "identity": {
+            "id": identity["id"],
+            "schema_id": identity.get("schema_id"),
+            "state": identity.get("state"),
+            "traits": identity.get("traits") or {},
+            "metadata_public": identity.get("metadata_public"),
+        },
+        "aal": body["authenticator_assurance_level"],
+        "authentication_methods": [
+            {"method": m.get("method"), "aal": m.get("aal"), "completed_at": m.get("completed_at")}
+            for m in body.get("authentication_methods") or []
+            if isinstance(m, dict)
+        ],
+        "authenticated_at": body.get("authenticated_at"),
+        "issued_at": body.get("issued_at"),
+        "expires_at": body["expires_at"],
+        "device": None
+        if device is None
+        else {
+            "ip_address": device.get("ip_address"),
+            "user_agent": device.get("user_agent"),
+            "location": device.get("location") or None,
+        },
+    }
+
+
+def aal2_event(session: MirroredSession, seen_at_ms: int) -> dict[str, str] | None:
+    """The fields of the AAL2 event for a session at ``aal2``, else ``None``."""
+    if session.aal != "aal2":
+        return None
+    second = [m for m in session.kratos["authentication_methods"] if m["aal"] == "aal2"]
+    device = session.kratos["device"] or {}
+    return {
+        "session_id": session.id,
+        "identity_id": session.identity_id,
+        "methods": ",".join(dict.fromkeys(str(m["method"]) for m in second)),
+        "completed_at": str(second[0]["completed_at"] or "") if second else "",
+        "seen_at": _iso(seen_at_ms),
+        "ip_address": device.get("ip_address") or "",
+        "user_agent": device.get("user_agent") or "",
+    }
+
+
+def _iso(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )

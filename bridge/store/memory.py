@@ -1,0 +1,184 @@
+"""The embedded store: the Redis store's semantics in one process, for running without Redis.
+
+Same key names, same expiries (checked against the wall clock on every read),
+same AAL2 stream with the same capped length; one lock makes each call atomic.
+It is not shared between processes, so the server runs a single process with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from bridge.session import MirroredSession
+from bridge.store import REJECTED, Keys, _Rejected
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MemoryStore:
+    """In-process session store with expiring keys."""
+
+    _SWEEP_EVERY = 1024
+
+    def __init__(self, keys: Keys, stream_maxlen: int) -> None:
+        self.keys = keys
+        self._lock = threading.Lock()
+        self._values: dict[str, Any] = {}
+        self._expires: dict[str, int] = {}
+        self._stream: deque[tuple[str, dict[str, str]]] = deque(maxlen=stream_maxlen)
+        self._last_event_ms = 0
+        self._event_seq = itertools.count()
+        self._writes = 0
+
+    def find_session_id(self, fingerprint: str) -> str | _Rejected | None:
+        with self._lock:
+            value = self._get(self.keys.credential(fingerprint))
+        if value is None:
+            return None
+        return value or REJECTED
+
+    def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
+        with self._lock:
+            record = self._get(self.keys.session(session_id))
+            app = dict(self._get(self.keys.app(session_id)) or {}) if with_app else {}
+        if record is None:
+            return None
+        return MirroredSession(
+            kratos=record["kratos"],
+            validated_at_ms=record["validated_at"],
+            expires_at_ms=record["expires_at"],
+            app=app,
+        )
+
+    def save(
+        self,
+        fingerprint: str,
+        session: MirroredSession,
+        aal2_event: dict[str, str] | None,
+        now_ms: int,
+    ) -> str | None:
+        sid, expires_at = session.id, session.expires_at_ms
+        with self._lock:
+            self._maybe_sweep()
+            self._set(
+                self.keys.session(sid),
+                {
+                    "kratos": session.kratos,
+                    "validated_at": session.validated_at_ms,
+                    "expires_at": expires_at,
+                },
+                expires_at,
+            )
+            self._expire_at(self.keys.app(sid), expires_at)
+            self._set(self.keys.credential(fingerprint), sid, expires_at)
+
+            index_key = self.keys.identity_sessions(session.identity_id)
+            index = {m: s for m, s in (self._get(index_key) or {}).items() if s > now_ms}
+            index[sid] = expires_at
+            self._set(index_key, index, max(index.values()))
+
+            if aal2_event is None:
+                return None
+            marker = self.keys.aal2_marker(sid)
+            if self._get(marker) is not None:
+                self._expires[marker] = max(self._expires[marker], expires_at)
+                return None
+            event_id = self._next_event_id()
+            self._stream.append((event_id, dict(aal2_event)))
+            self._set(marker, event_id, expires_at)
+            return event_id
+
+    def reject(self, fingerprint: str, ttl_ms: int) -> None:
+        if ttl_ms > 0:
+            with self._lock:
+                self._set(self.keys.credential(fingerprint), "", _now_ms() + ttl_ms)
+
+    def forget(
+        self, fingerprint: str, session_id: str | None, identity_id: str | None, reject_ttl_ms: int
+    ) -> None:
+        with self._lock:
+            self._set(self.keys.credential(fingerprint), "", _now_ms() + max(reject_ttl_ms, 1))
+            if session_id is None:
+                return
+            self._delete(self.keys.session(session_id))
+            if identity_id is not None:
+                (self._get(self.keys.identity_sessions(identity_id)) or {}).pop(session_id, None)
+
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> bool:
+        key = self.keys.revalidating(session_id)
+        with self._lock:
+            if self._get(key) is not None:
+                return False
+            self._set(key, True, _now_ms() + ttl_ms)
+            return True
+
+    def release_revalidation(self, session_id: str) -> None:
+        with self._lock:
+            self._delete(self.keys.revalidating(session_id))
+
+    def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
+        with self._lock:
+            index = self._get(self.keys.identity_sessions(identity_id)) or {}
+            return [m for m, s in sorted(index.items(), key=lambda i: i[1]) if s > now_ms]
+
+    def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        with self._lock:
+            return [(eid, dict(fields)) for eid, fields in itertools.islice(self._stream, count)]
+
+    def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
+        with self._lock:
+            key = self.keys.session(session_id)
+            if self._get(key) is None:
+                return False
+            app = self._get(self.keys.app(session_id)) or {}
+            app.update(data)
+            self._set(self.keys.app(session_id), app, self._expires[key])
+            return True
+
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    # The helpers below run with the lock held.
+
+    def _get(self, key: str) -> Any:
+        expires = self._expires.get(key)
+        if expires is not None and expires <= _now_ms():
+            self._delete(key)
+            return None
+        return self._values.get(key)
+
+    def _set(self, key: str, value: Any, expires_at_ms: int) -> None:
+        self._values[key] = value
+        self._expires[key] = expires_at_ms
+
+    def _expire_at(self, key: str, expires_at_ms: int) -> None:
+        if key in self._values:
+            self._expires[key] = expires_at_ms
+
+    def _delete(self, key: str) -> None:
+        self._values.pop(key, None)
+        self._expires.pop(key, None)
+
+    def _maybe_sweep(self) -> None:
+        self._writes += 1
+        if self._writes % self._SWEEP_EVERY:
+            return
+        now = _now_ms()
+        for key in [k for k, e in self._expires.items() if e <= now]:
+            self._delete(key)
+
+    def _next_event_id(self) -> str:
+        """Stream ids shaped like Redis's ``<ms>-<seq>``, strictly increasing."""
+        now = _now_ms()
+        if now > self._last_event_ms:
+            self._last_event_ms, self._event_seq = now, itertools.count()
+        return f"{self._last_event_ms}-{next(self._event_seq)}"

@@ -1,0 +1,199 @@
+"""The Redis session store: every multi-key change is one Lua script, hence atomic."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+
+from bridge.errors import StoreUnavailable
+from bridge.session import MirroredSession
+from bridge.store import REJECTED, Keys, _Rejected
+
+T = TypeVar("T")
+
+# KEYS: session, app, aal2 marker, credential, identity index, stream
+# ARGV: kratos json, validated_at, expires_at, session id, now, stream maxlen, event fields...
+_SAVE = """
+local expires_at = ARGV[3]
+redis.call('HSET', KEYS[1], 'kratos', ARGV[1], 'validated_at', ARGV[2], 'expires_at', expires_at)
+redis.call('PEXPIREAT', KEYS[1], expires_at)
+redis.call('PEXPIREAT', KEYS[2], expires_at)
+redis.call('SET', KEYS[4], ARGV[4], 'PXAT', expires_at)
+redis.call('ZADD', KEYS[5], expires_at, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[5])
+local last = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')
+if last[2] then redis.call('PEXPIREAT', KEYS[5], last[2]) end
+if #ARGV <= 6 then return false end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('PEXPIREAT', KEYS[3], expires_at, 'GT')
+  return false
+end
+local id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+redis.call('SET', KEYS[3], id, 'PXAT', expires_at)
+return id
+"""
+
+# KEYS: session, credential, identity index; ARGV: session id, reject ttl
+_FORGET = """
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '', 'PX', ARGV[2])
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+return 1
+"""
+
+# KEYS: session, app; ARGV: field, value, ...
+_SET_APP = """
+local expires_at = redis.call('PEXPIRETIME', KEYS[1])
+if expires_at < 0 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+redis.call('PEXPIREAT', KEYS[2], expires_at)
+return 1
+"""
+
+# KEYS: lock; ARGV: token
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
+
+    return wrapper
+
+
+class RedisStore:
+    """Session mirror in Redis (standalone or Sentinel-fronted; one connection pool per process)."""
+
+    def __init__(self, url: str, keys: Keys, timeout: float, stream_maxlen: int) -> None:
+        self.keys = keys
+        self._stream_maxlen = stream_maxlen
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+            max_connections=256,
+        )
+        self._save = self._redis.register_script(_SAVE)
+        self._forget = self._redis.register_script(_FORGET)
+        self._release = self._redis.register_script(_RELEASE)
+        self._set_app = self._redis.register_script(_SET_APP)
+        self._lock_token = os.urandom(16).hex().encode()
+
+    @_unavailable_on_error
+    def find_session_id(self, fingerprint: str) -> str | _Rejected | None:
+        value = self._redis.get(self.keys.credential(fingerprint))
+        if value is None:
+            return None
+        return value.decode() if value else REJECTED
+
+    @_unavailable_on_error
+    def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
+        if with_app:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hgetall(self.keys.session(session_id))
+            pipe.hgetall(self.keys.app(session_id))
+            fields, app = pipe.execute()
+        else:
+            fields, app = self._redis.hgetall(self.keys.session(session_id)), {}
+        if not fields:
+            return None
+        return MirroredSession(
+            kratos=json.loads(fields[b"kratos"]),
+            validated_at_ms=int(fields[b"validated_at"]),
+            expires_at_ms=int(fields[b"expires_at"]),
+            app={k.decode(errors="replace"): v.decode(errors="replace") for k, v in app.items()},
+        )
+
+    @_unavailable_on_error
+    def save(
+        self,
+        fingerprint: str,
+        session: MirroredSession,
+        aal2_event: dict[str, str] | None,
+        now_ms: int,
+    ) -> str | None:
+        sid = session.id
+        keys = [
+            self.keys.session(sid),
+            self.keys.app(sid),
+            self.keys.aal2_marker(sid),
+            self.keys.credential(fingerprint),
+            self.keys.identity_sessions(session.identity_id),
+            self.keys.aal2_stream,
+        ]
+        args: list[Any] = [
+            session.encode(),
+            session.validated_at_ms,
+            session.expires_at_ms,
+            sid,
+            now_ms,
+            self._stream_maxlen,
+        ]
+        for name, value in (aal2_event or {}).items():
+            args += [name, value]
+        event_id = self._save(keys=keys, args=args)
+        return event_id.decode() if event_id else None
+
+    @_unavailable_on_error
+    def reject(self, fingerprint: str, ttl_ms: int) -> None:
+        if ttl_ms > 0:
+            self._redis.set(self.keys.credential(fingerprint), b"", px=ttl_ms)
+
+    @_unavailable_on_error
+    def forget(
+        self, fingerprint: str, session_id: str | None, identity_id: str | None, reject_ttl_ms: int
+    ) -> None:
+        keys = [
+            self.keys.session(session_id or "-"),
+            self.keys.credential(fingerprint),
+            self.keys.identity_sessions(identity_id or "-"),
+        ]
+        self._forget(keys=keys, args=[session_id or "", max(reject_ttl_ms, 1)])
+
+    @_unavailable_on_error
+    def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
+        keys = [self.keys.session(session_id), self.keys.app(session_id)]
+        args = [part for item in data.items() for part in item]
+        return bool(self._set_app(keys=keys, args=args))
+
+    @_unavailable_on_error
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> bool:
+        key = self.keys.revalidating(session_id)
+        return bool(self._redis.set(key, self._lock_token, nx=True, px=ttl_ms))
+
+    @_unavailable_on_error
+    def release_revalidation(self, session_id: str) -> None:
+        self._release(keys=[self.keys.revalidating(session_id)], args=[self._lock_token])
+
+    @_unavailable_on_error
+    def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
+        key = self.keys.identity_sessions(identity_id)
+        return [m.decode() for m in self._redis.zrangebyscore(key, f"({now_ms}", "+inf")]
+
+    @_unavailable_on_error
+    def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        entries = self._redis.xrange(self.keys.aal2_stream, count=count)
+        return [
+            (eid.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+            for eid, fields in entries
+        ]
+
+    @_unavailable_on_error
+    def ping(self) -> None:
+        self._redis.ping()
+
+    def close(self) -> None:
+        self._redis.close()
