@@ -1,0 +1,19 @@
+# Built with the repository root as context (see docker-compose.yml);
+# bridge.Dockerfile.dockerignore keeps that context down to what is copied here.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml ./
+COPY bridge/ ./bridge/
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bridge
+
+USER bridge
+WORKDIR /
+EXPOSE 4480
+ENTRYPOINT ["kratos-bridge"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "4480"]

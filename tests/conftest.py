@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import hashlib
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from bridge.app import build_store, create_app
+from bridge.config import Settings, load_settings
+from bridge.store import SessionStore
+from tests.harness import Kratos, RedisServer
+
+SECRET = "test-secret-" + "x" * 40
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kratos(workdir: Path) -> Iterator[Kratos]:
+    """Kratos with ``required_aal: aal1``: whoami answers aal1 sessions of 2FA users too."""
+    server = Kratos(workdir, required_aal="aal1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kratos_strict(workdir: Path) -> Iterator[Kratos]:
+    """Kratos with ``required_aal: highest_available``: aal1 sessions of 2FA users get 403."""
+    server = Kratos(workdir, required_aal="highest_available")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix per test, so tests sharing one Redis never see each other's keys."""
+    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10] + ":"
+
+
+def bridge_settings(kratos: Kratos, redis_url: str | None, prefix: str, **env: str) -> Settings:
+    values = {
+        "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
+        "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
+        "BRIDGE_KEY_PREFIX": prefix,
+        "BRIDGE_SECRET": SECRET,
+        **env,
+    }
+    if redis_url:
+        values["BRIDGE_REDIS_URL"] = redis_url
+    return load_settings(values)
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def settings(store_kind: str, kratos: Kratos, redis_server: RedisServer, prefix: str) -> Settings:
+    return bridge_settings(kratos, redis_server.url if store_kind == "redis" else None, prefix)
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[SessionStore]:
+    store = build_store(settings)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def client(settings: Settings, store: SessionStore) -> FlaskClient:
+    """The bridge app (in-process) against the real Kratos and the store under test."""
+    return create_app(settings, store).test_client(use_cookies=False)

@@ -1,0 +1,146 @@
+"""Real servers for the tests: redis-server, Kratos (built from its Go module) and the bridge."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import redis
+import yaml
+
+TESTS = Path(__file__).resolve().parent
+KRATOS_VERSION = "v1.3.1"
+KRATOS_BIN = Path(
+    os.environ.get("KRATOS_BIN")
+    or Path.home() / ".cache" / "kratos-session-bridge" / f"kratos-{KRATOS_VERSION}" / "kratos"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - the server is still starting
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not come up within {timeout}s")
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; run the README test command")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port)
+        wait_until(self.client.ping, 10, "redis-server")
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class Kratos:
+    """One Kratos process with its own ports and in-memory database."""
+
+    def __init__(self, workdir: Path, required_aal: str = "aal1", lifespan: str = "1h") -> None:
+        if not KRATOS_BIN.exists():
+            subprocess.run(
+                ["bash", str(TESTS / "tools" / "build-kratos.sh"), str(KRATOS_BIN), KRATOS_VERSION],
+                check=True,
+            )
+        self.public_port, self.admin_port = free_port(), free_port()
+        self.public_url = f"http://127.0.0.1:{self.public_port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        config = yaml.safe_load((TESTS / "kratos" / "kratos.yml").read_text())
+        config["serve"]["public"].update(base_url=self.public_url + "/", port=self.public_port)
+        config["serve"]["admin"].update(base_url=self.admin_url + "/", port=self.admin_port)
+        config["identity"]["schemas"][0]["url"] = (TESTS / "kratos" / "identity.schema.json").as_uri()
+        config["session"]["whoami"]["required_aal"] = required_aal
+        config["session"]["lifespan"] = lifespan
+        self.config_path = workdir / f"kratos-{self.public_port}.yml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"kratos-{self.public_port}.log"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(KRATOS_BIN), "serve", "-c", str(self.config_path), "--dev", "--sqa-opt-out"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.config_path.parent,
+            )
+        wait_until(
+            lambda: httpx.get(self.public_url + "/health/ready").status_code == 200,
+            60, "kratos",
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def whoami_calls(self) -> int:
+        """How many times Kratos answered /sessions/whoami: counted by Kratos itself."""
+        text = httpx.get(self.admin_url + "/admin/metrics/prometheus").text
+        pattern = re.compile(
+            r'^http_requests_duration_seconds_count\{[^}]*endpoint="/sessions/whoami"[^}]*\} (\d+)',
+            re.M,
+        )
+        return sum(int(n) for n in pattern.findall(text))
+
+
+class BridgeServer:
+    """``kratos-bridge serve`` as a real process."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, extra_args: list[str] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"bridge-{self.port}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        full_env.update(env)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", "--port", str(self.port), *extra_args],
+                env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(
+            lambda: httpx.get(self.url + "/health/alive").status_code == 200, 30, "bridge"
+        )
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

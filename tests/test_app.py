@@ -1,0 +1,108 @@
+"""/auth and /whoami against a real Kratos, over both stores."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bridge.kratos import parse_timestamp_ms
+from tests import kratos_flows as flows
+
+
+def test_session_token_is_allowed_with_identity_headers(client, kratos):
+    user = flows.register(kratos)
+    response = client.get("/auth", headers={"X-Session-Token": user.token})
+    assert response.status_code == 200
+    assert response.headers["X-User-Id"] == user.identity_id
+    assert response.headers["X-User-Email"] == user.email
+    assert response.headers["X-User-Aal"] == "aal1"
+    kratos_view = flows.session_of(kratos, token=user.token).json()
+    assert response.headers["X-Session-Id"] == kratos_view["id"]
+
+
+def test_bearer_token_is_allowed(client, kratos):
+    user = flows.register(kratos)
+    response = client.get("/auth", headers={"Authorization": f"Bearer {user.token}"})
+    assert response.status_code == 200
+    assert response.headers["X-User-Id"] == user.identity_id
+
+
+def test_browser_cookie_is_allowed_and_whoami_matches_kratos(client, kratos):
+    user = flows.register(kratos)
+    cookie = flows.browser_login(kratos, user)
+    headers = {"Cookie": f"other=1; ory_kratos_session={cookie}; theme=dark"}
+    assert client.get("/auth", headers=headers).status_code == 200
+
+    body = client.get("/whoami", headers=headers).get_json()
+    kratos_view = flows.session_of(kratos, cookie=cookie).json()
+    assert body["session_id"] == kratos_view["id"]
+    assert body["identity"]["id"] == user.identity_id
+    assert body["identity"]["traits"] == {"email": user.email}
+    assert body["identity"]["schema_id"] == "default"
+    assert body["identity"]["state"] == "active"
+    assert body["aal"] == "aal1"
+    assert [m["method"] for m in body["authentication_methods"]] == ["password"]
+    assert body["expires_at"] == kratos_view["expires_at"]
+    assert body["authenticated_at"] == kratos_view["authenticated_at"]
+    assert body["device"]["ip_address"] == kratos_view["devices"][0]["ip_address"]
+    assert body["device"]["user_agent"] == kratos_view["devices"][0]["user_agent"]
+    assert body["app"] == {}
+    assert abs(parse_timestamp_ms(body["validated_at"]) - time.time() * 1000) < 60_000
+
+
+def test_no_credential_is_401_without_identity_headers(client):
+    response = client.get("/auth")
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "session_missing"
+    assert "X-User-Id" not in response.headers
+    assert client.get("/whoami").status_code == 401
+
+
+def test_unknown_token_is_401(client, kratos):
+    response = client.get("/auth", headers={"X-Session-Token": "ory_st_" + "a" * 32})
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "session_invalid"
+    assert response.get_json()["redirect_browser_to"].startswith(
+        kratos.public_url + "/self-service/login/browser"
+    )
+
+
+def test_login_redirect_carries_the_original_url(client):
+    response = client.get(
+        "/auth",
+        headers={
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "app.example.test",
+            "X-Forwarded-Uri": "/reports?year=2026",
+        },
+    )
+    target = response.get_json()["redirect_browser_to"]
+    assert "return_to=https%3A%2F%2Fapp.example.test%2Freports%3Fyear%3D2026" in target
+
+
+def test_warm_requests_do_not_ask_kratos(client, kratos):
+    user = flows.register(kratos)
+    headers = {"X-Session-Token": user.token}
+    assert client.get("/auth", headers=headers).status_code == 200
+    before = kratos.whoami_calls()
+    for _ in range(50):
+        assert client.get("/auth", headers=headers).status_code == 200
+    assert kratos.whoami_calls() == before
+
+
+def test_app_data_is_returned_by_whoami(client, kratos, store):
+    user = flows.register(kratos)
+    headers = {"X-Session-Token": user.token}
+    session_id = client.get("/whoami", headers=headers).get_json()["session_id"]
+    assert store.set_app_data(session_id, {"cart": "3 items"})
+    assert client.get("/whoami", headers=headers).get_json()["app"] == {"cart": "3 items"}
+    assert not store.set_app_data("no-such-session", {"cart": "x"})
+
+
+@pytest.mark.parametrize("path", ["/auth", "/auth/some/upstream/path"])
+def test_auth_accepts_any_method_and_subpath(client, kratos, path):
+    user = flows.register(kratos)
+    response = client.post(path, headers={"X-Session-Token": user.token})
+    assert response.status_code == 200
+    assert response.headers["X-User-Id"] == user.identity_id
