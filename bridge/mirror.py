@@ -92,6 +92,11 @@ class SessionMirror:
     def _revalidate(
         self, credential: Credential, fingerprint: str, stale: MirroredSession | None
     ) -> Resolved:
+        # A call for this credential may have finished between our read and SingleFlight.
+        current = self._mirrored(fingerprint, with_app=False)
+        if current is not None and current.is_fresh(now_ms(), self._revalidate_after_ms):
+            return Resolved(current)
+        stale = current or stale
         locked = False
         if stale is not None:
             locked = self._store.claim_revalidation(stale.id, self._lock_ttl_ms)

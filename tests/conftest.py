@@ -84,3 +84,19 @@ def store(settings: Settings) -> Iterator[SessionStore]:
 def client(settings: Settings, store: SessionStore) -> FlaskClient:
     """The bridge app (in-process) against the real Kratos and the store under test."""
     return create_app(settings, store).test_client(use_cookies=False)
+
+
+@pytest.fixture
+def make_client(store_kind: str, redis_server: RedisServer, prefix: str):
+    """A bridge app with its own settings: ``make_client(kratos, BRIDGE_X="...")``."""
+
+    def make(kratos: Kratos, **env: str) -> FlaskClient:
+        redis_url = redis_server.url if store_kind == "redis" else None
+        settings = bridge_settings(kratos, redis_url, prefix, **env)
+        return create_app(settings).test_client(use_cookies=False)
+
+    return make
+
+
+def store_of(client: FlaskClient) -> SessionStore:
+    return client.application.extensions["bridge"]["store"]
