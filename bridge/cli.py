@@ -39,16 +39,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kratos-bridge: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings)
     if args.command == "check":
         return check_command(settings)
     from bridge.server import serve as run_server
 
     run_server(settings)
     return 0
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def check_command(settings: Settings) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -225,7 +225,7 @@ class Settings:
     session_cookie: str
     revalidate_after: float
     negative_cache_ttl: float
-    secret: bytes
+    secret: bytes = field(repr=False)
     secret_is_random: bool
     aal2_stream: str
     aal2_stream_maxlen: int

@@ -9,6 +9,8 @@ Rules this module keeps:
 - Concurrent requests for one credential make one Kratos call per process
   (``SingleFlight``); for a stale session, processes take a short lock in the
   store and the others wait for its result instead of asking Kratos too.
+- Each process keeps the sessions it saw fresh in memory, used only within the same
+  ``revalidate_after`` bound, so a warm request needs neither Redis nor Kratos.
 - Kratos unreachable means no answer from a stale mirror: the caller gets
   ``KratosUnavailable`` and answers 503.
 """
@@ -58,6 +60,7 @@ class SessionMirror:
         revalidate_after: float,
         negative_cache_ttl: float,
         kratos_timeout: float,
+        recent_max: int = 50_000,
     ) -> None:
         self._store = store
         self._kratos = kratos
@@ -66,20 +69,41 @@ class SessionMirror:
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
         self._lock_ttl_ms = int(kratos_timeout * 1000) + 500
         self._in_flight: SingleFlight[Resolved] = SingleFlight()
+        # This process's copy of sessions it validated or read, by credential fingerprint.
+        # A copy is used only while fresh, so it keeps the same revalidate_after bound as
+        # the store and spares the store round trips on the hot path.
+        self._recent: dict[str, MirroredSession] = {}
+        self._recent_max = recent_max
 
     def resolve(self, credential: Credential, *, with_app: bool = False) -> Resolved:
         fingerprint = credential.fingerprint(self._secret)
-        session = self._mirrored(fingerprint, with_app)
-        if session is not None and session.is_fresh(now_ms(), self._revalidate_after_ms):
-            return Resolved(session)
-        resolved = self._in_flight.do(
-            fingerprint, lambda: self._revalidate(credential, fingerprint, session)
-        )
+        if not with_app:
+            recent = self._recent.get(fingerprint)
+            if recent is not None and recent.is_fresh(now_ms(), self._revalidate_after_ms):
+                return Resolved(recent)
+        try:
+            session = self._mirrored(fingerprint, with_app)
+            if session is not None and session.is_fresh(now_ms(), self._revalidate_after_ms):
+                resolved = Resolved(session)
+            else:
+                resolved = self._in_flight.do(
+                    fingerprint, lambda: self._revalidate(credential, fingerprint, session)
+                )
+        except SessionInvalid:
+            self._recent.pop(fingerprint, None)
+            raise
+        self._remember(fingerprint, resolved.session)
         if with_app and not resolved.session.app:
-            app = self._store.load(resolved.session.id, with_app=True)
-            if app is not None:
-                resolved = Resolved(app, resolved.set_cookie)
+            reloaded = self._store.load(resolved.session.id, with_app=True)
+            if reloaded is not None:
+                resolved = Resolved(reloaded, resolved.set_cookie)
         return resolved
+
+    def _remember(self, fingerprint: str, session: MirroredSession) -> None:
+        # Bounded the cheap way: a full map is dropped whole and refills from the store.
+        if len(self._recent) >= self._recent_max:
+            self._recent.clear()
+        self._recent[fingerprint] = session
 
     def _mirrored(self, fingerprint: str, with_app: bool) -> MirroredSession | None:
         session_id = self._store.find_session_id(fingerprint)

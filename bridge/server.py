@@ -1,14 +1,21 @@
-"""Runs the app under gunicorn (threaded workers); see README "Why gunicorn" for the figures."""
+"""Runs the app under Granian (Rust HTTP server, WSGI interface, threaded workers).
+
+Chosen by measurement: see README "Why Granian". Each worker process builds its
+own app from the validated settings, so every process has its own HTTP and
+Redis connection pools.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from typing import Any
 
-from gunicorn.app.base import BaseApplication
+from granian import Granian
+from granian.constants import Interfaces
+from granian.log import LogLevels
 
-from bridge.app import create_app
 from bridge.config import Settings
 
 log = logging.getLogger(__name__)
@@ -20,34 +27,12 @@ def worker_count(settings: Settings) -> int:
     return settings.workers or (os.cpu_count() or 1)
 
 
-class _Server(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        super().__init__()
+def _load_app(settings: Settings, *_: Any) -> Any:
+    from bridge.app import create_app
+    from bridge.cli import configure_logging
 
-    def load_config(self) -> None:
-        settings = self._settings
-        options: dict[str, Any] = {
-            "bind": f"[{settings.host}]:{settings.port}"
-            if ":" in settings.host
-            else f"{settings.host}:{settings.port}",
-            "workers": worker_count(settings),
-            "worker_class": "gthread",
-            "threads": settings.threads,
-            "keepalive": 75,
-            "timeout": 30,
-            "graceful_timeout": 10,
-            "loglevel": settings.log_level,
-            "accesslog": None,
-            "errorlog": "-",
-            "limit_request_field_size": 16384,
-            "proc_name": "kratos-bridge",
-        }
-        for key, value in options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        return create_app(self._settings)
+    configure_logging(settings)
+    return create_app(settings)
 
 
 def serve(settings: Settings) -> None:
@@ -56,4 +41,16 @@ def serve(settings: Settings) -> None:
             "BRIDGE_REDIS_URL is not set: using the embedded in-process store "
             "(single process only; sessions and AAL2 events are lost on restart)"
         )
-    _Server(settings).run()
+    server = Granian(
+        target="bridge",
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.WSGI,
+        workers=worker_count(settings),
+        blocking_threads=settings.threads,
+        log_level=LogLevels(settings.log_level),
+        log_access=False,
+        websockets=False,
+        respawn_failed_workers=True,
+    )
+    server.serve(target_loader=partial(_load_app, settings), wrap_loader=False)

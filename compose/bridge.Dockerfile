@@ -9,8 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml ./
 COPY bridge/ ./bridge/
+# gunicorn keeps its control socket under $HOME, so the user needs a home it can write.
 RUN pip install --no-cache-dir . \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bridge
+    && useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin bridge
 
 USER bridge
 WORKDIR /

@@ -1,0 +1,167 @@
+"""Benchmark: warm /auth through the bridge beside the same load sent straight to Kratos.
+
+Not a test: it prints figures. It starts redis-server, Kratos (the test suite's
+build and config), the bridge as a real server, registers SESSIONS users, and
+drives both endpoints with wrk (one connection pool, tokens rotated per request).
+
+    python bench/auth_bench.py [--sessions 100] [--duration 10] [--connections 64]
+                               [--workers 2] [--threads 8] [--server gunicorn|waitress]
+
+Kratos calls are counted by Kratos itself (its Prometheus request counter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import kratos_flows as flows  # noqa: E402
+from tests.harness import BridgeServer, Kratos, RedisServer, free_port, stop_process, wait_until  # noqa: E402
+
+WRK_SCRIPT = """
+local tokens = {}
+for line in io.lines(os.getenv("BENCH_TOKENS")) do tokens[#tokens + 1] = line end
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", nil, {["X-Session-Token"] = tokens[(i % #tokens) + 1]})
+end
+"""
+
+
+def wrk(url: str, tokens_file: Path, script: Path, args: argparse.Namespace) -> dict[str, float]:
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
+         "-s", str(script), url],
+        env={**os.environ, "BENCH_TOKENS": str(tokens_file)},
+        capture_output=True, text=True, check=True,
+    )
+    out = result.stdout
+
+    def latency_ms(label: str) -> float:
+        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": latency_ms("50"),
+        "p99": latency_ms("99"),
+        "requests": requests,
+        "errors": int(errors.group(1)) if errors else 0,
+    }
+
+
+def start_waitress(env: dict[str, str], threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    code = (
+        "from waitress import serve; from bridge.app import create_app; "
+        "from bridge.config import load_settings; "
+        f"serve(create_app(load_settings()), host='127.0.0.1', port={port}, threads={threads})"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(url + "/health/alive").status_code == 200, 30, "waitress")
+    return process, url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=100)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--revalidate-after", type=float, default=5.0)
+    parser.add_argument("--server", choices=["gunicorn", "waitress"], default="gunicorn")
+    parser.add_argument("--skip-direct", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
+    redis_server = RedisServer(work)
+    kratos = Kratos(work, lifespan="24h")
+    bridge_process = None
+    try:
+        users = [flows.register(kratos) for _ in range(args.sessions)]  # SQLite: one writer
+        tokens_file = work / "tokens.txt"
+        tokens_file.write_text("\n".join(u.token for u in users) + "\n")
+        script = work / "rotate.lua"
+        script.write_text(WRK_SCRIPT)
+
+        env = {
+            "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
+            "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
+            "BRIDGE_REDIS_URL": redis_server.url,
+            "BRIDGE_SECRET": os.urandom(24).hex(),
+            "BRIDGE_REVALIDATE_AFTER": str(args.revalidate_after),
+            "BRIDGE_WORKERS": str(args.workers),
+            "BRIDGE_THREADS": str(args.threads),
+            "BRIDGE_LOG_LEVEL": "warning",
+        }
+        if args.server == "gunicorn":
+            bridge = BridgeServer(env, work)
+            bridge_process, bridge_url = bridge.process, bridge.url
+        else:
+            bridge_process, bridge_url = start_waitress(env, args.threads)
+
+        for user in users:  # warm the mirror: one Kratos call per session
+            assert httpx.get(bridge_url + "/auth",
+                             headers={"X-Session-Token": user.token}).status_code == 200
+        before = kratos.whoami_calls()
+        started = time.monotonic()
+        through_bridge = wrk(bridge_url + "/auth", tokens_file, script, args)
+        elapsed = time.monotonic() - started
+        kratos_calls = kratos.whoami_calls() - before
+        stop_process(bridge_process)
+        bridge_process = None
+
+        direct = None
+        if not args.skip_direct:
+            direct = wrk(kratos.public_url + "/sessions/whoami", tokens_file, script, args)
+
+        windows = max(1.0, elapsed / args.revalidate_after) if args.revalidate_after else 0
+        print(f"\n{args.sessions} warm sessions, {args.connections} connections, "
+              f"{args.duration}s each, wrk -t1; bridge: {args.server}, "
+              f"workers={args.workers if args.server == 'gunicorn' else 1}, "
+              f"threads={args.threads}, revalidate_after={args.revalidate_after:g}s; "
+              f"{os.cpu_count()} CPUs")
+        print(f"{'target':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
+              f"{'kratos calls/1000':>19}")
+        rows = [("bridge /auth (warm)", through_bridge, 1000 * kratos_calls /
+                 max(1, through_bridge["requests"]))]
+        if direct:
+            rows.append(("kratos /sessions/whoami", direct, 1000.0))
+        for name, figures, per_1000 in rows:
+            print(f"{name:<28}{figures['rps']:>10.0f}{figures['p50']:>9.2f}{figures['p99']:>9.2f}"
+                  f"{figures['errors']:>9}{per_1000:>19.2f}")
+        if direct:
+            print(f"speed-up: {through_bridge['rps'] / direct['rps']:.1f}x")
+        if windows:
+            print(f"kratos calls per session per revalidate window: "
+                  f"{kratos_calls / (args.sessions * windows):.2f} "
+                  f"({kratos_calls} calls, {args.sessions} sessions, {elapsed:.1f}s)")
+    finally:
+        if bridge_process is not None:
+            stop_process(bridge_process)
+        kratos.stop()
+        redis_server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

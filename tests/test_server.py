@@ -1,0 +1,94 @@
+"""``kratos-bridge serve`` as real processes: embedded mode, and several processes on one Redis."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+
+from tests import kratos_flows as flows
+from tests.conftest import SECRET
+from tests.harness import BridgeServer
+
+
+def _env(kratos, **extra):
+    return {
+        "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
+        "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
+        **extra,
+    }
+
+
+def test_embedded_mode_serves_and_warns(kratos, workdir):
+    server = BridgeServer(_env(kratos), workdir)
+    try:
+        user = flows.register(kratos)
+        response = httpx.get(server.url + "/auth", headers={"X-Session-Token": user.token})
+        assert response.status_code == 200
+        assert response.headers["X-User-Id"] == user.identity_id
+        assert httpx.get(server.url + "/health/ready").json() == {"status": "ok"}
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+    log = server.log()
+    assert "embedded in-process store" in log
+    assert "Traceback" not in log
+    assert user.token not in log
+
+
+@pytest.fixture
+def two_bridges(kratos, redis_server, workdir, prefix):
+    env = _env(
+        kratos,
+        BRIDGE_REDIS_URL=redis_server.url,
+        BRIDGE_SECRET=SECRET,
+        BRIDGE_KEY_PREFIX=prefix,
+        BRIDGE_REVALIDATE_AFTER="1",
+        BRIDGE_WORKERS="2",
+        BRIDGE_LOG_LEVEL="debug",
+    )
+    servers = [BridgeServer(env, workdir), BridgeServer(env, workdir)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_aal2_upgrade_seen_by_many_processes_is_one_event(two_bridges, kratos, redis_server, prefix):
+    user = flows.register(kratos)
+    flows.enable_totp(kratos, user)
+    token = flows.login_api(kratos, user)
+    headers = {"X-Session-Token": token}
+    urls = [server.url + "/auth" for server in two_bridges]
+    assert httpx.get(urls[0], headers=headers).headers["X-User-Aal"] == "aal1"
+
+    flows.upgrade_to_aal2(kratos, user, token)
+    time.sleep(1.1)
+    before = kratos.whoami_calls()
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: httpx.get(urls[i % 2], headers=headers), range(20)))
+    assert {a.status_code for a in answers} == {200}
+    assert {a.headers["X-User-Aal"] for a in answers} == {"aal2"}
+    assert kratos.whoami_calls() - before == 1  # one call for the stale session, all processes
+
+    stream = redis_server.client.xrange(f"{prefix}events:aal2")
+    assert len(stream) == 1
+    assert stream[0][1][b"methods"] == b"totp"
+    for server in two_bridges:
+        assert token not in server.log()
+
+
+def test_no_raw_credentials_in_redis(two_bridges, kratos, redis_server, prefix):
+    user = flows.register(kratos)
+    cookie = flows.browser_login(kratos, user)
+    for credential in ({"X-Session-Token": user.token}, {"Cookie": f"ory_kratos_session={cookie}"}):
+        assert httpx.get(two_bridges[0].url + "/whoami", headers=credential).status_code == 200
+    client: redis.Redis = redis_server.client
+    dump = b"".join(
+        key + (client.dump(key) or b"") for key in client.scan_iter(match=f"{prefix}*")
+    )
+    assert user.token.encode() not in dump
+    assert cookie.encode() not in dump
+    assert cookie.rstrip("=").encode()[:40] not in dump

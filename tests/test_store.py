@@ -1,0 +1,159 @@
+"""The store protocol, run against real Redis and the embedded store alike."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from redis.crc import key_slot
+
+from bridge.app import build_store
+from bridge.session import MirroredSession, aal2_event
+from bridge.store import REJECTED
+from tests.conftest import bridge_settings
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def session(sid="s1", identity="i1", aal="aal1", expires_in_ms=60_000) -> MirroredSession:
+    methods = [{"method": "password", "aal": "aal1", "completed_at": "2026-11-22T10:00:00Z"}]
+    if aal == "aal2":
+        methods.append({"method": "totp", "aal": "aal2", "completed_at": "2026-11-22T10:01:00Z"})
+    return MirroredSession(
+        kratos={
+            "session_id": sid,
+            "identity": {"id": identity, "traits": {"email": "a@b.test"}},
+            "aal": aal,
+            "authentication_methods": methods,
+            "device": {"ip_address": "10.1.2.3", "user_agent": "UA"},
+            "expires_at": "unused",
+        },
+        validated_at_ms=now_ms(),
+        expires_at_ms=now_ms() + expires_in_ms,
+    )
+
+
+def save(store, fingerprint, mirrored):
+    return store.save(fingerprint, mirrored, aal2_event(mirrored, now_ms()), now_ms())
+
+
+def expiry_of(store, key):
+    if hasattr(store, "_redis"):
+        return store._redis.pexpiretime(key)
+    return store._expires.get(key, -2)
+
+
+def test_save_then_load_and_find(store):
+    mirrored = session()
+    assert save(store, "fp1", mirrored) is None
+    assert store.find_session_id("fp1") == "s1"
+    loaded = store.load("s1")
+    assert loaded.kratos == mirrored.kratos
+    assert loaded.validated_at_ms == mirrored.validated_at_ms
+    assert loaded.expires_at_ms == mirrored.expires_at_ms
+    assert store.find_session_id("other") is None
+    assert store.load("other") is None
+
+
+def test_expiry_is_absolute_and_moves_with_kratos(store):
+    first = session(expires_in_ms=60_000)
+    save(store, "fp1", first)
+    assert expiry_of(store, store.keys.session("s1")) == first.expires_at_ms
+    assert expiry_of(store, store.keys.credential("fp1")) == first.expires_at_ms
+    store.set_app_data("s1", {"theme": "dark"})
+    extended = session(expires_in_ms=120_000)
+    save(store, "fp1", extended)
+    assert expiry_of(store, store.keys.session("s1")) == extended.expires_at_ms
+    assert expiry_of(store, store.keys.app("s1")) == extended.expires_at_ms
+
+
+def test_mirror_is_gone_at_expires_at(store):
+    save(store, "fp1", session(expires_in_ms=300))
+    store.set_app_data("s1", {"k": "v"})
+    assert store.load("s1", with_app=True).app == {"k": "v"}
+    time.sleep(0.4)
+    assert store.load("s1") is None
+    assert store.find_session_id("fp1") is None
+    assert store.identity_session_ids("i1", now_ms()) == []
+
+
+def test_aal2_event_is_appended_once(store):
+    save(store, "fp1", session(aal="aal1"))
+    assert store.aal2_events() == []
+    event_id = save(store, "fp1", session(aal="aal2"))
+    assert event_id is not None
+    assert save(store, "fp1", session(aal="aal2")) is None
+    assert save(store, "fp2", session(aal="aal2")) is None
+    [(stored_id, fields)] = store.aal2_events()
+    assert stored_id == event_id
+    assert fields["session_id"] == "s1"
+    assert fields["identity_id"] == "i1"
+    assert fields["methods"] == "totp"
+    assert fields["completed_at"] == "2026-11-22T10:01:00Z"
+    assert fields["ip_address"] == "10.1.2.3"
+
+
+def test_aal2_event_once_under_concurrent_saves(store):
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda i: save(store, f"fp{i % 3}", session(aal="aal2")), range(64)))
+    assert len([i for i in ids if i]) == 1
+    assert len(store.aal2_events()) == 1
+
+
+def test_forget_drops_mirror_keeps_event_marker_and_rejects(store):
+    save(store, "fp1", session(aal="aal2"))
+    store.forget("fp1", "s1", "i1", reject_ttl_ms=300)
+    assert store.load("s1") is None
+    assert store.find_session_id("fp1") is REJECTED
+    assert store.identity_session_ids("i1", now_ms()) == []
+    save(store, "fp9", session(aal="aal2"))  # seen again (identity re-activated): no new event
+    assert len(store.aal2_events()) == 1
+    time.sleep(0.4)
+    assert store.find_session_id("fp1") is None  # the rejection has expired
+    store.reject("fp5", 200)
+    assert store.find_session_id("fp5") is REJECTED
+    time.sleep(0.3)
+    assert store.find_session_id("fp5") is None
+
+
+def test_identity_index_drops_expired_sessions(store):
+    save(store, "fpa", session(sid="a", expires_in_ms=200))
+    save(store, "fpb", session(sid="b", expires_in_ms=60_000))
+    assert set(store.identity_session_ids("i1", now_ms())) == {"a", "b"}
+    time.sleep(0.3)
+    assert store.identity_session_ids("i1", now_ms()) == ["b"]
+    save(store, "fpc", session(sid="c", expires_in_ms=30_000))
+    raw = store._redis.zrange(store.keys.identity_sessions("i1"), 0, -1) if hasattr(
+        store, "_redis") else list(store._values[store.keys.identity_sessions("i1")])
+    assert sorted(m.decode() if isinstance(m, bytes) else m for m in raw) == ["b", "c"]
+
+
+def test_revalidation_lock_is_exclusive_and_expires(store):
+    assert store.claim_revalidation("s1", 200)
+    assert not store.claim_revalidation("s1", 200)
+    store.release_revalidation("s1")
+    assert store.claim_revalidation("s1", 200)
+    time.sleep(0.3)
+    assert store.claim_revalidation("s1", 200)
+
+
+def test_stream_length_is_capped(kratos, redis_server, store_kind, prefix):
+    settings = bridge_settings(
+        kratos, redis_server.url if store_kind == "redis" else None, prefix,
+        BRIDGE_AAL2_STREAM_MAXLEN="10",
+    )
+    store = build_store(settings)
+    for i in range(300):
+        save(store, f"fp{i}", session(sid=f"s{i}", aal="aal2"))
+    kept = store.aal2_events(1000)
+    assert 10 <= len(kept) < 300  # MAXLEN ~ trims in whole nodes
+    assert kept[-1][1]["session_id"] == "s299"
+
+
+def test_keys_of_one_session_share_a_cluster_slot(store):
+    sid = "9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d"
+    keys = [store.keys.session(sid), store.keys.app(sid), store.keys.aal2_marker(sid),
+            store.keys.revalidating(sid)]
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(sid.encode())}
