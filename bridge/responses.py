@@ -30,12 +30,10 @@ _SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,512}")
 
 
 def allow(session: MirroredSession, set_cookie: str | None) -> Response:
-    response = Response(status=200, headers=_NO_STORE)
-    for name, value in identity_headers(session).items():
-        response.headers[name] = value
+    headers = [*_NO_STORE.items(), *identity_headers(session).items()]
     if set_cookie:
-        response.headers["Set-Cookie"] = set_cookie
-    return response
+        headers.append(("Set-Cookie", set_cookie))
+    return Response(status=200, headers=headers)
 
 
 def identity_headers(session: MirroredSession) -> dict[str, str]:

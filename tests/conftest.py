@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Iterator
 from pathlib import Path
 

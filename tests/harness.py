@@ -37,7 +37,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - the server is still starting
+        except Exception:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{what} did not come up within {timeout}s")
@@ -61,8 +61,19 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
             stdout=subprocess.DEVNULL,
         )
         self.client = redis.Redis(port=self.port)
@@ -87,7 +98,9 @@ class Kratos:
         config = yaml.safe_load((TESTS / "kratos" / "kratos.yml").read_text())
         config["serve"]["public"].update(base_url=self.public_url + "/", port=self.public_port)
         config["serve"]["admin"].update(base_url=self.admin_url + "/", port=self.admin_port)
-        config["identity"]["schemas"][0]["url"] = (TESTS / "kratos" / "identity.schema.json").as_uri()
+        config["identity"]["schemas"][0]["url"] = (
+            TESTS / "kratos" / "identity.schema.json"
+        ).as_uri()
         config["session"]["whoami"]["required_aal"] = required_aal
         config["session"]["lifespan"] = lifespan
         self.config_path = workdir / f"kratos-{self.public_port}.yml"
@@ -100,11 +113,14 @@ class Kratos:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(KRATOS_BIN), "serve", "-c", str(self.config_path), "--dev", "--sqa-opt-out"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.config_path.parent,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
             )
         wait_until(
             lambda: httpx.get(self.public_url + "/health/ready").status_code == 200,
-            60, "kratos",
+            60,
+            "kratos",
         )
 
     def stop(self) -> None:
@@ -133,11 +149,11 @@ class BridgeServer:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bridge", "serve", "--port", str(self.port), *extra_args],
-                env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
-        wait_until(
-            lambda: httpx.get(self.url + "/health/alive").status_code == 200, 30, "bridge"
-        )
+        wait_until(lambda: httpx.get(self.url + "/health/alive").status_code == 200, 30, "bridge")
 
     def stop(self) -> None:
         stop_process(self.process)

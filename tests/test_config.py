@@ -58,7 +58,7 @@ def test_bad_value_names_the_key(env, key, problem):
 
 def test_yaml_file_with_env_on_top(tmp_path):
     path = tmp_path / "bridge.yml"
-    path.write_text("revalidate_after: 30\nsession_cookie: my_session\nkey_prefix: \"app1:\"\n")
+    path.write_text('revalidate_after: 30\nsession_cookie: my_session\nkey_prefix: "app1:"\n')
     settings = load_settings({"BRIDGE_REVALIDATE_AFTER": "2"}, path)
     assert settings.revalidate_after == 2
     assert settings.session_cookie == "my_session"
@@ -67,8 +67,13 @@ def test_yaml_file_with_env_on_top(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "key"),
-    [("revalidate_afterr: 3\n", "revalidate_afterr"), ("revalidate_after: [1]\n", "revalidate_after"),
-     ("port: http\n", "port"), ("- a\n", "bridge.yml"), ("a: [\n", "bridge.yml")],
+    [
+        ("revalidate_afterr: 3\n", "revalidate_afterr"),
+        ("revalidate_after: [1]\n", "revalidate_after"),
+        ("port: http\n", "port"),
+        ("- a\n", "bridge.yml"),
+        ("a: [\n", "bridge.yml"),
+    ],
 )
 def test_bad_yaml_names_the_key(tmp_path, text, key):
     path = tmp_path / "bridge.yml"
@@ -95,7 +100,10 @@ def test_secret_file(tmp_path):
 def test_cli_exits_2_naming_the_key(command):
     env = {"BRIDGE_REDIS_URL": "http://nope", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
-        [sys.executable, "-m", "bridge", command], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "bridge", command],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=60,
     )
     assert result.returncode == 2

@@ -69,16 +69,32 @@ def test_redis_stopped_is_503_and_not_ready(kratos, workdir, prefix):
 class _GarbageKratos(BaseHTTPRequestHandler):
     """FAKE Kratos, named as such: a real Kratos cannot be made to answer 200 with junk."""
 
-    bodies = [b"not json", b"[]", json.dumps({"id": "s"}).encode(),
-              json.dumps({"id": "s", "active": True, "identity": {"id": "i"},
-                          "authenticator_assurance_level": "aal9",
-                          "expires_at": "2099-01-01T00:00:00Z"}).encode(),
-              json.dumps({"id": "s", "active": False, "identity": {"id": "i"},
-                          "authenticator_assurance_level": "aal1",
-                          "expires_at": "2099-01-01T00:00:00Z"}).encode()]
+    bodies = (
+        b"not json",
+        b"[]",
+        json.dumps({"id": "s"}).encode(),
+        json.dumps(
+            {
+                "id": "s",
+                "active": True,
+                "identity": {"id": "i"},
+                "authenticator_assurance_level": "aal9",
+                "expires_at": "2099-01-01T00:00:00Z",
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "id": "s",
+                "active": False,
+                "identity": {"id": "i"},
+                "authenticator_assurance_level": "aal1",
+                "expires_at": "2099-01-01T00:00:00Z",
+            }
+        ).encode(),
+    )
     served = 0
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         body = self.bodies[_GarbageKratos.served % len(self.bodies)]
         _GarbageKratos.served += 1
         self.send_response(200)

@@ -56,7 +56,9 @@ def two_bridges(kratos, redis_server, workdir, prefix):
         server.stop()
 
 
-def test_aal2_upgrade_seen_by_many_processes_is_one_event(two_bridges, kratos, redis_server, prefix):
+def test_aal2_upgrade_seen_by_many_processes_is_one_event(
+    two_bridges, kratos, redis_server, prefix
+):
     user = flows.register(kratos)
     flows.enable_totp(kratos, user)
     token = flows.login_api(kratos, user)
@@ -86,9 +88,7 @@ def test_no_raw_credentials_in_redis(two_bridges, kratos, redis_server, prefix):
     for credential in ({"X-Session-Token": user.token}, {"Cookie": f"ory_kratos_session={cookie}"}):
         assert httpx.get(two_bridges[0].url + "/whoami", headers=credential).status_code == 200
     client: redis.Redis = redis_server.client
-    dump = b"".join(
-        key + (client.dump(key) or b"") for key in client.scan_iter(match=f"{prefix}*")
-    )
+    dump = b"".join(key + (client.dump(key) or b"") for key in client.scan_iter(match=f"{prefix}*"))
     assert user.token.encode() not in dump
     assert cookie.encode() not in dump
     assert cookie.rstrip("=").encode()[:40] not in dump

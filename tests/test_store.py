@@ -125,8 +125,11 @@ def test_identity_index_drops_expired_sessions(store):
     time.sleep(0.3)
     assert store.identity_session_ids("i1", now_ms()) == ["b"]
     save(store, "fpc", session(sid="c", expires_in_ms=30_000))
-    raw = store._redis.zrange(store.keys.identity_sessions("i1"), 0, -1) if hasattr(
-        store, "_redis") else list(store._values[store.keys.identity_sessions("i1")])
+    raw = (
+        store._redis.zrange(store.keys.identity_sessions("i1"), 0, -1)
+        if hasattr(store, "_redis")
+        else list(store._values[store.keys.identity_sessions("i1")])
+    )
     assert sorted(m.decode() if isinstance(m, bytes) else m for m in raw) == ["b", "c"]
 
 
@@ -141,7 +144,9 @@ def test_revalidation_lock_is_exclusive_and_expires(store):
 
 def test_stream_length_is_capped(kratos, redis_server, store_kind, prefix):
     settings = bridge_settings(
-        kratos, redis_server.url if store_kind == "redis" else None, prefix,
+        kratos,
+        redis_server.url if store_kind == "redis" else None,
+        prefix,
         BRIDGE_AAL2_STREAM_MAXLEN="10",
     )
     store = build_store(settings)
@@ -154,6 +159,10 @@ def test_stream_length_is_capped(kratos, redis_server, store_kind, prefix):
 
 def test_keys_of_one_session_share_a_cluster_slot(store):
     sid = "9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d"
-    keys = [store.keys.session(sid), store.keys.app(sid), store.keys.aal2_marker(sid),
-            store.keys.revalidating(sid)]
+    keys = [
+        store.keys.session(sid),
+        store.keys.app(sid),
+        store.keys.aal2_marker(sid),
+        store.keys.revalidating(sid),
+    ]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(sid.encode())}

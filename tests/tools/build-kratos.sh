@@ -5,7 +5,7 @@
 set -euo pipefail
 out=$1
 version=${2:-v1.3.1}
-export GOTOOLCHAIN=local CGO_ENABLED=1
+export GOTOOLCHAIN=${GOTOOLCHAIN:-local} CGO_ENABLED=1
 export GONOSUMDB='github.com/ory/*'
 work=$(mktemp -d)
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
