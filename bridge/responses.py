@@ -8,7 +8,7 @@ where the browser has somewhere to go.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from flask import Response, jsonify
 
@@ -57,15 +57,11 @@ def session_json(session: MirroredSession, set_cookie: str | None) -> Response:
 def failure(error: BridgeError, login_url: str, return_to: str | None) -> Response:
     """The answer for every ``BridgeError`` the request path raises."""
     if isinstance(error, StepUpRequired):
-        target = error.redirect_browser_to or _with_query(
-            login_url, aal="aal2", return_to=return_to
-        )
-        response = _error(401, "aal2_required", "a second factor is required", target)
-        response.headers[REDIRECT_HEADER] = target
-        return response
+        target = _with_query(error.redirect_browser_to or login_url, aal="aal2")
+        return _unauthorized("aal2_required", str(error), _with_query(target, return_to=return_to))
     if isinstance(error, CredentialMissing | SessionInvalid):
         code = "session_missing" if isinstance(error, CredentialMissing) else "session_invalid"
-        return _error(401, code, str(error), _with_query(login_url, return_to=return_to))
+        return _unauthorized(code, str(error), _with_query(login_url, return_to=return_to))
     if isinstance(error, KratosUnavailable):
         return _error(503, "kratos_unavailable", str(error), retry_after=True)
     if isinstance(error, StoreUnavailable):
@@ -80,6 +76,13 @@ def internal_error() -> Response:
 def http_error(status: int, name: str) -> Response:
     """Werkzeug's own errors (404, 405, 431, ...) in the same JSON shape."""
     return _error(status, name.lower().replace(" ", "_"), name)
+
+
+def _unauthorized(code: str, message: str, redirect_browser_to: str) -> Response:
+    """401, with where to send a browser both in the body and in a header proxies can read."""
+    response = _error(401, code, message, redirect_browser_to)
+    response.headers[REDIRECT_HEADER] = redirect_browser_to
+    return response
 
 
 def _error(
@@ -102,7 +105,9 @@ def _error(
 
 
 def _with_query(url: str, **params: str | None) -> str:
-    query = urlencode({k: v for k, v in params.items() if v})
+    """``url`` with ``params`` added, skipping empty ones and ones the URL already has."""
+    present = parse_qs(urlsplit(url).query)
+    query = urlencode({k: v for k, v in params.items() if v and k not in present})
     if not query:
         return url
     return f"{url}{'&' if urlsplit(url).query else '?'}{query}"

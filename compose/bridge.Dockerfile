@@ -9,7 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml ./
 COPY bridge/ ./bridge/
-# gunicorn keeps its control socket under $HOME, so the user needs a home it can write.
+# A system user with a home directory, so nothing the server writes under $HOME fails.
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin bridge
 

@@ -79,6 +79,7 @@ def test_login_redirect_carries_the_original_url(client):
     )
     target = response.get_json()["redirect_browser_to"]
     assert "return_to=https%3A%2F%2Fapp.example.test%2Freports%3Fyear%3D2026" in target
+    assert response.headers["X-Bridge-Redirect"] == target
 
 
 def test_warm_requests_do_not_ask_kratos(client, kratos):

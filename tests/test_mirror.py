@@ -102,11 +102,16 @@ def test_highest_available_aal1_session_needs_step_up(make_client, kratos_strict
     flows.enable_totp(kratos_strict, user)
     token = flows.login_api(kratos_strict, user)
 
-    response = client.get("/auth", headers={"X-Session-Token": token})
+    response = client.get(
+        "/auth", headers={"X-Session-Token": token, "X-Original-URL": "http://app.test/pay"}
+    )
     assert response.status_code == 401
     body = response.get_json()
     assert body["error"] == "aal2_required"
-    assert "aal=aal2" in body["redirect_browser_to"]
+    assert body["redirect_browser_to"] == (
+        f"{kratos_strict.public_url}/self-service/login/browser"
+        "?aal=aal2&return_to=http%3A%2F%2Fapp.test%2Fpay"
+    )
     assert response.headers["X-Bridge-Redirect"] == body["redirect_browser_to"]
     assert "X-User-Id" not in response.headers
     assert client.get("/whoami", headers={"X-Session-Token": token}).status_code == 401

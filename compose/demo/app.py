@@ -14,10 +14,10 @@ from http.client import HTTPResponse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PORT = int(os.environ.get("DEMO_PORT", "5000"))
-WHOAMI_URL = os.environ.get("BRIDGE_WHOAMI_URL", "http://bridge:4480/whoami")
+WHOAMI_URL = os.environ.get("DEMO_WHOAMI_URL", "http://bridge:4480/whoami")
 IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email")
 if urllib.parse.urlsplit(WHOAMI_URL).scheme not in ("http", "https"):
-    raise SystemExit(f"BRIDGE_WHOAMI_URL must be http(s), got {WHOAMI_URL!r}")
+    raise SystemExit(f"DEMO_WHOAMI_URL must be http(s), got {WHOAMI_URL!r}")
 
 PAGE = """<!doctype html>
 <html lang="en">
