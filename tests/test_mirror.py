@@ -131,3 +131,25 @@ def test_concurrent_first_sight_asks_kratos_once_per_process(client, kratos):
         answers = list(pool.map(lambda _: client.get("/auth", headers=headers), range(40)))
     assert {a.status_code for a in answers} == {200}
     assert kratos.whoami_calls() - before == 1
+
+
+def test_kratos_extend_moves_the_expiry_and_relays_the_new_cookie(make_client, kratos):
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER="1")
+    store = store_of(client)
+    user = flows.register(kratos)
+    cookie = flows.browser_login(kratos, user)
+    headers = {"Cookie": f"ory_kratos_session={cookie}"}
+    first = client.get("/whoami", headers=headers).get_json()
+    session_id = first["session_id"]
+    time.sleep(1.1)
+    extended = httpx.patch(f"{kratos.admin_url}/admin/sessions/{session_id}/extend")
+    assert extended.status_code in (200, 204)
+    new_expiry = parse_timestamp_ms(
+        httpx.get(f"{kratos.admin_url}/admin/sessions/{session_id}").json()["expires_at"]
+    )
+    assert new_expiry > parse_timestamp_ms(first["expires_at"])
+
+    response = client.get("/auth", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["Set-Cookie"].startswith("ory_kratos_session=")
+    assert abs(_mirror_expiry_ms(store, session_id) - new_expiry) < 1000
