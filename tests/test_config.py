@@ -114,5 +114,5 @@ def test_cli_exits_2_naming_the_key(command):
 def test_readme_config_table_matches_the_code():
     readme = README.read_text()
     assert reference_table() in readme
-    documented = set(re.findall(r"^\| `(BRIDGE_[A-Z_]+)` \|", readme, re.M))
+    documented = set(re.findall(r"^\| `(BRIDGE_[A-Z0-9_]+)` \|", readme, re.M))
     assert documented == {option.env for option in OPTIONS}

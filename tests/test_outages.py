@@ -52,15 +52,20 @@ def test_redis_stopped_is_503_and_not_ready(kratos, workdir, prefix):
     client = create_app(bridge_settings(kratos, redis_server.url, prefix)).test_client(
         use_cookies=False
     )
-    user = flows.register(kratos)
-    headers = {"X-Session-Token": user.token}
-    assert client.get("/auth", headers=headers).status_code == 200
+    known = flows.register(kratos)
+    never_seen = flows.register(kratos)
+    assert client.get("/auth", headers={"X-Session-Token": known.token}).status_code == 200
     redis_server.stop()
 
-    response = client.get("/auth", headers=headers)
+    # The process's own fresh copy still answers inside revalidate_after ...
+    assert client.get("/auth", headers={"X-Session-Token": known.token}).status_code == 200
+    # ... but nothing else can be decided without the store.
+    response = client.get("/auth", headers={"X-Session-Token": never_seen.token})
     assert response.status_code == 503
     assert response.get_json()["error"] == "store_unavailable"
     assert "X-User-Id" not in response.headers
+    whoami = client.get("/whoami", headers={"X-Session-Token": known.token})
+    assert whoami.status_code == 503
     ready = client.get("/health/ready")
     assert ready.status_code == 503
     assert set(ready.get_json()["errors"]) == {"redis"}
