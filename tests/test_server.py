@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +13,7 @@ import redis
 
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
-from tests.harness import BridgeServer
+from tests.harness import BridgeServer, free_port
 
 
 def _env(kratos, **extra):
@@ -92,3 +94,38 @@ def test_no_raw_credentials_in_redis(two_bridges, kratos, redis_server, prefix):
     assert user.token.encode() not in dump
     assert cookie.encode() not in dump
     assert cookie.rstrip("=").encode()[:40] not in dump
+
+
+def _check(env):
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", "check"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_reports_what_it_reached(kratos, redis_server):
+    env = {**_env(kratos), "BRIDGE_REDIS_URL": redis_server.url, "BRIDGE_SECRET": SECRET}
+    result = _check(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "redis:           ok" in result.stdout
+    assert "kratos:          ok" in result.stdout
+    assert "kratos version:  v1.3.1" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_fails_when_kratos_is_down(redis_server):
+    port = free_port()
+    env = {
+        "BRIDGE_KRATOS_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "BRIDGE_KRATOS_ADMIN_URL": f"http://127.0.0.1:{port}",
+        "BRIDGE_KRATOS_TIMEOUT": "0.5",
+        "BRIDGE_REDIS_URL": redis_server.url,
+        "BRIDGE_SECRET": SECRET,
+    }
+    result = _check(env)
+    assert result.returncode == 1
+    assert "kratos:          FAILED (unreachable" in result.stdout
+    assert "Traceback" not in result.stderr
