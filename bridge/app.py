@@ -1,7 +1,7 @@
 """The Flask app: forward-auth, whoami for apps, and health.
 
 The request path reads as credential -> session -> decision -> response:
-``credentials.extract``, ``SessionMirror.resolve``, and ``responses``.
+``credentials.extract``, ``SessionMirror.resolve``, ``policy``, and ``responses``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from bridge import responses
+from bridge import policy, responses
 from bridge.config import Settings
 from bridge.credentials import extract
 from bridge.errors import BridgeError, StoreUnavailable
@@ -66,7 +66,9 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
     @app.route("/auth", methods=_ANY_METHOD)
     @app.route("/auth/<path:_subpath>", methods=_ANY_METHOD)
     def auth(_subpath: str = "") -> Response:
+        required = policy.required_aal(request.args.get("aal"))
         resolved = resolve(with_app=False)
+        policy.enforce_aal(resolved.session, required)
         return responses.allow(resolved.session, resolved.set_cookie)
 
     @app.get("/whoami")

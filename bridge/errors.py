@@ -20,6 +20,10 @@ class ConfigError(BridgeError):
         self.problem = problem
 
 
+class BadRequest(BridgeError):
+    """The request to the bridge itself is malformed (e.g. an unknown ``aal`` value)."""
+
+
 class CredentialMissing(BridgeError):
     """The request carries no session cookie, session token or bearer token."""
 

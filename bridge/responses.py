@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from flask import Response, jsonify
 
 from bridge.errors import (
+    BadRequest,
     BridgeError,
     CredentialMissing,
     KratosUnavailable,
@@ -62,6 +63,8 @@ def failure(error: BridgeError, login_url: str, return_to: str | None) -> Respon
     if isinstance(error, CredentialMissing | SessionInvalid):
         code = "session_missing" if isinstance(error, CredentialMissing) else "session_invalid"
         return _unauthorized(code, str(error), _with_query(login_url, return_to=return_to))
+    if isinstance(error, BadRequest):
+        return _error(400, "bad_request", str(error))
     if isinstance(error, KratosUnavailable):
         return _error(503, "kratos_unavailable", str(error), retry_after=True)
     if isinstance(error, StoreUnavailable):

@@ -107,3 +107,31 @@ def test_auth_accepts_any_method_and_subpath(client, kratos, path):
     response = client.post(path, headers={"X-Session-Token": user.token})
     assert response.status_code == 200
     assert response.headers["X-User-Id"] == user.identity_id
+
+
+def test_route_asking_for_aal2_steps_up_an_aal1_session(make_client, kratos):
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER="1")
+    user = flows.register(kratos)
+    headers = {"X-Session-Token": user.token, "X-Original-URL": "https://app.test/admin"}
+    assert client.get("/auth?aal=aal1", headers=headers).status_code == 200
+    response = client.get("/auth?aal=aal2", headers=headers)
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "aal2_required"
+    assert response.headers["X-Bridge-Redirect"] == (
+        f"{kratos.public_url}/self-service/login/browser"
+        "?aal=aal2&return_to=https%3A%2F%2Fapp.test%2Fadmin"
+    )
+    assert "X-User-Id" not in response.headers
+
+    flows.enable_totp(kratos, user)  # the session doing it becomes aal2 in Kratos
+    time.sleep(1.1)
+    response = client.get("/auth?aal=aal2", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["X-User-Aal"] == "aal2"
+
+
+def test_unknown_aal_value_is_400(client, kratos):
+    user = flows.register(kratos)
+    response = client.get("/auth?aal=aal9", headers={"X-Session-Token": user.token})
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "bad_request"
