@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from bridge.credentials import Credential
@@ -41,12 +41,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Resolved:
     """A session the bridge may answer from, and a cookie Kratos re-issued on the way."""
 
     session: MirroredSession
     set_cookie: str | None = None
+    # False when a newer rejection won the race to the store: answer, but do not reuse.
+    cacheable: bool = True
 
 
 class SessionMirror:
@@ -67,7 +69,9 @@ class SessionMirror:
         self._secret = secret
         self._revalidate_after_ms = int(revalidate_after * 1000)
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
-        self._lock_ttl_ms = int(kratos_timeout * 1000) + 500
+        # httpx applies the timeout per phase (connect, write, read), so a call can take
+        # a few times it; the lock must outlive the call it guards.
+        self._lock_ttl_ms = int(3 * kratos_timeout * 1000) + 500
         self._in_flight: SingleFlight[Resolved] = SingleFlight()
         # This process's copy of sessions it validated or read, by credential fingerprint.
         # A copy is used only while fresh, so it keeps the same revalidate_after bound as
@@ -79,11 +83,11 @@ class SessionMirror:
         fingerprint = credential.fingerprint(self._secret)
         if not with_app:
             recent = self._recent.get(fingerprint)
-            if recent is not None and recent.is_fresh(now_ms(), self._revalidate_after_ms):
+            if recent is not None and self._is_fresh(recent):
                 return Resolved(recent)
         try:
             session = self._mirrored(fingerprint, with_app)
-            if session is not None and session.is_fresh(now_ms(), self._revalidate_after_ms):
+            if session is not None and self._is_fresh(session):
                 resolved = Resolved(session)
             else:
                 resolved = self._in_flight.do(
@@ -92,12 +96,17 @@ class SessionMirror:
         except SessionInvalid:
             self._recent.pop(fingerprint, None)
             raise
-        self._remember(fingerprint, resolved.session)
+        if resolved.cacheable:
+            self._remember(fingerprint, resolved.session)
         if with_app and not resolved.session.app:
-            reloaded = self._store.load(resolved.session.id, with_app=True)
-            if reloaded is not None:
-                resolved = Resolved(reloaded, resolved.set_cookie)
+            app = self._store.load(resolved.session.id, with_app=True)
+            if app is not None:
+                session = replace(resolved.session, app=app.app)
+                resolved = Resolved(session, resolved.set_cookie, resolved.cacheable)
         return resolved
+
+    def _is_fresh(self, session: MirroredSession) -> bool:
+        return session.is_fresh(now_ms(), self._revalidate_after_ms)
 
     def _remember(self, fingerprint: str, session: MirroredSession) -> None:
         # Bounded the cheap way: a full map is dropped whole and refills from the store.
@@ -106,49 +115,57 @@ class SessionMirror:
         self._recent[fingerprint] = session
 
     def _mirrored(self, fingerprint: str, with_app: bool) -> MirroredSession | None:
-        session_id = self._store.find_session_id(fingerprint)
-        if session_id is REJECTED:
+        """The mirror as seen through this credential: fresh only if *it* was validated."""
+        entry = self._store.find_credential(fingerprint)
+        if entry is REJECTED:
             raise SessionInvalid("Kratos rejected this credential recently")
-        if session_id is None:
+        if entry is None:
             return None
-        return self._store.load(session_id, with_app=with_app)
+        session = self._store.load(entry.session_id, with_app=with_app)
+        if session is None:
+            return None
+        return replace(session, validated_at_ms=entry.validated_at_ms)
 
     def _revalidate(
         self, credential: Credential, fingerprint: str, stale: MirroredSession | None
     ) -> Resolved:
         # A call for this credential may have finished between our read and SingleFlight.
         current = self._mirrored(fingerprint, with_app=False)
-        if current is not None and current.is_fresh(now_ms(), self._revalidate_after_ms):
+        if current is not None and self._is_fresh(current):
             return Resolved(current)
         stale = current or stale
-        locked = False
+        token = None
         if stale is not None:
-            locked = self._store.claim_revalidation(stale.id, self._lock_ttl_ms)
-            if not locked:
-                fresh = self._wait_for_peer(stale)
+            token = self._store.claim_revalidation(stale.id, self._lock_ttl_ms)
+            if token is None:
+                fresh = self._wait_for_peer(fingerprint, stale.id)
                 if fresh is not None:
                     return Resolved(fresh)
         try:
             return self._ask_kratos(credential, fingerprint, stale)
         finally:
-            if locked:
-                self._store.release_revalidation(stale.id)
+            if token is not None:
+                self._store.release_revalidation(stale.id, token)
 
-    def _wait_for_peer(self, stale: MirroredSession) -> MirroredSession | None:
-        """Another process is asking Kratos about this session: use its answer when it lands."""
+    def _wait_for_peer(self, fingerprint: str, session_id: str) -> MirroredSession | None:
+        """Another process is asking Kratos about this session: if it is about this same
+        credential, use its answer; stop waiting as soon as it lets go of the lock."""
         deadline = time.monotonic() + self._lock_ttl_ms / 1000
         while time.monotonic() < deadline:
             time.sleep(_PEER_POLL_SECONDS)
-            current = self._store.load(stale.id)
-            if current is None:
+            current = self._mirrored(fingerprint, with_app=False)
+            if current is not None and self._is_fresh(current):
+                return current
+            if not self._store.revalidation_pending(session_id):
                 return None
-            if current.validated_at_ms != stale.validated_at_ms:
-                return current if current.is_fresh(now_ms(), self._revalidate_after_ms) else None
         return None
 
     def _ask_kratos(
         self, credential: Credential, fingerprint: str, stale: MirroredSession | None
     ) -> Resolved:
+        # Freshness counts from when we asked: Kratos's answer may describe any moment
+        # between the question and the answer.
+        asked_at = now_ms()
         try:
             answer = self._kratos.whoami(credential)
         except SessionInvalid:
@@ -159,14 +176,12 @@ class SessionMirror:
                 self._negative_ttl_ms,
             )
             raise
-        validated_at = now_ms()
-        session = mirror(answer, validated_at)
-        event_id = self._store.save(
-            fingerprint, session, aal2_event(session, validated_at), validated_at
-        )
-        if event_id is not None:
-            log.info("aal2 event %s for session %s", event_id, session.id)
-        return Resolved(session, answer.set_cookie)
+        session = mirror(answer, asked_at)
+        seen_at = now_ms()
+        saved = self._store.save(fingerprint, session, aal2_event(session, seen_at), seen_at)
+        if saved.aal2_event_id is not None:
+            log.info("aal2 event %s for session %s", saved.aal2_event_id, session.id)
+        return Resolved(session, answer.set_cookie, cacheable=saved.cached)
 
 
 @dataclass

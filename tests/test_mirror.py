@@ -11,6 +11,7 @@ import pytest
 from bridge.kratos import parse_timestamp_ms
 from tests import kratos_flows as flows
 from tests.conftest import store_of
+from tests.harness import Kratos
 
 
 def _mirror_expiry_ms(store, session_id: str) -> int:
@@ -153,3 +154,40 @@ def test_kratos_extend_moves_the_expiry_and_relays_the_new_cookie(make_client, k
     assert response.status_code == 200
     assert response.headers["Set-Cookie"].startswith("ory_kratos_session=")
     assert abs(_mirror_expiry_ms(store, session_id) - new_expiry) < 1000
+
+
+@pytest.fixture
+def short_kratos(workdir):
+    """Kratos whose sessions (and so its cookies' max-age) last 6 seconds."""
+    server = Kratos(workdir, lifespan="6s")
+    yield server
+    server.stop()
+
+
+def test_freshness_belongs_to_the_credential_not_the_session(make_client, short_kratos):
+    """An old cookie Kratos stopped accepting is refused even while a newer cookie of the
+    same session keeps the mirror fresh."""
+    client = make_client(short_kratos, BRIDGE_REVALIDATE_AFTER="1")
+    user = flows.register(short_kratos)
+    started = time.monotonic()
+    old_cookie = flows.browser_login(short_kratos, user)
+    old = {"Cookie": f"ory_kratos_session={old_cookie}"}
+    session_id = client.get("/whoami", headers=old).get_json()["session_id"]
+
+    time.sleep(3)  # extend late enough that the session outlives the old cookie
+    extend = httpx.patch(f"{short_kratos.admin_url}/admin/sessions/{session_id}/extend")
+    assert extend.status_code in (200, 204)
+    reissued = client.get("/auth", headers=old)
+    assert reissued.status_code == 200
+    new_cookie = reissued.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    new = {"Cookie": f"ory_kratos_session={new_cookie}"}
+
+    # The old cookie's max-age (6 s, counted in whole seconds) runs out by 7 s; the
+    # extended session lives until about 9 s.
+    while time.monotonic() - started < 7.3:
+        assert client.get("/auth", headers=new).status_code == 200
+        time.sleep(0.2)
+    assert flows.session_of(short_kratos, cookie=old_cookie).status_code == 401
+    assert flows.session_of(short_kratos, cookie=new_cookie).status_code == 200
+    assert client.get("/auth", headers=old).status_code == 401
+    assert client.get("/auth", headers=new).status_code == 200

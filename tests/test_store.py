@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
+import pytest
 from redis.crc import key_slot
 
 from bridge.app import build_store
 from bridge.session import MirroredSession, aal2_event
-from bridge.store import REJECTED
+from bridge.store import AAL2_MARKER_GRACE_MS, REJECTED, CredentialEntry
 from tests.conftest import bridge_settings
 
 
@@ -17,7 +19,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def session(sid="s1", identity="i1", aal="aal1", expires_in_ms=60_000) -> MirroredSession:
+def session(sid="s1", identity="i1", aal="aal1", expires_in_ms=60_000, validated_at=None):
     methods = [{"method": "password", "aal": "aal1", "completed_at": "2026-11-22T10:00:00Z"}]
     if aal == "aal2":
         methods.append({"method": "totp", "aal": "aal2", "completed_at": "2026-11-22T10:01:00Z"})
@@ -30,7 +32,7 @@ def session(sid="s1", identity="i1", aal="aal1", expires_in_ms=60_000) -> Mirror
             "device": {"ip_address": "10.1.2.3", "user_agent": "UA"},
             "expires_at": "unused",
         },
-        validated_at_ms=now_ms(),
+        validated_at_ms=validated_at or now_ms(),
         expires_at_ms=now_ms() + expires_in_ms,
     )
 
@@ -40,6 +42,7 @@ def save(store, fingerprint, mirrored):
 
 
 def expiry_of(store, key):
+    """When the store drops a key: Redis's own PEXPIRETIME, or the embedded store's clock."""
     if hasattr(store, "_redis"):
         return store._redis.pexpiretime(key)
     return store._expires.get(key, -2)
@@ -47,13 +50,13 @@ def expiry_of(store, key):
 
 def test_save_then_load_and_find(store):
     mirrored = session()
-    assert save(store, "fp1", mirrored) is None
-    assert store.find_session_id("fp1") == "s1"
+    assert save(store, "fp1", mirrored).cached
+    assert store.find_credential("fp1") == CredentialEntry("s1", mirrored.validated_at_ms)
     loaded = store.load("s1")
     assert loaded.kratos == mirrored.kratos
     assert loaded.validated_at_ms == mirrored.validated_at_ms
     assert loaded.expires_at_ms == mirrored.expires_at_ms
-    assert store.find_session_id("other") is None
+    assert store.find_credential("other") is None
     assert store.load("other") is None
 
 
@@ -69,23 +72,32 @@ def test_expiry_is_absolute_and_moves_with_kratos(store):
     assert expiry_of(store, store.keys.app("s1")) == extended.expires_at_ms
 
 
-def test_mirror_is_gone_at_expires_at(store):
+def test_mirror_and_app_data_are_gone_at_expires_at(store):
     save(store, "fp1", session(expires_in_ms=300))
     store.set_app_data("s1", {"k": "v"})
     assert store.load("s1", with_app=True).app == {"k": "v"}
     time.sleep(0.4)
     assert store.load("s1") is None
-    assert store.find_session_id("fp1") is None
+    assert store.find_credential("fp1") is None
     assert store.identity_session_ids("i1", now_ms()) == []
+    save(store, "fp1", session(expires_in_ms=60_000))  # Kratos revived it (admin extend)
+    assert store.load("s1", with_app=True).app == {}
+
+
+def test_app_data_needs_a_live_session_and_fields(store):
+    assert not store.set_app_data("nope", {"k": "v"})
+    save(store, "fp1", session())
+    with pytest.raises(ValueError):
+        store.set_app_data("s1", {})
 
 
 def test_aal2_event_is_appended_once(store):
     save(store, "fp1", session(aal="aal1"))
     assert store.aal2_events() == []
-    event_id = save(store, "fp1", session(aal="aal2"))
+    event_id = save(store, "fp1", session(aal="aal2")).aal2_event_id
     assert event_id is not None
-    assert save(store, "fp1", session(aal="aal2")) is None
-    assert save(store, "fp2", session(aal="aal2")) is None
+    assert save(store, "fp1", session(aal="aal2")).aal2_event_id is None
+    assert save(store, "fp2", session(aal="aal2")).aal2_event_id is None
     [(stored_id, fields)] = store.aal2_events()
     assert stored_id == event_id
     assert fields["session_id"] == "s1"
@@ -95,10 +107,19 @@ def test_aal2_event_is_appended_once(store):
     assert fields["ip_address"] == "10.1.2.3"
 
 
+def test_aal2_marker_outlives_the_session_by_the_grace(store):
+    mirrored = session(aal="aal2")
+    save(store, "fp1", mirrored)
+    marker = expiry_of(store, store.keys.aal2_marker("s1"))
+    assert marker == mirrored.expires_at_ms + AAL2_MARKER_GRACE_MS
+
+
 def test_aal2_event_once_under_concurrent_saves(store):
     with ThreadPoolExecutor(16) as pool:
-        ids = list(pool.map(lambda i: save(store, f"fp{i % 3}", session(aal="aal2")), range(64)))
-    assert len([i for i in ids if i]) == 1
+        results = list(
+            pool.map(lambda i: save(store, f"fp{i % 3}", session(aal="aal2")), range(64))
+        )
+    assert len([r for r in results if r.aal2_event_id]) == 1
     assert len(store.aal2_events()) == 1
 
 
@@ -106,16 +127,32 @@ def test_forget_drops_mirror_keeps_event_marker_and_rejects(store):
     save(store, "fp1", session(aal="aal2"))
     store.forget("fp1", "s1", "i1", reject_ttl_ms=300)
     assert store.load("s1") is None
-    assert store.find_session_id("fp1") is REJECTED
+    assert store.find_credential("fp1") is REJECTED
     assert store.identity_session_ids("i1", now_ms()) == []
     save(store, "fp9", session(aal="aal2"))  # seen again (identity re-activated): no new event
     assert len(store.aal2_events()) == 1
     time.sleep(0.4)
-    assert store.find_session_id("fp1") is None  # the rejection has expired
-    store.reject("fp5", 200)
-    assert store.find_session_id("fp5") is REJECTED
-    time.sleep(0.3)
-    assert store.find_session_id("fp5") is None
+    assert store.find_credential("fp1") is None  # the rejection has expired
+
+
+def test_a_rejection_beats_an_older_acceptance_still_in_flight(store):
+    asked_before_logout = session()
+    store.forget("fp1", None, None, reject_ttl_ms=10_000)  # another process saw the 401
+    result = save(store, "fp1", asked_before_logout)
+    assert not result.cached
+    assert store.find_credential("fp1") is REJECTED
+    assert store.load("s1") is None
+
+
+def test_an_older_answer_does_not_overwrite_a_newer_one(store):
+    newer = session(aal="aal2", validated_at=now_ms())
+    older = replace(session(aal="aal1"), validated_at_ms=newer.validated_at_ms - 500)
+    save(store, "fp1", newer)
+    save(store, "fp1", older)
+    assert store.load("s1").aal == "aal2"
+    assert store.find_credential("fp1").validated_at_ms == newer.validated_at_ms
+    save(store, "fp2", older)  # a second credential: its own acceptance time is recorded
+    assert store.find_credential("fp2").validated_at_ms == older.validated_at_ms
 
 
 def test_identity_index_drops_expired_sessions(store):
@@ -125,20 +162,26 @@ def test_identity_index_drops_expired_sessions(store):
     time.sleep(0.3)
     assert store.identity_session_ids("i1", now_ms()) == ["b"]
     save(store, "fpc", session(sid="c", expires_in_ms=30_000))
-    raw = (
-        store._redis.zrange(store.keys.identity_sessions("i1"), 0, -1)
-        if hasattr(store, "_redis")
-        else list(store._values[store.keys.identity_sessions("i1")])
-    )
-    assert sorted(m.decode() if isinstance(m, bytes) else m for m in raw) == ["b", "c"]
+    key = store.keys.identity_sessions("i1")
+    if hasattr(store, "_redis"):
+        members = {m.decode() for m in store._redis.zrange(key, 0, -1)}
+    else:
+        members = set(store._values[key])
+    assert members == {"b", "c"}  # the write trimmed "a" away, not just the reader
 
 
-def test_revalidation_lock_is_exclusive_and_expires(store):
-    assert store.claim_revalidation("s1", 200)
-    assert not store.claim_revalidation("s1", 200)
-    store.release_revalidation("s1")
+def test_revalidation_lock_is_exclusive_owned_and_expires(store):
+    token = store.claim_revalidation("s1", 200)
+    assert token
+    assert store.revalidation_pending("s1")
+    assert store.claim_revalidation("s1", 200) is None
+    store.release_revalidation("s1", "not-the-owner")
+    assert store.revalidation_pending("s1")
+    store.release_revalidation("s1", token)
+    assert not store.revalidation_pending("s1")
     assert store.claim_revalidation("s1", 200)
     time.sleep(0.3)
+    assert not store.revalidation_pending("s1")
     assert store.claim_revalidation("s1", 200)
 
 

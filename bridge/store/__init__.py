@@ -4,6 +4,11 @@ The store owns atomicity. Saving a session, moving its expiry, updating the
 identity index and appending the AAL2 event happen as one step, so callers
 never hold a half-written mirror or a doubled event.
 
+Freshness belongs to a credential, not to a session: a session can be reached
+through several credentials (a token, cookies re-issued by Kratos), and Kratos
+may reject one while accepting another. So each credential records when Kratos
+last accepted it, and only that time makes it fresh.
+
 Key layout (``p`` = ``BRIDGE_KEY_PREFIX``; the keys of one session share the
 Redis Cluster hash tag ``{<session id>}``):
 
@@ -12,7 +17,8 @@ Redis Cluster hash tag ``{<session id>}``):
 - ``p{sid}:app``      hash: data apps add to the session; expiry follows the session.
 - ``p{sid}:aal2``     the id of the session's AAL2 event; its presence means "already recorded".
 - ``p{sid}:revalidating``  short lock so one bridge process asks Kratos for a stale session.
-- ``pcredential:<hmac>``   session id for a credential, or empty when Kratos rejected it.
+- ``pcredential:<hmac>``   ``<sid> <validated_at ms>`` for a credential Kratos accepted,
+  or empty when Kratos rejected it.
 - ``pidentity:{<identity id>}:sessions``  sorted set of session ids scored by expiry (ms).
 - ``<aal2_stream>``   the AAL2 event stream (default ``pevents:aal2``).
 """
@@ -24,6 +30,34 @@ from typing import Final, Protocol
 
 from bridge.session import MirroredSession
 
+AAL2_MARKER_GRACE_MS = 7 * 24 * 3600 * 1000
+"""How long past a session's expiry its "AAL2 recorded" marker stays: Kratos can revive
+an expired session (admin extend), and that must not record the same upgrade twice."""
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialEntry:
+    """What the store knows about one credential Kratos accepted."""
+
+    session_id: str
+    validated_at_ms: int
+
+    def encode(self) -> str:
+        return f"{self.session_id} {self.validated_at_ms}"
+
+    @classmethod
+    def decode(cls, value: str) -> CredentialEntry | None:
+        session_id, _, validated_at = value.partition(" ")
+        if not session_id or not validated_at.isdigit():
+            return None
+        return cls(session_id, int(validated_at))
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    cached: bool  # False when a newer rejection of this credential won the race
+    aal2_event_id: str | None
+
 
 class _Rejected:
     def __repr__(self) -> str:
@@ -31,7 +65,7 @@ class _Rejected:
 
 
 REJECTED: Final = _Rejected()
-"""``find_session_id`` answer for a credential Kratos recently rejected."""
+"""``find_credential`` answer for a credential Kratos recently rejected."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +97,9 @@ class SessionStore(Protocol):
 
     keys: Keys
 
-    def find_session_id(self, fingerprint: str) -> str | _Rejected | None:
-        """The session id a credential belongs to, ``REJECTED``, or ``None`` if unknown."""
+    def find_credential(self, fingerprint: str) -> CredentialEntry | _Rejected | None:
+        """When Kratos last accepted this credential and for which session, ``REJECTED``
+        if it recently refused it, ``None`` if unknown."""
 
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         """The mirrored session, or ``None`` when there is none (or it expired)."""
@@ -75,13 +110,12 @@ class SessionStore(Protocol):
         session: MirroredSession,
         aal2_event: dict[str, str] | None,
         now_ms: int,
-    ) -> str | None:
-        """Write the mirror with expiry ``session.expires_at_ms``; map the credential to it;
-        index it under its identity; append ``aal2_event`` unless this session already has one.
-        Returns the id of the event appended, if any."""
-
-    def reject(self, fingerprint: str, ttl_ms: int) -> None:
-        """Remember for ``ttl_ms`` that Kratos rejected this credential."""
+    ) -> SaveResult:
+        """Record that Kratos accepted the credential at ``session.validated_at_ms`` (when
+        the check started), write the mirror with expiry ``session.expires_at_ms`` unless a
+        newer one is there, index it under its identity, and append ``aal2_event`` unless
+        this session already has one. Writes nothing when the credential was rejected
+        after this check started."""
 
     def forget(
         self, fingerprint: str, session_id: str | None, identity_id: str | None, reject_ttl_ms: int
@@ -91,10 +125,14 @@ class SessionStore(Protocol):
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
         """Merge app-owned fields into a live session (same expiry); ``False`` if none."""
 
-    def claim_revalidation(self, session_id: str, ttl_ms: int) -> bool:
-        """Take the short lock that lets one process re-validate a session; ``False`` if taken."""
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> str | None:
+        """Take the short lock that lets one process re-validate a session: its token, or
+        ``None`` if someone holds it."""
 
-    def release_revalidation(self, session_id: str) -> None: ...
+    def release_revalidation(self, session_id: str, token: str) -> None: ...
+
+    def revalidation_pending(self, session_id: str) -> bool:
+        """Whether someone holds the re-validation lock of this session."""
 
     def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
         """Unexpired session ids of an identity, soonest expiry first."""

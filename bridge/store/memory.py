@@ -8,13 +8,21 @@ It is not shared between processes, so the server runs a single process with it.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
 from typing import Any
 
 from bridge.session import MirroredSession
-from bridge.store import REJECTED, Keys, _Rejected
+from bridge.store import (
+    AAL2_MARKER_GRACE_MS,
+    REJECTED,
+    CredentialEntry,
+    Keys,
+    SaveResult,
+    _Rejected,
+)
 
 
 def _now_ms() -> int:
@@ -36,7 +44,7 @@ class MemoryStore:
         self._event_seq = itertools.count()
         self._writes = 0
 
-    def find_session_id(self, fingerprint: str) -> str | _Rejected | None:
+    def find_credential(self, fingerprint: str) -> CredentialEntry | _Rejected | None:
         with self._lock:
             value = self._get(self.keys.credential(fingerprint))
         if value is None:
@@ -62,21 +70,23 @@ class MemoryStore:
         session: MirroredSession,
         aal2_event: dict[str, str] | None,
         now_ms: int,
-    ) -> str | None:
+    ) -> SaveResult:
         sid, expires_at = session.id, session.expires_at_ms
+        validated_at = session.validated_at_ms
         with self._lock:
             self._maybe_sweep()
-            self._set(
-                self.keys.session(sid),
-                {
-                    "kratos": session.kratos,
-                    "validated_at": session.validated_at_ms,
-                    "expires_at": expires_at,
-                },
-                expires_at,
-            )
-            self._expire_at(self.keys.app(sid), expires_at)
-            self._set(self.keys.credential(fingerprint), sid, expires_at)
+            credential_key = self.keys.credential(fingerprint)
+            known = self._get(credential_key)
+            if known == "":
+                return SaveResult(False, None)
+            if known is None or known.validated_at_ms <= validated_at:
+                self._set(credential_key, CredentialEntry(sid, validated_at), expires_at)
+
+            stored = self._get(self.keys.session(sid))
+            if stored is None or stored["validated_at"] <= validated_at:
+                record = {"kratos": session.kratos, "validated_at": validated_at}
+                self._set(self.keys.session(sid), {**record, "expires_at": expires_at}, expires_at)
+                self._expire_at(self.keys.app(sid), expires_at)
 
             index_key = self.keys.identity_sessions(session.identity_id)
             index = {m: s for m, s in (self._get(index_key) or {}).items() if s > now_ms}
@@ -84,25 +94,22 @@ class MemoryStore:
             self._set(index_key, index, max(index.values()))
 
             if aal2_event is None:
-                return None
+                return SaveResult(True, None)
             marker = self.keys.aal2_marker(sid)
+            marker_expires_at = expires_at + AAL2_MARKER_GRACE_MS
             if self._get(marker) is not None:
-                self._expires[marker] = max(self._expires[marker], expires_at)
-                return None
+                self._expires[marker] = max(self._expires[marker], marker_expires_at)
+                return SaveResult(True, None)
             event_id = self._next_event_id()
             self._stream.append((event_id, dict(aal2_event)))
-            self._set(marker, event_id, expires_at)
-            return event_id
-
-    def reject(self, fingerprint: str, ttl_ms: int) -> None:
-        if ttl_ms > 0:
-            with self._lock:
-                self._set(self.keys.credential(fingerprint), "", _now_ms() + ttl_ms)
+            self._set(marker, event_id, marker_expires_at)
+            return SaveResult(True, event_id)
 
     def forget(
         self, fingerprint: str, session_id: str | None, identity_id: str | None, reject_ttl_ms: int
     ) -> None:
         with self._lock:
+            self._maybe_sweep()
             self._set(self.keys.credential(fingerprint), "", _now_ms() + max(reject_ttl_ms, 1))
             if session_id is None:
                 return
@@ -110,17 +117,25 @@ class MemoryStore:
             if identity_id is not None:
                 (self._get(self.keys.identity_sessions(identity_id)) or {}).pop(session_id, None)
 
-    def claim_revalidation(self, session_id: str, ttl_ms: int) -> bool:
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> str | None:
         key = self.keys.revalidating(session_id)
         with self._lock:
+            self._maybe_sweep()
             if self._get(key) is not None:
-                return False
-            self._set(key, True, _now_ms() + ttl_ms)
-            return True
+                return None
+            token = os.urandom(12).hex()
+            self._set(key, token, _now_ms() + ttl_ms)
+            return token
 
-    def release_revalidation(self, session_id: str) -> None:
+    def release_revalidation(self, session_id: str, token: str) -> None:
+        key = self.keys.revalidating(session_id)
         with self._lock:
-            self._delete(self.keys.revalidating(session_id))
+            if self._get(key) == token:
+                self._delete(key)
+
+    def revalidation_pending(self, session_id: str) -> bool:
+        with self._lock:
+            return self._get(self.keys.revalidating(session_id)) is not None
 
     def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
         with self._lock:
@@ -132,6 +147,8 @@ class MemoryStore:
             return [(eid, dict(fields)) for eid, fields in itertools.islice(self._stream, count)]
 
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
+        if not data:
+            raise ValueError("no fields to set")
         with self._lock:
             key = self.keys.session(session_id)
             if self._get(key) is None:
@@ -161,7 +178,7 @@ class MemoryStore:
         self._expires[key] = expires_at_ms
 
     def _expire_at(self, key: str, expires_at_ms: int) -> None:
-        if key in self._values:
+        if self._get(key) is not None:
             self._expires[key] = expires_at_ms
 
     def _delete(self, key: str) -> None:

@@ -12,30 +12,48 @@ import redis
 
 from bridge.errors import StoreUnavailable
 from bridge.session import MirroredSession
-from bridge.store import REJECTED, Keys, _Rejected
+from bridge.store import (
+    AAL2_MARKER_GRACE_MS,
+    REJECTED,
+    CredentialEntry,
+    Keys,
+    SaveResult,
+    _Rejected,
+)
 
 T = TypeVar("T")
 
 # KEYS: session, app, aal2 marker, credential, identity index, stream
-# ARGV: kratos json, validated_at, expires_at, session id, now, stream maxlen, event fields...
+# ARGV: kratos json, validated_at, expires_at, session id, now, stream maxlen,
+#       aal2 marker expires_at, event fields...
 _SAVE = """
+local validated_at = tonumber(ARGV[2])
 local expires_at = ARGV[3]
-redis.call('HSET', KEYS[1], 'kratos', ARGV[1], 'validated_at', ARGV[2], 'expires_at', expires_at)
-redis.call('PEXPIREAT', KEYS[1], expires_at)
-redis.call('PEXPIREAT', KEYS[2], expires_at)
-redis.call('SET', KEYS[4], ARGV[4], 'PXAT', expires_at)
+local credential = redis.call('GET', KEYS[4])
+if credential == '' then return {0, false} end
+local known = credential and tonumber(string.match(credential, ' (%d+)$'))
+if not known or known <= validated_at then
+  redis.call('SET', KEYS[4], ARGV[4] .. ' ' .. ARGV[2], 'PXAT', expires_at)
+end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'validated_at'))
+if not stored or stored <= validated_at then
+  redis.call('HSET', KEYS[1], 'kratos', ARGV[1], 'validated_at', ARGV[2],
+             'expires_at', expires_at)
+  redis.call('PEXPIREAT', KEYS[1], expires_at)
+  redis.call('PEXPIREAT', KEYS[2], expires_at)
+end
 redis.call('ZADD', KEYS[5], expires_at, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[5])
 local last = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')
 if last[2] then redis.call('PEXPIREAT', KEYS[5], last[2]) end
-if #ARGV <= 6 then return false end
+if #ARGV <= 7 then return {1, false} end
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('PEXPIREAT', KEYS[3], expires_at, 'GT')
-  return false
+  redis.call('PEXPIREAT', KEYS[3], ARGV[7], 'GT')
+  return {1, false}
 end
-local id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
-redis.call('SET', KEYS[3], id, 'PXAT', expires_at)
-return id
+local id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8))
+redis.call('SET', KEYS[3], id, 'PXAT', ARGV[7])
+return {1, id}
 """
 
 # KEYS: session, credential, identity index; ARGV: session id, reject ttl
@@ -90,14 +108,13 @@ class RedisStore:
         self._forget = self._redis.register_script(_FORGET)
         self._release = self._redis.register_script(_RELEASE)
         self._set_app = self._redis.register_script(_SET_APP)
-        self._lock_token = os.urandom(16).hex().encode()
 
     @_unavailable_on_error
-    def find_session_id(self, fingerprint: str) -> str | _Rejected | None:
+    def find_credential(self, fingerprint: str) -> CredentialEntry | _Rejected | None:
         value = self._redis.get(self.keys.credential(fingerprint))
         if value is None:
             return None
-        return value.decode() if value else REJECTED
+        return CredentialEntry.decode(value.decode()) if value else REJECTED
 
     @_unavailable_on_error
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
@@ -124,7 +141,7 @@ class RedisStore:
         session: MirroredSession,
         aal2_event: dict[str, str] | None,
         now_ms: int,
-    ) -> str | None:
+    ) -> SaveResult:
         sid = session.id
         keys = [
             self.keys.session(sid),
@@ -141,16 +158,12 @@ class RedisStore:
             sid,
             now_ms,
             self._stream_maxlen,
+            session.expires_at_ms + AAL2_MARKER_GRACE_MS,
         ]
         for name, value in (aal2_event or {}).items():
             args += [name, value]
-        event_id = self._save(keys=keys, args=args)
-        return event_id.decode() if event_id else None
-
-    @_unavailable_on_error
-    def reject(self, fingerprint: str, ttl_ms: int) -> None:
-        if ttl_ms > 0:
-            self._redis.set(self.keys.credential(fingerprint), b"", px=ttl_ms)
+        cached, event_id = self._save(keys=keys, args=args)
+        return SaveResult(bool(cached), event_id.decode() if event_id else None)
 
     @_unavailable_on_error
     def forget(
@@ -165,18 +178,25 @@ class RedisStore:
 
     @_unavailable_on_error
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
+        if not data:
+            raise ValueError("no fields to set")
         keys = [self.keys.session(session_id), self.keys.app(session_id)]
         args = [part for item in data.items() for part in item]
         return bool(self._set_app(keys=keys, args=args))
 
     @_unavailable_on_error
-    def claim_revalidation(self, session_id: str, ttl_ms: int) -> bool:
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> str | None:
+        token = os.urandom(12).hex()
         key = self.keys.revalidating(session_id)
-        return bool(self._redis.set(key, self._lock_token, nx=True, px=ttl_ms))
+        return token if self._redis.set(key, token, nx=True, px=ttl_ms) else None
 
     @_unavailable_on_error
-    def release_revalidation(self, session_id: str) -> None:
-        self._release(keys=[self.keys.revalidating(session_id)], args=[self._lock_token])
+    def release_revalidation(self, session_id: str, token: str) -> None:
+        self._release(keys=[self.keys.revalidating(session_id)], args=[token])
+
+    @_unavailable_on_error
+    def revalidation_pending(self, session_id: str) -> bool:
+        return bool(self._redis.exists(self.keys.revalidating(session_id)))
 
     @_unavailable_on_error
     def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
