@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -22,7 +23,6 @@ from bridge.store import Keys, SessionStore
 
 log = logging.getLogger(__name__)
 
-_ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?")
 _FORWARDED_URI = re.compile(r"/[\x21-\x7e]{0,2047}")
 _ORIGINAL_URL = re.compile(r"https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[\x21-\x7e]{0,2047})?")
@@ -57,24 +57,23 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
         settings.kratos_timeout,
     )
     app.extensions["bridge"] = {"store": store, "kratos": kratos, "mirror": mirror}
+    app.wsgi_app = _every_auth_path_is_auth(app.wsgi_app)  # type: ignore[method-assign]
 
     def resolve(with_app: bool):  # -> Resolved
         credential = extract(request.headers, settings.session_cookie)
         return mirror.resolve(credential, with_app=with_app)
 
-    # Envoy's ext_authz sends the original method and appends the original path.
-    @app.route("/auth", methods=_ANY_METHOD)
-    @app.route("/auth/<path:_subpath>", methods=_ANY_METHOD)
-    def auth(_subpath: str = "") -> Response:
+    @app.get("/auth")
+    def auth() -> Response:
         required = policy.required_aal(request.args.get("aal"))
         resolved = resolve(with_app=False)
         policy.enforce_aal(resolved.session, required)
-        return responses.allow(resolved.session, resolved.set_cookie)
+        return responses.allow(resolved.session, resolved.set_cookies)
 
     @app.get("/whoami")
     def whoami() -> Response:
         resolved = resolve(with_app=True)
-        return responses.session_json(resolved.session, resolved.set_cookie)
+        return responses.session_json(resolved.session, resolved.set_cookies)
 
     @app.get("/health/alive")
     def alive() -> Response:
@@ -106,6 +105,21 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
     def unexpected(error: Exception) -> Response:
         log.exception("unexpected error on %s", request.path)
         return responses.internal_error()
+
+    return app
+
+
+def _every_auth_path_is_auth(wsgi_app: Any) -> Any:
+    """Envoy's ext_authz keeps the original method and appends the original path
+    (``/auth/``, ``/auth//x``, ``/auth/a%2Fb``); the decision depends on neither."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/auth" or path.startswith("/auth/"):
+            environ["PATH_INFO"] = "/auth"
+            if environ.get("REQUEST_METHOD") != "HEAD":
+                environ["REQUEST_METHOD"] = "GET"
+        return wsgi_app(environ, start_response)
 
     return app
 

@@ -1,11 +1,14 @@
 """Find the Kratos credential in a request, the way Kratos itself does.
 
 Kratos (``session/manager_http.go``) takes the ``X-Session-Token`` header first,
-then the session cookie, then ``Authorization: Bearer``; a cookie it cannot
-decode is passed over for the bearer token. We follow that order, forward the
-one credential we pick byte-exact, and reject values whose shape rules out a
-real Kratos credential before Kratos is asked, so that a flood of garbage
-does not become a flood of Kratos calls.
+then the session cookie, then ``Authorization: Bearer``. Of several cookies
+with the session cookie's name it uses the first one it can decode, so we send
+Kratos all of them that could be Kratos cookies, in order and byte-exact. A
+request whose session cookies are all undecodable is not rescued by a bearer
+token: Kratos answers that with an error, and so do we (401).
+
+Values whose shape rules out a Kratos credential are refused before Kratos is
+asked, so that random garbage does not become Kratos calls.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ _TOKEN = re.compile(r"(?:ory_st_)?[A-Za-z0-9]{16,128}")
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 _COOKIE_PAYLOAD = re.compile(rb"[0-9]{1,20}\|[A-Za-z0-9_-]+={0,2}\|.{16,64}", re.DOTALL)
 _MAX_COOKIE_VALUE = 4096
-# What Go's net/http accepts inside a cookie value; anything else makes it skip the cookie.
+_MAX_SESSION_COOKIES = 4
+# What Go's net/http accepts inside a cookie value; it skips cookies with anything else.
 _GO_COOKIE_VALUE = re.compile(r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
@@ -43,10 +47,10 @@ class Kind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """One credential as it will be sent to Kratos. Never logged, never stored."""
+    """What will be sent to Kratos: a token, or the session cookies. Never logged or stored."""
 
     kind: Kind
-    value: str
+    values: tuple[str, ...]
 
     def __repr__(self) -> str:
         return f"Credential({self.kind.value}, <redacted>)"
@@ -54,57 +58,54 @@ class Credential:
     def headers(self, cookie_name: str) -> dict[str, str]:
         """The request headers that present this credential to ``/sessions/whoami``."""
         if self.kind is Kind.COOKIE:
-            return {"Cookie": f"{cookie_name}={self.value}"}
+            return {"Cookie": "; ".join(f"{cookie_name}={value}" for value in self.values)}
         if self.kind is Kind.BEARER:
-            return {"Authorization": f"Bearer {self.value}"}
-        return {"X-Session-Token": self.value}
+            return {"Authorization": f"Bearer {self.values[0]}"}
+        return {"X-Session-Token": self.values[0]}
 
     def fingerprint(self, secret: bytes) -> str:
         """A short stable key for this credential: HMAC-SHA256 under the bridge secret."""
-        message = self.kind.value.encode() + b"\x00" + self.value.encode("utf-8", "surrogateescape")
+        message = "\x00".join((self.kind.value, *self.values)).encode("utf-8", "surrogateescape")
         digest = hmac.digest(secret, message, "sha256")
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def extract(headers: HeaderSource, cookie_name: str) -> Credential:
     """Pick the credential Kratos would use, or raise ``CredentialMissing``/``SessionInvalid``."""
-    malformed = False
-
     token = headers.get("X-Session-Token")
     if token:
         if _TOKEN.fullmatch(token):
-            return Credential(Kind.TOKEN, token)
+            return Credential(Kind.TOKEN, (token,))
         raise SessionInvalid("the session token is malformed")
 
-    cookie = _first_cookie(headers.get("Cookie") or "", cookie_name)
-    if cookie is not None:
-        if _plausible_cookie(cookie):
-            return Credential(Kind.COOKIE, cookie)
-        malformed = True
+    cookies = _session_cookies(headers.get("Cookie") or "", cookie_name)
+    if cookies:
+        plausible = tuple(v for v in cookies if _plausible_cookie(v))[:_MAX_SESSION_COOKIES]
+        if plausible:
+            return Credential(Kind.COOKIE, plausible)
+        raise SessionInvalid("the session cookie is malformed")
 
-    authorization = headers.get("Authorization") or ""
-    scheme, _, bearer = authorization.partition(" ")
+    scheme, _, bearer = (headers.get("Authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and bearer:
         if _TOKEN.fullmatch(bearer):
-            return Credential(Kind.BEARER, bearer)
-        malformed = True
-
-    if malformed:
-        raise SessionInvalid("the session credential is malformed")
+            return Credential(Kind.BEARER, (bearer,))
+        raise SessionInvalid("the bearer token is malformed")
     raise CredentialMissing("no session cookie or token")
 
 
-def _first_cookie(header: str, name: str) -> str | None:
-    """The first cookie called ``name`` that Go's cookie parser would keep, unquoted."""
+def _session_cookies(header: str, name: str) -> list[str]:
+    """Values of the cookies called ``name`` that Go's cookie parser keeps, unquoted, in order."""
+    values = []
     for part in header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if not sep or key != name:
+        key, sep, value = part.partition("=")
+        value = value.strip(" \t")
+        if not sep or key.strip(" \t") != name:
             continue
         if len(value) > 1 and value[0] == value[-1] == '"':
             value = value[1:-1]
         if _GO_COOKIE_VALUE.fullmatch(value):
-            return value
-    return None
+            values.append(value)
+    return values
 
 
 def _plausible_cookie(value: str) -> bool:

@@ -8,7 +8,6 @@ bridge never turns an answer it does not understand into an allow.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,7 +29,7 @@ class KratosSession:
 
     body: dict[str, Any]
     expires_at_ms: int
-    set_cookie: str | None
+    set_cookies: tuple[str, ...]  # cookies Kratos re-issued, to pass on to the browser
 
     @property
     def id(self) -> str:
@@ -71,7 +70,7 @@ class KratosClient:
             return KratosSession(
                 body=(body := _session_body(response)),
                 expires_at_ms=parse_timestamp_ms(body["expires_at"]),
-                set_cookie=response.headers.get("Set-Cookie"),
+                set_cookies=tuple(response.headers.get_list("Set-Cookie")),
             )
         if response.status_code == 401:
             raise SessionInvalid("Kratos does not accept the credential")
@@ -141,7 +140,7 @@ def _session_body(response: httpx.Response) -> dict[str, Any]:
 def _redirect_browser_to(response: httpx.Response) -> str | None:
     try:
         body = response.json()
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not even UTF-8
         return None
     if not isinstance(body, dict):
         return None

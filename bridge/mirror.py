@@ -43,10 +43,10 @@ def now_ms() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """A session the bridge may answer from, and a cookie Kratos re-issued on the way."""
+    """A session the bridge may answer from, and cookies Kratos re-issued on the way."""
 
     session: MirroredSession
-    set_cookie: str | None = None
+    set_cookies: tuple[str, ...] = ()
     # False when a newer rejection won the race to the store: answer, but do not reuse.
     cacheable: bool = True
 
@@ -102,7 +102,7 @@ class SessionMirror:
             app = self._store.load(resolved.session.id, with_app=True)
             if app is not None:
                 session = replace(resolved.session, app=app.app)
-                resolved = Resolved(session, resolved.set_cookie, resolved.cacheable)
+                resolved = Resolved(session, resolved.set_cookies, resolved.cacheable)
         return resolved
 
     def _is_fresh(self, session: MirroredSession) -> bool:
@@ -181,7 +181,7 @@ class SessionMirror:
         saved = self._store.save(fingerprint, session, aal2_event(session, seen_at), seen_at)
         if saved.aal2_event_id is not None:
             log.info("aal2 event %s for session %s", saved.aal2_event_id, session.id)
-        return Resolved(session, answer.set_cookie, cacheable=saved.cached)
+        return Resolved(session, answer.set_cookies, cacheable=saved.cached)
 
 
 @dataclass

@@ -30,10 +30,9 @@ _NO_STORE = {"Cache-Control": "no-store"}
 _SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,512}")
 
 
-def allow(session: MirroredSession, set_cookie: str | None) -> Response:
+def allow(session: MirroredSession, set_cookies: tuple[str, ...]) -> Response:
     headers = [*_NO_STORE.items(), *identity_headers(session).items()]
-    if set_cookie:
-        headers.append(("Set-Cookie", set_cookie))
+    headers += [("Set-Cookie", cookie) for cookie in set_cookies]
     return Response(status=200, headers=headers)
 
 
@@ -47,11 +46,11 @@ def identity_headers(session: MirroredSession) -> dict[str, str]:
     return {k: v for k, v in headers.items() if v and _SAFE_HEADER_VALUE.fullmatch(v)}
 
 
-def session_json(session: MirroredSession, set_cookie: str | None) -> Response:
+def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Response:
     response = jsonify(session.to_json())
     response.headers.update(_NO_STORE)
-    if set_cookie:
-        response.headers["Set-Cookie"] = set_cookie
+    for cookie in set_cookies:
+        response.headers.add("Set-Cookie", cookie)
     return response
 
 

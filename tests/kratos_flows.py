@@ -27,8 +27,8 @@ def _check(response: httpx.Response, *expected: int) -> dict:
     return response.json() if response.content else {}
 
 
-def register(kratos: Kratos) -> User:
-    email = f"user-{secrets.token_hex(6)}@example.test"
+def register(kratos: Kratos, local_part: str = "user") -> User:
+    email = f"{local_part}-{secrets.token_hex(6)}@example.test"
     password = "correct-horse-" + secrets.token_hex(8)
     flow = _check(httpx.get(kratos.public_url + "/self-service/registration/api"), 200)
     body = _check(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import string
 
+import httpx
 import pytest
 
 from tests import kratos_flows as flows
@@ -48,14 +50,34 @@ def test_url_encoded_real_cookie_is_not_decoded(client, kratos):
     assert client.get("/auth", headers=_cookie_header(cookie)).status_code == 200
 
 
-def test_duplicate_cookies_use_the_first_like_kratos(client, kratos):
+def _forged_cookie() -> str:
+    """Has the shape of a Kratos cookie (so it reaches Kratos) but no valid signature."""
+    payload = b"1795347480|" + base64.urlsafe_b64encode(os.urandom(60)) + b"|" + os.urandom(32)
+    return base64.urlsafe_b64encode(payload).decode()
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{name}={forged}; {name}={real}",
+        "{name}={real}; {name}={forged}",
+        "{name}=garbage; {name}={real}",
+        "{name}=a b; {name}={real}",
+        "{name} ={real}",
+        "{name}={forged}",
+        "{name}=garbage; {name}={forged}",
+    ],
+)
+def test_duplicate_and_odd_cookies_get_kratos_own_answer(client, kratos, template):
+    """Kratos uses the first session cookie it can decode; the bridge must agree with it."""
     user = flows.register(kratos)
-    cookie = flows.browser_login(kratos, user)
-    forged = "MTc5NTM0NzQ4MHxub3RyZWFsfA" + "A" * 40 + "="
-    first_forged = {"Cookie": f"ory_kratos_session={forged}; ory_kratos_session={cookie}"}
-    assert client.get("/auth", headers=first_forged).status_code == 401
-    first_real = {"Cookie": f"ory_kratos_session={cookie}; ory_kratos_session={forged}"}
-    assert client.get("/auth", headers=first_real).status_code == 200
+    real = flows.browser_login(kratos, user)
+    cookie = template.format(name="ory_kratos_session", real=real, forged=_forged_cookie())
+    direct = httpx.get(kratos.public_url + "/sessions/whoami", headers={"Cookie": cookie})
+    through_bridge = client.get("/auth", headers={"Cookie": cookie})
+    assert through_bridge.status_code == direct.status_code
+    if direct.status_code == 200:
+        assert through_bridge.headers["X-User-Id"] == user.identity_id
 
 
 def test_wrong_authorization_scheme_is_401(client, kratos):
@@ -74,25 +96,51 @@ def test_session_token_header_wins_over_a_valid_cookie(client, kratos):
     assert client.get("/auth", headers=headers).status_code == 401
 
 
-def test_undecodable_cookie_falls_back_to_bearer_like_kratos(client, kratos):
+@pytest.mark.parametrize("cookie", ["garbage", "", "FORGED"])
+def test_bad_session_cookie_is_not_rescued_by_a_bearer_token(client, kratos, cookie):
+    """Kratos answers 500 for this pair (it cannot decode the cookie); the bridge denies."""
     user = flows.register(kratos)
-    headers = {**_cookie_header("garbage"), "Authorization": f"Bearer {user.token}"}
+    cookie = _forged_cookie() if cookie == "FORGED" else cookie
+    headers = {"Cookie": f"ory_kratos_session={cookie}", "Authorization": f"Bearer {user.token}"}
+    direct = httpx.get(kratos.public_url + "/sessions/whoami", headers=headers)
+    assert direct.status_code != 200
+    response = client.get("/auth", headers=headers)
+    assert response.status_code == 401
+    assert "X-User-Id" not in response.headers
+
+
+def test_bearer_token_is_used_when_there_is_no_session_cookie(client, kratos):
+    user = flows.register(kratos)
+    headers = {"Cookie": "theme=dark", "Authorization": f"Bearer {user.token}"}
     response = client.get("/auth", headers=headers)
     assert response.status_code == 200
     assert response.headers["X-User-Id"] == user.identity_id
 
 
-def test_hostile_forwarded_headers_do_not_reach_the_redirect(client):
-    response = client.get(
-        "/auth",
-        environ_overrides={
-            "HTTP_X_FORWARDED_PROTO": "https",
-            "HTTP_X_FORWARDED_HOST": "evil.test\r\nSet-Cookie: x=1",
-            "HTTP_X_FORWARDED_URI": "/\x00",
-        },
-    )
+GOOD_FORWARDED = {
+    "HTTP_X_FORWARDED_PROTO": "https",
+    "HTTP_X_FORWARDED_HOST": "app.example.test",
+    "HTTP_X_FORWARDED_URI": "/reports",
+}
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("HTTP_X_FORWARDED_PROTO", "javascript"),
+        ("HTTP_X_FORWARDED_HOST", "evil.test\r\nSet-Cookie: x=1"),
+        ("HTTP_X_FORWARDED_HOST", "evil.test/@other"),
+        ("HTTP_X_FORWARDED_URI", "/\x00"),
+        ("HTTP_X_FORWARDED_URI", "reports"),
+    ],
+)
+def test_hostile_forwarded_headers_do_not_reach_the_redirect(client, header, value):
+    good = client.get("/auth", environ_overrides=GOOD_FORWARDED)
+    assert "return_to=https%3A%2F%2Fapp.example.test%2Freports" in good.headers["X-Bridge-Redirect"]
+    response = client.get("/auth", environ_overrides={**GOOD_FORWARDED, header: value})
     assert response.status_code == 401
     assert "return_to" not in response.get_json()["redirect_browser_to"]
+    assert "return_to" not in response.headers["X-Bridge-Redirect"]
     assert "Set-Cookie" not in response.headers
 
 

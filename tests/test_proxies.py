@@ -95,6 +95,19 @@ def test_session_reaches_the_app_and_forged_headers_do_not(stack, kratos_strict)
     assert "200 OK" in page  # the demo's own call to the bridge's /whoami
 
 
+def test_identity_header_the_bridge_omits_cannot_be_forged(stack, kratos_strict):
+    """A non-ASCII email is not sent as a header; a client's own X-User-Email must not
+    stand in for it."""
+    user = flows.register(kratos_strict, local_part="jürgen")
+    response = httpx.get(
+        stack + "/",
+        headers={"X-Session-Token": user.token, "X-User-Email": "root@forged.test"},
+    )
+    assert response.status_code == 200
+    assert user.identity_id in response.text
+    assert "forged" not in response.text
+
+
 def test_missing_second_factor_goes_to_the_aal2_login(stack, kratos_strict):
     user = flows.register(kratos_strict)
     flows.enable_totp(kratos_strict, user)
