@@ -115,7 +115,7 @@ OPTIONS: tuple[Option, ...] = (
         "kratos_admin_url",
         _http_url,
         "http://127.0.0.1:4434",
-        "Kratos admin API, used by `/health/ready` and `check`.",
+        "Kratos admin API, used by `check` (it reports the Kratos version).",
     ),
     Option(
         "kratos_timeout",

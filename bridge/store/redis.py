@@ -22,6 +22,7 @@ from bridge.store import (
 )
 
 T = TypeVar("T")
+MIN_REDIS_MAJOR = 7
 
 # KEYS: session, app, aal2 marker, credential, identity index, stream
 # ARGV: kratos json, validated_at, expires_at, session id, now, stream maxlen,
@@ -108,6 +109,7 @@ class RedisStore:
         self._forget = self._redis.register_script(_FORGET)
         self._release = self._redis.register_script(_RELEASE)
         self._set_app = self._redis.register_script(_SET_APP)
+        self._version_checked = False
 
     @_unavailable_on_error
     def find_credential(self, fingerprint: str) -> CredentialEntry | _Rejected | None:
@@ -213,7 +215,15 @@ class RedisStore:
 
     @_unavailable_on_error
     def ping(self) -> None:
-        self._redis.ping()
+        """Reachable, and new enough for the scripts (PEXPIRETIME, PEXPIREAT GT: 7.0)."""
+        if self._version_checked:
+            self._redis.ping()
+            return
+        version = str(self._redis.info("server").get("redis_version", "0"))
+        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+        if major < MIN_REDIS_MAJOR:
+            raise StoreUnavailable(f"Redis {version} is too old: the bridge needs 7.0 or later")
+        self._version_checked = True
 
     def close(self) -> None:
         self._redis.close()
