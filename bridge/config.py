@@ -197,7 +197,13 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "Server processes; `0` = one per CPU with Redis, always 1 when embedded.",
     ),
-    Option("threads", _number(1, 256, integer=True), 8, "Threads per server process."),
+    Option(
+        "threads",
+        _number(1, 256, integer=True),
+        4,
+        "Threads per server process. Python runs one at a time per process, so more threads "
+        "only help while requests wait on Kratos; raise it when Kratos is slow or far.",
+    ),
     Option(
         "log_level",
         _one_of("debug", "info", "warning", "error"),

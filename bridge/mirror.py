@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
-from bridge.credentials import Credential
+from bridge.credentials import Credential, Fingerprints
 from bridge.errors import SessionInvalid
 from bridge.kratos import KratosClient
 from bridge.session import MirroredSession, aal2_event, mirror
@@ -66,7 +66,7 @@ class SessionMirror:
     ) -> None:
         self._store = store
         self._kratos = kratos
-        self._secret = secret
+        self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
         # httpx applies the timeout per phase (connect, write, read), so a call can take
@@ -80,7 +80,7 @@ class SessionMirror:
         self._recent_max = recent_max
 
     def resolve(self, credential: Credential, *, with_app: bool = False) -> Resolved:
-        fingerprint = credential.fingerprint(self._secret)
+        fingerprint = self._fingerprints.of(credential)
         if not with_app:
             recent = self._recent.get(fingerprint)
             if recent is not None and self._is_fresh(recent):

@@ -1,0 +1,78 @@
+"""Which credential a request carries, and the key it is stored under."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from bridge.credentials import Credential, Fingerprints, Kind, extract
+from bridge.errors import CredentialMissing, SessionInvalid
+
+TOKEN = "ory_st_" + "A1b2" * 8
+COOKIE = base64.urlsafe_b64encode(b"1795347480|abc_-=|" + bytes(range(32))).decode()
+
+
+def test_precedence_is_token_then_cookie_then_bearer():
+    cookie = f"ory_kratos_session={COOKIE}"
+    both = {"X-Session-Token": TOKEN, "Cookie": cookie, "Authorization": "Bearer " + TOKEN}
+    assert extract(both, "ory_kratos_session").kind is Kind.TOKEN
+    no_token = {"Cookie": cookie, "Authorization": "Bearer " + TOKEN}
+    assert extract(no_token, "ory_kratos_session").kind is Kind.COOKIE
+    assert extract({"Authorization": "bearer " + TOKEN}, "ory_kratos_session").kind is Kind.BEARER
+
+
+def test_cookie_name_is_configurable_and_other_cookies_are_ignored():
+    headers = {"Cookie": f"a=1; my_session={COOKIE}; ory_kratos_session=zzz"}
+    credential = extract(headers, "my_session")
+    assert credential.values == (COOKIE,)
+    assert credential.headers("my_session") == {"Cookie": f"my_session={COOKIE}"}
+
+
+def test_every_plausible_session_cookie_is_sent_in_order():
+    other = base64.urlsafe_b64encode(b"1795347481|xyz|" + bytes(32)).decode()
+    headers = {"Cookie": f's=junk; s={other}; s="{COOKIE}"; s=a b'}
+    assert extract(headers, "s").values == (other, COOKIE)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Session-Token": "short"},
+        {"X-Session-Token": TOKEN + "!"},
+        {"Cookie": "ory_kratos_session=garbage"},
+        {"Cookie": "ory_kratos_session=garbage", "Authorization": "Bearer " + TOKEN},
+        {"Authorization": "Bearer not a token"},
+    ],
+)
+def test_malformed_credentials_are_invalid(headers):
+    with pytest.raises(SessionInvalid):
+        extract(headers, "ory_kratos_session")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Basic " + TOKEN}, {"Cookie": "theme=dark"}, {"X-Session-Token": ""}],
+)
+def test_absent_credentials_are_missing(headers):
+    with pytest.raises(CredentialMissing):
+        extract(headers, "ory_kratos_session")
+
+
+def test_repr_never_shows_the_secret():
+    assert TOKEN not in repr(Credential(Kind.TOKEN, (TOKEN,)))
+
+
+def test_fingerprint_is_hmac_sha256_of_kind_and_values():
+    secret = b"k" * 40
+    credential = Credential(Kind.TOKEN, (TOKEN,))
+    expected = hmac.new(secret, b"token\x00" + TOKEN.encode(), hashlib.sha256).digest()
+    assert Fingerprints(secret).of(credential) == base64.urlsafe_b64encode(
+        expected
+    ).decode().rstrip("=")
+    assert Fingerprints(secret).of(credential) == Fingerprints(secret).of(credential)
+    assert Fingerprints(b"j" * 40).of(credential) != Fingerprints(secret).of(credential)
+    as_bearer = Credential(Kind.BEARER, (TOKEN,))
+    assert Fingerprints(secret).of(as_bearer) != Fingerprints(secret).of(credential)
