@@ -59,20 +59,21 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
     app.extensions["bridge"] = {"store": store, "kratos": kratos, "mirror": mirror}
     app.wsgi_app = _every_auth_path_is_auth(app.wsgi_app)  # type: ignore[method-assign]
 
-    def resolve(with_app: bool):  # -> Resolved
-        credential = extract(request.headers, settings.session_cookie)
-        return mirror.resolve(credential, with_app=with_app)
-
     @app.get("/auth")
     def auth() -> Response:
         required = policy.required_aal(request.args.get("aal"))
-        resolved = resolve(with_app=False)
+        credential = extract(request.headers, settings.session_cookie)
+        resolved = mirror.resolve(credential)
+        if not policy.meets_aal(resolved.session, required):
+            # The user may have just completed the second factor: ask Kratos, not the copy.
+            resolved = mirror.resolve(credential, refresh=True)
         policy.enforce_aal(resolved.session, required)
         return responses.allow(resolved.session, resolved.set_cookies)
 
     @app.get("/whoami")
     def whoami() -> Response:
-        resolved = resolve(with_app=True)
+        credential = extract(request.headers, settings.session_cookie)
+        resolved = mirror.resolve(credential, with_app=True)
         return responses.session_json(resolved.session, resolved.set_cookies)
 
     @app.get("/health/alive")
@@ -110,15 +111,17 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
 
 
 def _every_auth_path_is_auth(wsgi_app: Any) -> Any:
-    """Envoy's ext_authz keeps the original method and appends the original path
-    (``/auth/``, ``/auth//x``, ``/auth/a%2Fb``); the decision depends on neither."""
+    """Envoy's ext_authz keeps the original method and appends the original path and
+    query (``/auth/``, ``/auth//x``, ``/auth/a%2Fb?q``); the decision depends on none of
+    them. Only a plain ``/auth`` has a query of its own (``?aal=``)."""
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
-        if path == "/auth" or path.startswith("/auth/"):
+        if path.startswith("/auth/"):
             environ["PATH_INFO"] = "/auth"
-            if environ.get("REQUEST_METHOD") != "HEAD":
-                environ["REQUEST_METHOD"] = "GET"
+            environ["QUERY_STRING"] = ""
+        if environ.get("PATH_INFO") == "/auth" and environ.get("REQUEST_METHOD") != "HEAD":
+            environ["REQUEST_METHOD"] = "GET"
         return wsgi_app(environ, start_response)
 
     return app

@@ -31,9 +31,8 @@ _TOKEN = re.compile(r"(?:ory_st_)?[A-Za-z0-9]{16,128}")
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 _COOKIE_PAYLOAD = re.compile(rb"[0-9]{1,20}\|[A-Za-z0-9_-]+={0,2}\|.{16,64}", re.DOTALL)
 _MAX_COOKIE_VALUE = 4096
-_MAX_SESSION_COOKIES = 4
 # What Go's net/http accepts inside a cookie value; it skips cookies with anything else.
-_GO_COOKIE_VALUE = re.compile(r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+_GO_COOKIE_VALUE = re.compile(r"[\x20\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
 class HeaderSource(Protocol):
@@ -65,7 +64,6 @@ class Credential:
         return {"X-Session-Token": self.values[0]}
 
 
-
 class Fingerprints:
     """Short stable keys for credentials: HMAC-SHA256 under the bridge secret.
 
@@ -95,7 +93,7 @@ def extract(headers: HeaderSource, cookie_name: str) -> Credential:
 
     cookies = _session_cookies(headers.get("Cookie") or "", cookie_name)
     if cookies:
-        plausible = tuple(v for v in cookies if _plausible_cookie(v))[:_MAX_SESSION_COOKIES]
+        plausible = tuple(v for v in cookies if _plausible_cookie(v))
         if plausible:
             return Credential(Kind.COOKIE, plausible)
         raise SessionInvalid("the session cookie is malformed")
@@ -109,12 +107,12 @@ def extract(headers: HeaderSource, cookie_name: str) -> Credential:
 
 
 def _session_cookies(header: str, name: str) -> list[str]:
-    """Values of the cookies called ``name`` that Go's cookie parser keeps, unquoted, in order."""
+    """Values of the cookies called ``name`` that Go's cookie parser keeps, unquoted, in order
+    (Go trims each ``;``-separated part and the name, and reads ``name`` alone as empty)."""
     values = []
     for part in header.split(";"):
-        key, sep, value = part.partition("=")
-        value = value.strip(" \t")
-        if not sep or key.strip(" \t") != name:
+        key, _, value = part.strip(" \t").partition("=")
+        if key.strip(" \t") != name:
             continue
         if len(value) > 1 and value[0] == value[-1] == '"':
             value = value[1:-1]

@@ -28,7 +28,7 @@ from bridge.credentials import Credential, Fingerprints
 from bridge.errors import SessionInvalid
 from bridge.kratos import KratosClient
 from bridge.session import MirroredSession, aal2_event, mirror
-from bridge.store import REJECTED, SessionStore
+from bridge.store import Rejection, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class SessionMirror:
         self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
-        # httpx applies the timeout per phase (connect, write, read), so a call can take
-        # a few times it; the lock must outlive the call it guards.
+        # httpx applies the timeout per phase (pool, connect, write, read), so a call can
+        # take a few times it; the lock must outlive the call it guards.
         self._lock_ttl_ms = int(3 * kratos_timeout * 1000) + 500
         self._in_flight: SingleFlight[Resolved] = SingleFlight()
         # This process's copy of sessions it validated or read, by credential fingerprint.
@@ -79,23 +79,23 @@ class SessionMirror:
         self._recent: dict[str, MirroredSession] = {}
         self._recent_max = recent_max
 
-    def resolve(self, credential: Credential, *, with_app: bool = False) -> Resolved:
+    def resolve(
+        self, credential: Credential, *, with_app: bool = False, refresh: bool = False
+    ) -> Resolved:
+        """The session behind ``credential``, accepted by Kratos no more than
+        ``revalidate_after`` before this call started; with ``refresh``, accepted after
+        it started (used when a route needs more than the known AAL)."""
+        started = now_ms()
         fingerprint = self._fingerprints.of(credential)
-        if not with_app:
+        if not (with_app or refresh):
             recent = self._recent.get(fingerprint)
             if recent is not None and self._is_fresh(recent):
                 return Resolved(recent)
-        try:
-            session = self._mirrored(fingerprint, with_app)
-            if session is not None and self._is_fresh(session):
-                resolved = Resolved(session)
-            else:
-                resolved = self._in_flight.do(
-                    fingerprint, lambda: self._revalidate(credential, fingerprint, session)
-                )
-        except SessionInvalid:
-            self._recent.pop(fingerprint, None)
-            raise
+        session = self._mirrored(fingerprint, with_app)
+        if session is not None and not refresh and self._is_fresh(session):
+            resolved = Resolved(session)
+        else:
+            resolved = self._validate(credential, fingerprint, session, started, refresh)
         if resolved.cacheable:
             self._remember(fingerprint, resolved.session)
         if with_app and not resolved.session.app:
@@ -103,6 +103,28 @@ class SessionMirror:
             if app is not None:
                 session = replace(resolved.session, app=app.app)
                 resolved = Resolved(session, resolved.set_cookies, resolved.cacheable)
+        return resolved
+
+    def _validate(
+        self,
+        credential: Credential,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        started: int,
+        refresh: bool,
+    ) -> Resolved:
+        # Joining a call already under way is only right if it was asked late enough for
+        # this request. If not, the next call for this key begins after that one ended,
+        # so after `started`: one more round always suffices.
+        oldest = started if refresh else started - self._revalidate_after_ms
+        key = fingerprint + (":refresh" if refresh else "")
+        resolved = self._in_flight.do(
+            key, lambda: self._revalidate(credential, fingerprint, seen, refresh)
+        )
+        if resolved.session.validated_at_ms < oldest:
+            resolved = self._in_flight.do(
+                key, lambda: self._revalidate(credential, fingerprint, seen, refresh)
+            )
         return resolved
 
     def _is_fresh(self, session: MirroredSession) -> bool:
@@ -117,8 +139,10 @@ class SessionMirror:
     def _mirrored(self, fingerprint: str, with_app: bool) -> MirroredSession | None:
         """The mirror as seen through this credential: fresh only if *it* was validated."""
         entry = self._store.find_credential(fingerprint)
-        if entry is REJECTED:
-            raise SessionInvalid("Kratos rejected this credential recently")
+        if isinstance(entry, Rejection):
+            if now_ms() - entry.rejected_at_ms < self._negative_ttl_ms:
+                raise SessionInvalid("Kratos rejected this credential recently")
+            return None
         if entry is None:
             return None
         session = self._store.load(entry.session_id, with_app=with_app)
@@ -126,26 +150,37 @@ class SessionMirror:
             return None
         return replace(session, validated_at_ms=entry.validated_at_ms)
 
+    def _fresh_mirror(self, fingerprint: str) -> MirroredSession | None:
+        current = self._mirrored(fingerprint, with_app=False)
+        return current if current is not None and self._is_fresh(current) else None
+
     def _revalidate(
-        self, credential: Credential, fingerprint: str, stale: MirroredSession | None
+        self,
+        credential: Credential,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        refresh: bool,
     ) -> Resolved:
+        if refresh:
+            return self._ask_kratos(credential, fingerprint, seen)
         # A call for this credential may have finished between our read and SingleFlight.
         current = self._mirrored(fingerprint, with_app=False)
         if current is not None and self._is_fresh(current):
             return Resolved(current)
-        stale = current or stale
-        token = None
-        if stale is not None:
-            token = self._store.claim_revalidation(stale.id, self._lock_ttl_ms)
-            if token is None:
-                fresh = self._wait_for_peer(fingerprint, stale.id)
-                if fresh is not None:
-                    return Resolved(fresh)
+        seen = current or seen
+        if seen is None:
+            return self._ask_kratos(credential, fingerprint, seen)
+        token = self._store.claim_revalidation(seen.id, self._lock_ttl_ms)
+        if token is None:
+            fresh = self._wait_for_peer(fingerprint, seen.id)
+            return Resolved(fresh) if fresh else self._ask_kratos(credential, fingerprint, seen)
         try:
-            return self._ask_kratos(credential, fingerprint, stale)
+            # A peer may have saved and let go between our read and our claim.
+            if (fresh := self._fresh_mirror(fingerprint)) is not None:
+                return Resolved(fresh)
+            return self._ask_kratos(credential, fingerprint, seen)
         finally:
-            if token is not None:
-                self._store.release_revalidation(stale.id, token)
+            self._store.release_revalidation(seen.id, token)
 
     def _wait_for_peer(self, fingerprint: str, session_id: str) -> MirroredSession | None:
         """Another process is asking Kratos about this session: if it is about this same
@@ -153,15 +188,16 @@ class SessionMirror:
         deadline = time.monotonic() + self._lock_ttl_ms / 1000
         while time.monotonic() < deadline:
             time.sleep(_PEER_POLL_SECONDS)
-            current = self._mirrored(fingerprint, with_app=False)
-            if current is not None and self._is_fresh(current):
-                return current
-            if not self._store.revalidation_pending(session_id):
+            # Read the lock first: a save that lands after this read is still seen below.
+            pending = self._store.revalidation_pending(session_id)
+            if (fresh := self._fresh_mirror(fingerprint)) is not None:
+                return fresh
+            if not pending:
                 return None
         return None
 
     def _ask_kratos(
-        self, credential: Credential, fingerprint: str, stale: MirroredSession | None
+        self, credential: Credential, fingerprint: str, seen: MirroredSession | None
     ) -> Resolved:
         # Freshness counts from when we asked: Kratos's answer may describe any moment
         # between the question and the answer.
@@ -169,11 +205,14 @@ class SessionMirror:
         try:
             answer = self._kratos.whoami(credential)
         except SessionInvalid:
+            # Any acceptance asked before this answer arrived is older news: the store
+            # refuses to cache it for as long as such a call can still be under way.
             self._store.forget(
                 fingerprint,
-                stale.id if stale else None,
-                stale.identity_id if stale else None,
-                self._negative_ttl_ms,
+                seen.id if seen else None,
+                seen.identity_id if seen else None,
+                rejected_at_ms=now_ms(),
+                keep_ms=max(self._negative_ttl_ms, self._lock_ttl_ms),
             )
             raise
         session = mirror(answer, asked_at)

@@ -1,8 +1,10 @@
 """The decision after a session is known: does it meet what this route asks for?
 
 Kratos decides validity (and, with ``required_aal: highest_available``, its own
-AAL rule). A route can ask for more with ``/auth?aal=aal2``: an ``aal1``
-session then gets the same step-up answer Kratos's 403 gets.
+AAL rule). A route can ask for more with ``/auth?aal=aal2``: a session whose
+known AAL falls short is checked with Kratos once more (the second factor may
+have just been completed), and if it still falls short it gets the same
+step-up answer Kratos's 403 gets.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def required_aal(query_value: str | None) -> str | None:
     return query_value
 
 
+def meets_aal(session: MirroredSession, required: str | None) -> bool:
+    return required is None or _RANK.get(session.aal, 0) >= _RANK[required]
+
+
 def enforce_aal(session: MirroredSession, required: str | None) -> None:
-    if required is not None and _RANK.get(session.aal, 0) < _RANK[required]:
+    if not meets_aal(session, required):
         raise StepUpRequired(None)

@@ -160,3 +160,52 @@ class BridgeServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class SlowLink:
+    """A TCP relay that holds every chunk coming back from the server for ``delay``
+    seconds: a real Kratos behind a slow network, so that races can be staged."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        import threading
+
+        self.delay = delay
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while self._open:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            threading.Thread(target=self._pump, args=(client, server, 0), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, self.delay), daemon=True
+            ).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
+        try:
+            while chunk := source.recv(65536):
+                time.sleep(delay)
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._open = False
+        self._listener.close()

@@ -31,10 +31,22 @@ def test_cookie_name_is_configurable_and_other_cookies_are_ignored():
     assert credential.headers("my_session") == {"Cookie": f"my_session={COOKIE}"}
 
 
+def _cookie(n: int) -> str:
+    return base64.urlsafe_b64encode(b"17953474%02d|xyz|" % n + bytes(32)).decode()
+
+
 def test_every_plausible_session_cookie_is_sent_in_order():
-    other = base64.urlsafe_b64encode(b"1795347481|xyz|" + bytes(32)).decode()
-    headers = {"Cookie": f's=junk; s={other}; s="{COOKIE}"; s=a b'}
-    assert extract(headers, "s").values == (other, COOKIE)
+    many = [_cookie(n) for n in range(10)]
+    rest = "; ".join(f"s={c}" for c in many[1:])
+    header = f's=junk; s={many[0]}; s="{COOKIE}"; s=a b; {rest}'
+    assert extract({"Cookie": header}, "s").values == (many[0], COOKIE, *many[1:])
+
+
+@pytest.mark.parametrize("header", ["s", "s=", "s=a,b", " s =x y"])
+def test_session_cookies_go_keeps_are_never_skipped_for_a_bearer(header):
+    """Go keeps these as session cookies Kratos cannot decode; it then errors, so do we."""
+    with pytest.raises(SessionInvalid):
+        extract({"Cookie": header, "Authorization": "Bearer " + TOKEN}, "s")
 
 
 @pytest.mark.parametrize(
@@ -76,3 +88,12 @@ def test_fingerprint_is_hmac_sha256_of_kind_and_values():
     assert Fingerprints(b"j" * 40).of(credential) != Fingerprints(secret).of(credential)
     as_bearer = Credential(Kind.BEARER, (TOKEN,))
     assert Fingerprints(secret).of(as_bearer) != Fingerprints(secret).of(credential)
+
+
+def test_fingerprint_covers_every_cookie_in_order():
+    """Kratos uses the first cookie it can decode, so (c1, c2) and (c2, c1) may be
+    different sessions."""
+    keys = Fingerprints(b"k" * 40)
+    one, two = _cookie(1), _cookie(2)
+    pairs = [(one, two), (two, one), (one,), (two,)]
+    assert len({keys.of(Credential(Kind.COOKIE, pair)) for pair in pairs}) == 4

@@ -11,7 +11,7 @@ from redis.crc import key_slot
 
 from bridge.app import build_store
 from bridge.session import MirroredSession, aal2_event
-from bridge.store import AAL2_MARKER_GRACE_MS, REJECTED, CredentialEntry
+from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Rejection
 from tests.conftest import bridge_settings
 
 
@@ -107,11 +107,16 @@ def test_aal2_event_is_appended_once(store):
     assert fields["ip_address"] == "10.1.2.3"
 
 
-def test_aal2_marker_outlives_the_session_by_the_grace(store):
+def test_aal2_marker_outlives_the_session_by_the_grace_and_never_shrinks(store):
     mirrored = session(aal="aal2")
     save(store, "fp1", mirrored)
-    marker = expiry_of(store, store.keys.aal2_marker("s1"))
-    assert marker == mirrored.expires_at_ms + AAL2_MARKER_GRACE_MS
+    marker = store.keys.aal2_marker("s1")
+    assert expiry_of(store, marker) == mirrored.expires_at_ms + AAL2_MARKER_GRACE_MS
+    extended = session(aal="aal2", expires_in_ms=120_000)
+    save(store, "fp1", extended)
+    assert expiry_of(store, marker) == extended.expires_at_ms + AAL2_MARKER_GRACE_MS
+    save(store, "fp1", session(aal="aal2", expires_in_ms=30_000))
+    assert expiry_of(store, marker) == extended.expires_at_ms + AAL2_MARKER_GRACE_MS
 
 
 def test_aal2_event_once_under_concurrent_saves(store):
@@ -125,23 +130,28 @@ def test_aal2_event_once_under_concurrent_saves(store):
 
 def test_forget_drops_mirror_keeps_event_marker_and_rejects(store):
     save(store, "fp1", session(aal="aal2"))
-    store.forget("fp1", "s1", "i1", reject_ttl_ms=300)
+    rejected_at = now_ms()
+    store.forget("fp1", "s1", "i1", rejected_at_ms=rejected_at, keep_ms=300)
     assert store.load("s1") is None
-    assert store.find_credential("fp1") is REJECTED
+    assert store.find_credential("fp1") == Rejection(rejected_at)
     assert store.identity_session_ids("i1", now_ms()) == []
     save(store, "fp9", session(aal="aal2"))  # seen again (identity re-activated): no new event
     assert len(store.aal2_events()) == 1
     time.sleep(0.4)
-    assert store.find_credential("fp1") is None  # the rejection has expired
+    assert store.find_credential("fp1") is None  # the rejection is forgotten after keep_ms
 
 
-def test_a_rejection_beats_an_older_acceptance_still_in_flight(store):
-    asked_before_logout = session()
-    store.forget("fp1", None, None, reject_ttl_ms=10_000)  # another process saw the 401
+def test_an_acceptance_asked_before_a_rejection_arrived_is_not_cached(store):
+    asked_before_logout = session(validated_at=now_ms() - 50)
+    store.forget("fp1", None, None, rejected_at_ms=now_ms(), keep_ms=10_000)
     result = save(store, "fp1", asked_before_logout)
     assert not result.cached
-    assert store.find_credential("fp1") is REJECTED
+    assert isinstance(store.find_credential("fp1"), Rejection)
     assert store.load("s1") is None
+
+    asked_after = session(validated_at=now_ms() + 1)  # e.g. the identity was re-activated
+    assert save(store, "fp1", asked_after).cached
+    assert store.find_credential("fp1") == CredentialEntry("s1", asked_after.validated_at_ms)
 
 
 def test_an_older_answer_does_not_overwrite_a_newer_one(store):
@@ -153,6 +163,18 @@ def test_an_older_answer_does_not_overwrite_a_newer_one(store):
     assert store.find_credential("fp1").validated_at_ms == newer.validated_at_ms
     save(store, "fp2", older)  # a second credential: its own acceptance time is recorded
     assert store.find_credential("fp2").validated_at_ms == older.validated_at_ms
+
+
+def test_identity_index_score_never_moves_back(store):
+    later = session(expires_in_ms=120_000)
+    save(store, "fp1", later)
+    save(store, "fp2", session(expires_in_ms=30_000))  # a late answer from before an extend
+    key = store.keys.identity_sessions("i1")
+    if hasattr(store, "_redis"):
+        score = store._redis.zscore(key, "s1")
+    else:
+        score = store._values[key]["s1"]
+    assert score == later.expires_at_ms
 
 
 def test_identity_index_drops_expired_sessions(store):

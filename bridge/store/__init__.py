@@ -18,7 +18,7 @@ Redis Cluster hash tag ``{<session id>}``):
 - ``p{sid}:aal2``     the id of the session's AAL2 event; its presence means "already recorded".
 - ``p{sid}:revalidating``  short lock so one bridge process asks Kratos for a stale session.
 - ``pcredential:<hmac>``   ``<sid> <validated_at ms>`` for a credential Kratos accepted,
-  or empty when Kratos rejected it.
+  or ``-<rejected_at ms>`` when Kratos rejected it.
 - ``pidentity:{<identity id>}:sessions``  sorted set of session ids scored by expiry (ms).
 - ``<aal2_stream>``   the AAL2 event stream (default ``pevents:aal2``).
 """
@@ -26,7 +26,7 @@ Redis Cluster hash tag ``{<session id>}``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Protocol
 
 from bridge.session import MirroredSession
 
@@ -59,13 +59,11 @@ class SaveResult:
     aal2_event_id: str | None
 
 
-class _Rejected:
-    def __repr__(self) -> str:
-        return "REJECTED"
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Kratos rejected the credential; the answer arrived at ``rejected_at_ms``."""
 
-
-REJECTED: Final = _Rejected()
-"""``find_credential`` answer for a credential Kratos recently rejected."""
+    rejected_at_ms: int
 
 
 @dataclass(frozen=True)
@@ -97,9 +95,9 @@ class SessionStore(Protocol):
 
     keys: Keys
 
-    def find_credential(self, fingerprint: str) -> CredentialEntry | _Rejected | None:
-        """When Kratos last accepted this credential and for which session, ``REJECTED``
-        if it recently refused it, ``None`` if unknown."""
+    def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
+        """When Kratos last accepted this credential and for which session, when it last
+        rejected it, or ``None`` if unknown."""
 
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         """The mirrored session, or ``None`` when there is none (or it expired)."""
@@ -114,13 +112,20 @@ class SessionStore(Protocol):
         """Record that Kratos accepted the credential at ``session.validated_at_ms`` (when
         the check started), write the mirror with expiry ``session.expires_at_ms`` unless a
         newer one is there, index it under its identity, and append ``aal2_event`` unless
-        this session already has one. Writes nothing when the credential was rejected
-        after this check started."""
+        this session already has one. Writes nothing (``cached=False``) when a rejection
+        of the credential arrived after this check started."""
 
     def forget(
-        self, fingerprint: str, session_id: str | None, identity_id: str | None, reject_ttl_ms: int
+        self,
+        fingerprint: str,
+        session_id: str | None,
+        identity_id: str | None,
+        *,
+        rejected_at_ms: int,
+        keep_ms: int,
     ) -> None:
-        """Kratos rejected a credential: drop its session's mirror and remember the rejection."""
+        """Kratos rejected a credential: drop its session's mirror and remember the
+        rejection for ``keep_ms``."""
 
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
         """Merge app-owned fields into a live session (same expiry); ``False`` if none."""

@@ -17,11 +17,10 @@ from typing import Any
 from bridge.session import MirroredSession
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
-    REJECTED,
     CredentialEntry,
     Keys,
+    Rejection,
     SaveResult,
-    _Rejected,
 )
 
 
@@ -44,12 +43,9 @@ class MemoryStore:
         self._event_seq = itertools.count()
         self._writes = 0
 
-    def find_credential(self, fingerprint: str) -> CredentialEntry | _Rejected | None:
+    def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
         with self._lock:
-            value = self._get(self.keys.credential(fingerprint))
-        if value is None:
-            return None
-        return value or REJECTED
+            return self._get(self.keys.credential(fingerprint))
 
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         with self._lock:
@@ -77,8 +73,10 @@ class MemoryStore:
             self._maybe_sweep()
             credential_key = self.keys.credential(fingerprint)
             known = self._get(credential_key)
-            if known == "":
-                return SaveResult(False, None)
+            if isinstance(known, Rejection):
+                if validated_at < known.rejected_at_ms:
+                    return SaveResult(False, None)
+                known = None
             if known is None or known.validated_at_ms <= validated_at:
                 self._set(credential_key, CredentialEntry(sid, validated_at), expires_at)
 
@@ -90,7 +88,7 @@ class MemoryStore:
 
             index_key = self.keys.identity_sessions(session.identity_id)
             index = {m: s for m, s in (self._get(index_key) or {}).items() if s > now_ms}
-            index[sid] = expires_at
+            index[sid] = max(index.get(sid, 0), expires_at)
             self._set(index_key, index, max(index.values()))
 
             if aal2_event is None:
@@ -106,11 +104,18 @@ class MemoryStore:
             return SaveResult(True, event_id)
 
     def forget(
-        self, fingerprint: str, session_id: str | None, identity_id: str | None, reject_ttl_ms: int
+        self,
+        fingerprint: str,
+        session_id: str | None,
+        identity_id: str | None,
+        *,
+        rejected_at_ms: int,
+        keep_ms: int,
     ) -> None:
         with self._lock:
             self._maybe_sweep()
-            self._set(self.keys.credential(fingerprint), "", _now_ms() + max(reject_ttl_ms, 1))
+            rejection = Rejection(rejected_at_ms)
+            self._set(self.keys.credential(fingerprint), rejection, _now_ms() + max(keep_ms, 1))
             if session_id is None:
                 return
             self._delete(self.keys.session(session_id))

@@ -14,11 +14,10 @@ from bridge.errors import StoreUnavailable
 from bridge.session import MirroredSession
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
-    REJECTED,
     CredentialEntry,
     Keys,
+    Rejection,
     SaveResult,
-    _Rejected,
 )
 
 T = TypeVar("T")
@@ -31,8 +30,12 @@ _SAVE = """
 local validated_at = tonumber(ARGV[2])
 local expires_at = ARGV[3]
 local credential = redis.call('GET', KEYS[4])
-if credential == '' then return {0, false} end
-local known = credential and tonumber(string.match(credential, ' (%d+)$'))
+local known = nil
+if credential and string.sub(credential, 1, 1) == '-' then
+  if validated_at < tonumber(string.sub(credential, 2)) then return {0, false} end
+elseif credential then
+  known = tonumber(string.match(credential, ' (%d+)$'))
+end
 if not known or known <= validated_at then
   redis.call('SET', KEYS[4], ARGV[4] .. ' ' .. ARGV[2], 'PXAT', expires_at)
 end
@@ -43,7 +46,7 @@ if not stored or stored <= validated_at then
   redis.call('PEXPIREAT', KEYS[1], expires_at)
   redis.call('PEXPIREAT', KEYS[2], expires_at)
 end
-redis.call('ZADD', KEYS[5], expires_at, ARGV[4])
+redis.call('ZADD', KEYS[5], 'GT', expires_at, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[5])
 local last = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')
 if last[2] then redis.call('PEXPIREAT', KEYS[5], last[2]) end
@@ -57,10 +60,10 @@ redis.call('SET', KEYS[3], id, 'PXAT', ARGV[7])
 return {1, id}
 """
 
-# KEYS: session, credential, identity index; ARGV: session id, reject ttl
+# KEYS: session, credential, identity index; ARGV: session id, rejected_at, keep ms
 _FORGET = """
 redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], '', 'PX', ARGV[2])
+redis.call('SET', KEYS[2], '-' .. ARGV[2], 'PX', ARGV[3])
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
 return 1
 """
@@ -93,7 +96,7 @@ def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class RedisStore:
-    """Session mirror in Redis (standalone or Sentinel-fronted; one connection pool per process)."""
+    """Session mirror in a standalone Redis 7.0+ (one connection pool per process)."""
 
     def __init__(self, url: str, keys: Keys, timeout: float, stream_maxlen: int) -> None:
         self.keys = keys
@@ -112,11 +115,14 @@ class RedisStore:
         self._version_checked = False
 
     @_unavailable_on_error
-    def find_credential(self, fingerprint: str) -> CredentialEntry | _Rejected | None:
+    def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
         value = self._redis.get(self.keys.credential(fingerprint))
         if value is None:
             return None
-        return CredentialEntry.decode(value.decode()) if value else REJECTED
+        text = value.decode()
+        if text.startswith("-") and text[1:].isdigit():
+            return Rejection(int(text[1:]))
+        return CredentialEntry.decode(text)
 
     @_unavailable_on_error
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
@@ -169,14 +175,20 @@ class RedisStore:
 
     @_unavailable_on_error
     def forget(
-        self, fingerprint: str, session_id: str | None, identity_id: str | None, reject_ttl_ms: int
+        self,
+        fingerprint: str,
+        session_id: str | None,
+        identity_id: str | None,
+        *,
+        rejected_at_ms: int,
+        keep_ms: int,
     ) -> None:
         keys = [
             self.keys.session(session_id or "-"),
             self.keys.credential(fingerprint),
             self.keys.identity_sessions(identity_id or "-"),
         ]
-        self._forget(keys=keys, args=[session_id or "", max(reject_ttl_ms, 1)])
+        self._forget(keys=keys, args=[session_id or "", rejected_at_ms, max(keep_ms, 1)])
 
     @_unavailable_on_error
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
