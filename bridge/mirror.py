@@ -207,13 +207,8 @@ class SessionMirror:
         except SessionInvalid:
             # Any acceptance asked before this answer arrived is older news: the store
             # refuses to cache it for as long as such a call can still be under way.
-            self._store.forget(
-                fingerprint,
-                seen.id if seen else None,
-                seen.identity_id if seen else None,
-                rejected_at_ms=now_ms(),
-                keep_ms=max(self._negative_ttl_ms, self._lock_ttl_ms),
-            )
+            keep_ms = max(self._negative_ttl_ms, self._lock_ttl_ms)
+            self._store.forget(fingerprint, seen, Rejection(now_ms(), keep_ms))
             raise
         session = mirror(answer, asked_at)
         seen_at = now_ms()

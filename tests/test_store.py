@@ -131,7 +131,7 @@ def test_aal2_event_once_under_concurrent_saves(store):
 def test_forget_drops_mirror_keeps_event_marker_and_rejects(store):
     save(store, "fp1", session(aal="aal2"))
     rejected_at = now_ms()
-    store.forget("fp1", "s1", "i1", rejected_at_ms=rejected_at, keep_ms=300)
+    store.forget("fp1", session(aal="aal2"), Rejection(rejected_at, keep_ms=300))
     assert store.load("s1") is None
     assert store.find_credential("fp1") == Rejection(rejected_at)
     assert store.identity_session_ids("i1", now_ms()) == []
@@ -143,7 +143,7 @@ def test_forget_drops_mirror_keeps_event_marker_and_rejects(store):
 
 def test_an_acceptance_asked_before_a_rejection_arrived_is_not_cached(store):
     asked_before_logout = session(validated_at=now_ms() - 50)
-    store.forget("fp1", None, None, rejected_at_ms=now_ms(), keep_ms=10_000)
+    store.forget("fp1", None, Rejection(now_ms(), keep_ms=10_000))
     result = save(store, "fp1", asked_before_logout)
     assert not result.cached
     assert isinstance(store.find_credential("fp1"), Rejection)

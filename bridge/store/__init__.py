@@ -25,7 +25,7 @@ Redis Cluster hash tag ``{<session id>}``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from bridge.session import MirroredSession
@@ -64,6 +64,7 @@ class Rejection:
     """Kratos rejected the credential; the answer arrived at ``rejected_at_ms``."""
 
     rejected_at_ms: int
+    keep_ms: int = field(default=0, compare=False)  # how long the store remembers it
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,9 @@ class SessionStore(Protocol):
         this session already has one. Writes nothing (``cached=False``) when a rejection
         of the credential arrived after this check started."""
 
-    def forget(
-        self,
-        fingerprint: str,
-        session_id: str | None,
-        identity_id: str | None,
-        *,
-        rejected_at_ms: int,
-        keep_ms: int,
-    ) -> None:
-        """Kratos rejected a credential: drop its session's mirror and remember the
-        rejection for ``keep_ms``."""
+    def forget(self, fingerprint: str, seen: MirroredSession | None, rejection: Rejection) -> None:
+        """Kratos rejected a credential: drop the mirror of the session it was last seen
+        with, and remember the rejection for ``rejection.keep_ms``."""
 
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
         """Merge app-owned fields into a live session (same expiry); ``False`` if none."""

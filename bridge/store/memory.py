@@ -103,24 +103,15 @@ class MemoryStore:
             self._set(marker, event_id, marker_expires_at)
             return SaveResult(True, event_id)
 
-    def forget(
-        self,
-        fingerprint: str,
-        session_id: str | None,
-        identity_id: str | None,
-        *,
-        rejected_at_ms: int,
-        keep_ms: int,
-    ) -> None:
+    def forget(self, fingerprint: str, seen: MirroredSession | None, rejection: Rejection) -> None:
         with self._lock:
             self._maybe_sweep()
-            rejection = Rejection(rejected_at_ms)
-            self._set(self.keys.credential(fingerprint), rejection, _now_ms() + max(keep_ms, 1))
-            if session_id is None:
+            expires_at = _now_ms() + max(rejection.keep_ms, 1)
+            self._set(self.keys.credential(fingerprint), rejection, expires_at)
+            if seen is None:
                 return
-            self._delete(self.keys.session(session_id))
-            if identity_id is not None:
-                (self._get(self.keys.identity_sessions(identity_id)) or {}).pop(session_id, None)
+            self._delete(self.keys.session(seen.id))
+            (self._get(self.keys.identity_sessions(seen.identity_id)) or {}).pop(seen.id, None)
 
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> str | None:
         key = self.keys.revalidating(session_id)

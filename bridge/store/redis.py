@@ -174,21 +174,14 @@ class RedisStore:
         return SaveResult(bool(cached), event_id.decode() if event_id else None)
 
     @_unavailable_on_error
-    def forget(
-        self,
-        fingerprint: str,
-        session_id: str | None,
-        identity_id: str | None,
-        *,
-        rejected_at_ms: int,
-        keep_ms: int,
-    ) -> None:
+    def forget(self, fingerprint: str, seen: MirroredSession | None, rejection: Rejection) -> None:
         keys = [
-            self.keys.session(session_id or "-"),
+            self.keys.session(seen.id if seen else "-"),
             self.keys.credential(fingerprint),
-            self.keys.identity_sessions(identity_id or "-"),
+            self.keys.identity_sessions(seen.identity_id if seen else "-"),
         ]
-        self._forget(keys=keys, args=[session_id or "", rejected_at_ms, max(keep_ms, 1)])
+        args = [seen.id if seen else "", rejection.rejected_at_ms, max(rejection.keep_ms, 1)]
+        self._forget(keys=keys, args=args)
 
     @_unavailable_on_error
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
