@@ -98,7 +98,9 @@ class SessionMirror:
             resolved = self._validate(credential, fingerprint, session, started, refresh)
         if resolved.cacheable:
             self._remember(fingerprint, resolved.session)
-        if with_app and not resolved.session.app:
+        # The mirror read above already carried the app data; an answer from Kratos (or a
+        # peer's) did not, so only then is it read.
+        if with_app and resolved.session is not session:
             app = self._store.load(resolved.session.id, with_app=True)
             if app is not None:
                 session = replace(resolved.session, app=app.app)
@@ -118,13 +120,13 @@ class SessionMirror:
         # so after `started`: one more round always suffices.
         oldest = started if refresh else started - self._revalidate_after_ms
         key = fingerprint + (":refresh" if refresh else "")
-        resolved = self._in_flight.do(
-            key, lambda: self._revalidate(credential, fingerprint, seen, refresh)
-        )
+
+        def revalidate() -> Resolved:
+            return self._revalidate(credential, fingerprint, seen, refresh)
+
+        resolved = self._in_flight.do(key, revalidate)
         if resolved.session.validated_at_ms < oldest:
-            resolved = self._in_flight.do(
-                key, lambda: self._revalidate(credential, fingerprint, seen, refresh)
-            )
+            resolved = self._in_flight.do(key, revalidate)
         return resolved
 
     def _is_fresh(self, session: MirroredSession) -> bool:

@@ -42,9 +42,6 @@ class CredentialEntry:
     session_id: str
     validated_at_ms: int
 
-    def encode(self) -> str:
-        return f"{self.session_id} {self.validated_at_ms}"
-
     @classmethod
     def decode(cls, value: str) -> CredentialEntry | None:
         session_id, _, validated_at = value.partition(" ")
