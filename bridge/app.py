@@ -1,31 +1,49 @@
-"""The Flask app: forward-auth, whoami for apps, and health.
+"""The bridge's parts wired together, and the Flask app that serves apps and health.
 
-The request path reads as credential -> session -> decision -> response:
-``credentials.extract``, ``SessionMirror.resolve``, ``policy``, and ``responses``.
+``/auth`` is not a Flask route: it is ``bridge.forward_auth``, served straight by the
+ASGI front (``bridge.asgi``) and, for WSGI callers such as Flask's test client, by
+the small WSGI wrapper below. Flask serves ``/whoami`` and ``/health/*``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs
 
-from flask import Flask, Request, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import policy, responses
+from bridge import responses
 from bridge.config import Settings
 from bridge.credentials import extract
 from bridge.errors import BridgeError, StoreUnavailable
+from bridge.forward_auth import ForwardAuth
 from bridge.kratos import KratosClient
 from bridge.mirror import SessionMirror
+from bridge.request import HeaderView, original_url
+from bridge.responses import Reply
 from bridge.store import Keys, SessionStore
 
 log = logging.getLogger(__name__)
 
-_FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?")
-_FORWARDED_URI = re.compile(r"/[\x21-\x7e]{0,2047}")
-_ORIGINAL_URL = re.compile(r"https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[\x21-\x7e]{0,2047})?")
+AUTH_PATH = "/auth"
+HEADER_VIEW_KEY = "bridge.headers"  # environ key: the ASGI front's view of the raw headers
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """One process's parts: each outlives requests, none holds a request's state
+    (see README, "What a process shares between requests")."""
+
+    settings: Settings
+    store: SessionStore
+    kratos: KratosClient
+    mirror: SessionMirror
+    forward_auth: ForwardAuth
 
 
 def build_store(settings: Settings) -> SessionStore:
@@ -39,8 +57,7 @@ def build_store(settings: Settings) -> SessionStore:
     return RedisStore(settings.redis_url, keys, settings.redis_timeout, settings.aal2_stream_maxlen)
 
 
-def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
-    app = Flask("bridge")
+def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridge:
     store = store if store is not None else build_store(settings)
     kratos = KratosClient(
         settings.kratos_public_url,
@@ -55,90 +72,102 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
         settings.revalidate_after,
         settings.negative_cache_ttl,
         settings.kratos_timeout,
+        settings.redis_timeout,
     )
-    app.extensions["bridge"] = {"store": store, "kratos": kratos, "mirror": mirror}
-    app.wsgi_app = _every_auth_path_is_auth(app.wsgi_app)  # type: ignore[method-assign]
+    forward_auth = ForwardAuth(mirror, settings.session_cookie, settings.login_url)
+    return Bridge(settings, store, kratos, mirror, forward_auth)
 
-    @app.get("/auth")
-    def auth() -> Response:
-        required = policy.required_aal(request.args.get("aal"))
-        credential = extract(request.headers, settings.session_cookie)
-        resolved = mirror.resolve(credential)
-        if not policy.meets_aal(resolved.session, required):
-            # The user may have just completed the second factor: ask Kratos, not the copy.
-            resolved = mirror.resolve(credential, refresh=True)
-        policy.enforce_aal(resolved.session, required)
-        return responses.allow(resolved.session, resolved.set_cookies)
 
-    @app.get("/whoami")
+def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
+    """The Flask app with ``/auth`` in front of it, for WSGI callers."""
+    app = create_flask_app(build_bridge(settings, store))
+    app.wsgi_app = auth_in_front(app.extensions["bridge"].forward_auth, app.wsgi_app)  # type: ignore[method-assign]
+    return app
+
+
+def create_flask_app(bridge: Bridge) -> Flask:
+    app = Flask("bridge")
+    app.extensions["bridge"] = bridge
+    settings, mirror = bridge.settings, bridge.mirror
+
+    @app.get("/whoami", provide_automatic_options=False)
     def whoami() -> Response:
-        credential = extract(request.headers, settings.session_cookie)
+        credential = extract(_headers(request.environ), settings.session_cookie)
         resolved = mirror.resolve(credential, with_app=True)
-        return responses.session_json(resolved.session, resolved.set_cookies)
+        return as_flask(responses.session_json(resolved.session, resolved.set_cookies))
 
-    @app.get("/health/alive")
+    @app.get("/health/alive", provide_automatic_options=False)
     def alive() -> Response:
-        return jsonify(status="ok")
+        return as_flask(responses.json_reply(200, {"status": "ok"}))
 
-    @app.get("/health/ready")
-    def ready() -> Response | tuple[Response, int]:
+    @app.get("/health/ready", provide_automatic_options=False)
+    def ready() -> Response:
         problems = {}
         try:
-            store.ping()
+            bridge.store.ping()
         except StoreUnavailable as error:
             problems["redis"] = str(error)
-        kratos_problem = kratos.ready()
+        kratos_problem = bridge.kratos.ready()
         if kratos_problem is not None:
             problems["kratos"] = kratos_problem
         if problems:
-            return jsonify(status="unavailable", errors=problems), 503
-        return jsonify(status="ok")
+            return as_flask(
+                responses.json_reply(503, {"status": "unavailable", "errors": problems})
+            )
+        return as_flask(responses.json_reply(200, {"status": "ok"}))
 
     @app.errorhandler(BridgeError)
     def bridge_error(error: BridgeError) -> Response:
-        return responses.failure(error, settings.login_url, original_url(request))
+        return_to = original_url(_headers(request.environ))
+        return as_flask(responses.failure(error, settings.login_url, return_to, forward_auth=False))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
-        return responses.http_error(error.code or 500, error.name)
+        allowed = error.valid_methods if isinstance(error, MethodNotAllowed) else None
+        return as_flask(responses.http_error(error.code or 500, error.name, allowed))
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
         log.exception("unexpected error on %s", request.path)
-        return responses.internal_error()
+        return as_flask(responses.internal_error())
 
     return app
 
 
-def _every_auth_path_is_auth(wsgi_app: Any) -> Any:
-    """Envoy's ext_authz keeps the original method and appends the original path and
-    query (``/auth/``, ``/auth//x``, ``/auth/a%2Fb?q``); the decision depends on none of
-    them. Only a plain ``/auth`` has a query of its own (``?aal=``)."""
+def _headers(environ: dict[str, Any]) -> HeaderView:
+    return environ.get(HEADER_VIEW_KEY) or HeaderView.from_environ(environ)
 
-    def app(environ: dict[str, Any], start_response: Any) -> Any:
+
+def as_flask(reply: Reply) -> Response:
+    return Response(reply.body, status=reply.status, headers=reply.headers)
+
+
+def auth_query(path: str, query_string: str) -> str | None:
+    """The ``aal`` a route asked for. Envoy's ext_authz appends the original path and
+    query to ``/auth/``: that query is the app's, and only a plain ``/auth`` has one of
+    its own."""
+    if path != AUTH_PATH:
+        return None
+    values = parse_qs(query_string, keep_blank_values=True).get("aal")
+    return values[0] if values else None
+
+
+def is_auth_path(path: str) -> bool:
+    return path == AUTH_PATH or path.startswith(AUTH_PATH + "/")
+
+
+def auth_in_front(forward_auth: ForwardAuth, wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """WSGI: ``/auth`` (any method, any ``/auth/...`` path) goes to the decision; the
+    rest to Flask."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path.startswith("/auth/"):
-            environ["PATH_INFO"] = "/auth"
-            environ["QUERY_STRING"] = ""
-        if environ.get("PATH_INFO") == "/auth" and environ.get("REQUEST_METHOD") != "HEAD":
-            environ["REQUEST_METHOD"] = "GET"
-        return wsgi_app(environ, start_response)
+        if not is_auth_path(path):
+            return wsgi_app(environ, start_response)
+        reply = forward_auth(
+            HeaderView.from_environ(environ), auth_query(path, environ.get("QUERY_STRING", ""))
+        )
+        start_response(f"{reply.status} {HTTPStatus(reply.status).phrase}", reply.headers)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [reply.body]
 
     return app
-
-
-def original_url(req: Request) -> str | None:
-    """The URL the user asked the proxy for, if the proxy told us and it looks sane."""
-    original = req.headers.get("X-Original-URL")
-    if original and _ORIGINAL_URL.fullmatch(original):
-        return original
-    proto = req.headers.get("X-Forwarded-Proto", "")
-    host = req.headers.get("X-Forwarded-Host", "")
-    uri = req.headers.get("X-Forwarded-Uri", "/")
-    if (
-        proto in ("http", "https")
-        and _FORWARDED_HOST.fullmatch(host)
-        and _FORWARDED_URI.fullmatch(uri)
-    ):
-        return f"{proto}://{host}{uri}"
-    return None

@@ -8,7 +8,11 @@ request whose session cookies are all undecodable is not rescued by a bearer
 token: Kratos answers that with an error, and so do we (401).
 
 Values whose shape rules out a Kratos credential are refused before Kratos is
-asked, so that random garbage does not become Kratos calls.
+asked, so that random garbage does not become Kratos calls. Where the bridge is
+stricter than Kratos: an ``X-Session-Token`` or ``Authorization`` header sent twice
+is refused (Kratos takes the first). Where it is kinder: a valid ``X-Session-Token``
+beside a malformed session cookie is answered from the token, which Kratos ranks
+first (Kratos v1.3.1 answers that pair with a 500 of its own).
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ _GO_COOKIE_VALUE = re.compile(r"[\x20\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
 class HeaderSource(Protocol):
-    def get(self, key: str) -> str | None: ...
+    """Request headers by lower-case name (``bridge.request.HeaderView``)."""
+
+    def get(self, name: str) -> str | None: ...
+
+    def get_all(self, name: str) -> list[str]: ...
 
 
 class Kind(Enum):
@@ -85,25 +93,36 @@ class Fingerprints:
 
 def extract(headers: HeaderSource, cookie_name: str) -> Credential:
     """Pick the credential Kratos would use, or raise ``CredentialMissing``/``SessionInvalid``."""
-    token = headers.get("X-Session-Token")
+    token = _only(headers, "x-session-token")
     if token:
         if _TOKEN.fullmatch(token):
             return Credential(Kind.TOKEN, (token,))
         raise SessionInvalid("the session token is malformed")
 
-    cookies = _session_cookies(headers.get("Cookie") or "", cookie_name)
+    # Go reads every Cookie line (HTTP/2 sends one per cookie) as one list.
+    cookies = _session_cookies("; ".join(headers.get_all("cookie")), cookie_name)
     if cookies:
         plausible = tuple(v for v in cookies if _plausible_cookie(v))
         if plausible:
             return Credential(Kind.COOKIE, plausible)
         raise SessionInvalid("the session cookie is malformed")
 
-    scheme, _, bearer = (headers.get("Authorization") or "").partition(" ")
+    scheme, _, bearer = (_only(headers, "authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and bearer:
         if _TOKEN.fullmatch(bearer):
             return Credential(Kind.BEARER, (bearer,))
         raise SessionInvalid("the bearer token is malformed")
     raise CredentialMissing("no session cookie or token")
+
+
+def _only(headers: HeaderSource, name: str) -> str | None:
+    """A credential header sent more than once is refused. Kratos takes the first; a
+    proxy or client that repeats it is confused, and guessing which one is meant is
+    how one user's request gets answered as another's."""
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise SessionInvalid(f"the {name} header is repeated")
+    return values[0] if values else None
 
 
 def _session_cookies(header: str, name: str) -> list[str]:

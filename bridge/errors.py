@@ -46,3 +46,11 @@ class KratosUnavailable(BridgeError):
 
 class StoreUnavailable(BridgeError):
     """The session store (Redis) could not be reached."""
+
+
+class KratosRateLimited(KratosUnavailable):
+    """Kratos answered 429; ``retry_after`` is its ``Retry-After`` (seconds)."""
+
+    def __init__(self, retry_after: str) -> None:
+        super().__init__("Kratos is rate limiting the bridge")
+        self.retry_after = retry_after

@@ -1,96 +1,107 @@
 """The one conversation the bridge has with Kratos: ``GET /sessions/whoami``.
 
-Kratos's answer is reduced to one of three outcomes: a ``KratosSession``, or
-``SessionInvalid`` (401), or ``StepUpRequired`` (403). Anything else, including
-a 200 whose body is not a session we can use, is ``KratosUnavailable``: the
-bridge never turns an answer it does not understand into an allow.
+Kratos's answer is reduced to one of four outcomes: a ``KratosSession``, or
+``SessionInvalid`` (401), ``StepUpRequired`` (403), ``KratosRateLimited`` (429).
+Anything else, including a 200 whose body is not a session we can use, is
+``KratosUnavailable``: the bridge never turns an answer it does not understand
+into an allow.
+
+What is sent to Kratos for a request is a pure function of that request's
+credential: the HTTP client keeps no cookies and no default headers (see
+``bridge.http_client``). A client that remembered a cookie Kratos re-issued on one
+user's whoami would send it with the next user's, and Kratos reads the session
+cookie before ``Authorization: Bearer``: a forged token would be answered as
+that user.
+
+Every field the bridge reads or mirrors is checked here, once: ids that become Redis
+keys and headers must be UUIDs, timestamps must parse, lists must be lists. A body
+that fails any check is ``KratosUnavailable``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
-
 from bridge.credentials import Credential
-from bridge.errors import KratosUnavailable, SessionInvalid, StepUpRequired
+from bridge.errors import KratosRateLimited, KratosUnavailable, SessionInvalid, StepUpRequired
+from bridge.http_client import Answer, HTTPClient, RequestFailed
+from bridge.logs import Throttled
 
 log = logging.getLogger(__name__)
+_failures = Throttled(log)
 
 AAL_LEVELS = ("aal0", "aal1", "aal2", "aal3")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_METHOD = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_RETRY_AFTER = re.compile(r"[0-9]{1,6}")
+_ACCEPT_JSON = ("Accept", "application/json")
+# Kratos's step-up URL becomes a response header: visible ASCII only.
+_BROWSER_URL = re.compile(r"https?://[\x21-\x7e]{1,2048}")
 
 
 @dataclass(frozen=True, slots=True)
 class KratosSession:
-    """A session Kratos has just vouched for: its JSON, and a re-issued cookie if any."""
+    """A session Kratos has just vouched for, reduced to the unified view, and the
+    cookies Kratos re-issued (to pass on to the browser)."""
 
-    body: dict[str, Any]
+    view: dict[str, Any]
     expires_at_ms: int
-    set_cookies: tuple[str, ...]  # cookies Kratos re-issued, to pass on to the browser
+    set_cookies: tuple[str, ...]
 
     @property
     def id(self) -> str:
-        return self.body["id"]
-
-    @property
-    def aal(self) -> str:
-        return self.body["authenticator_assurance_level"]
+        return self.view["session_id"]
 
 
 class KratosClient:
-    """Asks Kratos about credentials over one pooled HTTP client per process."""
+    """Asks Kratos about credentials; one per process, holding nothing but idle sockets."""
 
     def __init__(self, public_url: str, admin_url: str, cookie_name: str, timeout: float) -> None:
-        self._public_url = public_url
         self._admin_url = admin_url
         self._cookie_name = cookie_name
         self._timeout = timeout
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            headers={"Accept": "application/json"},
-        )
+        self._public = HTTPClient(public_url)
 
     def whoami(self, credential: Credential) -> KratosSession:
+        headers = [_ACCEPT_JSON, *credential.headers(self._cookie_name).items()]
         try:
-            response = self._http.get(
-                f"{self._public_url}/sessions/whoami",
-                headers=credential.headers(self._cookie_name),
-            )
-        except httpx.HTTPError as error:
-            log.warning("kratos whoami failed: %s", type(error).__name__)
-            raise KratosUnavailable(
-                f"Kratos could not be reached ({type(error).__name__})"
-            ) from None
+            answer = self._public.get("/sessions/whoami", headers, self._timeout)
+        except RequestFailed as error:
+            _failures.warning("kratos whoami failed: %s", error)
+            raise KratosUnavailable(f"Kratos could not be reached ({error})") from None
 
-        if response.status_code == 200:
-            return KratosSession(
-                body=(body := _session_body(response)),
-                expires_at_ms=parse_timestamp_ms(body["expires_at"]),
-                set_cookies=tuple(response.headers.get_list("Set-Cookie")),
-            )
-        if response.status_code == 401:
+        if answer.status == 200:
+            view, expires_at_ms = parse_session(answer.body)
+            cookies = tuple(c.decode("latin-1") for c in answer.header_list(b"set-cookie"))
+            return KratosSession(view, expires_at_ms, cookies)
+        if answer.status == 401:
             raise SessionInvalid("Kratos does not accept the credential")
-        if response.status_code == 403:
-            raise StepUpRequired(_redirect_browser_to(response))
-        log.warning("kratos whoami answered %d", response.status_code)
-        raise KratosUnavailable(f"Kratos answered {response.status_code}")
+        if answer.status == 403:
+            raise StepUpRequired(_redirect_browser_to(answer))
+        if answer.status == 429:
+            _failures.warning("kratos whoami answered 429 (rate limited)")
+            raise KratosRateLimited(_retry_after(answer))
+        _failures.warning("kratos whoami answered %d", answer.status)
+        raise KratosUnavailable(f"Kratos answered {answer.status}")
 
     def ready(self) -> str | None:
         """``None`` when Kratos says it is ready, else what went wrong."""
         try:
-            response = self._http.get(f"{self._public_url}/health/ready")
-        except httpx.HTTPError as error:
-            return f"unreachable ({type(error).__name__})"
-        if response.status_code != 200:
-            return f"not ready (HTTP {response.status_code})"
+            answer = self._public.get("/health/ready", [_ACCEPT_JSON], self._timeout)
+        except RequestFailed as error:
+            return f"unreachable ({error})"
+        if answer.status != 200:
+            return f"not ready (HTTP {answer.status})"
         return None
 
     def version(self) -> str | None:
-        """The Kratos version from the admin API (via the Ory SDK), or ``None``."""
+        """The Kratos version from the admin API (via the Ory SDK), or ``None``. The SDK
+        client lives for this one call, so it shares nothing with other calls."""
         from ory_kratos_client import ApiClient, Configuration, MetadataApi
         from ory_kratos_client.exceptions import OpenApiException
         from urllib3.exceptions import HTTPError
@@ -102,7 +113,7 @@ class KratosClient:
             return None
 
     def close(self) -> None:
-        self._http.close()
+        self._public.close()
 
 
 def parse_timestamp_ms(value: object) -> int:
@@ -115,31 +126,116 @@ def parse_timestamp_ms(value: object) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _session_body(response: httpx.Response) -> dict[str, Any]:
-    """The whoami body, checked for every field the bridge relies on."""
+def parse_session(raw: bytes) -> tuple[dict[str, Any], int]:
+    """Kratos's whoami body, checked, reduced to the fields the bridge promises apps
+    (the unified view), and its expiry in Unix ms. ``KratosUnavailable`` if unusable."""
     try:
-        body = response.json()
-        identity = body["identity"]
-        if not (isinstance(body["id"], str) and body["id"]):
-            raise ValueError("session id")
-        if not (isinstance(identity["id"], str) and identity["id"]):
-            raise ValueError("identity id")
-        if body["authenticator_assurance_level"] not in AAL_LEVELS:
-            raise ValueError("authenticator_assurance_level")
+        body = _object(json.loads(raw), "body")
         if body.get("active") is not True:
-            raise ValueError("active")
-        if not isinstance(body.get("authentication_methods") or [], list):
-            raise ValueError("authentication_methods")
-        parse_timestamp_ms(body["expires_at"])
-    except (ValueError, KeyError, TypeError) as error:
-        log.error("kratos whoami returned an unusable session (%s)", error)
+            raise ValueError("active is not true")
+        expires_at_ms = parse_timestamp_ms(body.get("expires_at"))
+        view = {
+            "session_id": _id(body.get("id"), "id"),
+            "identity": _identity(_object(body.get("identity"), "identity")),
+            "aal": _aal(body.get("authenticator_assurance_level")),
+            "authentication_methods": [
+                _method(_object(m, "authentication_methods[]"))
+                for m in _list(body.get("authentication_methods"), "authentication_methods")
+            ],
+            "authenticated_at": _timestamp_or_none(body, "authenticated_at"),
+            "issued_at": _timestamp_or_none(body, "issued_at"),
+            "expires_at": body["expires_at"],
+            "device": _first_device(_list(body.get("devices"), "devices")),
+        }
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        _failures.warning("kratos whoami returned an unusable session (%s)", error)
         raise KratosUnavailable("Kratos returned a session the bridge cannot use") from None
-    return body
+    return view, expires_at_ms
 
 
-def _redirect_browser_to(response: httpx.Response) -> str | None:
+def _identity(identity: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": _id(identity.get("id"), "identity.id"),
+        "schema_id": _string_or_none(identity.get("schema_id"), "identity.schema_id"),
+        "state": _string_or_none(identity.get("state"), "identity.state"),
+        "traits": _object(identity.get("traits") or {}, "identity.traits"),
+        "metadata_public": identity.get("metadata_public"),
+    }
+
+
+def _method(method: dict[str, Any]) -> dict[str, Any]:
+    name = method.get("method")
+    if not (isinstance(name, str) and _METHOD.fullmatch(name)):
+        raise ValueError("authentication_methods[].method")
+    return {
+        "method": name,
+        "aal": _aal(method.get("aal")),
+        "completed_at": _timestamp_or_none(method, "completed_at"),
+    }
+
+
+def _first_device(devices: list[Any]) -> dict[str, Any] | None:
+    if not devices:
+        return None
+    device = _object(devices[0], "devices[]")
+    return {
+        "ip_address": _string_or_none(device.get("ip_address"), "devices[].ip_address"),
+        "user_agent": _string_or_none(device.get("user_agent"), "devices[].user_agent"),
+        "location": _string_or_none(device.get("location"), "devices[].location") or None,
+    }
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is not an object")
+    return value
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{name} is not a list")
+    return value
+
+
+def _id(value: Any, name: str) -> str:
+    if not (isinstance(value, str) and _UUID.fullmatch(value)):
+        raise ValueError(f"{name} is not a UUID")
+    return value
+
+
+def _aal(value: Any) -> str:
+    if value not in AAL_LEVELS:
+        raise ValueError("aal is not one of " + ", ".join(AAL_LEVELS))
+    return value
+
+
+def _string_or_none(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} is not a string")
+    return value
+
+
+def _timestamp_or_none(parent: dict[str, Any], name: str) -> str | None:
+    value = parent.get(name)
+    if value is None:
+        return None
     try:
-        body = response.json()
+        parse_timestamp_ms(value)
+    except ValueError:
+        raise ValueError(f"{name} is not a timestamp") from None
+    return value
+
+
+def _retry_after(answer: Answer) -> str:
+    value = (answer.header(b"retry-after") or b"").decode("latin-1").strip()
+    return value if _RETRY_AFTER.fullmatch(value) else "1"
+
+
+def _redirect_browser_to(answer: Answer) -> str | None:
+    try:
+        body = json.loads(answer.body)
     except ValueError:  # not JSON, or not even UTF-8
         return None
     if not isinstance(body, dict):
@@ -148,4 +244,4 @@ def _redirect_browser_to(response: httpx.Response) -> str | None:
     error = body.get("error")
     if target is None and isinstance(error, dict) and isinstance(error.get("details"), dict):
         target = error["details"].get("redirect_browser_to")
-    return target if isinstance(target, str) else None
+    return target if isinstance(target, str) and _BROWSER_URL.fullmatch(target) else None

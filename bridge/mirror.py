@@ -62,6 +62,7 @@ class SessionMirror:
         revalidate_after: float,
         negative_cache_ttl: float,
         kratos_timeout: float,
+        redis_timeout: float,
         recent_max: int = 50_000,
     ) -> None:
         self._store = store
@@ -69,15 +70,21 @@ class SessionMirror:
         self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
-        # httpx applies the timeout per phase (pool, connect, write, read), so a call can
-        # take a few times it; the lock must outlive the call it guards.
-        self._lock_ttl_ms = int(3 * kratos_timeout * 1000) + 500
+        # The lock must outlive the call it guards: the Kratos call (bounded as a whole)
+        # and the Redis commands around it.
+        self._lock_ttl_ms = int((kratos_timeout + 2 * redis_timeout) * 1000) + 500
         self._in_flight: SingleFlight[Resolved] = SingleFlight()
         # This process's copy of sessions it validated or read, by credential fingerprint.
         # A copy is used only while fresh, so it keeps the same revalidate_after bound as
         # the store and spares the store round trips on the hot path.
         self._recent: dict[str, MirroredSession] = {}
         self._recent_max = recent_max
+
+    def fresh_copy(self, credential: Credential) -> MirroredSession | None:
+        """This process's copy of the session behind ``credential`` if it is fresh. No I/O,
+        so the server may call it on its event loop."""
+        recent = self._recent.get(self._fingerprints.of(credential))
+        return recent if recent is not None and self._is_fresh(recent) else None
 
     def resolve(
         self, credential: Credential, *, with_app: bool = False, refresh: bool = False

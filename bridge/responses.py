@@ -1,21 +1,24 @@
 """The one place that turns outcomes into HTTP answers: identity headers and error JSON.
 
-Identity headers are only ever set on an allow. Every error is a small JSON
-object ``{"error": <code>, "message": <text>}``, plus ``redirect_browser_to``
-where the browser has somewhere to go.
+An answer is a plain ``Reply`` (status, header list, body), so the lean forward-auth
+path sends it as it is and the Flask routes wrap it. Identity headers are only ever
+set on an allow. Every error is a small JSON object ``{"error": <code>, "message":
+<text>}``, plus ``redirect_browser_to`` where the browser has somewhere to go.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
-
-from flask import Response, jsonify
 
 from bridge.errors import (
     BadRequest,
     BridgeError,
     CredentialMissing,
+    KratosRateLimited,
     KratosUnavailable,
     SessionInvalid,
     StepUpRequired,
@@ -25,15 +28,23 @@ from bridge.session import MirroredSession
 
 IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email")
 REDIRECT_HEADER = "X-Bridge-Redirect"
-_NO_STORE = {"Cache-Control": "no-store"}
+_NO_STORE = ("Cache-Control", "no-store")
+_JSON = ("Content-Type", "application/json")
 # Header values come from identity traits, which users edit: only plain visible ASCII passes.
 _SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,512}")
 
 
-def allow(session: MirroredSession, set_cookies: tuple[str, ...]) -> Response:
-    headers = [*_NO_STORE.items(), *identity_headers(session).items()]
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+def allow(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
+    headers = [_NO_STORE, *identity_headers(session).items()]
     headers += [("Set-Cookie", cookie) for cookie in set_cookies]
-    return Response(status=200, headers=headers)
+    return Reply(200, headers)
 
 
 def identity_headers(session: MirroredSession) -> dict[str, str]:
@@ -46,16 +57,16 @@ def identity_headers(session: MirroredSession) -> dict[str, str]:
     return {k: v for k, v in headers.items() if v and _SAFE_HEADER_VALUE.fullmatch(v)}
 
 
-def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Response:
-    response = jsonify(session.to_json())
-    response.headers.update(_NO_STORE)
-    for cookie in set_cookies:
-        response.headers.add("Set-Cookie", cookie)
-    return response
+def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
+    headers = [_JSON, _NO_STORE, *(("Set-Cookie", cookie) for cookie in set_cookies)]
+    return Reply(200, headers, _encode(session.to_json()))
 
 
-def failure(error: BridgeError, login_url: str, return_to: str | None) -> Response:
-    """The answer for every ``BridgeError`` the request path raises."""
+def failure(
+    error: BridgeError, login_url: str, return_to: str | None, *, forward_auth: bool
+) -> Reply:
+    """The answer for every ``BridgeError`` the request path raises. ``forward_auth``:
+    the asker is a proxy deciding on a request (``/auth``), not an app."""
     if isinstance(error, StepUpRequired):
         target = _with_query(error.redirect_browser_to or login_url, aal="aal2")
         return _unauthorized("aal2_required", str(error), _with_query(target, return_to=return_to))
@@ -64,27 +75,48 @@ def failure(error: BridgeError, login_url: str, return_to: str | None) -> Respon
         return _unauthorized(code, str(error), _with_query(login_url, return_to=return_to))
     if isinstance(error, BadRequest):
         return _error(400, "bad_request", str(error))
+    if isinstance(error, KratosRateLimited):
+        # An app is told to come back; a proxy gets the same 503 as for any Kratos
+        # trouble (a 401 would send the browser to log in again, and again).
+        status = 503 if forward_auth else 429
+        return _error(status, "kratos_rate_limited", str(error), retry_after=error.retry_after)
     if isinstance(error, KratosUnavailable):
-        return _error(503, "kratos_unavailable", str(error), retry_after=True)
+        return _error(503, "kratos_unavailable", str(error), retry_after="1")
     if isinstance(error, StoreUnavailable):
-        return _error(503, "store_unavailable", str(error), retry_after=True)
+        return _error(503, "store_unavailable", str(error), retry_after="1")
     return internal_error()
 
 
-def internal_error() -> Response:
+def timed_out() -> Reply:
+    return _error(
+        503,
+        "timeout",
+        "Kratos or Redis did not answer in time; nothing was allowed",
+        retry_after="1",
+    )
+
+
+def internal_error() -> Reply:
     return _error(500, "internal_error", "the bridge failed; the request was not allowed")
 
 
-def http_error(status: int, name: str) -> Response:
-    """Werkzeug's own errors (404, 405, 431, ...) in the same JSON shape."""
-    return _error(status, name.lower().replace(" ", "_"), name)
+def http_error(status: int, name: str, allowed_methods: list[str] | None = None) -> Reply:
+    """Routing errors (404, 405, ...) in the same JSON shape."""
+    reply = _error(status, name.lower().replace(" ", "_"), name)
+    if allowed_methods:
+        reply.headers.append(("Allow", ", ".join(allowed_methods)))
+    return reply
 
 
-def _unauthorized(code: str, message: str, redirect_browser_to: str) -> Response:
+def json_reply(status: int, body: dict[str, Any]) -> Reply:
+    return Reply(status, [_JSON, _NO_STORE], _encode(body))
+
+
+def _unauthorized(code: str, message: str, redirect_browser_to: str) -> Reply:
     """401, with where to send a browser both in the body and in a header proxies can read."""
-    response = _error(401, code, message, redirect_browser_to)
-    response.headers[REDIRECT_HEADER] = redirect_browser_to
-    return response
+    reply = _error(401, code, message, redirect_browser_to)
+    reply.headers.append((REDIRECT_HEADER, redirect_browser_to))
+    return reply
 
 
 def _error(
@@ -93,17 +125,19 @@ def _error(
     message: str,
     redirect_browser_to: str | None = None,
     *,
-    retry_after: bool = False,
-) -> Response:
+    retry_after: str | None = None,
+) -> Reply:
     body: dict[str, str] = {"error": code, "message": message}
     if redirect_browser_to:
         body["redirect_browser_to"] = redirect_browser_to
-    response = jsonify(body)
-    response.status_code = status
-    response.headers.update(_NO_STORE)
+    reply = json_reply(status, body)
     if retry_after:
-        response.headers["Retry-After"] = "1"
-    return response
+        reply.headers.append(("Retry-After", retry_after))
+    return reply
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _with_query(url: str, **params: str | None) -> str:

@@ -1,8 +1,8 @@
-"""Runs the app under Granian (Rust HTTP server, WSGI interface, threaded workers).
+"""Runs the bridge under Granian (Rust HTTP server) through its ASGI interface.
 
-Chosen by measurement: see README "Why Granian". Each worker process builds its
-own app from the validated settings, so every process has its own HTTP and
-Redis connection pools.
+Chosen by measurement: see README "Why Granian, and why ASGI". Each worker process
+builds its own parts from the validated settings, so every process has its own
+Kratos connections, Redis pool and fresh-session copy.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ def worker_count(settings: Settings) -> int:
 
 
 def _load_app(settings: Settings, *_: Any) -> Any:
-    from bridge.app import create_app
+    from bridge.app import build_bridge, create_flask_app
+    from bridge.asgi import Front
     from bridge.cli import configure_logging
 
     configure_logging(settings)
-    return create_app(settings)
+    bridge = build_bridge(settings)
+    return Front(bridge, create_flask_app(bridge))
 
 
 def serve(settings: Settings) -> None:
@@ -45,9 +47,8 @@ def serve(settings: Settings) -> None:
         target="bridge",
         address=settings.host,
         port=settings.port,
-        interface=Interfaces.WSGI,
+        interface=Interfaces.ASGI,
         workers=worker_count(settings),
-        blocking_threads=settings.threads,
         log_level=LogLevels(settings.log_level),
         log_access=False,
         websockets=False,

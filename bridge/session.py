@@ -19,7 +19,7 @@ from bridge.kratos import KratosSession
 class MirroredSession:
     """One Kratos session as mirrored by the bridge."""
 
-    kratos: dict[str, Any]  # the unified view built by ``unified_view``
+    kratos: dict[str, Any]  # the unified view, as ``kratos.parse_session`` builds it
     validated_at_ms: int
     expires_at_ms: int
     app: dict[str, str] = field(default_factory=dict)
@@ -53,43 +53,10 @@ class MirroredSession:
 
 def mirror(session: KratosSession, validated_at_ms: int) -> MirroredSession:
     return MirroredSession(
-        kratos=unified_view(session.body),
+        kratos=session.view,
         validated_at_ms=validated_at_ms,
         expires_at_ms=session.expires_at_ms,
     )
-
-
-def unified_view(body: dict[str, Any]) -> dict[str, Any]:
-    """Kratos's whoami body reduced to the fields the bridge promises apps."""
-    identity = body["identity"]
-    devices = [d for d in body.get("devices") or [] if isinstance(d, dict)]
-    device = devices[0] if devices else None
-    return {
-        "session_id": body["id"],
-        "identity": {
-            "id": identity["id"],
-            "schema_id": identity.get("schema_id"),
-            "state": identity.get("state"),
-            "traits": identity.get("traits") or {},
-            "metadata_public": identity.get("metadata_public"),
-        },
-        "aal": body["authenticator_assurance_level"],
-        "authentication_methods": [
-            {"method": m.get("method"), "aal": m.get("aal"), "completed_at": m.get("completed_at")}
-            for m in body.get("authentication_methods") or []
-            if isinstance(m, dict)
-        ],
-        "authenticated_at": body.get("authenticated_at"),
-        "issued_at": body.get("issued_at"),
-        "expires_at": body["expires_at"],
-        "device": None
-        if device is None
-        else {
-            "ip_address": device.get("ip_address"),
-            "user_agent": device.get("user_agent"),
-            "location": device.get("location") or None,
-        },
-    }
 
 
 def aal2_event(session: MirroredSession, seen_at_ms: int) -> dict[str, str] | None:

@@ -98,4 +98,4 @@ def make_client(store_kind: str, redis_server: RedisServer, prefix: str):
 
 
 def store_of(client: FlaskClient) -> SessionStore:
-    return client.application.extensions["bridge"]["store"]
+    return client.application.extensions["bridge"].store

@@ -8,11 +8,19 @@ import hmac
 
 import pytest
 
-from bridge.credentials import Credential, Fingerprints, Kind, extract
+from bridge.credentials import Credential, Fingerprints, Kind
+from bridge.credentials import extract as extract_from
 from bridge.errors import CredentialMissing, SessionInvalid
+from bridge.request import HeaderView
 
 TOKEN = "ory_st_" + "A1b2" * 8
 COOKIE = base64.urlsafe_b64encode(b"1795347480|abc_-=|" + bytes(range(32))).decode()
+
+
+def extract(headers, cookie_name):
+    """``extract`` over headers written as a dict, or as a list of pairs for repeats."""
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return extract_from(HeaderView((k.lower(), v) for k, v in pairs), cookie_name)
 
 
 def test_precedence_is_token_then_cookie_then_bearer():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 import redis
 
 from bridge.errors import StoreUnavailable
+from bridge.logs import Throttled
 from bridge.session import MirroredSession
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
@@ -21,6 +23,7 @@ from bridge.store import (
 )
 
 T = TypeVar("T")
+_failures = Throttled(logging.getLogger(__name__))
 MIN_REDIS_MAJOR = 7
 
 # KEYS: session, app, aal2 marker, credential, identity index, stream
@@ -90,6 +93,7 @@ def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
         try:
             return method(*args, **kwargs)
         except redis.RedisError as error:
+            _failures.warning("redis %s failed: %s", method.__name__, type(error).__name__)
             raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
 
     return wrapper

@@ -1,0 +1,186 @@
+"""The server's front: an ASGI app on Granian's event loop.
+
+Why ASGI: it is the one interface Granian gives raw header bytes (its WSGI and RSGI
+interfaces drop a header holding any non-ASCII byte, and with it every cookie of a
+browser that also holds another app's UTF-8 cookie), and an event loop lets the
+requests that need no I/O never wait behind the ones that do.
+
+- ``/health/alive`` and a ``/auth`` that this process's fresh copy answers are
+  answered on the loop, with no I/O.
+- Everything else (a ``/auth`` that needs the store or Kratos, and the Flask routes)
+  runs on a worker thread. A request waits for it at most
+  ``BRIDGE_KRATOS_TIMEOUT + 2 * BRIDGE_REDIS_TIMEOUT`` (one Kratos call and the store's
+  round trips around it); then it is answered ``503`` and the thread's late result is
+  dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from flask import Flask
+
+from bridge import responses
+from bridge.app import HEADER_VIEW_KEY, Bridge, auth_query, is_auth_path
+from bridge.logs import Throttled
+from bridge.request import HeaderView
+from bridge.responses import Reply
+
+log = logging.getLogger(__name__)
+_late = Throttled(log)
+
+T = TypeVar("T")
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+MAX_BODY = 1 << 20
+_ALIVE = responses.json_reply(200, {"status": "ok"})
+_READ_ONLY = ("GET", "HEAD")
+
+
+class Front:
+    def __init__(self, bridge: Bridge, flask_app: Flask) -> None:
+        settings = bridge.settings
+        self._bridge = bridge
+        self._forward_auth = bridge.forward_auth
+        self._flask = flask_app
+        self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="bridge")
+        self._budget = settings.kratos_timeout + 2 * settings.redis_timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        try:
+            if is_auth_path(path):
+                reply = await self._auth(scope)
+            elif path == "/health/alive":
+                reply = _ALIVE if method in _READ_ONLY else _not_allowed()
+            else:
+                body = await _read_body(receive)
+                reply = (
+                    await self._off_loop(self._call_flask, scope, body)
+                    if body is not None
+                    else responses.http_error(413, "Request Entity Too Large")
+                )
+        except Exception:
+            log.exception("unexpected error on %s", path)
+            reply = responses.internal_error()
+        await _send(send, reply, head=method == "HEAD")
+
+    async def _auth(self, scope: dict[str, Any]) -> Reply:
+        headers = HeaderView.from_asgi(scope["headers"])
+        step = self._forward_auth.begin(
+            headers, auth_query(scope["path"], scope["query_string"].decode("latin-1"))
+        )
+        if isinstance(step, Reply):
+            return step
+        return await self._off_loop(self._forward_auth.finish, step)
+
+    async def _off_loop(self, function: Callable[..., Reply], *args: Any) -> Reply:
+        future = asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        try:
+            return await asyncio.wait_for(future, self._budget)
+        except TimeoutError:
+            _late.warning("a request waited %.2fs for Kratos or Redis: answered 503", self._budget)
+            return responses.timed_out()
+
+    def _call_flask(self, scope: dict[str, Any], body: bytes) -> Reply:
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+            started[:] = [int(status.split(" ", 1)[0]), headers]
+
+        chunks = self._flask.wsgi_app(_environ(scope, body), start_response)
+        try:
+            content = b"".join(chunks)
+        finally:
+            getattr(chunks, "close", lambda: None)()
+        return Reply(started[0], list(started[1]), content)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._bridge.kratos.close()
+                self._bridge.store.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _not_allowed() -> Reply:
+    return responses.http_error(405, "Method Not Allowed", list(_READ_ONLY))
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body, or ``None`` when it is larger than ``MAX_BODY``."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _send(send: Send, reply: Reply, *, head: bool) -> None:
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers]
+    headers.append((b"content-length", str(len(reply.body)).encode()))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else reply.body})
+
+
+def _environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """A WSGI environ for Flask. Repeated headers are joined the way WSGI servers do."""
+    server = scope.get("server") or ("127.0.0.1", 0)
+    client = scope.get("client") or ("", 0)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": "",
+        # WSGI's PATH_INFO is the decoded path's bytes, one character per byte.
+        "PATH_INFO": scope["path"].encode("utf-8").decode("latin-1"),
+        "QUERY_STRING": scope["query_string"].decode("latin-1"),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1]),
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "REMOTE_ADDR": str(client[0]),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        # The headers as sent, repeats apart, for the routes that read credentials.
+        HEADER_VIEW_KEY: HeaderView.from_asgi(scope["headers"]),
+    }
+    for raw_name, raw_value in scope["headers"]:
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        if name == "content-type":
+            key = "CONTENT_TYPE"
+        elif name == "content-length":
+            key = "CONTENT_LENGTH"
+        else:
+            key = "HTTP_" + name.upper().replace("-", "_")
+        if key in environ:
+            value = environ[key] + ("; " if name == "cookie" else ",") + value
+        environ[key] = value
+    return environ

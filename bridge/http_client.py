@@ -1,0 +1,173 @@
+"""A small HTTP/1.1 client for talking to Kratos: stateless, and bounded by one deadline.
+
+Why not a general-purpose client: two properties matter more here than features.
+
+- *No state between calls.* A general client keeps a cookie jar and default headers;
+  a cookie Kratos sets on one user's whoami would then ride along on the next user's
+  call, and Kratos reads the session cookie before ``Authorization: Bearer``. Here a
+  request is exactly the method, path and headers the caller passes, nothing else. The
+  only thing kept between calls is idle keep-alive sockets, and an HTTP/1.1 connection
+  carries no credential of its own: every request states its own.
+- *One deadline for the whole exchange.* Socket timeouts apply per read, so a server
+  that trickles its answer can hold a caller for many times the timeout. Here every
+  connect, send and read gets only the time left until the caller's deadline.
+
+HTTP parsing is h11's (the state machine underneath httpx).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+
+_READ_SIZE = 65536
+_MAX_IDLE = 32
+
+
+class RequestFailed(Exception):
+    """The server could not be reached, did not answer in time, or broke HTTP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]  # names lower-cased, in order, repeats kept
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((value for key, value in self.headers if key == name), None)
+
+    def header_list(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key == name]
+
+
+class _Connection:
+    __slots__ = ("h11", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class HTTPClient:
+    """GET requests to one origin (``http://`` or ``https://``) with keep-alive."""
+
+    def __init__(self, base_url: str, max_body: int = 1 << 20) -> None:
+        parts = urlsplit(base_url)
+        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._tls else 80)
+        self._host_header = parts.netloc.rpartition("@")[2]
+        self._base_path = parts.path.rstrip("/")
+        self._max_body = max_body
+        self._idle: deque[_Connection] = deque()
+
+    def get(self, path: str, headers: list[tuple[str, str]], timeout: float) -> Answer:
+        """Send ``GET path`` with exactly ``headers`` (plus Host); raise ``RequestFailed``
+        when the whole exchange does not finish within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        request = h11.Request(
+            method="GET",
+            target=self._base_path + path,
+            headers=[("Host", self._host_header), *headers],
+        )
+        # A kept-alive socket the server has closed meanwhile fails before any byte of an
+        # answer arrives; GET is idempotent, so one retry on a new connection is safe.
+        while self._idle:
+            try:
+                connection = self._idle.pop()
+            except IndexError:
+                break
+            answer = self._exchange(connection, request, deadline, reused=True)
+            if answer is not None:
+                return answer
+        answer = self._exchange(self._connect(deadline), request, deadline, reused=False)
+        assert answer is not None
+        return answer
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    def _connect(self, deadline: float) -> _Connection:
+        try:
+            sock = socket.create_connection((self._host, self._port), _left(deadline))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock.settimeout(_left(deadline))
+                sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+        except (OSError, ValueError) as error:
+            raise RequestFailed(f"connect: {type(error).__name__}") from None
+        return _Connection(sock)
+
+    def _exchange(
+        self, connection: _Connection, request: h11.Request, deadline: float, *, reused: bool
+    ) -> Answer | None:
+        """The answer, or ``None`` when a reused connection turned out to be closed."""
+        received = False
+        try:
+            data = connection.h11.send(request) + connection.h11.send(h11.EndOfMessage())
+            connection.sock.settimeout(_left(deadline))
+            connection.sock.sendall(data)
+            status, headers, body, size = 0, [], [], 0
+            while True:
+                event = connection.h11.next_event()
+                if event is h11.NEED_DATA:
+                    connection.sock.settimeout(_left(deadline))
+                    chunk = connection.sock.recv(_READ_SIZE)
+                    received = received or bool(chunk)
+                    connection.h11.receive_data(chunk)
+                elif isinstance(event, h11.Response):
+                    status, headers = event.status_code, list(event.headers)
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > self._max_body:
+                        raise RequestFailed("answer too large")
+                    body.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise h11.RemoteProtocolError("closed before the answer ended")
+        except (OSError, h11.ProtocolError, RequestFailed) as error:
+            connection.close()
+            if reused and not received and not isinstance(error, TimeoutError | _Late):
+                return None
+            if isinstance(error, RequestFailed):
+                raise
+            raise RequestFailed(type(error).__name__) from None
+        self._keep(connection)
+        return Answer(status, headers, b"".join(body))
+
+    def _keep(self, connection: _Connection) -> None:
+        if (
+            connection.h11.our_state is h11.DONE
+            and connection.h11.their_state is h11.DONE
+            and len(self._idle) < _MAX_IDLE
+        ):
+            connection.h11.start_next_cycle()
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+
+class _Late(TimeoutError):
+    """The deadline passed before the next step could start."""
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _Late("deadline passed")
+    return left

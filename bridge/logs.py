@@ -1,0 +1,35 @@
+"""Warnings about a dependency that is down, at most one per interval per process.
+
+A Redis or Kratos outage fails every request; logging each failure would bury the
+log (and the disk) while saying nothing new. The first failure is logged at once,
+then one line per interval with how many were left out. Messages never hold a
+credential: callers pass the error's class name or status, nothing from the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+
+class Throttled:
+    def __init__(self, logger: logging.Logger, interval: float = 5.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._next_at = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_at:
+                self._left_out += 1
+                return
+            left_out, self._left_out = self._left_out, 0
+            self._next_at = now + self._interval
+        if left_out:
+            message += " (and %d more like it since the last such line)"
+            args = (*args, left_out)
+        self._log.warning(message, *args)
