@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from bridge.config import Settings, load_settings, reference_table
+from bridge.config import Settings, load_settings, parse_option, reference_table
 from bridge.errors import ConfigError, StoreUnavailable
 
 EXIT_CONFIG = 2
@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(config_file=args.config)
         if args.command == "serve":
-            settings = settings.with_overrides(host=args.host, port=args.port)
-            if not 1 <= settings.port <= 65535:
-                raise ConfigError("--port", f"{settings.port} is outside 1..65535")
+            settings = settings.with_overrides(
+                host=parse_option("host", args.host, "--host"),
+                port=parse_option("port", args.port, "--port"),
+            )
     except ConfigError as error:
         print(f"kratos-bridge: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -8,15 +8,18 @@ A bad value raises ``ConfigError`` naming the key, and nothing starts.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import yaml
+from redis import connection as redis_connection
 
 from bridge.errors import ConfigError
 
@@ -24,20 +27,99 @@ ENV_PREFIX = "BRIDGE_"
 MIN_SECRET_LENGTH = 32
 
 
+# Labels of letters, digits, "-" and "_" (compose service names may hold "_").
+_HOST_NAME = re.compile(
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?)*\.?"
+)
+_DB_PATH = re.compile(r"/?([0-9]{1,5})?")
+
+
+def _host_and_port(parts: SplitResult) -> None:
+    """A URL's host must be an IP address or a host name (resolving it is left to the
+    moment of use: in compose, names resolve only once the other containers run), and
+    its port, if any, a number from 1 to 65535."""
+    host = parts.hostname
+    if not host:
+        raise ValueError("has no host")
+    if not _is_ip(host) and not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"host {host!r} is not a host name or IP address")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("port is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("port is not a number from 1 to 65535")
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http:// or https:// URL")
+    """An API base URL: scheme, host, port and path; no query, fragment or user."""
+    parts = _browser_url_parts(value)
+    if parts.query:
+        raise ValueError("must not have a query string")
     return value.rstrip("/")
 
 
+def _browser_url(value: str) -> str:
+    _browser_url_parts(value)
+    return value
+
+
+def _browser_url_parts(value: str) -> SplitResult:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("not an http:// or https:// URL")
+    _host_and_port(parts)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user name or password")
+    if parts.fragment or "#" in value:
+        raise ValueError("must not have a fragment")
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
+        raise ValueError("must be visible ASCII, without spaces")
+    return parts
+
+
 def _redis_url(value: str) -> str:
+    """``redis://`` or ``rediss://`` with host, port and db; ``unix://`` with a socket path.
+    What redis-py itself would refuse (a bad query option) is refused here, by name."""
     parts = urlsplit(value)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("not a redis://, rediss:// or unix:// URL")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("has no host")
+    if parts.scheme == "unix":
+        if not parts.path or parts.path == "/":
+            raise ValueError("unix:// URL has no socket path")
+    else:
+        _host_and_port(parts)
+        if not _DB_PATH.fullmatch(parts.path):
+            raise ValueError(f"database {parts.path.lstrip('/')!r} is not a number")
+    query_db = parse_qs(parts.query).get("db")
+    if query_db and not all(db.isdigit() for db in query_db):
+        raise ValueError(f"database {query_db[0]!r} is not a number")
+    try:
+        redis_connection.parse_url(value)
+    except ValueError as error:
+        raise ValueError(str(error)) from None
     return value
+
+
+def _listen_host(value: str) -> str:
+    """An IP address, or a host name resolved now to the address ``serve`` binds."""
+    if _is_ip(value):
+        return value
+    if not _HOST_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    try:
+        found = socket.getaddrinfo(value, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise ValueError(f"{value!r} does not resolve to an address") from None
+    return str(found[0][4][0])
 
 
 def _number(low: float, high: float, *, integer: bool = False) -> Callable[[str], float]:
@@ -95,9 +177,9 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option(
         "host",
-        _matching(r"[\w.:-]+", "a host name or address"),
+        _listen_host,
         "127.0.0.1",
-        "Address `serve` listens on (`--host` overrides).",
+        "Address `serve` listens on (`--host` overrides); a host name is resolved at start-up.",
     ),
     Option(
         "port",
@@ -121,11 +203,12 @@ OPTIONS: tuple[Option, ...] = (
         "kratos_timeout",
         _number(0.05, 60),
         2.0,
-        "Seconds to wait for Kratos (connect and read) before answering 503.",
+        "Seconds a request may wait for Kratos in all (connect, send and the whole answer); "
+        "then it is answered 503.",
     ),
     Option(
         "login_url",
-        _http_url,
+        _browser_url,
         None,
         "Browser-facing Kratos login URL put in 401 answers; "
         "default `<kratos_public_url>/self-service/login/browser`.",
@@ -138,7 +221,11 @@ OPTIONS: tuple[Option, ...] = (
         "in-process store (one process only).",
     ),
     Option(
-        "redis_timeout", _number(0.01, 30), 0.5, "Seconds to wait for Redis before answering 503."
+        "redis_timeout",
+        _number(0.01, 30),
+        0.5,
+        "Seconds to wait for one Redis command. No request waits longer than "
+        "`kratos_timeout + 2 * redis_timeout` in all: then it is answered 503.",
     ),
     Option(
         "key_prefix",
@@ -201,8 +288,8 @@ OPTIONS: tuple[Option, ...] = (
         "threads",
         _number(1, 256, integer=True),
         4,
-        "Threads per server process. Python runs one at a time per process, so more threads "
-        "only help while requests wait on Kratos; raise it when Kratos is slow or far.",
+        "Worker threads per server process, for requests that need Redis or Kratos (answers "
+        "from the process's fresh copy need no thread). Raise it when Kratos is slow or far.",
     ),
     Option(
         "log_level",
@@ -276,6 +363,17 @@ def load_settings(
             raise ConfigError(key, str(error)) from None
 
     return _resolve(values, {name: key for name, (key, _) in raw.items()})
+
+
+def parse_option(name: str, value: object, key: str) -> Any:
+    """One option's value given some other way (a command-line flag), checked the same
+    way; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    try:
+        return _BY_NAME[name].parse(str(value))
+    except ValueError as error:
+        raise ConfigError(key, str(error)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, str]:

@@ -164,12 +164,15 @@ class BridgeServer:
 
 class SlowLink:
     """A TCP relay that holds every chunk coming back from the server for ``delay``
-    seconds: a real Kratos behind a slow network, so that races can be staged."""
+    seconds: a real Kratos behind a slow network, so that races can be staged. With
+    ``trickle`` set, the answer comes back one byte per ``delay`` instead: a server
+    that never stalls long enough for a per-read timeout. Both may change at any time."""
 
-    def __init__(self, target_port: int, delay: float) -> None:
+    def __init__(self, target_port: int, delay: float, trickle: bool = False) -> None:
         import threading
 
         self.delay = delay
+        self.trickle = trickle
         self._target = ("127.0.0.1", target_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -186,17 +189,21 @@ class SlowLink:
             except OSError:
                 return
             server = socket.create_connection(self._target)
-            threading.Thread(target=self._pump, args=(client, server, 0), daemon=True).start()
-            threading.Thread(
-                target=self._pump, args=(server, client, self.delay), daemon=True
-            ).start()
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
         try:
             while chunk := source.recv(65536):
-                time.sleep(delay)
-                sink.sendall(chunk)
+                if not slow:
+                    sink.sendall(chunk)
+                elif self.trickle:
+                    for byte in chunk:
+                        time.sleep(self.delay)
+                        sink.sendall(bytes([byte]))
+                else:
+                    time.sleep(self.delay)
+                    sink.sendall(chunk)
         except OSError:
             pass
         finally:

@@ -56,6 +56,82 @@ def test_bad_value_names_the_key(env, key, problem):
     assert problem in caught.value.problem
 
 
+_PORT = "port is not a number from 1 to 65535"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://kratos:http", _PORT),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://kratos:65536", _PORT),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://kratos:0", _PORT),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://kratos:4433/?debug=1", "must not have a query"),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://kratos:4433/#x", "must not have a fragment"),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://user:pw@kratos", "user name or password"),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://:4433", "has no host"),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://kra tos:4433", "not a host name"),
+        ("BRIDGE_KRATOS_ADMIN_URL", "https://kratos:-1", _PORT),
+        ("BRIDGE_LOGIN_URL", "https://auth.example.com:99999/login", _PORT),
+        ("BRIDGE_LOGIN_URL", "https://auth.example.com/log in", "visible ASCII"),
+        ("BRIDGE_REDIS_URL", "redis://redis:port/0", _PORT),
+        ("BRIDGE_REDIS_URL", "redis://redis:123456/0", _PORT),
+        ("BRIDGE_REDIS_URL", "redis://redis:6379/zero", "database 'zero' is not a number"),
+        ("BRIDGE_REDIS_URL", "redis://redis:6379/0?db=one", "database 'one' is not a number"),
+        ("BRIDGE_REDIS_URL", "redis://redis:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("BRIDGE_REDIS_URL", "rediss://:6379/0", "has no host"),
+        ("BRIDGE_REDIS_URL", "unix://", "has no socket path"),
+        ("BRIDGE_REDIS_URL", "unix:///", "has no socket path"),
+        ("BRIDGE_HOST", "no-such-host.invalid", "does not resolve"),
+        ("BRIDGE_HOST", "0.0.0.0; rm", "not a host name"),
+    ],
+)
+def test_every_url_part_is_checked_at_start_up(key, value, problem):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({key: value, "BRIDGE_SECRET": "s" * 40})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "attribute", "expected"),
+    [
+        (
+            "BRIDGE_KRATOS_PUBLIC_URL",
+            "http://kratos_public:4433/",
+            "kratos_public_url",
+            "http://kratos_public:4433",
+        ),
+        (
+            "BRIDGE_KRATOS_PUBLIC_URL",
+            "https://auth.example.com/.ory/kratos/public",
+            "kratos_public_url",
+            "https://auth.example.com/.ory/kratos/public",
+        ),
+        ("BRIDGE_KRATOS_PUBLIC_URL", "http://[::1]:4433", "kratos_public_url", "http://[::1]:4433"),
+        (
+            "BRIDGE_LOGIN_URL",
+            "https://a.example.com/login?via=bridge",
+            "login_url",
+            "https://a.example.com/login?via=bridge",
+        ),
+        ("BRIDGE_REDIS_URL", "redis://:pw@redis:6379/3", "redis_url", "redis://:pw@redis:6379/3"),
+        ("BRIDGE_REDIS_URL", "rediss://redis", "redis_url", "rediss://redis"),
+        (
+            "BRIDGE_REDIS_URL",
+            "unix:///run/redis.sock?db=2",
+            "redis_url",
+            "unix:///run/redis.sock?db=2",
+        ),
+        ("BRIDGE_HOST", "localhost", "host", "127.0.0.1"),
+        ("BRIDGE_HOST", "::", "host", "::"),
+    ],
+)
+def test_good_urls_and_hosts(key, value, attribute, expected):
+    """Names that resolve only later (compose services) are fine in URLs."""
+    settings = load_settings({key: value, "BRIDGE_SECRET": "s" * 40})
+    assert getattr(settings, attribute) == expected
+
+
 def test_yaml_file_with_env_on_top(tmp_path):
     path = tmp_path / "bridge.yml"
     path.write_text('revalidate_after: 30\nsession_cookie: my_session\nkey_prefix: "app1:"\n')
@@ -96,18 +172,45 @@ def test_secret_file(tmp_path):
         load_settings({"BRIDGE_SECRET_FILE": str(tmp_path / "missing")})
 
 
-@pytest.mark.parametrize("command", ["serve", "check"])
-def test_cli_exits_2_naming_the_key(command):
-    env = {"BRIDGE_REDIS_URL": "http://nope", "PATH": "/usr/bin:/bin"}
+@pytest.mark.parametrize(
+    ("command", "env", "message"),
+    [
+        (
+            ["serve"],
+            {"BRIDGE_REDIS_URL": "http://nope"},
+            "BRIDGE_REDIS_URL: not a redis://, rediss:// or unix:// URL",
+        ),
+        (
+            ["check"],
+            {"BRIDGE_REDIS_URL": "http://nope"},
+            "BRIDGE_REDIS_URL: not a redis://, rediss:// or unix:// URL",
+        ),
+        (["serve"], {"BRIDGE_KRATOS_PUBLIC_URL": "http://kratos:44x3"}, "BRIDGE_KRATOS_PUBLIC_URL"),
+        (
+            ["serve"],
+            {"BRIDGE_REDIS_URL": "redis://r/x", "BRIDGE_SECRET": "s" * 40},
+            "BRIDGE_REDIS_URL: database 'x' is not a number",
+        ),
+        (
+            ["serve"],
+            {"BRIDGE_REDIS_URL": "unix://", "BRIDGE_SECRET": "s" * 40},
+            "BRIDGE_REDIS_URL: unix:// URL has no socket path",
+        ),
+        (["serve"], {"BRIDGE_HOST": "nowhere.invalid"}, "BRIDGE_HOST: 'nowhere.invalid' does"),
+        (["serve", "--host", "nowhere.invalid"], {}, "--host: 'nowhere.invalid' does not"),
+        (["serve", "--port", "0"], {}, "--port: 0 is outside"),
+    ],
+)
+def test_cli_exits_2_naming_the_key(command, env, message):
     result = subprocess.run(
-        [sys.executable, "-m", "bridge", command],
-        env=env,
+        [sys.executable, "-m", "bridge", *command],
+        env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2
-    assert "BRIDGE_REDIS_URL: not a redis://, rediss:// or unix:// URL" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
