@@ -42,9 +42,9 @@ class ForwardAuth:
         try:
             required = policy.required_aal(aal)
             credential = extract(headers, self._cookie_name)
+            session = self._mirror.from_memory(credential)
         except BridgeError as error:
             return self._failure(error, headers)
-        session = self._mirror.fresh_copy(credential)
         if session is not None and policy.meets_aal(session, required):
             return responses.allow(session, ())
         return Pending(headers, credential, required)

@@ -20,12 +20,13 @@ that fails any check is ``KratosUnavailable``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from bridge.credentials import Credential
 from bridge.errors import KratosRateLimited, KratosUnavailable, SessionInvalid, StepUpRequired
@@ -130,7 +131,7 @@ def parse_session(raw: bytes) -> tuple[dict[str, Any], int]:
     """Kratos's whoami body, checked, reduced to the fields the bridge promises apps
     (the unified view), and its expiry in Unix ms. ``KratosUnavailable`` if unusable."""
     try:
-        body = _object(json.loads(raw), "body")
+        body = _object(orjson.loads(raw), "body")
         if body.get("active") is not True:
             raise ValueError("active is not true")
         expires_at_ms = parse_timestamp_ms(body.get("expires_at"))
@@ -147,7 +148,7 @@ def parse_session(raw: bytes) -> tuple[dict[str, Any], int]:
             "expires_at": body["expires_at"],
             "device": _first_device(_list(body.get("devices"), "devices")),
         }
-    except (ValueError, KeyError, TypeError, RecursionError) as error:
+    except (ValueError, KeyError, TypeError) as error:  # orjson.JSONDecodeError is a ValueError
         _failures.warning("kratos whoami returned an unusable session (%s)", error)
         raise KratosUnavailable("Kratos returned a session the bridge cannot use") from None
     return view, expires_at_ms
@@ -235,8 +236,8 @@ def _retry_after(answer: Answer) -> str:
 
 def _redirect_browser_to(answer: Answer) -> str | None:
     try:
-        body = json.loads(answer.body)
-    except ValueError:  # not JSON, or not even UTF-8
+        body = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:  # not JSON, or not even UTF-8
         return None
     if not isinstance(body, dict):
         return None

@@ -1,18 +1,23 @@
-"""From credential to session: the mirror first, Kratos when the mirror is missing or stale.
+"""From credential to session: this process's copy, then the store, then Kratos.
 
 Rules this module keeps:
 
-- A mirrored session is trusted for ``revalidate_after`` seconds; after that
+- A session is answered from Kratos's acceptance of *this* credential, asked at most
+  ``revalidate_after`` before the request began (with 0: after it began); after that
   Kratos is asked again, so a logout or revocation takes effect within that bound.
-- Kratos rejecting a credential drops the mirror at once and is remembered for
-  ``negative_cache_ttl`` seconds.
+- Kratos rejecting a credential drops the mirror and this process's copy at once, and
+  is remembered for ``negative_cache_ttl`` seconds (in the store and in this process).
+- A request the process's copy cannot answer costs one store round trip to read what
+  the store knows (and, for a stale session, to take the re-validation lock), then at
+  most one Kratos call and one more round trip to save (and let go of the lock).
 - Concurrent requests for one credential make one Kratos call per process
-  (``SingleFlight``); for a stale session, processes take a short lock in the
-  store and the others wait for its result instead of asking Kratos too.
-- Each process keeps the sessions it saw fresh in memory, used only within the same
-  ``revalidate_after`` bound, so a warm request needs neither Redis nor Kratos.
-- Kratos unreachable means no answer from a stale mirror: the caller gets
-  ``KratosUnavailable`` and answers 503.
+  (``SingleFlight``); across processes, the one that took the lock asks and the others
+  wait for its answer.
+- A session in use is refreshed off the request path once its copy is past
+  ``REFRESH_AT`` of ``revalidate_after``, so busy sessions do not wait for Kratos. The
+  copy is still never used past ``revalidate_after``: a refresh that fails or is slow
+  leaves requests to the ordinary path.
+- Kratos unreachable means no answer from a stale copy: ``KratosUnavailable`` (503).
 """
 
 from __future__ import annotations
@@ -21,19 +26,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from bridge.credentials import Credential, Fingerprints
-from bridge.errors import SessionInvalid
+from bridge.errors import BridgeError, SessionInvalid, StoreUnavailable
 from bridge.kratos import KratosClient
 from bridge.session import MirroredSession, aal2_event, mirror
-from bridge.store import Rejection, SessionStore
+from bridge.store import Lock, Rejection, SessionStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+REFRESH_AT = 0.75
+"""Share of ``revalidate_after`` after which a copy in use is refreshed in the background."""
 _PEER_POLL_SECONDS = 0.005
 
 
@@ -69,22 +77,37 @@ class SessionMirror:
         self._kratos = kratos
         self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
+        self._refresh_after_ms = int(revalidate_after * 1000 * REFRESH_AT)
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
         # The lock must outlive the call it guards: the Kratos call (bounded as a whole)
         # and the Redis commands around it.
         self._lock_ttl_ms = int((kratos_timeout + 2 * redis_timeout) * 1000) + 500
         self._in_flight: SingleFlight[Resolved] = SingleFlight()
-        # This process's copy of sessions it validated or read, by credential fingerprint.
-        # A copy is used only while fresh, so it keeps the same revalidate_after bound as
-        # the store and spares the store round trips on the hot path.
-        self._recent: dict[str, MirroredSession] = {}
-        self._recent_max = recent_max
+        # This process's copies, by credential fingerprint: sessions Kratos accepted
+        # (used only while fresh) and when Kratos last rejected a credential.
+        self._recent: BoundedMap[MirroredSession] = BoundedMap(recent_max)
+        self._rejected: BoundedMap[int] = BoundedMap(recent_max)
+        self._refreshing: set[str] = set()
+        self._refresher = ThreadPoolExecutor(2, thread_name_prefix="bridge-refresh")
 
-    def fresh_copy(self, credential: Credential) -> MirroredSession | None:
-        """This process's copy of the session behind ``credential`` if it is fresh. No I/O,
-        so the server may call it on its event loop."""
-        recent = self._recent.get(self._fingerprints.of(credential))
-        return recent if recent is not None and self._is_fresh(recent) else None
+    def from_memory(self, credential: Credential) -> MirroredSession | None:
+        """What this process alone can say, with no I/O (so the server may call it on its
+        event loop): the fresh copy of the session, or ``SessionInvalid`` for a credential
+        Kratos rejected recently, or ``None``. A copy near the end of its freshness is
+        refreshed in the background."""
+        fingerprint = self._fingerprints.of(credential)
+        now = now_ms()
+        recent = self._recent.get(fingerprint)
+        if recent is None:
+            rejected_at = self._rejected.get(fingerprint)
+            if rejected_at is not None and now - rejected_at < self._negative_ttl_ms:
+                raise SessionInvalid("Kratos rejected this credential recently")
+            return None
+        if not recent.is_fresh(now, self._revalidate_after_ms):
+            return None
+        if now - recent.validated_at_ms >= self._refresh_after_ms:
+            self._refresh_soon(credential, fingerprint)
+        return recent
 
     def resolve(
         self, credential: Credential, *, with_app: bool = False, refresh: bool = False
@@ -96,102 +119,93 @@ class SessionMirror:
         fingerprint = self._fingerprints.of(credential)
         if not (with_app or refresh):
             recent = self._recent.get(fingerprint)
-            if recent is not None and self._is_fresh(recent):
+            if recent is not None and recent.is_fresh(started, self._revalidate_after_ms):
                 return Resolved(recent)
-        session = self._mirrored(fingerprint, with_app)
-        if session is not None and not refresh and self._is_fresh(session):
-            resolved = Resolved(session)
-        else:
-            resolved = self._validate(credential, fingerprint, session, started, refresh)
-        if resolved.cacheable:
-            self._remember(fingerprint, resolved.session)
-        # The mirror read above already carried the app data; an answer from Kratos (or a
-        # peer's) did not, so only then is it read.
-        if with_app and resolved.session is not session:
-            app = self._store.load(resolved.session.id, with_app=True)
-            if app is not None:
-                session = replace(resolved.session, app=app.app)
-                resolved = Resolved(session, resolved.set_cookies, resolved.cacheable)
-        return resolved
+        fresh_for_ms = 0 if refresh else self._revalidate_after_ms
+        key = fingerprint + (":refresh" if refresh else ":app" if with_app else "")
 
-    def _validate(
-        self,
-        credential: Credential,
-        fingerprint: str,
-        seen: MirroredSession | None,
-        started: int,
-        refresh: bool,
-    ) -> Resolved:
+        def fetch() -> Resolved:
+            return self._fetch(credential, fingerprint, fresh_for_ms, with_app=with_app)
+
         # Joining a call already under way is only right if it was asked late enough for
         # this request. If not, the next call for this key begins after that one ended,
         # so after `started`: one more round always suffices.
-        oldest = started if refresh else started - self._revalidate_after_ms
-        key = fingerprint + (":refresh" if refresh else "")
-
-        def revalidate() -> Resolved:
-            return self._revalidate(credential, fingerprint, seen, refresh)
-
-        resolved = self._in_flight.do(key, revalidate)
-        if resolved.session.validated_at_ms < oldest:
-            resolved = self._in_flight.do(key, revalidate)
+        resolved = self._in_flight.do(key, fetch)
+        if resolved.session.validated_at_ms < started - fresh_for_ms:
+            resolved = self._in_flight.do(key, fetch)
+        if resolved.cacheable:
+            self._remember(fingerprint, resolved.session)
         return resolved
 
-    def _is_fresh(self, session: MirroredSession) -> bool:
-        return session.is_fresh(now_ms(), self._revalidate_after_ms)
+    def close(self) -> None:
+        self._refresher.shutdown(wait=False, cancel_futures=True)
 
     def _remember(self, fingerprint: str, session: MirroredSession) -> None:
-        # Bounded the cheap way: a full map is dropped whole and refills from the store.
-        if len(self._recent) >= self._recent_max:
-            self._recent.clear()
-        self._recent[fingerprint] = session
+        self._recent.put(fingerprint, replace(session, app={}) if session.app else session)
 
-    def _mirrored(self, fingerprint: str, with_app: bool) -> MirroredSession | None:
-        """The mirror as seen through this credential: fresh only if *it* was validated."""
-        entry = self._store.find_credential(fingerprint)
-        if isinstance(entry, Rejection):
-            if now_ms() - entry.rejected_at_ms < self._negative_ttl_ms:
-                raise SessionInvalid("Kratos rejected this credential recently")
-            return None
-        if entry is None:
-            return None
-        session = self._store.load(entry.session_id, with_app=with_app)
-        if session is None:
-            return None
-        return replace(session, validated_at_ms=entry.validated_at_ms)
-
-    def _fresh_mirror(self, fingerprint: str) -> MirroredSession | None:
-        current = self._mirrored(fingerprint, with_app=False)
-        return current if current is not None and self._is_fresh(current) else None
-
-    def _revalidate(
-        self,
-        credential: Credential,
-        fingerprint: str,
-        seen: MirroredSession | None,
-        refresh: bool,
-    ) -> Resolved:
-        if refresh:
-            return self._ask_kratos(credential, fingerprint, seen)
-        # A call for this credential may have finished between our read and SingleFlight.
-        current = self._mirrored(fingerprint, with_app=False)
-        if current is not None and self._is_fresh(current):
-            return Resolved(current)
-        seen = current or seen
-        if seen is None:
-            return self._ask_kratos(credential, fingerprint, seen)
-        token = self._store.claim_revalidation(seen.id, self._lock_ttl_ms)
-        if token is None:
-            fresh = self._wait_for_peer(fingerprint, seen.id)
-            return Resolved(fresh) if fresh else self._ask_kratos(credential, fingerprint, seen)
+    def _refresh_soon(self, credential: Credential, fingerprint: str) -> None:
+        if fingerprint in self._refreshing:
+            return
+        self._refreshing.add(fingerprint)
         try:
-            # A peer may have saved and let go between our read and our claim.
-            if (fresh := self._fresh_mirror(fingerprint)) is not None:
-                return Resolved(fresh)
-            return self._ask_kratos(credential, fingerprint, seen)
-        finally:
-            self._store.release_revalidation(seen.id, token)
+            self._refresher.submit(self._refresh, credential, fingerprint)
+        except RuntimeError:  # shutting down
+            self._refreshing.discard(fingerprint)
 
-    def _wait_for_peer(self, fingerprint: str, session_id: str) -> MirroredSession | None:
+    def _refresh(self, credential: Credential, fingerprint: str) -> None:
+        """Off the request path: a copy the store holds fresher than ours (a peer refreshed
+        it) is taken as it is; otherwise Kratos is asked. A rejection drops the copy at
+        once; any other failure leaves it to age out at ``revalidate_after``."""
+
+        def fetch() -> Resolved:
+            return self._fetch(credential, fingerprint, self._refresh_after_ms, with_app=False)
+
+        try:
+            resolved = self._in_flight.do(fingerprint, fetch)
+            if resolved.cacheable:
+                self._remember(fingerprint, resolved.session)
+        except SessionInvalid:
+            pass  # _ask_kratos dropped the copy
+        except BridgeError as error:
+            log.debug("background refresh failed: %s", type(error).__name__)
+        except Exception:
+            log.exception("background refresh failed")
+        finally:
+            self._refreshing.discard(fingerprint)
+
+    def _fetch(
+        self, credential: Credential, fingerprint: str, fresh_for_ms: int, *, with_app: bool
+    ) -> Resolved:
+        """The store's copy if it is fresh for ``fresh_for_ms``, else Kratos's answer."""
+        now = now_ms()
+        lock_ms = self._lock_ttl_ms if fresh_for_ms else 0
+        found = self._store.lookup(fingerprint, now, fresh_for_ms, lock_ms, with_app=with_app)
+        if isinstance(found.entry, Rejection):
+            if now - found.entry.rejected_at_ms < self._negative_ttl_ms:
+                self._recent.pop(fingerprint)
+                self._rejected.put(fingerprint, found.entry.rejected_at_ms)
+                raise SessionInvalid("Kratos rejected this credential recently")
+        seen = found.session
+        if seen is not None and seen.is_fresh(now, fresh_for_ms):
+            return Resolved(seen)
+        if seen is not None and found.peer_busy:
+            fresh = self._wait_for_peer(fingerprint, seen.id, fresh_for_ms)
+            if fresh is not None:
+                return Resolved(fresh)
+        resolved = self._ask_kratos(credential, fingerprint, seen, found.lock)
+        if not with_app:
+            return resolved
+        # A session first seen through this credential may have app data already.
+        app = seen.app if seen is not None else self._app_data(resolved.session.id)
+        return replace(resolved, session=replace(resolved.session, app=app))
+
+    def _app_data(self, session_id: str) -> dict[str, str]:
+        loaded = self._store.load(session_id, with_app=True)
+        return loaded.app if loaded is not None else {}
+
+    def _wait_for_peer(
+        self, fingerprint: str, session_id: str, fresh_for_ms: int
+    ) -> MirroredSession | None:
         """Another process is asking Kratos about this session: if it is about this same
         credential, use its answer; stop waiting as soon as it lets go of the lock."""
         deadline = time.monotonic() + self._lock_ttl_ms / 1000
@@ -199,14 +213,20 @@ class SessionMirror:
             time.sleep(_PEER_POLL_SECONDS)
             # Read the lock first: a save that lands after this read is still seen below.
             pending = self._store.revalidation_pending(session_id)
-            if (fresh := self._fresh_mirror(fingerprint)) is not None:
-                return fresh
+            now = now_ms()
+            found = self._store.lookup(fingerprint, now, fresh_for_ms, 0, with_app=False)
+            if found.session is not None and found.session.is_fresh(now, fresh_for_ms):
+                return found.session
             if not pending:
                 return None
         return None
 
     def _ask_kratos(
-        self, credential: Credential, fingerprint: str, seen: MirroredSession | None
+        self,
+        credential: Credential,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        lock: Lock | None,
     ) -> Resolved:
         # Freshness counts from when we asked: Kratos's answer may describe any moment
         # between the question and the answer.
@@ -216,15 +236,49 @@ class SessionMirror:
         except SessionInvalid:
             # Any acceptance asked before this answer arrived is older news: the store
             # refuses to cache it for as long as such a call can still be under way.
+            rejected_at = now_ms()
             keep_ms = max(self._negative_ttl_ms, self._lock_ttl_ms)
-            self._store.forget(fingerprint, seen, Rejection(now_ms(), keep_ms))
+            self._recent.pop(fingerprint)
+            self._rejected.put(fingerprint, rejected_at)
+            self._store.forget(fingerprint, seen, Rejection(rejected_at, keep_ms), lock)
+            raise
+        except BaseException:
+            self._let_go(lock)
             raise
         session = mirror(answer, asked_at)
         seen_at = now_ms()
-        saved = self._store.save(fingerprint, session, aal2_event(session, seen_at), seen_at)
+        saved = self._store.save(fingerprint, session, aal2_event(session, seen_at), seen_at, lock)
         if saved.aal2_event_id is not None:
             log.info("aal2 event %s for session %s", saved.aal2_event_id, session.id)
         return Resolved(session, answer.set_cookies, cacheable=saved.cached)
+
+    def _let_go(self, lock: Lock | None) -> None:
+        if lock is None:
+            return
+        try:
+            self._store.release_revalidation(lock)
+        except StoreUnavailable:
+            pass  # it expires on its own
+
+
+class BoundedMap(Generic[T]):
+    """A dict with a size cap, enforced the cheap way: a full map is dropped whole and
+    refills from the store. Single operations are atomic under the GIL."""
+
+    def __init__(self, max_size: int) -> None:
+        self._items: dict[str, T] = {}
+        self._max_size = max_size
+
+    def get(self, key: str) -> T | None:
+        return self._items.get(key)
+
+    def put(self, key: str, value: T) -> None:
+        if len(self._items) >= self._max_size:
+            self._items.clear()
+        self._items[key] = value
+
+    def pop(self, key: str) -> None:
+        self._items.pop(key, None)
 
 
 @dataclass

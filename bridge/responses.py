@@ -8,11 +8,12 @@ set on an allow. Every error is a small JSON object ``{"error": <code>, "message
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+import orjson
 
 from bridge.errors import (
     BadRequest,
@@ -137,7 +138,7 @@ def _error(
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    return orjson.dumps(body)
 
 
 def _with_query(url: str, **params: str | None) -> str:

@@ -7,10 +7,11 @@ Kratos adds fields, plus when the bridge last validated it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from bridge.kratos import KratosSession
 
@@ -47,8 +48,8 @@ class MirroredSession:
     def to_json(self) -> dict[str, Any]:
         return {**self.kratos, "validated_at": _iso(self.validated_at_ms), "app": self.app}
 
-    def encode(self) -> str:
-        return json.dumps(self.kratos, separators=(",", ":"), sort_keys=True)
+    def encode(self) -> bytes:
+        return orjson.dumps(self.kratos, option=orjson.OPT_SORT_KEYS)
 
 
 def mirror(session: KratosSession, validated_at_ms: int) -> MirroredSession:

@@ -11,7 +11,7 @@ from redis.crc import key_slot
 
 from bridge.app import build_store
 from bridge.session import MirroredSession, aal2_event
-from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Rejection
+from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Lock, Lookup, Rejection
 from tests.conftest import bridge_settings
 
 
@@ -193,13 +193,13 @@ def test_identity_index_drops_expired_sessions(store):
 
 
 def test_revalidation_lock_is_exclusive_owned_and_expires(store):
-    token = store.claim_revalidation("s1", 200)
-    assert token
+    lock = store.claim_revalidation("s1", 200)
+    assert lock == Lock("s1", lock.token)
     assert store.revalidation_pending("s1")
     assert store.claim_revalidation("s1", 200) is None
-    store.release_revalidation("s1", "not-the-owner")
+    store.release_revalidation(Lock("s1", "not-the-owner"))
     assert store.revalidation_pending("s1")
-    store.release_revalidation("s1", token)
+    store.release_revalidation(lock)
     assert not store.revalidation_pending("s1")
     assert store.claim_revalidation("s1", 200)
     time.sleep(0.3)
@@ -231,3 +231,50 @@ def test_keys_of_one_session_share_a_cluster_slot(store):
         store.keys.revalidating(sid),
     ]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(sid.encode())}
+
+
+def test_lookup_reads_entry_session_and_app_in_one_step(store):
+    mirrored = session(validated_at=now_ms() - 1000)
+    save(store, "fp1", mirrored)
+    store.set_app_data("s1", {"cart": "3"})
+    assert store.lookup("nobody", now_ms(), 5000, 100, with_app=False) == Lookup(None)
+
+    found = store.lookup("fp1", now_ms(), 5000, 100, with_app=True)
+    assert found.entry == CredentialEntry("s1", mirrored.validated_at_ms)
+    assert found.session.kratos == mirrored.kratos
+    assert found.session.validated_at_ms == mirrored.validated_at_ms
+    assert found.session.app == {"cart": "3"}
+    assert (found.lock, found.peer_busy) == (None, False)  # fresh: no lock taken
+    assert not store.revalidation_pending("s1")
+    assert store.lookup("fp1", now_ms(), 5000, 100, with_app=False).session.app == {}
+
+
+def test_lookup_of_a_stale_credential_takes_the_lock_once(store):
+    save(store, "fp1", session(validated_at=now_ms() - 6000))
+    first = store.lookup("fp1", now_ms(), 5000, 10_000, with_app=False)
+    assert first.lock is not None and first.lock.session_id == "s1"
+    assert not first.peer_busy
+    second = store.lookup("fp1", now_ms(), 5000, 10_000, with_app=False)
+    assert (second.lock, second.peer_busy) == (None, True)
+    assert store.lookup("fp1", now_ms(), 5000, 0, with_app=False).lock is None  # asked for none
+
+    # Saving with the lock lets go of it, in the same step.
+    save_result = store.save("fp1", session(), None, now_ms(), first.lock)
+    assert save_result.cached
+    assert not store.revalidation_pending("s1")
+
+
+def test_forget_lets_go_of_the_lock(store):
+    save(store, "fp1", session(validated_at=now_ms() - 6000))
+    found = store.lookup("fp1", now_ms(), 5000, 10_000, with_app=False)
+    store.forget("fp1", found.session, Rejection(now_ms(), 1000), found.lock)
+    assert not store.revalidation_pending("s1")
+    assert isinstance(store.lookup("fp1", now_ms(), 5000, 100, with_app=False).entry, Rejection)
+
+
+def test_lookup_of_a_rejected_credential(store):
+    save(store, "fp1", session())
+    rejection = Rejection(now_ms(), 1000)
+    store.forget("fp1", None, rejection)
+    found = store.lookup("fp1", now_ms(), 5000, 100, with_app=False)
+    assert found == Lookup(Rejection(rejection.rejected_at_ms))

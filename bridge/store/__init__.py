@@ -57,6 +57,24 @@ class SaveResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Lock:
+    """The short lock that lets one process re-validate a session, as its holder knows it."""
+
+    session_id: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the store knows about a credential, read in one step (one Redis round trip)."""
+
+    entry: CredentialEntry | Rejection | None
+    session: MirroredSession | None = None  # the mirror, with this credential's validated_at
+    lock: Lock | None = None  # the re-validation lock, when this lookup took it
+    peer_busy: bool = False  # another process holds that lock
+
+
+@dataclass(frozen=True, slots=True)
 class Rejection:
     """Kratos rejected the credential; the answer arrived at ``rejected_at_ms``."""
 
@@ -100,22 +118,38 @@ class SessionStore(Protocol):
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         """The mirrored session, or ``None`` when there is none (or it expired)."""
 
+    def lookup(
+        self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
+    ) -> Lookup:
+        """The credential's entry and, for an accepted one, its session (with the app data
+        when ``with_app``), in one step. When the credential was validated ``fresh_for_ms``
+        or longer before ``now_ms`` and ``lock_ms`` > 0, also try to take the session's
+        re-validation lock for ``lock_ms``."""
+
     def save(
         self,
         fingerprint: str,
         session: MirroredSession,
         aal2_event: dict[str, str] | None,
         now_ms: int,
+        release: Lock | None = None,
     ) -> SaveResult:
         """Record that Kratos accepted the credential at ``session.validated_at_ms`` (when
         the check started), write the mirror with expiry ``session.expires_at_ms`` unless a
         newer one is there, index it under its identity, and append ``aal2_event`` unless
-        this session already has one. Writes nothing (``cached=False``) when a rejection
-        of the credential arrived after this check started."""
+        this session already has one; release ``release``. Writes nothing but the release
+        (``cached=False``) when a rejection of the credential arrived after this check
+        started."""
 
-    def forget(self, fingerprint: str, seen: MirroredSession | None, rejection: Rejection) -> None:
+    def forget(
+        self,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        rejection: Rejection,
+        release: Lock | None = None,
+    ) -> None:
         """Kratos rejected a credential: drop the mirror of the session it was last seen
-        with, and remember the rejection for ``rejection.keep_ms``."""
+        with, remember the rejection for ``rejection.keep_ms``, and release ``release``."""
 
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
         """Merge app-owned fields into a live session (same expiry); ``False`` if none."""
@@ -124,7 +158,7 @@ class SessionStore(Protocol):
         """Take the short lock that lets one process re-validate a session: its token, or
         ``None`` if someone holds it."""
 
-    def release_revalidation(self, session_id: str, token: str) -> None: ...
+    def release_revalidation(self, lock: Lock) -> None: ...
 
     def revalidation_pending(self, session_id: str) -> bool:
         """Whether someone holds the re-validation lock of this session."""

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 from bridge.session import MirroredSession
@@ -19,6 +20,8 @@ from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     CredentialEntry,
     Keys,
+    Lock,
+    Lookup,
     Rejection,
     SaveResult,
 )
@@ -49,16 +52,23 @@ class MemoryStore:
 
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         with self._lock:
-            record = self._get(self.keys.session(session_id))
-            app = dict(self._get(self.keys.app(session_id)) or {}) if with_app else {}
-        if record is None:
-            return None
-        return MirroredSession(
-            kratos=record["kratos"],
-            validated_at_ms=record["validated_at"],
-            expires_at_ms=record["expires_at"],
-            app=app,
-        )
+            return self._load(session_id, with_app)
+
+    def lookup(
+        self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
+    ) -> Lookup:
+        with self._lock:
+            entry = self._get(self.keys.credential(fingerprint))
+            if not isinstance(entry, CredentialEntry):
+                return Lookup(entry)
+            session = self._load(entry.session_id, with_app)
+            if session is None:
+                return Lookup(entry)
+            session = replace(session, validated_at_ms=entry.validated_at_ms)
+            if lock_ms == 0 or now_ms - entry.validated_at_ms < fresh_for_ms:
+                return Lookup(entry, session)
+            lock = self._claim(entry.session_id, lock_ms)
+            return Lookup(entry, session, lock=lock, peer_busy=lock is None)
 
     def save(
         self,
@@ -66,11 +76,13 @@ class MemoryStore:
         session: MirroredSession,
         aal2_event: dict[str, str] | None,
         now_ms: int,
+        release: Lock | None = None,
     ) -> SaveResult:
         sid, expires_at = session.id, session.expires_at_ms
         validated_at = session.validated_at_ms
         with self._lock:
             self._maybe_sweep()
+            self._release(release)
             credential_key = self.keys.credential(fingerprint)
             known = self._get(credential_key)
             if isinstance(known, Rejection):
@@ -103,9 +115,16 @@ class MemoryStore:
             self._set(marker, event_id, marker_expires_at)
             return SaveResult(True, event_id)
 
-    def forget(self, fingerprint: str, seen: MirroredSession | None, rejection: Rejection) -> None:
+    def forget(
+        self,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        rejection: Rejection,
+        release: Lock | None = None,
+    ) -> None:
         with self._lock:
             self._maybe_sweep()
+            self._release(release)
             expires_at = _now_ms() + max(rejection.keep_ms, 1)
             self._set(self.keys.credential(fingerprint), rejection, expires_at)
             if seen is None:
@@ -113,21 +132,14 @@ class MemoryStore:
             self._delete(self.keys.session(seen.id))
             (self._get(self.keys.identity_sessions(seen.identity_id)) or {}).pop(seen.id, None)
 
-    def claim_revalidation(self, session_id: str, ttl_ms: int) -> str | None:
-        key = self.keys.revalidating(session_id)
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
         with self._lock:
             self._maybe_sweep()
-            if self._get(key) is not None:
-                return None
-            token = os.urandom(12).hex()
-            self._set(key, token, _now_ms() + ttl_ms)
-            return token
+            return self._claim(session_id, ttl_ms)
 
-    def release_revalidation(self, session_id: str, token: str) -> None:
-        key = self.keys.revalidating(session_id)
+    def release_revalidation(self, lock: Lock) -> None:
         with self._lock:
-            if self._get(key) == token:
-                self._delete(key)
+            self._release(lock)
 
     def revalidation_pending(self, session_id: str) -> bool:
         with self._lock:
@@ -161,6 +173,32 @@ class MemoryStore:
         return None
 
     # The helpers below run with the lock held.
+
+    def _load(self, session_id: str, with_app: bool) -> MirroredSession | None:
+        record = self._get(self.keys.session(session_id))
+        if record is None:
+            return None
+        return MirroredSession(
+            kratos=record["kratos"],
+            validated_at_ms=record["validated_at"],
+            expires_at_ms=record["expires_at"],
+            app=dict(self._get(self.keys.app(session_id)) or {}) if with_app else {},
+        )
+
+    def _claim(self, session_id: str, ttl_ms: int) -> Lock | None:
+        key = self.keys.revalidating(session_id)
+        if self._get(key) is not None:
+            return None
+        lock = Lock(session_id, os.urandom(12).hex())
+        self._set(key, lock.token, _now_ms() + ttl_ms)
+        return lock
+
+    def _release(self, lock: Lock | None) -> None:
+        if lock is None:
+            return
+        key = self.keys.revalidating(lock.session_id)
+        if self._get(key) == lock.token:
+            self._delete(key)
 
     def _get(self, key: str) -> Any:
         expires = self._expires.get(key)

@@ -1,0 +1,103 @@
+"""Sessions in use are refreshed off the request path, and the copy is still never used
+past ``revalidate_after``: not while a refresh runs, not when it fails.
+
+``from_memory`` is what the server's event loop asks on every ``/auth``; these tests
+ask it the same way, with the real Kratos and store behind it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bridge.credentials import extract
+from bridge.errors import SessionInvalid
+from bridge.mirror import REFRESH_AT
+from bridge.request import HeaderView
+from tests import kratos_flows as flows
+from tests.harness import Kratos
+
+REVALIDATE_AFTER = 1.0
+
+
+def _mirror(client):
+    return client.application.extensions["bridge"].mirror
+
+
+def _credential(user):
+    return extract(HeaderView([("x-session-token", user.token)]), "ory_kratos_session")
+
+
+def _ask_from_memory(mirror, credential, seconds: float):
+    """Ask like busy traffic would, every 20 ms; yield (time, answer) with the answer a
+    session, None (not in memory) or "rejected"."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            answer = mirror.from_memory(credential)
+        except SessionInvalid:
+            answer = "rejected"
+        yield time.time() * 1000, answer
+        time.sleep(0.02)
+
+
+def test_a_busy_session_stays_answered_from_memory(make_client, kratos):
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    mirror, user = _mirror(client), flows.register(kratos)
+    credential = _credential(user)
+    first = mirror.resolve(credential).session
+    calls = kratos.whoami_calls()
+
+    answers = list(_ask_from_memory(mirror, credential, 4 * REVALIDATE_AFTER))
+    assert all(answer not in (None, "rejected") for _, answer in answers)
+    for asked_at, answer in answers:
+        assert asked_at - answer.validated_at_ms < REVALIDATE_AFTER * 1000
+    assert answers[-1][1].validated_at_ms > first.validated_at_ms
+    refreshed = kratos.whoami_calls() - calls
+    assert 3 <= refreshed <= 6  # about one per REFRESH_AT x revalidate_after, not per ask
+
+
+def test_a_session_revoked_while_in_use_is_refused_within_the_bound(make_client, kratos):
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    mirror, user = _mirror(client), flows.register(kratos)
+    credential = _credential(user)
+    mirror.resolve(credential)
+    flows.logout_api(kratos, user.token)
+    revoked_at = time.time() * 1000
+
+    answers = list(_ask_from_memory(mirror, credential, 2 * REVALIDATE_AFTER))
+    for asked_at, answer in answers:
+        if asked_at >= revoked_at + REVALIDATE_AFTER * 1000:
+            assert answer in (None, "rejected")
+    # The refresh saw the 401: the copy is gone before the bound, and stays gone.
+    assert answers[-1][1] == "rejected"
+    gone = next(at for at, answer in answers if answer in (None, "rejected"))
+    assert gone < revoked_at + REVALIDATE_AFTER * 1000
+    assert client.get("/auth", headers={"X-Session-Token": user.token}).status_code == 401
+
+
+@pytest.fixture
+def own_kratos(workdir):
+    server = Kratos(workdir)
+    yield server
+    server.stop()
+
+
+def test_kratos_down_during_refresh_leaves_nothing_past_freshness(make_client, own_kratos):
+    client = make_client(
+        own_kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER), BRIDGE_KRATOS_TIMEOUT="0.3"
+    )
+    mirror, user = _mirror(client), flows.register(own_kratos)
+    credential = _credential(user)
+    validated = mirror.resolve(credential).session.validated_at_ms
+    own_kratos.stop()
+
+    answers = list(_ask_from_memory(mirror, credential, 2 * REVALIDATE_AFTER))
+    for asked_at, answer in answers:
+        if asked_at >= validated + REVALIDATE_AFTER * 1000:
+            assert answer is None
+        elif asked_at < validated + REFRESH_AT * REVALIDATE_AFTER * 1000:
+            assert answer is not None
+    response = client.get("/auth", headers={"X-Session-Token": user.token})
+    assert response.status_code == 503
