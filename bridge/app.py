@@ -139,7 +139,7 @@ def _headers(environ: dict[str, Any]) -> HeaderView:
 
 
 def as_flask(reply: Reply) -> Response:
-    return Response(reply.body, status=reply.status, headers=reply.headers)
+    return Response(reply.body, status=reply.status, headers=list(reply.headers))
 
 
 def auth_query(path: str, query_string: str) -> str | None:
@@ -167,7 +167,7 @@ def auth_in_front(forward_auth: ForwardAuth, wsgi_app: Callable[..., Any]) -> Ca
         reply = forward_auth(
             HeaderView.from_environ(environ), auth_query(path, environ.get("QUERY_STRING", ""))
         )
-        start_response(f"{reply.status} {HTTPStatus(reply.status).phrase}", reply.headers)
+        start_response(f"{reply.status} {HTTPStatus(reply.status).phrase}", list(reply.headers))
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [reply.body]
 
     return app

@@ -106,7 +106,7 @@ class Front:
             content = b"".join(chunks)
         finally:
             getattr(chunks, "close", lambda: None)()
-        return Reply(started[0], list(started[1]), content)
+        return Reply(started[0], tuple(started[1]), content)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -143,9 +143,9 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 async def _send(send: Send, reply: Reply, *, head: bool) -> None:
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers]
-    headers.append((b"content-length", str(len(reply.body)).encode()))
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send(
+        {"type": "http.response.start", "status": reply.status, "headers": reply.raw_headers}
+    )
     await send({"type": "http.response.body", "body": b"" if head else reply.body})
 
 

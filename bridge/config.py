@@ -282,7 +282,8 @@ OPTIONS: tuple[Option, ...] = (
         "workers",
         _number(0, 64, integer=True),
         0,
-        "Server processes; `0` = one per CPU with Redis, always 1 when embedded.",
+        "Server processes; `0` = one per CPU the process may use (its affinity) with Redis, "
+        "always 1 when embedded.",
     ),
     Option(
         "threads",

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from bridge import policy, responses
 from bridge.credentials import Credential, extract
 from bridge.errors import BridgeError
-from bridge.mirror import SessionMirror
+from bridge.mirror import BoundedMap, SessionMirror
 from bridge.request import HeaderView, original_url
 from bridge.responses import Reply
+from bridge.session import MirroredSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,8 @@ class ForwardAuth:
         self._mirror = mirror
         self._cookie_name = cookie_name
         self._login_url = login_url
+        # Holding the session keeps its id from being reused while the entry lives.
+        self._allows: BoundedMap[int, tuple[MirroredSession, Reply]] = BoundedMap(50_000)
 
     def __call__(self, headers: HeaderView, aal: str | None) -> Reply:
         step = self.begin(headers, aal)
@@ -46,7 +49,7 @@ class ForwardAuth:
         except BridgeError as error:
             return self._failure(error, headers)
         if session is not None and policy.meets_aal(session, required):
-            return responses.allow(session, ())
+            return self._allow(session)
         return Pending(headers, credential, required)
 
     def finish(self, pending: Pending) -> Reply:
@@ -59,6 +62,16 @@ class ForwardAuth:
         except BridgeError as error:
             return self._failure(error, pending.headers)
         return responses.allow(resolved.session, resolved.set_cookies)
+
+    def _allow(self, session: MirroredSession) -> Reply:
+        """The allow for a copy: built once per validation (a copy is one object from one
+        Kratos answer to the next), then reused for each request it answers."""
+        memo = self._allows.get(id(session))
+        if memo is not None and memo[0] is session:
+            return memo[1]
+        reply = responses.allow(session, ())
+        self._allows.put(id(session), (session, reply))
+        return reply
 
     def _failure(self, error: BridgeError, headers: HeaderView) -> Reply:
         return responses.failure(error, self._login_url, original_url(headers), forward_auth=True)

@@ -13,10 +13,10 @@ Rules this module keeps:
 - Concurrent requests for one credential make one Kratos call per process
   (``SingleFlight``); across processes, the one that took the lock asks and the others
   wait for its answer.
-- A session in use is refreshed off the request path once its copy is past
-  ``REFRESH_AT`` of ``revalidate_after``, so busy sessions do not wait for Kratos. The
-  copy is still never used past ``revalidate_after``: a refresh that fails or is slow
-  leaves requests to the ordinary path.
+- A session in use is refreshed off the request path shortly before its copy stops
+  being fresh (``bridge.refresh``), so busy sessions do not wait for Kratos. The copy is
+  still never used past ``revalidate_after``: a refresh that fails or is slow leaves
+  requests to the ordinary path.
 - Kratos unreachable means no answer from a stale copy: ``KratosUnavailable`` (503).
 """
 
@@ -26,22 +26,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from bridge.credentials import Credential, Fingerprints
 from bridge.errors import BridgeError, SessionInvalid, StoreUnavailable
 from bridge.kratos import KratosClient
+from bridge.refresh import REFRESH_AT, Refresher, refresh_lead_ms
 from bridge.session import MirroredSession, aal2_event, mirror
 from bridge.store import Lock, Rejection, SessionStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
 
-REFRESH_AT = 0.75
-"""Share of ``revalidate_after`` after which a copy in use is refreshed in the background."""
 _PEER_POLL_SECONDS = 0.005
 
 
@@ -78,6 +77,9 @@ class SessionMirror:
         self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
         self._refresh_after_ms = int(revalidate_after * 1000 * REFRESH_AT)
+        self._refresh_due_ms = self._revalidate_after_ms - refresh_lead_ms(
+            self._revalidate_after_ms
+        )
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
         # The lock must outlive the call it guards: the Kratos call (bounded as a whole)
         # and the Redis commands around it.
@@ -85,10 +87,9 @@ class SessionMirror:
         self._in_flight: SingleFlight[Resolved] = SingleFlight()
         # This process's copies, by credential fingerprint: sessions Kratos accepted
         # (used only while fresh) and when Kratos last rejected a credential.
-        self._recent: BoundedMap[MirroredSession] = BoundedMap(recent_max)
-        self._rejected: BoundedMap[int] = BoundedMap(recent_max)
-        self._refreshing: set[str] = set()
-        self._refresher = ThreadPoolExecutor(2, thread_name_prefix="bridge-refresh")
+        self._recent: BoundedMap[str, MirroredSession] = BoundedMap(recent_max)
+        self._rejected: BoundedMap[str, int] = BoundedMap(recent_max)
+        self._refresher = Refresher(self._refresh)
 
     def from_memory(self, credential: Credential) -> MirroredSession | None:
         """What this process alone can say, with no I/O (so the server may call it on its
@@ -105,8 +106,10 @@ class SessionMirror:
             return None
         if not recent.is_fresh(now, self._revalidate_after_ms):
             return None
-        if now - recent.validated_at_ms >= self._refresh_after_ms:
-            self._refresh_soon(credential, fingerprint)
+        age = now - recent.validated_at_ms
+        if age >= self._refresh_after_ms:
+            due_in = max(0, self._refresh_due_ms - age) / 1000
+            self._refresher.schedule(fingerprint, credential, time.monotonic() + due_in)
         return recent
 
     def resolve(
@@ -138,19 +141,10 @@ class SessionMirror:
         return resolved
 
     def close(self) -> None:
-        self._refresher.shutdown(wait=False, cancel_futures=True)
+        self._refresher.close()
 
     def _remember(self, fingerprint: str, session: MirroredSession) -> None:
         self._recent.put(fingerprint, replace(session, app={}) if session.app else session)
-
-    def _refresh_soon(self, credential: Credential, fingerprint: str) -> None:
-        if fingerprint in self._refreshing:
-            return
-        self._refreshing.add(fingerprint)
-        try:
-            self._refresher.submit(self._refresh, credential, fingerprint)
-        except RuntimeError:  # shutting down
-            self._refreshing.discard(fingerprint)
 
     def _refresh(self, credential: Credential, fingerprint: str) -> None:
         """Off the request path: a copy the store holds fresher than ours (a peer refreshed
@@ -162,16 +156,13 @@ class SessionMirror:
 
         try:
             resolved = self._in_flight.do(fingerprint, fetch)
-            if resolved.cacheable:
-                self._remember(fingerprint, resolved.session)
         except SessionInvalid:
-            pass  # _ask_kratos dropped the copy
+            return  # the copy is dropped already
         except BridgeError as error:
             log.debug("background refresh failed: %s", type(error).__name__)
-        except Exception:
-            log.exception("background refresh failed")
-        finally:
-            self._refreshing.discard(fingerprint)
+            return
+        if resolved.cacheable:
+            self._remember(fingerprint, resolved.session)
 
     def _fetch(
         self, credential: Credential, fingerprint: str, fresh_for_ms: int, *, with_app: bool
@@ -261,23 +252,23 @@ class SessionMirror:
             pass  # it expires on its own
 
 
-class BoundedMap(Generic[T]):
+class BoundedMap(Generic[K, T]):
     """A dict with a size cap, enforced the cheap way: a full map is dropped whole and
     refills from the store. Single operations are atomic under the GIL."""
 
     def __init__(self, max_size: int) -> None:
-        self._items: dict[str, T] = {}
+        self._items: dict[K, T] = {}
         self._max_size = max_size
 
-    def get(self, key: str) -> T | None:
+    def get(self, key: K) -> T | None:
         return self._items.get(key)
 
-    def put(self, key: str, value: T) -> None:
+    def put(self, key: K, value: T) -> None:
         if len(self._items) >= self._max_size:
             self._items.clear()
         self._items[key] = value
 
-    def pop(self, key: str) -> None:
+    def pop(self, key: K) -> None:
         self._items.pop(key, None)
 
 

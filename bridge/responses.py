@@ -9,7 +9,7 @@ set on an allow. Every error is a small JSON object ``{"error": <code>, "message
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -37,15 +37,26 @@ _SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,512}")
 
 @dataclass(frozen=True, slots=True)
 class Reply:
+    """An answer, immutable so that one can serve many requests; ``raw_headers`` is the
+    header list as the server sends it (bytes, with ``Content-Length``), built once."""
+
     status: int
-    headers: list[tuple[str, str]]
+    headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+    raw_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
+        raw.append((b"content-length", str(len(self.body)).encode()))
+        object.__setattr__(self, "raw_headers", tuple(raw))
+
+    def with_header(self, name: str, value: str) -> Reply:
+        return Reply(self.status, (*self.headers, (name, value)), self.body)
 
 
 def allow(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
-    headers = [_NO_STORE, *identity_headers(session).items()]
-    headers += [("Set-Cookie", cookie) for cookie in set_cookies]
-    return Reply(200, headers)
+    headers = (_NO_STORE, *identity_headers(session).items())
+    return Reply(200, headers + tuple(("Set-Cookie", cookie) for cookie in set_cookies))
 
 
 def identity_headers(session: MirroredSession) -> dict[str, str]:
@@ -59,7 +70,7 @@ def identity_headers(session: MirroredSession) -> dict[str, str]:
 
 
 def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
-    headers = [_JSON, _NO_STORE, *(("Set-Cookie", cookie) for cookie in set_cookies)]
+    headers = (_JSON, _NO_STORE, *(("Set-Cookie", cookie) for cookie in set_cookies))
     return Reply(200, headers, _encode(session.to_json()))
 
 
@@ -104,20 +115,18 @@ def internal_error() -> Reply:
 def http_error(status: int, name: str, allowed_methods: list[str] | None = None) -> Reply:
     """Routing errors (404, 405, ...) in the same JSON shape."""
     reply = _error(status, name.lower().replace(" ", "_"), name)
-    if allowed_methods:
-        reply.headers.append(("Allow", ", ".join(allowed_methods)))
-    return reply
+    return reply.with_header("Allow", ", ".join(allowed_methods)) if allowed_methods else reply
 
 
 def json_reply(status: int, body: dict[str, Any]) -> Reply:
-    return Reply(status, [_JSON, _NO_STORE], _encode(body))
+    return Reply(status, (_JSON, _NO_STORE), _encode(body))
 
 
 def _unauthorized(code: str, message: str, redirect_browser_to: str) -> Reply:
     """401, with where to send a browser both in the body and in a header proxies can read."""
-    reply = _error(401, code, message, redirect_browser_to)
-    reply.headers.append((REDIRECT_HEADER, redirect_browser_to))
-    return reply
+    return _error(401, code, message, redirect_browser_to).with_header(
+        REDIRECT_HEADER, redirect_browser_to
+    )
 
 
 def _error(
@@ -132,9 +141,7 @@ def _error(
     if redirect_browser_to:
         body["redirect_browser_to"] = redirect_browser_to
     reply = json_reply(status, body)
-    if retry_after:
-        reply.headers.append(("Retry-After", retry_after))
-    return reply
+    return reply.with_header("Retry-After", retry_after) if retry_after else reply
 
 
 def _encode(body: dict[str, Any]) -> bytes:

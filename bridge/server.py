@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 def worker_count(settings: Settings) -> int:
     if settings.redis_url is None:
         return 1  # the embedded store lives in one process
-    return settings.workers or (os.cpu_count() or 1)
+    # The CPUs this process may run on (a cpuset, taskset), not all the machine has.
+    return settings.workers or len(os.sched_getaffinity(0))
 
 
 def _load_app(settings: Settings, *_: Any) -> Any:

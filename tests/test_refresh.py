@@ -13,7 +13,7 @@ import pytest
 
 from bridge.credentials import extract
 from bridge.errors import SessionInvalid
-from bridge.mirror import REFRESH_AT
+from bridge.refresh import REFRESH_AT
 from bridge.request import HeaderView
 from tests import kratos_flows as flows
 from tests.harness import Kratos
