@@ -128,7 +128,7 @@ def create_flask_app(bridge: Bridge) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        log.exception("unexpected error on %s", request.path)
+        log.exception("unexpected error on %r", request.path)
         return as_flask(responses.internal_error())
 
     return app

@@ -74,7 +74,7 @@ class Front:
                     else responses.http_error(413, "Request Entity Too Large")
                 )
         except Exception:
-            log.exception("unexpected error on %s", path)
+            log.exception("unexpected error on %r", path)
             reply = responses.internal_error()
         await _send(send, reply, head=method == "HEAD")
 

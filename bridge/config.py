@@ -31,6 +31,10 @@ MIN_SECRET_LENGTH = 32
 _HOST_NAME = re.compile(
     r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?)*\.?"
 )
+# Query options of a Redis URL that would undo the bridge's own time bounds.
+_SET_BY_THE_BRIDGE = frozenset(
+    ("socket_timeout", "socket_connect_timeout", "retry_on_timeout", "retry", "max_connections")
+)
 _DB_PATH = re.compile(r"/?([0-9]{1,5})?")
 
 
@@ -99,7 +103,13 @@ def _redis_url(value: str) -> str:
         _host_and_port(parts)
         if not _DB_PATH.fullmatch(parts.path):
             raise ValueError(f"database {parts.path.lstrip('/')!r} is not a number")
-    query_db = parse_qs(parts.query).get("db")
+    query = parse_qs(parts.query)
+    overridden = sorted(set(query) & _SET_BY_THE_BRIDGE)
+    if overridden:
+        raise ValueError(
+            f"{overridden[0]} is set by the bridge (BRIDGE_REDIS_TIMEOUT bounds every wait)"
+        )
+    query_db = query.get("db")
     if query_db and not all(db.isdigit() for db in query_db):
         raise ValueError(f"database {query_db[0]!r} is not a number")
     try:
@@ -288,7 +298,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "threads",
         _number(1, 256, integer=True),
-        4,
+        16,
         "Worker threads per server process, for requests that need Redis or Kratos (answers "
         "from the process's fresh copy need no thread). Raise it when Kratos is slow or far.",
     ),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from bridge import policy, responses
 from bridge.credentials import Credential, extract
 from bridge.errors import BridgeError
-from bridge.mirror import BoundedMap, SessionMirror
+from bridge.mirror import BoundedMap, SessionMirror, now_ms
 from bridge.request import HeaderView, original_url
 from bridge.responses import Reply
 from bridge.session import MirroredSession
@@ -27,6 +27,7 @@ class Pending:
     headers: HeaderView
     credential: Credential
     required_aal: str | None
+    started_ms: int
 
 
 class ForwardAuth:
@@ -45,18 +46,23 @@ class ForwardAuth:
         try:
             required = policy.required_aal(aal)
             credential = extract(headers, self._cookie_name)
-            session = self._mirror.from_memory(credential)
+            known = self._mirror.from_memory(credential)
         except BridgeError as error:
             return self._failure(error, headers)
-        if session is not None and policy.meets_aal(session, required):
-            return self._allow(session)
-        return Pending(headers, credential, required)
+        if known is not None and policy.meets_aal(known.session, required):
+            if known.set_cookies:
+                return responses.allow(known.session, known.set_cookies)
+            return self._allow(known.session)
+        return Pending(headers, credential, required, now_ms())
 
     def finish(self, pending: Pending) -> Reply:
         try:
             resolved = self._mirror.resolve(pending.credential)
-            if not policy.meets_aal(resolved.session, pending.required_aal):
-                # The user may have just completed the second factor: ask Kratos, not the copy.
+            if not policy.meets_aal(resolved.session, pending.required_aal) and (
+                resolved.session.validated_at_ms < pending.started_ms
+            ):
+                # The user may have just completed the second factor: ask Kratos, not the
+                # copy (unless Kratos was just asked, for this very request).
                 resolved = self._mirror.resolve(pending.credential, refresh=True)
             policy.enforce_aal(resolved.session, pending.required_aal)
         except BridgeError as error:

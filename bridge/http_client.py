@@ -10,24 +10,35 @@ Why not a general-purpose client: two properties matter more here than features.
   carries no credential of its own: every request states its own.
 - *One deadline for the whole exchange.* Socket timeouts apply per read, so a server
   that trickles its answer can hold a caller for many times the timeout. Here every
-  connect, send and read gets only the time left until the caller's deadline.
+  name lookup, connect (to each address in turn), send and read gets only the time
+  left until the caller's deadline.
+- *A kept-alive socket is reused only when it is quiet.* One with bytes waiting (or
+  closed by the server) when taken from the pool, or left with bytes past the end of
+  its last answer, is closed: those bytes would otherwise be read as the next
+  request's answer.
 
 HTTP parsing is h11's (the state machine underneath httpx).
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
 
 _READ_SIZE = 65536
 _MAX_IDLE = 32
+_IDLE_SECONDS = 20.0  # below the idle timeouts of common servers and load balancers
+_ADDRESSES_SECONDS = 5.0  # how long a name's addresses are reused
 
 
 class RequestFailed(Exception):
@@ -48,11 +59,23 @@ class Answer:
 
 
 class _Connection:
-    __slots__ = ("h11", "sock")
+    __slots__ = ("h11", "idle_since", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+
+    def quiet(self) -> bool:
+        """Still fit for a request: not idle too long, and nothing to read (neither bytes
+        nor the server's close) before a request has been sent."""
+        if time.monotonic() - self.idle_since > _IDLE_SECONDS:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def close(self) -> None:
         try:
@@ -73,6 +96,8 @@ class HTTPClient:
         self._base_path = parts.path.rstrip("/")
         self._max_body = max_body
         self._idle: deque[_Connection] = deque()
+        self._addresses: tuple[float, list[tuple[Any, ...]]] = (0.0, [])
+        self._resolver = ThreadPoolExecutor(1, thread_name_prefix="bridge-resolve")
 
     def get(self, path: str, headers: list[tuple[str, str]], timeout: float) -> Answer:
         """Send ``GET path`` with exactly ``headers`` (plus Host); raise ``RequestFailed``
@@ -90,6 +115,9 @@ class HTTPClient:
                 connection = self._idle.pop()
             except IndexError:
                 break
+            if not connection.quiet():
+                connection.close()
+                continue
             answer = self._exchange(connection, request, deadline, reused=True)
             if answer is not None:
                 return answer
@@ -100,17 +128,45 @@ class HTTPClient:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+        self._resolver.shutdown(wait=False)
 
     def _connect(self, deadline: float) -> _Connection:
-        try:
-            sock = socket.create_connection((self._host, self._port), _left(deadline))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is not None:
+        error: Exception = RequestFailed("no address")
+        for family, kind, protocol, _, address in self._resolve(deadline):
+            sock = socket.socket(family, kind, protocol)
+            try:
                 sock.settimeout(_left(deadline))
-                sock = self._tls.wrap_socket(sock, server_hostname=self._host)
-        except (OSError, ValueError) as error:
-            raise RequestFailed(f"connect: {type(error).__name__}") from None
-        return _Connection(sock)
+                sock.connect(address)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._tls is not None:
+                    sock.settimeout(_left(deadline))
+                    sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+                return _Connection(sock)
+            except (OSError, ValueError) as failure:
+                sock.close()
+                error = failure
+                if isinstance(failure, TimeoutError):
+                    break
+        raise RequestFailed(f"connect: {type(error).__name__}")
+
+    def _resolve(self, deadline: float) -> list[tuple[Any, ...]]:
+        """The host's addresses, looked up at most every few seconds (a name in compose
+        may move), and never past the deadline: ``getaddrinfo`` itself cannot be bounded,
+        so it runs on a thread of its own."""
+        looked_up_at, addresses = self._addresses
+        if addresses and time.monotonic() - looked_up_at < _ADDRESSES_SECONDS:
+            return addresses
+        lookup = self._resolver.submit(
+            socket.getaddrinfo, self._host, self._port, type=socket.SOCK_STREAM
+        )
+        try:
+            addresses = lookup.result(timeout=_left(deadline))
+        except FutureTimeout:
+            raise RequestFailed("name lookup: TimeoutError") from None
+        except (OSError, UnicodeError) as error:
+            raise RequestFailed(f"name lookup: {type(error).__name__}") from None
+        self._addresses = (time.monotonic(), addresses)
+        return addresses
 
     def _exchange(
         self, connection: _Connection, request: h11.Request, deadline: float, *, reused: bool
@@ -154,9 +210,11 @@ class HTTPClient:
         if (
             connection.h11.our_state is h11.DONE
             and connection.h11.their_state is h11.DONE
+            and connection.h11.trailing_data == (b"", False)
             and len(self._idle) < _MAX_IDLE
         ):
             connection.h11.start_next_cycle()
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
             connection.close()

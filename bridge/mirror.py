@@ -77,9 +77,9 @@ class SessionMirror:
         self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
         self._refresh_after_ms = int(revalidate_after * 1000 * REFRESH_AT)
-        self._refresh_due_ms = self._revalidate_after_ms - refresh_lead_ms(
-            self._revalidate_after_ms
-        )
+        lead_ms = refresh_lead_ms(self._revalidate_after_ms)
+        self._refresh_due_ms = self._revalidate_after_ms - lead_ms
+        self._refresh_lead_s = lead_ms / 1000
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
         # The lock must outlive the call it guards: the Kratos call (bounded as a whole)
         # and the Redis commands around it.
@@ -90,27 +90,34 @@ class SessionMirror:
         self._recent: BoundedMap[str, MirroredSession] = BoundedMap(recent_max)
         self._rejected: BoundedMap[str, int] = BoundedMap(recent_max)
         self._refresher = Refresher(self._refresh)
+        self._refresh_retry_at: BoundedMap[str, float] = BoundedMap(recent_max)
+        self._refreshed_cookies: BoundedMap[str, tuple[str, ...]] = BoundedMap(recent_max)
+        # Waiting for a peer never outlasts what a request may wait in all.
+        self._peer_wait_s = kratos_timeout + 2 * redis_timeout
 
-    def from_memory(self, credential: Credential) -> MirroredSession | None:
+    def from_memory(self, credential: Credential) -> Resolved | None:
         """What this process alone can say, with no I/O (so the server may call it on its
-        event loop): the fresh copy of the session, or ``SessionInvalid`` for a credential
-        Kratos rejected recently, or ``None``. A copy near the end of its freshness is
-        refreshed in the background."""
+        event loop): the fresh copy of the session (with cookies a background refresh
+        brought, the first time only), or ``SessionInvalid`` for a credential Kratos
+        rejected recently, or ``None``. A copy near the end of its freshness is scheduled
+        for a refresh."""
         fingerprint = self._fingerprints.of(credential)
         now = now_ms()
         recent = self._recent.get(fingerprint)
-        if recent is None:
-            rejected_at = self._rejected.get(fingerprint)
-            if rejected_at is not None and now - rejected_at < self._negative_ttl_ms:
+        rejected_at = self._rejected.get(fingerprint)
+        if rejected_at is not None and now - rejected_at < self._negative_ttl_ms:
+            if recent is None or rejected_at >= recent.validated_at_ms:
                 raise SessionInvalid("Kratos rejected this credential recently")
-            return None
-        if not recent.is_fresh(now, self._revalidate_after_ms):
+        if recent is None or not recent.is_fresh(now, self._revalidate_after_ms):
             return None
         age = now - recent.validated_at_ms
         if age >= self._refresh_after_ms:
-            due_in = max(0, self._refresh_due_ms - age) / 1000
-            self._refresher.schedule(fingerprint, credential, time.monotonic() + due_in)
-        return recent
+            self._schedule_refresh(credential, fingerprint, age)
+        cookies = self._refreshed_cookies.get(fingerprint)
+        if cookies is not None:
+            self._refreshed_cookies.pop(fingerprint)
+            return Resolved(recent, cookies)
+        return Resolved(recent)
 
     def resolve(
         self, credential: Credential, *, with_app: bool = False, refresh: bool = False
@@ -144,7 +151,18 @@ class SessionMirror:
         self._refresher.close()
 
     def _remember(self, fingerprint: str, session: MirroredSession) -> None:
+        # A rejection that arrived after this acceptance was asked wins, also here.
+        rejected_at = self._rejected.get(fingerprint)
+        if rejected_at is not None and rejected_at >= session.validated_at_ms:
+            return
         self._recent.put(fingerprint, replace(session, app={}) if session.app else session)
+
+    def _schedule_refresh(self, credential: Credential, fingerprint: str, age_ms: int) -> None:
+        retry_at = self._refresh_retry_at.get(fingerprint)
+        if retry_at is not None and time.monotonic() < retry_at:
+            return  # the last refresh failed: no back-to-back calls to a troubled Kratos
+        due_in = max(0, self._refresh_due_ms - age_ms) / 1000
+        self._refresher.schedule(fingerprint, credential, time.monotonic() + due_in)
 
     def _refresh(self, credential: Credential, fingerprint: str) -> None:
         """Off the request path: a copy the store holds fresher than ours (a peer refreshed
@@ -160,7 +178,11 @@ class SessionMirror:
             return  # the copy is dropped already
         except BridgeError as error:
             log.debug("background refresh failed: %s", type(error).__name__)
+            self._refresh_retry_at.put(fingerprint, time.monotonic() + self._refresh_lead_s)
             return
+        if resolved.set_cookies:
+            # Kratos re-issued the cookie (an extend): the next request relays it.
+            self._refreshed_cookies.put(fingerprint, resolved.set_cookies)
         if resolved.cacheable:
             self._remember(fingerprint, resolved.session)
 
@@ -187,7 +209,8 @@ class SessionMirror:
         if not with_app:
             return resolved
         # A session first seen through this credential may have app data already.
-        app = seen.app if seen is not None else self._app_data(resolved.session.id)
+        same = seen is not None and seen.id == resolved.session.id
+        app = seen.app if same else self._app_data(resolved.session.id)
         return replace(resolved, session=replace(resolved.session, app=app))
 
     def _app_data(self, session_id: str) -> dict[str, str]:
@@ -199,9 +222,11 @@ class SessionMirror:
     ) -> MirroredSession | None:
         """Another process is asking Kratos about this session: if it is about this same
         credential, use its answer; stop waiting as soon as it lets go of the lock."""
-        deadline = time.monotonic() + self._lock_ttl_ms / 1000
+        deadline = time.monotonic() + self._peer_wait_s
+        pause = _PEER_POLL_SECONDS
         while time.monotonic() < deadline:
-            time.sleep(_PEER_POLL_SECONDS)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.05)
             # Read the lock first: a save that lands after this read is still seen below.
             pending = self._store.revalidation_pending(session_id)
             now = now_ms()

@@ -8,6 +8,7 @@ set on an allow. Every error is a small JSON object ``{"error": <code>, "message
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,10 @@ from bridge.errors import (
 )
 from bridge.session import MirroredSession
 
+log = logging.getLogger(__name__)
+
 IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email")
+_REQUIRED_IDENTITY = IDENTITY_HEADERS[:3]
 REDIRECT_HEADER = "X-Bridge-Redirect"
 _NO_STORE = ("Cache-Control", "no-store")
 _JSON = ("Content-Type", "application/json")
@@ -46,8 +50,9 @@ class Reply:
     raw_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
-        raw.append((b"content-length", str(len(self.body)).encode()))
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
+        if not any(name == b"content-length" for name, _ in raw):
+            raw.append((b"content-length", str(len(self.body)).encode()))
         object.__setattr__(self, "raw_headers", tuple(raw))
 
     def with_header(self, name: str, value: str) -> Reply:
@@ -55,7 +60,13 @@ class Reply:
 
 
 def allow(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
-    headers = (_NO_STORE, *identity_headers(session).items())
+    """200 with the identity headers; a session that cannot name its identity, session
+    and AAL (a corrupted mirror) is never allowed."""
+    identity = identity_headers(session)
+    if not all(name in identity for name in _REQUIRED_IDENTITY):
+        log.error("session %r cannot be answered: identity headers missing", session.id)
+        return internal_error()
+    headers = (_NO_STORE, *identity.items())
     return Reply(200, headers + tuple(("Set-Cookie", cookie) for cookie in set_cookies))
 
 

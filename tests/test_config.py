@@ -78,6 +78,8 @@ _PORT = "port is not a number from 1 to 65535"
         ("BRIDGE_REDIS_URL", "redis://redis:6379/zero", "database 'zero' is not a number"),
         ("BRIDGE_REDIS_URL", "redis://redis:6379/0?db=one", "database 'one' is not a number"),
         ("BRIDGE_REDIS_URL", "redis://redis:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("BRIDGE_REDIS_URL", "redis://redis:6379/0?socket_timeout=60", "set by the bridge"),
+        ("BRIDGE_REDIS_URL", "redis://r/0?retry_on_timeout=true", "set by the bridge"),
         ("BRIDGE_REDIS_URL", "rediss://:6379/0", "has no host"),
         ("BRIDGE_REDIS_URL", "unix://", "has no socket path"),
         ("BRIDGE_REDIS_URL", "unix:///", "has no socket path"),

@@ -133,3 +133,24 @@ def test_auth_answers_every_method_alike(kratos, bridge, method):
     assert allowed.status_code == 200
     assert allowed.headers["X-User-Id"] == user.identity_id
     assert httpx.request(method, bridge.url + "/auth/app/path?x=1").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/whoami", 200),
+        ("/health/ready", 200),
+        ("/health/alive", 200),
+        ("/auth", 200),
+        ("/nope", 404),
+    ],
+)
+def test_head_gets_the_get_status_without_a_body(kratos, bridge, path, status):
+    user = flows.register(kratos)
+    headers = {"X-Session-Token": user.token}
+    response = httpx.head(bridge.url + path, headers=headers, timeout=5)
+    assert response.status_code == status
+    assert response.content == b""
+    get = httpx.get(bridge.url + path, headers=headers, timeout=5)
+    assert get.status_code == status
+    assert response.headers.get("content-length") == get.headers.get("content-length")

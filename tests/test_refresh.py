@@ -35,7 +35,8 @@ def _ask_from_memory(mirror, credential, seconds: float):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            answer = mirror.from_memory(credential)
+            known = mirror.from_memory(credential)
+            answer = known.session if known is not None else None
         except SessionInvalid:
             answer = "rejected"
         yield time.time() * 1000, answer
@@ -101,3 +102,30 @@ def test_kratos_down_during_refresh_leaves_nothing_past_freshness(make_client, o
             assert answer is not None
     response = client.get("/auth", headers={"X-Session-Token": user.token})
     assert response.status_code == 503
+
+
+def test_a_cookie_kratos_reissues_during_a_refresh_reaches_the_browser(make_client, kratos):
+    """After an extend, Kratos re-issues the cookie on whoami; when that whoami is a
+    background refresh, the next request answered from memory carries the Set-Cookie."""
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    user = flows.register(kratos)
+    cookie = flows.browser_login(kratos, user)
+    headers = {"Cookie": f"ory_kratos_session={cookie}"}
+    session_id = client.get("/whoami", headers=headers).get_json()["session_id"]
+    time.sleep(1.1)  # the cookie's embedded expiry must be older than the extended one
+    assert client.get("/auth", headers=headers).status_code == 200  # a fresh copy again
+    import httpx
+
+    assert httpx.patch(f"{kratos.admin_url}/admin/sessions/{session_id}/extend").is_success
+    relayed = []
+    deadline = time.monotonic() + 2 * REVALIDATE_AFTER
+    while time.monotonic() < deadline:
+        response = client.get("/auth", headers=headers)
+        assert response.status_code == 200
+        for set_cookie in response.headers.getlist("Set-Cookie"):
+            relayed.append(set_cookie)  # and the browser takes it, as a browser does
+            headers = {"Cookie": set_cookie.split(";")[0]}
+        time.sleep(0.05)
+    assert len(relayed) == 1  # once, by the first answer after the refresh
+    assert relayed[0].startswith("ory_kratos_session=")
+    assert flows.session_of(kratos, cookie=headers["Cookie"].split("=", 1)[1]).is_success
