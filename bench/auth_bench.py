@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import cpu_seconds, parse_wrk, run_wrk  # noqa: E402
 from tests import kratos_flows as flows  # noqa: E402
 from tests.harness import BridgeServer, Kratos, RedisServer, free_port, stop_process, wait_until  # noqa: E402
 
@@ -45,62 +45,14 @@ end
 
 
 def wrk(url: str, tokens_file: Path, script: Path, args: argparse.Namespace) -> dict[str, float]:
-    result = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{args.connections}",
-            f"-d{args.duration}s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        env={**os.environ, "BENCH_TOKENS": str(tokens_file)},
-        capture_output=True,
-        text=True,
-        check=True,
+    out = run_wrk(
+        url,
+        script,
+        connections=args.connections,
+        duration=args.duration,
+        env={"BENCH_TOKENS": str(tokens_file)},
     )
-    out = result.stdout
-
-    def latency_ms(label: str) -> float:
-        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
-        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50": latency_ms("50"),
-        "p99": latency_ms("99"),
-        "requests": requests,
-        "errors": int(errors.group(1)) if errors else 0,
-    }
-
-
-def process_tree(pid: int) -> list[int]:
-    pids, frontier = [pid], [pid]
-    while frontier:
-        children = []
-        for parent in frontier:
-            for task in Path(f"/proc/{parent}/task").glob("*/children"):
-                children += [int(c) for c in task.read_text().split()]
-        pids += children
-        frontier = children
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children: a figure that a busy
-    neighbour on the machine disturbs far less than requests per second."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+    return parse_wrk(out)
 
 
 def start_waitress(env: dict[str, str], threads: int) -> tuple[subprocess.Popen, str]:

@@ -1,0 +1,968 @@
+"""Benchmark: the bridge beside heimdall, Ory Oathkeeper and Kratos's own whoami, in one run.
+
+Not a test: it prints figures and writes them to JSON and a PNG chart.
+
+    .venv/bin/python bench/peers.py [--duration 10] [--connections 64]
+        [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
+        [--systems bridge,heimdall,oathkeeper,kratos] [--no-unpinned-round]
+        [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
+
+What runs: redis-server, Kratos v1.3.1 on a SQLite file (the test suite's build and config,
+sessions valid for 720h), the bridge (`python -m bridge serve`, production settings:
+Redis store, BRIDGE_REVALIDATE_AFTER=5, default worker count), heimdall v0.17.2 (decision
+mode, 5 s cache) and Oathkeeper v0.40.9 (decisions API, no cache), configured from
+bench/peers/. Every one of them is started pinned to CPU 0; wrk is pinned to CPU 1. Missing
+binaries are built first (Kratos, heimdall, Oathkeeper: minutes, once per machine).
+
+Sessions: users registered through Kratos's API registration flow, one session token each
+(one at a time, about 2 minutes for 10,000: see build_sessions). The Kratos database and
+the token list are cached in --sessions-cache, keyed by their number, and reused (the first
+N tokens of a bigger set) while sampled tokens still answer 200 at whoami.
+
+Load: `wrk -t1 -c{connections} -d{duration}s` with bench/wrk/tokens.lua, one
+X-Session-Token per request. For each scenario the systems are driven one after another
+with the same load, each warmed first (one request per token, then 2 s of the same load,
+not counted):
+  warm-100     100 sessions, tokens in rotation
+  warm-1000    1,000 sessions, tokens in rotation
+  zipf-10000   10,000 sessions, token rank k drawn with weight k^-1.1 (fixed seed)
+  invalid-10   1,000 sessions; 10% of requests carry a fresh random token of Kratos's
+               shape ("ory_st_" + 32 alphanumerics), so it cannot have been seen before
+Then, with --unpinned-round (the default), every process is restarted without pinning
+and warm-100 is run once more, reported apart.
+
+Figures per system and scenario: req/s, p50/p99 latency (wrk), non-2xx answers (for
+invalid-10 the share of 401, from the statuses tokens.lua counts), Kratos whoami calls per
+1,000 requests (Kratos's own Prometheus counter, read before and after the run), CPU us
+per request of the system's own processes (user + system time of its process tree from
+/proc, before and after; for the bridge that includes redis-server, which only the bridge
+uses) and, apart, Kratos's CPU us per request during the same run; RSS (MB, summed over
+the process tree) at the end of the run. "Per request" is per request sent: wrk's completed
+requests plus the few (at most one per connection) in flight when it stopped, which the
+systems and Kratos served too; counters are read 0.5 s after wrk stops, so those are in.
+Two checks on the measurement itself, as shares of one CPU over the counted window: wrk's
+CPU (near 100%: the load generator, not the system, was the limit) and "other": busy CPU
+time of the machine (/proc/stat) charged to none of the system, Kratos and wrk, i.e. the
+kernel's loopback work and any other program running at the time (noise).
+Then bridge/peer ratios of req/s and p99.
+
+CPU per rejected token (invalid-10): the run's CPU, less what its valid requests would
+have cost at the CPU per request of the same system's warm-1000 run (same 1,000 tokens,
+same rotation), divided by the number of requests answered 401:
+    (cpu_invalid10 - cpu_per_request_warm1000 * answered_200) / answered_401
+It is given for the system's own processes and for the system together with Kratos. It
+is rough: it assumes a valid request costs the same in both runs. For the bridge and
+heimdall it is an upper bound: they re-validate each session every 5 s whatever the
+request rate, so when the rejected tokens slow a run down, a larger share of its valid
+requests call Kratos than in warm-1000, and that extra cost is counted as the rejected
+tokens'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import json
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "peers"))
+
+from render import render  # noqa: E402
+
+from bench.measure import (  # noqa: E402
+    allowed_cpus,
+    cpu_seconds,
+    parse_wrk,
+    process_tree,
+    rss_mb,
+    run_wrk,
+)
+from tests import kratos_flows as flows  # noqa: E402
+from tests.harness import (  # noqa: E402
+    KRATOS_BIN,
+    KRATOS_VERSION,
+    Kratos,
+    RedisServer,
+    free_port,
+    stop_process,
+    wait_until,
+)
+
+CACHE = Path(os.environ.get("KSB_CACHE") or Path.home() / ".cache" / "kratos-session-bridge")
+PEERS = ROOT / "bench" / "peers"
+WRK_SCRIPT = ROOT / "bench" / "wrk" / "tokens.lua"
+PEER_VERSIONS = {"heimdall": "v0.17.2", "oathkeeper": "v0.40.9"}
+SYSTEMS = ("bridge", "heimdall", "oathkeeper", "kratos")
+SESSION_LIFESPAN = "720h"
+WARMUP_SECONDS = 2
+SETTLE_SECONDS = 0.5  # after wrk stops, for the requests it left in flight to finish
+ZIPF_S = 1.1
+SERVER_CPUS = {0}
+WRK_CPUS = "1"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    sessions: int
+    pattern: str = "rotate"
+    invalid_percent: int = 0
+    seed: int = 1
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("warm-100", 100, seed=100),
+        Scenario("warm-1000", 1000, seed=1000),
+        Scenario("zipf-10000", 10_000, pattern="zipf", seed=10_000),
+        Scenario("invalid-10", 1000, invalid_percent=10, seed=10),
+    )
+}
+
+
+# ---------------------------------------------------------------- tools and binaries
+
+
+def ensure_wrk() -> None:
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() != 0:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    print("wrk is not installed: apt-get install wrk", flush=True)
+    subprocess.run(["apt-get", "update"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "wrk"], check=True)
+
+
+def load_pyplot():
+    """matplotlib.pyplot with the Agg backend, installed into this venv if missing; or None."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is missing: pip install matplotlib (into this venv)", flush=True)
+        installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"])
+        if installed.returncode != 0:
+            print("could not install matplotlib: no chart will be drawn", flush=True)
+            return None
+        importlib.invalidate_caches()
+        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+def peer_binary(name: str) -> Path:
+    """heimdall or oathkeeper from the cache, built by bench/peers/build-peer.sh if missing."""
+    version = PEER_VERSIONS[name]
+    binary = CACHE / f"{name}-{version}" / name
+    if not binary.exists():
+        print(f"building {name} {version} (minutes, once)", flush=True)
+        subprocess.run(
+            ["bash", str(PEERS / "build-peer.sh"), name, str(binary), version],
+            check=True,
+            env={**os.environ, "KSB_CACHE": str(CACHE)},
+        )
+    return binary
+
+
+def ensure_kratos() -> None:
+    if not KRATOS_BIN.exists():
+        print(f"building Kratos {KRATOS_VERSION} (minutes, once)", flush=True)
+        subprocess.run(
+            [
+                "bash",
+                str(ROOT / "tests" / "tools" / "build-kratos.sh"),
+                str(KRATOS_BIN),
+                KRATOS_VERSION,
+            ],
+            check=True,
+        )
+
+
+def in_parallel(function, items, threads: int = 8) -> Iterator:
+    """function(item) for each item, THREADS at a time, in order; on an error or Ctrl-C the
+    items not yet started are dropped (a plain `with ThreadPoolExecutor` would run them all)."""
+    pool = ThreadPoolExecutor(threads)
+    try:
+        yield from pool.map(function, items)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+@contextlib.contextmanager
+def cpu_affinity(cpus: set[int] | None) -> Iterator[None]:
+    """Processes started inside inherit this thread's CPU set (None: leave it as it is)."""
+    before = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+# ---------------------------------------------------------------- Kratos and its sessions
+
+
+class FileKratos(Kratos):
+    """tests.harness.Kratos on a SQLite file, migrated before it serves, so that the
+    sessions made in one run outlive it."""
+
+    def __init__(self, workdir: Path, db: Path, dsn_options: str = "") -> None:
+        self.db = db
+        self.dsn_options = dsn_options
+        super().__init__(workdir, lifespan=SESSION_LIFESPAN)
+
+    def start(self) -> None:
+        dsn = f"sqlite://{self.db}?_fk=true&mode=rwc{self.dsn_options}"
+        config = yaml.safe_load(self.config_path.read_text())
+        config["dsn"] = dsn
+        self.config_path.write_text(yaml.safe_dump(config))
+        subprocess.run(
+            [str(KRATOS_BIN), "migrate", "sql", "-e", "--yes"],
+            env={**os.environ, "DSN": dsn},
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        try:
+            super().start()
+        except BaseException:
+            self.stop()
+            raise
+
+
+def cached_sets(cache: Path) -> list[int]:
+    """Session counts that have both a database and a token list in the cache, largest first
+    (so that runs of fewer scenarios use the same database as full runs)."""
+    counts = []
+    for tokens in cache.glob("tokens-*.txt"):
+        count = tokens.stem.removeprefix("tokens-")
+        if count.isdigit() and (cache / f"kratos-{count}.sqlite").exists():
+            counts.append(int(count))
+    return sorted(counts, reverse=True)
+
+
+def register(client: httpx.Client, public_url: str) -> str:
+    """One user through Kratos's API registration flow (as tests/kratos_flows.register, but on
+    a shared keep-alive client: a new client per call costs more CPU than Kratos does);
+    returns the session token. Tried three times."""
+    for attempt in range(3):
+        try:
+            flow = client.get(public_url + "/self-service/registration/api")
+            password = "correct-horse-" + secrets.token_hex(8)
+            body = client.post(
+                flow.raise_for_status().json()["ui"]["action"],
+                json={
+                    "method": "password",
+                    "traits": {"email": f"bench-{secrets.token_hex(8)}@example.test"},
+                    "password": password,
+                },
+            )
+            return body.raise_for_status().json()["session_token"]
+        except httpx.HTTPError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+def build_sessions(cache: Path, count: int, work: Path) -> None:
+    """Register COUNT users against a fresh Kratos database; cache it and their tokens.
+
+    One at a time: Kratos on SQLite answers "database is locked" (500) to registrations
+    made concurrently (seen with 2 to 8 at once), and retrying them is slower than queueing.
+    Writes are unsynced while building (``_sync=OFF``, journal in memory): about 110
+    registrations/s instead of 70. The file is complete once Kratos has stopped."""
+    db = work / f"build-{count}.sqlite"
+    print(f"registering {count} users (cached for later runs in {cache})", flush=True)
+    kratos = FileKratos(work, db, dsn_options="&_sync=OFF&_journal=MEMORY")
+    started = time.monotonic()
+    tokens: list[str] = []
+    try:
+        with httpx.Client(timeout=30) as client:
+            while len(tokens) < count:
+                tokens.append(register(client, kratos.public_url))
+                if len(tokens) % 1000 == 0:
+                    rate = len(tokens) / (time.monotonic() - started)
+                    print(f"  {len(tokens)} users, {rate:.0f}/s", flush=True)
+    finally:
+        kratos.stop()
+    cache.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(db, cache / f"kratos-{count}.sqlite.tmp")
+    (cache / f"kratos-{count}.sqlite.tmp").replace(cache / f"kratos-{count}.sqlite")
+    (cache / f"tokens-{count}.txt.tmp").write_text("\n".join(tokens) + "\n")
+    (cache / f"tokens-{count}.txt.tmp").replace(cache / f"tokens-{count}.txt")
+
+
+def sessions_valid(cache: Path, count: int, work: Path) -> bool:
+    """Do a few of the cached tokens (first, last, some in between) still answer 200?"""
+    tokens = (cache / f"tokens-{count}.txt").read_text().split()
+    if len(tokens) < count:
+        return False
+    db = work / f"check-{count}.sqlite"
+    shutil.copyfile(cache / f"kratos-{count}.sqlite", db)
+    sample = [tokens[0], tokens[-1], *random.Random(count).sample(tokens, min(5, count))]
+    kratos = FileKratos(work, db)
+    try:
+        return all(flows.session_of(kratos, token=t).status_code == 200 for t in sample)
+    finally:
+        kratos.stop()
+        db.unlink()
+
+
+def prepare_sessions(cache: Path, needed: int, work: Path) -> tuple[Path, Path]:
+    """(database, token list) with at least NEEDED sessions: from the cache, else built."""
+    for count in cached_sets(cache):
+        if count < needed:
+            continue
+        if sessions_valid(cache, count, work):
+            print(f"reusing {count} cached sessions from {cache}", flush=True)
+            return cache / f"kratos-{count}.sqlite", cache / f"tokens-{count}.txt"
+        print(f"cached sessions kratos-{count} no longer valid: rebuilding", flush=True)
+    build_sessions(cache, needed, work)
+    return cache / f"kratos-{needed}.sqlite", cache / f"tokens-{needed}.txt"
+
+
+# ---------------------------------------------------------------- the systems under test
+
+
+@dataclass
+class System:
+    name: str
+    url: str  # the endpoint wrk drives
+    processes: list[subprocess.Popen]  # roots of the process trees that are the system's own
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.processes)
+
+
+@dataclass
+class Stack:
+    """Kratos, Redis and the systems under test, all started with one CPU affinity."""
+
+    work: Path
+    db: Path
+    names: list[str]
+    pinned: bool
+    kratos: Kratos | None = None
+    redis: RedisServer | None = None
+    systems: dict[str, System] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    servers: dict[str, dict] = field(default_factory=dict)
+    _started: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def round(self) -> str:
+        return "pinned" if self.pinned else "unpinned"
+
+    def start(self) -> None:
+        db = self.work / f"kratos-{self.round}.sqlite"
+        shutil.copyfile(self.db, db)
+        starters = {
+            "bridge": self._bridge,
+            "heimdall": self._heimdall,
+            "oathkeeper": self._oathkeeper,
+            "kratos": self._kratos_direct,
+        }
+        with cpu_affinity(SERVER_CPUS if self.pinned else None):
+            self.kratos = FileKratos(self.work, db)
+            for name in self.names:
+                try:
+                    self.systems[name] = starters[name]()
+                except Exception as error:  # a system that does not start is reported, not fatal
+                    self.failures[name] = f"did not start: {error}"
+                    print(f"{name} did not start: {error}", flush=True)
+        self.servers = self.layout()
+
+    def stop(self) -> None:
+        for process in reversed(self._started):
+            stop_process(process)
+        if self.redis is not None:
+            self.redis.stop()
+        if self.kratos is not None:
+            self.kratos.stop()
+
+    def layout(self) -> dict[str, dict]:
+        """Per server (Redis and Kratos included): the CPUs its threads may run on
+        (Cpus_allowed_list), its processes and threads."""
+        roots = {name: system.pids[0] for name, system in self.systems.items()}
+        roots["kratos"] = self.kratos.process.pid
+        if self.redis is not None:
+            roots["redis"] = self.redis.process.pid
+        layout = {}
+        for name, pid in roots.items():
+            tree = process_tree(pid)
+            layout[name] = {
+                "cpus": ",".join(sorted(allowed_cpus(pid))),
+                "processes": len(tree),
+                "threads": sum(len(list(Path(f"/proc/{p}/task").iterdir())) for p in tree),
+            }
+        return layout
+
+    def _spawn(self, argv: list[str], log: Path | None, env: dict | None = None):
+        sink = log.open("ab") if log else subprocess.DEVNULL
+        try:
+            process = subprocess.Popen(
+                argv, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=self.work
+            )
+        finally:
+            if log:
+                sink.close()
+        self._started.append(process)
+        return process
+
+    def _wait(self, process: subprocess.Popen, url: str, what: str, log: Path | None) -> None:
+        """Until URL answers 200; an early exit is reported with the end of its log."""
+
+        def ready_or_gone() -> bool:
+            return process.poll() is not None or httpx.get(url, timeout=2).status_code == 200
+
+        wait_until(ready_or_gone, 60, what)
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log else ""
+            raise RuntimeError(f"{what} exited with {process.returncode}\n{tail}")
+
+    def _bridge(self) -> System:
+        self.redis = RedisServer(self.work)
+        port = free_port()
+        log = self.work / f"bridge-{port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(
+            BRIDGE_REDIS_URL=self.redis.url,
+            BRIDGE_SECRET=secrets.token_hex(24),
+            BRIDGE_KEY_PREFIX="bench:",
+            BRIDGE_REVALIDATE_AFTER="5",
+            BRIDGE_KRATOS_PUBLIC_URL=self.kratos.public_url,
+            BRIDGE_KRATOS_ADMIN_URL=self.kratos.admin_url,
+            BRIDGE_LOG_LEVEL="warning",
+        )
+        argv = [sys.executable, "-m", "bridge", "serve", "--port", str(port)]
+        process = self._spawn(argv, log, env)
+        url = f"http://127.0.0.1:{port}"
+        self._wait(process, url + "/health/alive", "bridge", log)
+        return System("bridge", url + "/auth", [process, self.redis.process])
+
+    def _heimdall(self) -> System:
+        port, admin_port = free_port(), free_port()
+        config = self.work / f"heimdall-{port}.yaml"
+        config.write_text(
+            render(
+                PEERS / "heimdall.yaml",
+                kratos_public_url=self.kratos.public_url,
+                port=port,
+                admin_port=admin_port,
+            )
+        )
+        argv = [str(peer_binary("heimdall")), "serve", "decision", "-c", str(config)]
+        process = self._spawn([*argv, "--insecure-skip-all-tls-enforcement"], None)
+        health = f"http://127.0.0.1:{admin_port}/.well-known/health"
+        self._wait(process, health, "heimdall", None)
+        return System("heimdall", f"http://127.0.0.1:{port}/auth", [process])
+
+    def _oathkeeper(self) -> System:
+        port, proxy_port, metrics_port = free_port(), free_port(), free_port()
+        config = self.work / f"oathkeeper-{port}.yaml"
+        config.write_text(
+            render(
+                PEERS / "oathkeeper.yaml",
+                kratos_public_url=self.kratos.public_url,
+                port=port,
+                proxy_port=proxy_port,
+                metrics_port=metrics_port,
+                rules_path=PEERS / "oathkeeper-rules.json",
+            )
+        )
+        log = self.work / f"oathkeeper-{port}.log"
+        process = self._spawn([str(peer_binary("oathkeeper")), "serve", "-c", str(config)], log)
+        url = f"http://127.0.0.1:{port}"
+        self._wait(process, url + "/health/ready", "oathkeeper", log)
+        return System("oathkeeper", url + "/decisions/auth", [process])
+
+    def _kratos_direct(self) -> System:
+        return System("kratos", self.kratos.public_url + "/sessions/whoami", [self.kratos.process])
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def wrk_env(scenario: Scenario, tokens: Path, seed: int) -> dict[str, str]:
+    return {
+        "BENCH_TOKENS": str(tokens),
+        "BENCH_COUNT": str(scenario.sessions),
+        "BENCH_PATTERN": scenario.pattern,
+        "BENCH_ZIPF_S": str(ZIPF_S),
+        "BENCH_INVALID_PERCENT": str(scenario.invalid_percent),
+        "BENCH_SEED": str(seed),
+    }
+
+
+def parse_lua_counts(out: str) -> dict:
+    """The request kinds and answer statuses tokens.lua counted (its done() lines)."""
+    sent = re.search(r"^bench-sent valid (\d+) invalid (\d+)$", out, re.M)
+    statuses = {
+        code: int(count) for code, count in re.findall(r"^bench-status (\d+) (\d+)$", out, re.M)
+    }
+    return {
+        "sent_valid": int(sent.group(1)) if sent else None,
+        "sent_invalid": int(sent.group(2)) if sent else None,
+        "statuses": dict(sorted(statuses.items())),
+    }
+
+
+def warm(system: System, tokens: list[str]) -> dict[str, int]:
+    """One request per token, 8 at a time; the statuses seen."""
+    with httpx.Client(timeout=10) as client:
+
+        def status(token: str) -> str:
+            try:
+                return str(client.get(system.url, headers={"X-Session-Token": token}).status_code)
+            except httpx.HTTPError as error:
+                return type(error).__name__
+
+        return dict(Counter(in_parallel(status, tokens)))
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What is read before and after a run."""
+
+    at: float  # time.monotonic()
+    kratos_calls: int  # whoami answered, by Kratos's own count
+    cpu: float  # CPU seconds of the system's own process trees
+    kratos_cpu: float  # CPU seconds of Kratos
+    wrk_cpu: float  # CPU seconds of this process's finished children: the wrk runs
+    machine_cpu: float  # busy CPU seconds of the whole machine, all cores (/proc/stat)
+
+    @staticmethod
+    def read(stack: Stack, system: System) -> Counters:
+        kratos = stack.kratos
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return Counters(
+            at=time.monotonic(),
+            kratos_calls=kratos.whoami_calls(),
+            cpu=cpu_of(system.pids),
+            kratos_cpu=cpu_seconds(kratos.process.pid),
+            wrk_cpu=children.ru_utime + children.ru_stime,
+            machine_cpu=machine_busy_seconds(),
+        )
+
+
+def machine_busy_seconds() -> float:
+    """Busy time of all CPUs together (user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(stack: Stack, system: System, scenario: Scenario, args, tokens: Path) -> dict:
+    """Warm SYSTEM, then one counted wrk run of SCENARIO against it."""
+    prefix = ("taskset", "-c", WRK_CPUS) if stack.pinned else ()
+
+    def wrk(duration: float, seed: int) -> str:
+        env = wrk_env(scenario, tokens, seed)
+        return run_wrk(
+            system.url,
+            WRK_SCRIPT,
+            connections=args.connections,
+            duration=duration,
+            env=env,
+            prefix=prefix,
+        )
+
+    warm_statuses = warm(system, tokens.read_text().split()[: scenario.sessions])
+    wrk(WARMUP_SECONDS, scenario.seed + 1)  # another seed: no invalid token seen before
+    time.sleep(SETTLE_SECONDS)
+    before = Counters.read(stack, system)
+    out = wrk(args.duration, scenario.seed)
+    rss = sum(rss_mb(pid) for pid in system.pids)
+    time.sleep(SETTLE_SECONDS)
+    after = Counters.read(stack, system)
+    row = {"round": stack.round, "scenario": scenario.name, "system": system.name}
+    row.update(summarise(out, before, after, kratos_is_system=system.name == "kratos"))
+    row.update(rss_mb=rss, warm_statuses=warm_statuses)
+    return row
+
+
+def summarise(out: str, before: Counters, after: Counters, kratos_is_system: bool) -> dict:
+    """One run's figures; per request means per request sent (see requests_sent)."""
+    figures, counts = parse_wrk(out), parse_lua_counts(out)
+    # Sent: wrk's completed requests plus the few (at most one per connection) still in
+    # flight when it stopped, which the systems and Kratos worked on too.
+    sent = (counts["sent_valid"] or 0) + (counts["sent_invalid"] or 0) or figures["requests"]
+    calls = after.kratos_calls - before.kratos_calls
+    cpu, kratos_cpu = after.cpu - before.cpu, after.kratos_cpu - before.kratos_cpu
+    wrk_cpu, elapsed = after.wrk_cpu - before.wrk_cpu, after.at - before.at
+    # Busy CPU that is neither the system, Kratos nor wrk: the kernel's loopback work that
+    # no process is charged for, and anything else running on the machine (noise).
+    ours = cpu + wrk_cpu + (0 if kratos_is_system else kratos_cpu)
+    other = after.machine_cpu - before.machine_cpu - ours
+    per_request = 1 / max(1, sent)
+    return {
+        "rps": figures["rps"],
+        "p50_ms": figures["p50"],
+        "p99_ms": figures["p99"],
+        "requests": figures["requests"],
+        "requests_sent": sent,
+        "non_2xx": figures["errors"],
+        "socket_errors": figures["socket_errors"],
+        **counts,
+        "kratos_calls": calls,
+        "kratos_calls_per_1000": 1000 * calls * per_request,
+        "cpu_s": cpu,
+        "cpu_us_per_req": 1e6 * cpu * per_request,
+        "kratos_cpu_s": kratos_cpu,
+        "kratos_cpu_us_per_req": 1e6 * kratos_cpu * per_request,
+        "wrk_cpu_share": wrk_cpu / elapsed,  # near 1: wrk was the limit, not the system
+        "other_cpu_share": other / elapsed,  # of one CPU, over the counted window
+    }
+
+
+def run_round(stack: Stack, scenarios: list[Scenario], args, tokens: Path) -> list[dict]:
+    """Each scenario in turn, every system once in it (interleaved)."""
+    results = []
+    for scenario in scenarios:
+        for name in stack.names:
+            system = stack.systems.get(name)
+            if system is None:
+                continue
+            row = {"round": stack.round, "scenario": scenario.name, "system": name}
+            if not system.alive():
+                row["error"] = "process exited"
+            else:
+                try:
+                    row = measure(stack, system, scenario, args, tokens)
+                except Exception as error:  # a system misbehaving must not stop the others
+                    row["error"] = f"{type(error).__name__}: {error}"
+            print(progress_line(row), flush=True)
+            results.append(row)
+    return results
+
+
+# ---------------------------------------------------------------- derived figures
+
+
+def find(results: list[dict], round_: str, scenario: str, system: str) -> dict | None:
+    for row in results:
+        key = (row["round"], row["scenario"], row["system"])
+        if key == (round_, scenario, system) and "error" not in row:
+            return row
+    return None
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """bridge / peer for req/s (above 1: the bridge serves more) and p99 (below 1: faster)."""
+    out = []
+    for row in results:
+        if row["system"] != "bridge" or "error" in row:
+            continue
+        for peer in SYSTEMS[1:]:
+            other = find(results, row["round"], row["scenario"], peer)
+            if other:
+                out.append(
+                    {
+                        "round": row["round"],
+                        "scenario": row["scenario"],
+                        "peer": peer,
+                        "rps": row["rps"] / other["rps"] if other["rps"] else None,
+                        "p99": row["p99_ms"] / other["p99_ms"] if other["p99_ms"] else None,
+                    }
+                )
+    return out
+
+
+def invalid_summary(results: list[dict]) -> list[dict]:
+    """invalid-10 against warm-1000: valid throughput kept, CPU per rejected token."""
+    out = []
+    for row in results:
+        if row["scenario"] != "invalid-10" or "error" in row:
+            continue
+        answered = sum(row["statuses"].values()) or 1
+        ok, rejected = row["statuses"].get("200", 0), row["statuses"].get("401", 0)
+        summary = {
+            "round": row["round"],
+            "system": row["system"],
+            "share_401": rejected / answered,
+            "valid_rps": row["rps"] * ok / answered,
+        }
+        base = find(results, row["round"], "warm-1000", row["system"])
+        if base and rejected:
+            summary["valid_rps_vs_warm_1000"] = summary["valid_rps"] / base["rps"]
+            own = (row["cpu_s"] - base["cpu_s"] / base["requests_sent"] * ok) / rejected
+            total = row["cpu_s"] + row["kratos_cpu_s"]
+            per_valid = (base["cpu_s"] + base["kratos_cpu_s"]) / base["requests_sent"]
+            summary["cpu_us_per_rejected"] = 1e6 * own
+            summary["cpu_us_per_rejected_with_kratos"] = 1e6 * (total - per_valid * ok) / rejected
+            if row["system"] == "kratos":  # its own CPU is Kratos's: do not count it twice
+                summary["cpu_us_per_rejected_with_kratos"] = summary["cpu_us_per_rejected"]
+        out.append(summary)
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def progress_line(row: dict) -> str:
+    where = f"[{row['round']}] {row['scenario']:<11} {row['system']:<11}"
+    if "error" in row:
+        return f"{where} ERROR {row['error']}"
+    return (
+        f"{where} {row['rps']:>8.0f} req/s  p99 {row['p99_ms']:.1f} ms  "
+        f"non-2xx {row['non_2xx']}  kratos/1000 {row['kratos_calls_per_1000']:.1f}"
+    )
+
+
+def non_2xx_cell(row: dict) -> str:
+    if row["scenario"] == "invalid-10":
+        answered = sum(row["statuses"].values()) or 1
+        return f"{100 * row['statuses'].get('401', 0) / answered:.1f}% 401"
+    return str(row["non_2xx"] + row["socket_errors"])
+
+
+def print_results(results: list[dict]) -> None:
+    header = (
+        f"{'scenario':<12}{'system':<12}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>11}"
+        f"{'kratos/1k':>11}{'CPU us/req':>12}{'kratos us/req':>15}{'RSS MB':>9}{'wrk CPU':>9}"
+        f"{'other CPU':>11}"
+    )
+    for round_ in ("pinned", "unpinned"):
+        rows = [r for r in results if r["round"] == round_]
+        if not rows:
+            continue
+        print(f"\n{round_}:" + (" servers on CPU 0, wrk on CPU 1" if round_ == "pinned" else ""))
+        print(header)
+        for row in rows:
+            if "error" in row:
+                print(f"{row['scenario']:<12}{row['system']:<12}  ERROR {row['error'][:90]}")
+                continue
+            kratos_us = "" if row["system"] == "kratos" else f"{row['kratos_cpu_us_per_req']:.0f}"
+            print(
+                f"{row['scenario']:<12}{row['system']:<12}{row['rps']:>9.0f}"
+                f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{non_2xx_cell(row):>11}"
+                f"{row['kratos_calls_per_1000']:>11.1f}{row['cpu_us_per_req']:>12.0f}"
+                f"{kratos_us:>15}{row['rss_mb']:>9.0f}{100 * row['wrk_cpu_share']:>8.0f}%"
+                f"{100 * row['other_cpu_share']:>10.0f}%"
+            )
+
+
+def print_ratios(table: list[dict]) -> None:
+    if not table:
+        return
+    print("\nbridge / peer (req/s: above 1 = bridge serves more; p99: below 1 = bridge faster)")
+    print(f"{'round':<10}{'scenario':<12}{'peer':<12}{'req/s':>8}{'p99':>8}")
+    for row in table:
+        rps = f"{row['rps']:.2f}" if row["rps"] else "-"
+        p99 = f"{row['p99']:.2f}" if row["p99"] else "-"
+        print(f"{row['round']:<10}{row['scenario']:<12}{row['peer']:<12}{rps:>8}{p99:>8}")
+
+
+def print_invalid(table: list[dict]) -> None:
+    if not table:
+        return
+    print("\ninvalid-10: valid-only throughput and CPU per rejected token (method: --help)")
+    print(
+        f"{'system':<12}{'401 share':>10}{'valid req/s':>13}{'of warm-1000':>14}"
+        f"{'CPU us/rejected':>17}{'with Kratos':>13}"
+    )
+    for row in table:
+        kept = row.get("valid_rps_vs_warm_1000")
+        own = row.get("cpu_us_per_rejected")
+        total = row.get("cpu_us_per_rejected_with_kratos")
+        print(
+            f"{row['system']:<12}{100 * row['share_401']:>9.1f}%{row['valid_rps']:>13.0f}"
+            f"{(f'{100 * kept:.0f}%' if kept else '-'):>14}"
+            f"{(f'{own:.0f}' if own is not None else '-'):>17}"
+            f"{(f'{total:.0f}' if total is not None else '-'):>13}"
+        )
+
+
+def draw_chart(pyplot, results: list[dict], path: Path, title: str) -> None:
+    """Grouped bars: req/s per scenario and system above, p99 below."""
+    rows = [r for r in results if "error" not in r]
+    groups = list(dict.fromkeys((r["round"], r["scenario"]) for r in rows))
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+    labels = [s if rnd == "pinned" else f"{s}\n(unpinned)" for rnd, s in groups]
+    figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(11, 8), sharex=True)
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        positions, rps, p99 = [], [], []
+        for g, (round_, scenario) in enumerate(groups):
+            row = find(rows, round_, scenario, system)
+            if row:
+                positions.append(g + (i - (len(systems) - 1) / 2) * width)
+                rps.append(row["rps"])
+                p99.append(row["p99_ms"])
+        top.bar(positions, rps, width, label=system)
+        bottom.bar(positions, p99, width, label=system)
+    top.set_ylabel("requests/s (higher is better)")
+    bottom.set_ylabel("p99 latency, ms (lower is better)")
+    bottom.set_xticks(range(len(groups)), labels)
+    top.legend()
+    top.set_title(title)
+    for axes in (top, bottom):
+        axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def meta(args, servers: dict) -> dict:
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "bridge_commit": commit,
+        "versions": {"kratos": KRATOS_VERSION, **PEER_VERSIONS},
+        "wrk": f"wrk -t1 -c{args.connections} -d{args.duration:g}s --latency",
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "warmup_s": WARMUP_SECONDS,
+        "zipf_s": ZIPF_S,
+        "session_lifespan": SESSION_LIFESPAN,
+        "bridge_settings": "Redis store, BRIDGE_REVALIDATE_AFTER=5, BRIDGE_WORKERS unset",
+        "servers": servers,
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 3)[3],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--duration", type=float, default=10, help="seconds per run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--unpinned-round",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run warm-100 with nothing pinned (default: on)",
+    )
+    parser.add_argument("--sessions-cache", type=Path, default=CACHE / "bench")
+    parser.add_argument("--out", type=Path, help="JSON results (default: in the cache)")
+    parser.add_argument("--chart", type=Path, help="PNG chart (default: beside the JSON)")
+    args = parser.parse_args()
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.systems = [s for s in args.systems.split(",") if s]
+    for name in args.scenarios:
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
+    for name in args.systems:
+        if name not in SYSTEMS:
+            parser.error(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out = args.out or CACHE / "bench" / "results" / f"peers-{stamp}.json"
+    args.chart = args.chart or args.out.with_suffix(".png")
+    return args
+
+
+def run_stack(stack: Stack, scenarios: list[Scenario], args, tokens: Path) -> list[dict]:
+    try:
+        stack.start()
+        for name, server in stack.servers.items():
+            print(f"  {stack.round:<8} {name:<11} {server}", flush=True)
+        results = run_round(stack, scenarios, args, tokens)
+        for name, why in stack.failures.items():
+            results.append({"round": stack.round, "scenario": "*", "system": name, "error": why})
+        return results
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops them all
+    ensure_wrk()
+    pyplot = load_pyplot()
+    ensure_kratos()
+    for name in ("heimdall", "oathkeeper"):
+        if name in args.systems:
+            peer_binary(name)
+    scenarios = [SCENARIOS[name] for name in args.scenarios]
+    needed = max(s.sessions for s in scenarios)
+    work = Path(tempfile.mkdtemp(prefix="peers-bench-"))
+    try:
+        db, tokens = prepare_sessions(args.sessions_cache, needed, work)
+        pinned = Stack(work, db, args.systems, pinned=True)
+        results = run_stack(pinned, scenarios, args, tokens)
+        servers = {"pinned": pinned.servers}
+        if args.unpinned_round:
+            unpinned = Stack(work, db, args.systems, pinned=False)
+            results += run_stack(unpinned, [SCENARIOS["warm-100"]], args, tokens)
+            servers["unpinned"] = unpinned.servers
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(args, results, servers, pyplot)
+
+
+def report(args, results: list[dict], servers: dict, pyplot) -> None:
+    ratio_table, invalid_table = ratios(results), invalid_summary(results)
+    print(
+        f"\n{os.cpu_count()} CPUs; wrk -t1 -c{args.connections} -d{args.duration:g}s per run, "
+        f"{WARMUP_SECONDS}s warm-up; Kratos {KRATOS_VERSION}, heimdall "
+        f"{PEER_VERSIONS['heimdall']}, Oathkeeper {PEER_VERSIONS['oathkeeper']}"
+    )
+    print_results(results)
+    print_ratios(ratio_table)
+    print_invalid(invalid_table)
+    document = {
+        "meta": meta(args, servers),
+        "results": results,
+        "ratios": ratio_table,
+        "invalid_10": invalid_table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nJSON:  {args.out}")
+    if pyplot is not None:
+        title = (
+            f"bridge vs heimdall vs Oathkeeper vs Kratos whoami "
+            f"(wrk -t1 -c{args.connections} -d{args.duration:g}s; servers on CPU 0, wrk on CPU 1, "
+            "unless unpinned)"
+        )
+        draw_chart(pyplot, results, args.chart, title)
+        print(f"chart: {args.chart}")
+
+
+if __name__ == "__main__":
+    main()
