@@ -1,0 +1,116 @@
+"""What one request costs the bridge, by path: a warm hit, a re-validation, a rejection.
+
+Not a test: it prints figures. In one process, against a real redis-server and Kratos
+(the test suite's build and config), it drives the forward-auth decision the way the
+server does (``begin`` on the event loop, ``finish`` on a worker) and reports the CPU
+time of this process per request (``time.process_time``: Python, the Redis and Kratos
+clients, and the kernel's share of their sockets; not the server's HTTP layer, which
+``bench/peers.py`` measures whole) and the Redis round trips per request (script calls,
+counted by Redis itself in ``INFO commandstats``).
+
+    python bench/costs.py [--requests 2000] [--sessions 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bridge.app import build_bridge  # noqa: E402
+from bridge.config import load_settings  # noqa: E402
+from bridge.forward_auth import Pending  # noqa: E402
+from bridge.request import HeaderView  # noqa: E402
+from tests import kratos_flows as flows  # noqa: E402
+from tests.harness import Kratos, RedisServer  # noqa: E402
+
+
+def round_trips(redis_server: RedisServer) -> int:
+    """Commands the bridge sent: every miss-path call is a script (EVALSHA)."""
+    stats = redis_server.client.info("commandstats")
+    return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def measure(name, bridge, views, redis_server, requests, *, warm=False):
+    forward_auth = bridge.forward_auth
+
+    def one(i: int):
+        step = forward_auth.begin(views[i % len(views)], None)
+        return forward_auth.finish(step) if isinstance(step, Pending) else step
+
+    warm_up = 200
+    for i in range(warm_up):
+        one(i)  # connections open, copies and scripts loaded
+    # Forged tokens are not reused: each counted one is new to the bridge.
+    offset = 0 if warm else warm_up
+    trips = round_trips(redis_server)
+    started = time.process_time()
+    for i in range(offset, offset + requests):
+        reply = one(i)
+    cpu_us = (time.process_time() - started) / requests * 1e6
+    per_request = (round_trips(redis_server) - trips) / requests
+    print(f"{name:<34}{reply.status:>7}{cpu_us:>12.0f}{per_request:>16.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=20)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp())
+    redis_server, kratos = RedisServer(work), Kratos(work, lifespan="24h")
+    try:
+        users = [flows.register(kratos) for _ in range(args.sessions)]
+        valid = [HeaderView([("x-session-token", user.token)]) for user in users]
+        letters = string.ascii_letters + string.digits
+        forged = [
+            HeaderView(
+                [
+                    (
+                        "x-session-token",
+                        "ory_st_" + "".join(secrets.choice(letters) for _ in range(32)),
+                    )
+                ]
+            )
+            for _ in range(args.requests + 200)
+        ]
+
+        def bridge(revalidate_after: str):
+            return build_bridge(
+                load_settings(
+                    {
+                        "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
+                        "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
+                        "BRIDGE_REDIS_URL": redis_server.url,
+                        "BRIDGE_SECRET": "bench-" + "s" * 40,
+                        "BRIDGE_REVALIDATE_AFTER": revalidate_after,
+                    }
+                )
+            )
+
+        print(f"{'path':<34}{'status':>7}{'CPU us/req':>12}{'Redis trips/req':>16}")
+        measure(
+            "warm hit (process copy)",
+            bridge("3600"),
+            valid,
+            redis_server,
+            args.requests * 10,
+            warm=True,
+        )
+        measure("re-validation (Kratos asked)", bridge("0"), valid, redis_server, args.requests)
+        measure("rejection (forged token)", bridge("0"), forged, redis_server, args.requests)
+    finally:
+        kratos.stop()
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()
