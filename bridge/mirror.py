@@ -91,6 +91,7 @@ class SessionMirror:
         self._rejected: BoundedMap[str, int] = BoundedMap(recent_max)
         self._refresher = Refresher(self._refresh)
         self._refresh_retry_at: BoundedMap[str, float] = BoundedMap(recent_max)
+        self._zone_hits: BoundedMap[str, tuple[int, int]] = BoundedMap(recent_max)
         self._refreshed_cookies: BoundedMap[str, tuple[str, ...]] = BoundedMap(recent_max)
         # Waiting for a peer never outlasts what a request may wait in all.
         self._peer_wait_s = kratos_timeout + 2 * redis_timeout
@@ -111,7 +112,7 @@ class SessionMirror:
         if recent is None or not recent.is_fresh(now, self._revalidate_after_ms):
             return None
         age = now - recent.validated_at_ms
-        if age >= self._refresh_after_ms:
+        if age >= self._refresh_after_ms and self._busy(fingerprint, recent):
             self._schedule_refresh(credential, fingerprint, age)
         cookies = self._refreshed_cookies.get(fingerprint)
         if cookies is not None:
@@ -156,6 +157,18 @@ class SessionMirror:
         if rejected_at is not None and rejected_at >= session.validated_at_ms:
             return
         self._recent.put(fingerprint, replace(session, app={}) if session.app else session)
+
+    def _busy(self, fingerprint: str, recent: MirroredSession) -> bool:
+        """Asked for at least twice since its copy entered the refresh zone: likely to be
+        asked for again, so worth a Kratos call ahead of time. A session asked for once in
+        a while is left to the ordinary path, and costs Kratos nothing extra."""
+        seen = self._zone_hits.get(fingerprint)
+        if seen is None or seen[0] != recent.validated_at_ms:
+            self._zone_hits.put(fingerprint, (recent.validated_at_ms, 1))
+            return False
+        if seen[1] == 1:
+            self._zone_hits.put(fingerprint, (recent.validated_at_ms, 2))
+        return True
 
     def _schedule_refresh(self, credential: Credential, fingerprint: str, age_ms: int) -> None:
         retry_at = self._refresh_retry_at.get(fingerprint)

@@ -1,8 +1,9 @@
 """Refresh-ahead: sessions in use are re-validated shortly before their freshness ends,
 on threads of their own, so that busy sessions' requests never wait for Kratos.
 
-A request that finds its copy past ``REFRESH_AT`` of ``revalidate_after`` schedules one
-refresh, due ``lead`` before the copy stops being fresh. Due late, not at once, so that a
+Once a copy is past ``REFRESH_AT`` of ``revalidate_after`` and asked for again (the
+mirror decides), one refresh is scheduled, due ``lead`` before the copy stops being
+fresh. Due late, not at once, so that a
 session in use costs Kratos barely more than one call per ``revalidate_after``; due
 early enough that the answer is back before the copy goes stale. The credential is
 held in memory only until its refresh has run.

@@ -129,3 +129,23 @@ def test_a_cookie_kratos_reissues_during_a_refresh_reaches_the_browser(make_clie
     assert len(relayed) == 1  # once, by the first answer after the refresh
     assert relayed[0].startswith("ory_kratos_session=")
     assert flows.session_of(kratos, cookie=headers["Cookie"].split("=", 1)[1]).is_success
+
+
+def test_only_a_session_asked_for_again_is_refreshed_ahead(make_client, kratos):
+    """A copy asked for once in the last quarter of its window is left to expire (a
+    rarely used session costs Kratos no call ahead of time); asked for twice, it is
+    refreshed before its freshness ends."""
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    mirror = _mirror(client)
+    once, twice = flows.register(kratos), flows.register(kratos)
+    for user in (once, twice):
+        mirror.resolve(_credential(user))
+    calls = kratos.whoami_calls()
+    time.sleep(REFRESH_AT * REVALIDATE_AFTER + 0.05)
+    assert mirror.from_memory(_credential(once)) is not None
+    assert mirror.from_memory(_credential(twice)) is not None
+    assert mirror.from_memory(_credential(twice)) is not None
+    time.sleep((1 - REFRESH_AT) * REVALIDATE_AFTER + 0.1)  # past the first freshness
+    assert kratos.whoami_calls() - calls == 1
+    assert mirror.from_memory(_credential(once)) is None
+    assert mirror.from_memory(_credential(twice)) is not None
