@@ -91,7 +91,7 @@ class SessionMirror:
         self._rejected: BoundedMap[str, int] = BoundedMap(recent_max)
         self._refresher = Refresher(self._refresh)
         self._refresh_retry_at: BoundedMap[str, float] = BoundedMap(recent_max)
-        self._zone_hits: BoundedMap[str, tuple[int, int]] = BoundedMap(recent_max)
+        self._zone_hit: BoundedMap[str, int] = BoundedMap(recent_max)
         self._refreshed_cookies: BoundedMap[str, tuple[str, ...]] = BoundedMap(recent_max)
         # Waiting for a peer never outlasts what a request may wait in all.
         self._peer_wait_s = kratos_timeout + 2 * redis_timeout
@@ -162,13 +162,10 @@ class SessionMirror:
         """Asked for at least twice since its copy entered the refresh zone: likely to be
         asked for again, so worth a Kratos call ahead of time. A session asked for once in
         a while is left to the ordinary path, and costs Kratos nothing extra."""
-        seen = self._zone_hits.get(fingerprint)
-        if seen is None or seen[0] != recent.validated_at_ms:
-            self._zone_hits.put(fingerprint, (recent.validated_at_ms, 1))
-            return False
-        if seen[1] == 1:
-            self._zone_hits.put(fingerprint, (recent.validated_at_ms, 2))
-        return True
+        if self._zone_hit.get(fingerprint) == recent.validated_at_ms:
+            return True
+        self._zone_hit.put(fingerprint, recent.validated_at_ms)  # the first ask of this copy
+        return False
 
     def _schedule_refresh(self, credential: Credential, fingerprint: str, age_ms: int) -> None:
         retry_at = self._refresh_retry_at.get(fingerprint)
