@@ -22,7 +22,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 from flask import Flask
 
@@ -35,7 +35,6 @@ from bridge.responses import Reply
 log = logging.getLogger(__name__)
 _late = Throttled(log)
 
-T = TypeVar("T")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 

@@ -44,6 +44,14 @@ def kratos_strict(workdir: Path) -> Iterator[Kratos]:
 
 
 @pytest.fixture
+def own_kratos(workdir: Path) -> Iterator[Kratos]:
+    """A Kratos of the test's own, for tests that stop or pause it."""
+    server = Kratos(workdir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix per test, so tests sharing one Redis never see each other's keys."""
     return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10] + ":"

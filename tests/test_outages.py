@@ -5,24 +5,15 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
-
 from bridge.app import create_app
 from tests import kratos_flows as flows
 from tests.conftest import bridge_settings
-from tests.harness import Kratos, RedisServer
+from tests.harness import RedisServer
 
 _STORE_DOWN = {
     "error": "store_unavailable",
     "message": "Redis: ConnectionError",
 }
-
-
-@pytest.fixture
-def own_kratos(workdir):
-    server = Kratos(workdir)
-    yield server
-    server.stop()
 
 
 def _status(client, path, user=None):

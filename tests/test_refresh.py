@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from bridge.credentials import extract
 from bridge.errors import SessionInvalid
 from bridge.refresh import REFRESH_AT
 from bridge.request import HeaderView
 from tests import kratos_flows as flows
-from tests.harness import Kratos
 
 REVALIDATE_AFTER = 1.0
 
@@ -76,13 +73,6 @@ def test_a_session_revoked_while_in_use_is_refused_within_the_bound(make_client,
     gone = next(at for at, answer in answers if answer in (None, "rejected"))
     assert gone < revoked_at + REVALIDATE_AFTER * 1000
     assert client.get("/auth", headers={"X-Session-Token": user.token}).status_code == 401
-
-
-@pytest.fixture
-def own_kratos(workdir):
-    server = Kratos(workdir)
-    yield server
-    server.stop()
 
 
 def test_kratos_down_during_refresh_leaves_nothing_past_freshness(make_client, own_kratos):

@@ -15,11 +15,10 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
-from tests.harness import BridgeServer, Kratos, RedisServer, SlowLink
+from tests.harness import BridgeServer, RedisServer, SlowLink
 
 KRATOS_TIMEOUT = 1.0
 REDIS_TIMEOUT = 0.5
@@ -79,25 +78,27 @@ def _all_answered_503_within_the_bound(threads, results, errors) -> None:
         assert took < BOUND + MARGIN, took
 
 
-@pytest.fixture
-def own_kratos(workdir):
-    server = Kratos(workdir)
-    yield server
-    server.stop()
+def _bounded_while_slow(bridge, kratos, slow_down, errors) -> None:
+    """A session made fresh first, four more waiting; once ``slow_down()`` has run, the
+    waiting ones get 503 within the bound and the fresh one is not held up by them."""
+    known = flows.register(kratos)
+    assert httpx.get(bridge.url + "/auth", headers={"X-Session-Token": known.token}).is_success
+    waiting = [flows.register(kratos) for _ in range(4)]
+    slow_down()
+    threads, results = _stuck_requests(bridge.url, waiting)
+    _others_are_not_held_up(bridge.url, known, results)
+    _all_answered_503_within_the_bound(threads, results, errors)
 
 
 def test_kratos_trickling_its_answer(own_kratos, workdir):
     link = SlowLink(own_kratos.public_port, delay=0)
     bridge = _bridge(workdir, link.url, own_kratos.admin_url)
-    try:
-        known = flows.register(own_kratos)
-        assert httpx.get(bridge.url + "/auth", headers={"X-Session-Token": known.token}).is_success
-        waiting = [flows.register(own_kratos) for _ in range(4)]
 
+    def trickle():
         link.delay, link.trickle = 0.25, True
-        threads, results = _stuck_requests(bridge.url, waiting)
-        _others_are_not_held_up(bridge.url, known, results)
-        _all_answered_503_within_the_bound(threads, results, {"kratos_unavailable", "timeout"})
+
+    try:
+        _bounded_while_slow(bridge, own_kratos, trickle, {"kratos_unavailable", "timeout"})
         assert "Traceback" not in bridge.log()
     finally:
         bridge.stop()
@@ -106,14 +107,13 @@ def test_kratos_trickling_its_answer(own_kratos, workdir):
 
 def test_kratos_paused(own_kratos, workdir):
     bridge = _bridge(workdir, own_kratos.public_url, own_kratos.admin_url)
-    known = flows.register(own_kratos)
-    waiting = [flows.register(own_kratos) for _ in range(4)]
-    assert httpx.get(bridge.url + "/auth", headers={"X-Session-Token": known.token}).is_success
-    os.kill(own_kratos.process.pid, signal.SIGSTOP)
     try:
-        threads, results = _stuck_requests(bridge.url, waiting)
-        _others_are_not_held_up(bridge.url, known, results)
-        _all_answered_503_within_the_bound(threads, results, {"kratos_unavailable", "timeout"})
+        _bounded_while_slow(
+            bridge,
+            own_kratos,
+            lambda: os.kill(own_kratos.process.pid, signal.SIGSTOP),
+            {"kratos_unavailable", "timeout"},
+        )
         started = time.monotonic()
         ready = httpx.get(bridge.url + "/health/ready", timeout=60)
         assert ready.status_code == 503
@@ -134,15 +134,12 @@ def test_redis_trickling_its_answers(kratos, workdir, prefix):
         BRIDGE_SECRET=SECRET,
         BRIDGE_KEY_PREFIX=prefix,
     )
-    try:
-        known = flows.register(kratos)
-        assert httpx.get(bridge.url + "/auth", headers={"X-Session-Token": known.token}).is_success
-        waiting = [flows.register(kratos) for _ in range(4)]
 
+    def trickle():
         link.delay, link.trickle = 0.2, True
-        threads, results = _stuck_requests(bridge.url, waiting)
-        _others_are_not_held_up(bridge.url, known, results)
-        _all_answered_503_within_the_bound(threads, results, {"store_unavailable", "timeout"})
+
+    try:
+        _bounded_while_slow(bridge, kratos, trickle, {"store_unavailable", "timeout"})
         assert "Traceback" not in bridge.log()
     finally:
         bridge.stop()

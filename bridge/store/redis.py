@@ -177,7 +177,7 @@ class RedisStore:
     def lookup(
         self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
     ) -> Lookup:
-        token = os.urandom(12).hex()
+        token = os.urandom(12).hex() if lock_ms else ""
         args = [self.keys.prefix, now_ms, fresh_for_ms, lock_ms, token, "1" if with_app else "0"]
         raw_entry, *rest = self._lookup(keys=[self.keys.credential(fingerprint)], args=args)
         entry = _entry(raw_entry)
