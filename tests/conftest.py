@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from bridge.app import build_store, create_app
 from bridge.config import Settings, load_settings
 from bridge.store import SessionStore
 from tests.harness import Kratos, RedisServer
+from tests.topologies import ClusterSet, SentinelSet
 
 SECRET = "test-secret-" + "x" * 40
 
@@ -25,6 +27,41 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
     server = RedisServer(workdir)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_set(workdir: Path) -> Iterator[SentinelSet]:
+    """A master, a replica and three Sentinels, shared by the session: a test that
+    fails it over builds a ``SentinelSet`` of its own."""
+    topology = SentinelSet(workdir)
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_set(workdir: Path) -> Iterator[ClusterSet]:
+    """A six-node Redis Cluster, shared by the session: a test that fails it over
+    builds a ``ClusterSet`` of its own."""
+    topology = ClusterSet(workdir)
+    yield topology
+    topology.stop()
+
+
+@dataclass(frozen=True)
+class SharedStandalone:
+    """The session's ``redis_server``, seen as a topology."""
+
+    url: str
+    kind: str = "standalone"
+
+
+@pytest.fixture(scope="session", params=["standalone", "sentinel", "cluster"])
+def redis_topology(request: pytest.FixtureRequest) -> SharedStandalone | SentinelSet | ClusterSet:
+    """Each topology in turn (``.kind``, ``.url``), started when a test first needs it
+    and the same one ``redis_server``, ``sentinel_set`` and ``cluster_set`` give."""
+    if request.param == "standalone":
+        return SharedStandalone(request.getfixturevalue("redis_server").url)
+    return request.getfixturevalue(f"{request.param}_set")
 
 
 @pytest.fixture(scope="session")
