@@ -52,9 +52,15 @@ def build_store(settings: Settings) -> SessionStore:
         from bridge.store.memory import MemoryStore
 
         return MemoryStore(keys, settings.aal2_stream_maxlen)
+    from bridge.store.connect import RedisTarget, redis_target
     from bridge.store.redis import RedisStore
 
-    return RedisStore(settings.redis_url, keys, settings.redis_timeout, settings.aal2_stream_maxlen)
+    def connect() -> RedisTarget:
+        return redis_target(
+            settings.redis_url, settings.redis_timeout, settings.redis_sentinel_password
+        )
+
+    return RedisStore(connect, keys, settings.redis_timeout, settings.aal2_stream_maxlen)
 
 
 def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridge:
@@ -103,8 +109,10 @@ def create_flask_app(bridge: Bridge) -> Flask:
     @app.get("/health/ready", provide_automatic_options=False)
     def ready() -> Response:
         problems = {}
+        topology: dict[str, object] = {}
         try:
             bridge.store.ping()
+            topology = bridge.store.topology()
         except StoreUnavailable as error:
             problems["redis"] = str(error)
         kratos_problem = bridge.kratos.ready()
@@ -114,7 +122,7 @@ def create_flask_app(bridge: Bridge) -> Flask:
             return as_flask(
                 responses.json_reply(503, {"status": "unavailable", "errors": problems})
             )
-        return as_flask(responses.json_reply(200, {"status": "ok"}))
+        return as_flask(responses.json_reply(200, {"status": "ok", "redis": topology}))
 
     @app.errorhandler(BridgeError)
     def bridge_error(error: BridgeError) -> Response:

@@ -6,8 +6,15 @@ import argparse
 import logging
 import sys
 import time
+from urllib.parse import urlsplit
 
-from bridge.config import Settings, load_settings, parse_option, reference_table
+from bridge.config import (
+    Settings,
+    load_settings,
+    parse_option,
+    parse_redis_url,
+    reference_table,
+)
 from bridge.errors import ConfigError, StoreUnavailable
 
 EXIT_CONFIG = 2
@@ -69,11 +76,12 @@ def check_command(settings: Settings) -> int:
         f"revalidate after {settings.revalidate_after:g}s, negative cache "
         f"{settings.negative_cache_ttl:g}s"
     )
-    store = build_store(settings)
     started = time.perf_counter()
     try:
+        store = build_store(settings)
         store.ping()
         print(f"redis:           ok ({(time.perf_counter() - started) * 1000:.1f} ms)")
+        print(f"topology:        {_topology_label(store.topology())}")
     except StoreUnavailable as error:
         print(f"redis:           FAILED ({error})")
         ok = False
@@ -92,12 +100,50 @@ def check_command(settings: Settings) -> int:
 
 
 def _store_label(settings: Settings) -> str:
+    """Where the store is, without user name, password or query options."""
     if settings.redis_url is None:
         return "embedded (in-process, single process only)"
-    from urllib.parse import urlsplit
+    address = parse_redis_url(settings.redis_url)
+    scheme = settings.redis_url.partition("://")[0].lower()
+    if address.kind == "standalone":
+        parts = urlsplit(settings.redis_url)
+        if parts.scheme == "unix":
+            return f"redis unix://{parts.path}"
+        where = _host_port(parts.hostname or "", parts.port or 6379)
+        return f"redis {scheme}://{where}{parts.path}"
+    hosts = ",".join(_host_port(host, port) for host, port in address.nodes)
+    if address.kind == "sentinel":
+        return f"redis {scheme}://{hosts}/{address.service}/{address.db}"
+    return f"redis {scheme}://{hosts}"
 
-    parts = urlsplit(settings.redis_url)
-    netloc = parts.hostname or parts.path
-    if parts.port:
-        netloc += f":{parts.port}"
-    return f"redis {parts.scheme}://{netloc}{parts.path if parts.hostname else ''}"
+
+def _topology_label(topology: dict[str, object]) -> str:
+    """One line from ``SessionStore.topology()``."""
+    kind = topology.get("kind")
+    if kind == "embedded":
+        return "embedded (this process only)"
+    if kind == "standalone":
+        return (
+            f"standalone {topology['address']} ({topology['role']}, "
+            f"{_count(topology['replicas'], 'replica')})"
+        )
+    if kind == "sentinel":
+        return (
+            f"sentinel service {topology['service']}: master {topology['master']}, "
+            f"{_count(topology['replicas'], 'replica')}, "
+            f"{_count(topology['sentinels'], 'sentinel')} configured"
+        )
+    if kind == "cluster":
+        return (
+            f"cluster: {_count(topology['masters'], 'master')}, "
+            f"{_count(topology['replicas'], 'replica')}"
+        )
+    return ", ".join(f"{key} {value}" for key, value in topology.items())
+
+
+def _count(number: object, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

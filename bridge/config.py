@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, parse_qsl, unquote, urlsplit
 
 import yaml
 from redis import connection as redis_connection
@@ -90,33 +90,225 @@ def _browser_url_parts(value: str) -> SplitResult:
     return parts
 
 
+@dataclass(frozen=True)
+class RedisAddress:
+    """A ``BRIDGE_REDIS_URL`` taken apart: what ``bridge.store.connect`` builds its client
+    from. A standalone URL goes to redis-py whole (``url``); the Sentinel and Cluster forms,
+    which redis-py cannot read, are described by the other fields."""
+
+    kind: str  # "standalone" | "sentinel" | "cluster"
+    url: str = field(repr=False)
+    tls: bool = False
+    nodes: tuple[tuple[str, int], ...] = ()  # the Sentinels, or the cluster's seed nodes
+    service: str | None = None  # the Sentinel service name (``sentinel monitor <name>``)
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_options: dict[str, str | bool] = field(default_factory=dict)  # redis-py's ssl_* names
+
+
+_SENTINEL_PORT = 26379
+_CLUSTER_PORT = 6379
+_MULTI_HOST_SCHEMES = {
+    "redis+sentinel": "sentinel",
+    "rediss+sentinel": "sentinel",
+    "redis+cluster": "cluster",
+    "rediss+cluster": "cluster",
+}
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_TLS_OPTIONS = (*_TLS_FILES, "ssl_cert_reqs", "ssl_check_hostname")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
+
+
 def _redis_url(value: str) -> str:
-    """``redis://`` or ``rediss://`` with host, port and db; ``unix://`` with a socket path.
-    What redis-py itself would refuse (a bad query option) is refused here, by name."""
+    parse_redis_url(value)
+    return value
+
+
+def parse_redis_url(value: str) -> RedisAddress:
+    """``redis://``, ``rediss://`` or ``unix://`` (what redis-py reads itself), or
+    ``redis[s]+sentinel://`` and ``redis[s]+cluster://`` with a list of hosts. Anything
+    redis-py or the bridge would stumble on later is refused here, by name; no message
+    quotes the user name or password."""
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if scheme in _MULTI_HOST_SCHEMES:
+        return _multi_host_url(value, scheme)
     parts = urlsplit(value)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("not a redis://, rediss:// or unix:// URL")
+        raise ValueError(
+            "not a redis://, rediss://, unix://, redis[s]+sentinel:// or redis[s]+cluster:// URL"
+        )
     if parts.scheme == "unix":
         if not parts.path or parts.path == "/":
             raise ValueError("unix:// URL has no socket path")
     else:
         _host_and_port(parts)
         if not _DB_PATH.fullmatch(parts.path):
-            raise ValueError(f"database {parts.path.lstrip('/')!r} is not a number")
+            raise ValueError(f"database {_quoted(parts.path.lstrip('/'), value)} is not a number")
     query = parse_qs(parts.query)
+    _refuse_set_by_the_bridge(query)
+    query_db = query.get("db")
+    if query_db and not all(db.isdigit() for db in query_db):
+        raise ValueError(f"database {query_db[0]!r} is not a number")
+    tls_query = {name: values for name, values in query.items() if name.startswith("ssl_")}
+    _tls_options(tls_query, parts.scheme)
+    try:
+        redis_connection.parse_url(value)
+    except ValueError as error:
+        raise ValueError(str(error)) from None
+    return RedisAddress("standalone", value, tls=parts.scheme == "rediss")
+
+
+def _multi_host_url(value: str, scheme: str) -> RedisAddress:
+    kind = _MULTI_HOST_SCHEMES[scheme]
+    rest = value[len(scheme) + 3 :]
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
+        raise ValueError("must be visible ASCII, without spaces")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "#" in tail:
+        raise ValueError("must not have a fragment")
+    path, _, query = tail.partition("?")
+    userinfo, at, host_list = authority.rpartition("@")
+    username = password = None
+    if at:
+        user_text, _, password_text = userinfo.partition(":")
+        username, password = unquote(user_text) or None, unquote(password_text) or None
+        if username is None and password is None:
+            raise ValueError("has an '@' but no user name or password before it")
+    default_port = _SENTINEL_PORT if kind == "sentinel" else _CLUSTER_PORT
+    nodes = tuple(_node(item, default_port, value) for item in host_list.split(","))
+    if len(set(nodes)) < len(nodes):
+        raise ValueError("lists the same host and port twice")
+
+    service, db = None, 0
+    segments = path[1:].split("/") if path else []
+    if kind == "sentinel":
+        if not segments or not segments[0]:
+            raise ValueError(
+                "has no service name: redis+sentinel://host:port[,host:port...]/<service>[/db]"
+            )
+        service, db_text = segments[0], "/".join(segments[1:])
+        if not _SERVICE_NAME.fullmatch(service):
+            raise ValueError(
+                f"service name {_quoted(service, value)} is not 1-128 of A-Z a-z 0-9 _ . : -"
+            )
+        if db_text and not _PORT_TEXT.fullmatch(db_text):
+            raise ValueError(f"database {_quoted(db_text, value)} is not a number")
+        db = int(db_text) if db_text else 0
+    elif path not in ("", "/", "/0"):
+        raise ValueError(
+            f"database {_quoted(path[1:], value)}: a Redis Cluster has only database 0 (omit it)"
+        )
+
+    tls = scheme.startswith("rediss")
+    options: dict[str, list[str]] = {}
+    for name, option_value in parse_qsl(query, keep_blank_values=True):
+        options.setdefault(name, []).append(option_value)
+    _refuse_set_by_the_bridge(options)
+    unknown = sorted(name for name in options if name not in _TLS_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"unknown option {_quoted(unknown[0], value)}: a {scheme}:// URL takes only the TLS "
+            f"options ({', '.join(_TLS_OPTIONS)}), on rediss+{kind}://"
+        )
+    return RedisAddress(
+        kind,
+        value,
+        tls=tls,
+        nodes=nodes,
+        service=service,
+        db=db,
+        username=username,
+        password=password,
+        tls_options=_tls_options(options, scheme),
+    )
+
+
+def _node(item: str, default_port: int, value: str) -> tuple[str, int]:
+    """One ``host[:port]`` of a host list; an IPv6 address in brackets."""
+    if not item:
+        raise ValueError("has an empty host in its host list")
+    if item.startswith("["):
+        address, bracket, port_text = item[1:].partition("]")
+        if not bracket or not _is_ipv6(address):
+            raise ValueError(f"host {_quoted(item, value)} is not an IPv6 address in brackets")
+        host = address
+        if port_text and not port_text.startswith(":"):
+            raise ValueError(f"host {_quoted(item, value)} has text after its IPv6 address")
+        port_text = port_text[1:] if port_text else None
+    elif item.count(":") > 1:
+        raise ValueError(f"IPv6 host {_quoted(item, value)} must be in brackets: [address]:port")
+    else:
+        host, colon, port_text = item.partition(":")
+        port_text = port_text if colon else None
+        if not host:
+            raise ValueError(f"host {_quoted(item, value)} has no host name")
+        if not _is_ip(host) and not _HOST_NAME.fullmatch(host):
+            raise ValueError(f"host {_quoted(host, value)} is not a host name or IP address")
+    if port_text is None:
+        return host, default_port
+    if not _PORT_TEXT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port of host {_quoted(host, value)} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _quoted(text: str, url: str) -> str:
+    """``text`` from ``url`` for a message, unless it may be part of a password: one
+    holding an unencoded "/", "?" or "#" ends the host part early, so only text that
+    appears after the URL's last "@" is shown."""
+    last_at = url.rfind("@")
+    return "(not shown)" if last_at >= 0 and url.rfind(text) < last_at else repr(text)
+
+
+def _is_ipv6(value: str) -> bool:
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _refuse_set_by_the_bridge(query: Mapping[str, list[str]]) -> None:
     overridden = sorted(set(query) & _SET_BY_THE_BRIDGE)
     if overridden:
         raise ValueError(
             f"{overridden[0]} is set by the bridge (BRIDGE_REDIS_TIMEOUT bounds every wait)"
         )
-    query_db = query.get("db")
-    if query_db and not all(db.isdigit() for db in query_db):
-        raise ValueError(f"database {query_db[0]!r} is not a number")
-    try:
-        redis_connection.parse_url(value)
-    except ValueError as error:
-        raise ValueError(str(error)) from None
-    return value
+
+
+def _tls_options(query: Mapping[str, list[str]], scheme: str) -> dict[str, str | bool]:
+    """The TLS query options as redis-py keyword arguments, each checked: a file must be
+    readable now (a missing CA file would otherwise surface only as failed connections)."""
+    if query and not scheme.startswith("rediss"):
+        name = sorted(query)[0]
+        tls_scheme = scheme.replace("redis", "rediss", 1) if scheme != "unix" else "rediss"
+        raise ValueError(f"{name} needs TLS: use {tls_scheme}://")
+    options: dict[str, str | bool] = {}
+    for name, values in sorted(query.items()):
+        if len(values) > 1:
+            raise ValueError(f"{name} is given more than once")
+        text = values[0]
+        if name in _TLS_FILES:
+            if not text:
+                raise ValueError(f"{name} is empty")
+            try:
+                Path(text).open("rb").close()
+            except OSError as error:
+                raise ValueError(f"{name} {text!r} cannot be read ({error.strerror})") from None
+            options[name] = text
+        elif name == "ssl_cert_reqs":
+            if text not in ("none", "optional", "required"):
+                raise ValueError(f"ssl_cert_reqs {text!r} is not one of none, optional, required")
+            options[name] = text
+        elif name == "ssl_check_hostname":
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"ssl_check_hostname {text!r} is not true or false")
+            options[name] = text.lower() == "true"
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:
+        raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate)")
+    return options
 
 
 def _listen_host(value: str) -> str:
@@ -164,6 +356,12 @@ def _one_of(*choices: str) -> Callable[[str], str]:
         return value.lower()
 
     return parse
+
+
+def _password(value: str) -> str:
+    if not value:
+        raise ValueError("is empty")
+    return value
 
 
 def _secret(value: str) -> str:
@@ -227,8 +425,33 @@ OPTIONS: tuple[Option, ...] = (
         "redis_url",
         _redis_url,
         None,
-        "Redis for the session mirror and AAL2 events; unset = embedded "
-        "in-process store (one process only).",
+        "Redis for the session mirror and AAL2 events; unset = embedded in-process store "
+        "(one process only). One server: `redis://[[user]:password@]host[:port][/db]` "
+        "(port 6379), `unix:///path.sock[?db=N]`. Sentinel: "
+        "`redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]` "
+        "(the Sentinels, port 26379; the master of `service` is asked of them on every new "
+        "connection, so a failover is followed). Cluster: "
+        "`redis+cluster://[[user]:password@]host[:port][,host[:port]...]` (seed nodes, port "
+        "6379; database 0 only). An IPv6 host goes in brackets, `[::1]:26379`. `rediss` "
+        "instead of `redis` means TLS (to the Sentinels too), with the query options "
+        "`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` (files, read at start-up), "
+        "`ssl_cert_reqs` (`none`, `optional`, `required`: the default) and "
+        "`ssl_check_hostname` (`true`, `false`).",
+    ),
+    Option(
+        "redis_sentinel_password",
+        _password,
+        None,
+        "Password of the Sentinels (`AUTH <password>`), only with a `redis+sentinel://` URL; "
+        "unset = the URL's user name and password, as for the master. Never printed. "
+        "Prefer `BRIDGE_REDIS_SENTINEL_PASSWORD_FILE`.",
+    ),
+    Option(
+        "redis_sentinel_password_file",
+        str,
+        None,
+        "File holding `redis_sentinel_password` (trailing newline ignored); wins over "
+        "`BRIDGE_REDIS_SENTINEL_PASSWORD`.",
     ),
     Option(
         "redis_timeout",
@@ -324,6 +547,7 @@ class Settings:
     kratos_timeout: float
     login_url: str
     redis_url: str | None
+    redis_sentinel_password: str | None = field(repr=False)
     redis_timeout: float
     key_prefix: str
     session_cookie: str
@@ -427,6 +651,13 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
         except ValueError as error:
             raise ConfigError(key_of("secret_file"), f"secret {error}") from None
 
+    values["redis_sentinel_password"] = _sentinel_password(
+        values.pop("redis_sentinel_password"),
+        values.pop("redis_sentinel_password_file"),
+        values["redis_url"],
+        key_of,
+    )
+
     if secret_text is None and values["redis_url"] is not None:
         raise ConfigError(
             "BRIDGE_SECRET", "required when BRIDGE_REDIS_URL is set, so that replicas agree"
@@ -439,6 +670,35 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     if values["aal2_stream"] is None:
         values["aal2_stream"] = values["key_prefix"] + "events:aal2"
     return Settings(**values)
+
+
+def _sentinel_password(
+    password: str | None,
+    password_file: str | None,
+    redis_url: str | None,
+    key_of: Callable[[str], str],
+) -> str | None:
+    """The Sentinels' own password, from its file when one is named; refused without a
+    Sentinel URL, where it would silently do nothing."""
+    name = (
+        "redis_sentinel_password_file" if password_file is not None else "redis_sentinel_password"
+    )
+    if password is None and password_file is None:
+        return None
+    if redis_url is None or parse_redis_url(redis_url).kind != "sentinel":
+        raise ConfigError(
+            key_of(name),
+            "only used with a redis+sentinel:// or rediss+sentinel:// BRIDGE_REDIS_URL",
+        )
+    if password_file is None:
+        return password
+    try:
+        password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(key_of(name), f"cannot be read ({error})") from None
+    if not password:
+        raise ConfigError(key_of(name), "holds no password")
+    return password
 
 
 def reference_table() -> str:

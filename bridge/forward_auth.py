@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bridge import policy, responses
+from bridge.bounded import BoundedMap
 from bridge.credentials import Credential, extract
 from bridge.errors import BridgeError
-from bridge.mirror import BoundedMap, SessionMirror, now_ms
+from bridge.mirror import SessionMirror, now_ms
 from bridge.request import HeaderView, original_url
 from bridge.responses import Reply
 from bridge.session import MirroredSession

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
+from bridge.bounded import BoundedMap
 from bridge.credentials import Credential, Fingerprints
 from bridge.errors import BridgeError, SessionInvalid, StoreUnavailable
 from bridge.kratos import KratosClient
@@ -39,7 +40,6 @@ from bridge.store import Lock, Rejection, SessionStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-K = TypeVar("K")
 
 _PEER_POLL_SECONDS = 0.005
 
@@ -285,26 +285,6 @@ class SessionMirror:
             self._store.release_revalidation(lock)
         except StoreUnavailable:
             pass  # it expires on its own
-
-
-class BoundedMap(Generic[K, T]):
-    """A dict with a size cap, enforced the cheap way: a full map is dropped whole and
-    refills from the store. Single operations are atomic under the GIL."""
-
-    def __init__(self, max_size: int) -> None:
-        self._items: dict[K, T] = {}
-        self._max_size = max_size
-
-    def get(self, key: K) -> T | None:
-        return self._items.get(key)
-
-    def put(self, key: K, value: T) -> None:
-        if len(self._items) >= self._max_size:
-            self._items.clear()
-        self._items[key] = value
-
-    def pop(self, key: K) -> None:
-        self._items.pop(key, None)
 
 
 @dataclass

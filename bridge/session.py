@@ -7,6 +7,7 @@ Kratos adds fields, plus when the bridge last validated it.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -66,15 +67,27 @@ def aal2_event(session: MirroredSession, seen_at_ms: int) -> dict[str, str] | No
         return None
     second = [m for m in session.kratos["authentication_methods"] if m["aal"] == "aal2"]
     device = session.kratos["device"] or {}
+    completed_at = str(second[0]["completed_at"] or "") if second else ""
     return {
+        "upgrade_id": upgrade_id(session.id, completed_at),
         "session_id": session.id,
         "identity_id": session.identity_id,
         "methods": ",".join(dict.fromkeys(str(m["method"]) for m in second)),
-        "completed_at": str(second[0]["completed_at"] or "") if second else "",
+        "completed_at": completed_at,
         "seen_at": _iso(seen_at_ms),
         "ip_address": device.get("ip_address") or "",
         "user_agent": device.get("user_agent") or "",
     }
+
+
+def upgrade_id(session_id: str, completed_at: str) -> str:
+    """The same id for one session upgrade wherever and however often it is seen: made
+    from Kratos's data alone (the session and when its first second factor completed), so
+    a consumer can drop a second event even after Redis lost the marker of the first."""
+    return str(uuid.uuid5(_UPGRADES, f"{session_id}|{completed_at}"))
+
+
+_UPGRADES = uuid.UUID("6f2a1c1e-9a43-5d0b-8a7e-2f1f4c1b7d3e")
 
 
 def _iso(ms: int) -> str:

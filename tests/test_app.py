@@ -152,3 +152,19 @@ def test_unknown_aal_value_is_400(client, kratos):
     response = client.get("/auth?aal=aal9", headers={"X-Session-Token": user.token})
     assert response.status_code == 400
     assert response.get_json()["error"] == "bad_request"
+
+
+def test_ready_says_what_the_store_runs_on(client, store_kind, redis_server):
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    expected = (
+        {
+            "kind": "standalone",
+            "address": f"127.0.0.1:{redis_server.port}",
+            "role": "master",
+            "replicas": 0,
+        }
+        if store_kind == "redis"
+        else {"kind": "embedded"}
+    )
+    assert response.get_json() == {"status": "ok", "redis": expected}

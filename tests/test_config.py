@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import OPTIONS, load_settings, reference_table
+from bridge.config import OPTIONS, load_settings, parse_redis_url, reference_table
 from bridge.errors import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -174,18 +174,24 @@ def test_secret_file(tmp_path):
         load_settings({"BRIDGE_SECRET_FILE": str(tmp_path / "missing")})
 
 
+_NOT_A_REDIS_URL = (
+    "BRIDGE_REDIS_URL: not a redis://, rediss://, unix://, redis[s]+sentinel:// or "
+    "redis[s]+cluster:// URL"
+)
+
+
 @pytest.mark.parametrize(
     ("command", "env", "message"),
     [
         (
             ["serve"],
             {"BRIDGE_REDIS_URL": "http://nope"},
-            "BRIDGE_REDIS_URL: not a redis://, rediss:// or unix:// URL",
+            _NOT_A_REDIS_URL,
         ),
         (
             ["check"],
             {"BRIDGE_REDIS_URL": "http://nope"},
-            "BRIDGE_REDIS_URL: not a redis://, rediss:// or unix:// URL",
+            _NOT_A_REDIS_URL,
         ),
         (["serve"], {"BRIDGE_KRATOS_PUBLIC_URL": "http://kratos:44x3"}, "BRIDGE_KRATOS_PUBLIC_URL"),
         (
@@ -213,6 +219,290 @@ def test_cli_exits_2_naming_the_key(command, env, message):
     )
     assert result.returncode == 2
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://s1:26380,s2,[::1]:26381/mymaster",
+            dict(
+                kind="sentinel",
+                tls=False,
+                nodes=(("s1", 26380), ("s2", 26379), ("::1", 26381)),
+                service="mymaster",
+                db=0,
+                username=None,
+                password=None,
+            ),
+        ),
+        (
+            "redis+sentinel://:pw@10.0.0.1:26379/mymaster/3",
+            dict(nodes=(("10.0.0.1", 26379),), service="mymaster", db=3, password="pw"),
+        ),
+        (
+            "redis+sentinel://bridge:p%40ss%2Fw@sentinel-1/cache.main/",
+            dict(service="cache.main", db=0, username="bridge", password="p@ss/w"),
+        ),
+        (
+            "rediss+sentinel://s1/m?ssl_cert_reqs=optional&ssl_check_hostname=false",
+            dict(
+                kind="sentinel",
+                tls=True,
+                tls_options={"ssl_cert_reqs": "optional", "ssl_check_hostname": False},
+            ),
+        ),
+        (
+            "redis+cluster://n1,n2:7000,[fd00::1]",
+            dict(
+                kind="cluster",
+                tls=False,
+                nodes=(("n1", 6379), ("n2", 7000), ("fd00::1", 6379)),
+                service=None,
+                db=0,
+            ),
+        ),
+        ("redis+cluster://u:pw@n1/0", dict(kind="cluster", username="u", password="pw")),
+        ("redis+cluster://n1/", dict(kind="cluster", nodes=(("n1", 6379),))),
+        ("rediss+cluster://n1?ssl_cert_reqs=none", dict(tls_options={"ssl_cert_reqs": "none"})),
+        ("rediss://r:6380/0?ssl_check_hostname=false", dict(kind="standalone", tls=True)),
+        ("unix:///run/redis.sock", dict(kind="standalone", tls=False)),
+    ],
+)
+def test_sentinel_and_cluster_urls(url, expected):
+    """Sentinels default to port 26379, cluster seeds to 6379; the user name and password
+    are percent-decoded."""
+    settings = load_settings({"BRIDGE_REDIS_URL": url, "BRIDGE_SECRET": "s" * 40})
+    assert settings.redis_url == url
+    address = parse_redis_url(url)
+    assert {name: getattr(address, name) for name in expected} == expected
+    assert "pw" not in repr(address)
+
+
+def test_tls_files_are_read_at_start_up(tmp_path):
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in files.values():
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+    query = (
+        f"ssl_ca_certs={files['ca']}&ssl_certfile={files['cert']}&ssl_keyfile={files['key']}"
+        "&ssl_cert_reqs=required&ssl_check_hostname=true"
+    )
+    for url in (f"rediss+cluster://:pw@n1:7000?{query}", f"rediss+sentinel://s1/m/1?{query}"):
+        address = parse_redis_url(
+            load_settings({"BRIDGE_REDIS_URL": url, "BRIDGE_SECRET": "s" * 40}).redis_url
+        )
+        assert address.tls_options == {
+            "ssl_ca_certs": str(files["ca"]),
+            "ssl_certfile": str(files["cert"]),
+            "ssl_keyfile": str(files["key"]),
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+        }
+    files["ca"].unlink()
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            {"BRIDGE_REDIS_URL": f"rediss+cluster://:pw@n1?{query}", "BRIDGE_SECRET": "s" * 40}
+        )
+    assert caught.value.key == "BRIDGE_REDIS_URL"
+    assert "ssl_ca_certs" in caught.value.problem
+    assert "cannot be read (No such file or directory)" in caught.value.problem
+
+
+_PASSWORD = "hunter2-pw"
+_EXISTING_FILE = str(README)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (f"redis+sentinel://:{_PASSWORD}@s1:26379", "has no service name"),
+        (f"redis+sentinel://:{_PASSWORD}@s1:26379/", "has no service name"),
+        (f"redis+sentinel://:{_PASSWORD}@s1:0/m", "port of host 's1' is not a number from 1 to"),
+        ("redis+sentinel://s1:65536/m", "port of host 's1' is not a number from 1 to 65535"),
+        ("redis+sentinel://s1:/m", "port of host 's1' is not a number"),
+        ("redis+sentinel://s1:2637x/m", "port of host 's1' is not a number"),
+        ("redis+sentinel://s1:\uff11\uff12/m", "visible ASCII"),
+        (f"redis+sentinel://:{_PASSWORD}@s1,,s2/m", "empty host"),
+        ("redis+sentinel://s1,/m", "empty host"),
+        ("redis+sentinel:///m", "empty host"),
+        (f"redis+sentinel://:{_PASSWORD}@", "empty host"),
+        ("redis+sentinel://:26379/m", "host ':26379' has no host name"),
+        ("redis+sentinel://::1:26379/m", "IPv6 host '::1:26379' must be in brackets"),
+        ("redis+sentinel://[::1/m", "is not an IPv6 address in brackets"),
+        ("redis+sentinel://[s1]:26379/m", "is not an IPv6 address in brackets"),
+        ("redis+sentinel://[::1]26379/m", "has text after its IPv6 address"),
+        ("redis+sentinel://[::1]:0/m", "port of host '::1' is not a number"),
+        ("redis+sentinel://s!1/m", "host 's!1' is not a host name"),
+        ("redis+sentinel://s1/my$master", "service name 'my$master' is not 1-128 of"),
+        ("redis+sentinel://s1/m/x", "database 'x' is not a number"),
+        ("redis+sentinel://s1/m/0/1", "database '0/1' is not a number"),
+        ("redis+sentinel://s1,s1:26379/m", "the same host and port twice"),
+        ("redis+sentinel://@s1/m", "has an '@' but no user name or password"),
+        ("redis+sentinel://s1/m#x", "must not have a fragment"),
+        ("redis+sentinel://s 1/m", "visible ASCII"),
+        (f"redis+sentinel://:{_PASSWORD}@s1/m?db=2", "unknown option 'db'"),
+        ("redis+sentinel://s1/m?socket_timeout=3", "socket_timeout is set by the bridge"),
+        ("rediss+sentinel://s1/m?max_connections=3", "max_connections is set by the bridge"),
+        (
+            f"redis+sentinel://:{_PASSWORD}@s1/m?ssl_cert_reqs=none",
+            "ssl_cert_reqs needs TLS: use rediss+sentinel://",
+        ),
+        (f"redis+cluster://:{_PASSWORD}@n1/1", "database '1': a Redis Cluster has only database 0"),
+        ("redis+cluster://n1/0/0", "a Redis Cluster has only database 0"),
+        ("redis+cluster://n1:7000,n2:70000", "port of host 'n2' is not a number"),
+        ("redis+cluster://n1?protocol=3", "unknown option 'protocol'"),
+        ("rediss+cluster://n1?ssl_ca_path=/etc/ssl", "unknown option 'ssl_ca_path'"),
+        ("redis+cluster://n1?ssl_ca_certs=/x", "ssl_ca_certs needs TLS: use rediss+cluster://"),
+        (
+            "rediss+cluster://n1?ssl_cert_reqs=maybe",
+            "'maybe' is not one of none, optional, required",
+        ),
+        ("rediss+cluster://n1?ssl_cert_reqs=NONE", "is not one of none, optional, required"),
+        ("rediss+cluster://n1?ssl_check_hostname=yes", "ssl_check_hostname 'yes' is not true or"),
+        ("rediss+cluster://n1?ssl_ca_certs=", "ssl_ca_certs is empty"),
+        ("rediss+cluster://n1?ssl_certfile=/no/such/cert.pem", "cannot be read"),
+        (
+            "rediss+cluster://n1?ssl_cert_reqs=none&ssl_cert_reqs=required",
+            "ssl_cert_reqs is given more than once",
+        ),
+        (f"rediss+cluster://n1?ssl_keyfile={_EXISTING_FILE}", "ssl_keyfile needs ssl_certfile"),
+        ("redis://r:6379/0?ssl_ca_certs=/x", "ssl_ca_certs needs TLS: use rediss://"),
+        ("unix:///run/redis.sock?ssl_cert_reqs=none", "ssl_cert_reqs needs TLS: use rediss://"),
+        ("rediss://r?ssl_cert_reqs=maybe", "is not one of none, optional, required"),
+        ("redis+sentinels://s1/m", "not a redis://"),
+        # A password with an unencoded "/", "?" or "#" cuts the host part short; what
+        # follows may be password, so it is not quoted.
+        (f"redis+sentinel://user:12/{_PASSWORD}@s1/m", "service name (not shown)"),
+        (f"redis+sentinel://:{_PASSWORD[:3]}/{_PASSWORD[3:]}@s1/m", "(not shown) has no host"),
+        (f"redis+cluster://:{_PASSWORD[:3]}?{_PASSWORD[3:]}@n1", "(not shown) has no host"),
+        (f"redis+cluster://:{_PASSWORD[:3]}#{_PASSWORD[3:]}@n1", "must not have a fragment"),
+        (f"redis+cluster://user:12/{_PASSWORD}@n1", "database (not shown)"),
+        (f"redis://user:12/{_PASSWORD}@r:6379/0", "database (not shown) is not a number"),
+    ],
+)
+def test_bad_redis_urls_name_the_key_and_hide_the_password(url, problem):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_REDIS_URL": url, "BRIDGE_SECRET": "s" * 40})
+    assert caught.value.key == "BRIDGE_REDIS_URL"
+    assert problem in caught.value.problem
+    for part in (_PASSWORD, _PASSWORD[:3], _PASSWORD[3:]):
+        assert part not in str(caught.value)
+
+
+_SENTINEL_URL = "redis+sentinel://:data-pw@s1,s2/mymaster"
+
+
+def test_sentinel_password(tmp_path):
+    env = {"BRIDGE_REDIS_URL": _SENTINEL_URL, "BRIDGE_SECRET": "s" * 40}
+    assert load_settings(env).redis_sentinel_password is None
+    settings = load_settings({**env, "BRIDGE_REDIS_SENTINEL_PASSWORD": "sentinel-pw"})
+    assert settings.redis_sentinel_password == "sentinel-pw"
+    assert "sentinel-pw" not in repr(settings)
+    path = tmp_path / "sentinel-password"
+    path.write_text("from-file\n")
+    settings = load_settings(
+        {
+            **env,
+            "BRIDGE_REDIS_SENTINEL_PASSWORD": "sentinel-pw",
+            "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE": str(path),
+        }
+    )
+    assert settings.redis_sentinel_password == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("env", "key", "problem"),
+    [
+        (
+            {"BRIDGE_REDIS_SENTINEL_PASSWORD": "sentinel-pw"},
+            "BRIDGE_REDIS_SENTINEL_PASSWORD",
+            "only used with a redis+sentinel:// or rediss+sentinel:// BRIDGE_REDIS_URL",
+        ),
+        (
+            {
+                "BRIDGE_REDIS_URL": "redis://:data-pw@r:6379/0",
+                "BRIDGE_REDIS_SENTINEL_PASSWORD": "sentinel-pw",
+            },
+            "BRIDGE_REDIS_SENTINEL_PASSWORD",
+            "only used with a redis+sentinel://",
+        ),
+        (
+            {
+                "BRIDGE_REDIS_URL": "redis+cluster://:data-pw@n1",
+                "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE": "/no/such/file",
+            },
+            "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE",
+            "only used with a redis+sentinel://",
+        ),
+        (
+            {"BRIDGE_REDIS_URL": _SENTINEL_URL, "BRIDGE_REDIS_SENTINEL_PASSWORD": " "},
+            "BRIDGE_REDIS_SENTINEL_PASSWORD",
+            "is empty",
+        ),
+        (
+            {
+                "BRIDGE_REDIS_URL": _SENTINEL_URL,
+                "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE": "/no/such/file",
+            },
+            "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE",
+            "cannot be read",
+        ),
+    ],
+)
+def test_sentinel_password_needs_a_sentinel_url(env, key, problem):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_SECRET": "s" * 40, **env})
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+    assert "sentinel-pw" not in str(caught.value)
+    assert "data-pw" not in str(caught.value)
+
+
+def test_empty_sentinel_password_file(tmp_path):
+    path = tmp_path / "empty"
+    path.write_text("\n")
+    env = {"BRIDGE_REDIS_URL": _SENTINEL_URL, "BRIDGE_SECRET": "s" * 40}
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**env, "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE": str(path)})
+    assert (caught.value.key, caught.value.problem) == (
+        "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE",
+        "holds no password",
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"BRIDGE_REDIS_URL": "redis+cluster://:hunter2@n1/2"},
+            "BRIDGE_REDIS_URL: database '2': a Redis Cluster has only database 0",
+        ),
+        (
+            {"BRIDGE_REDIS_URL": "redis+sentinel://:hunter2@s1:26379"},
+            "BRIDGE_REDIS_URL: has no service name",
+        ),
+        (
+            {
+                "BRIDGE_REDIS_URL": "redis://:hunter2@r:6379/0",
+                "BRIDGE_REDIS_SENTINEL_PASSWORD": "hunter2",
+            },
+            "BRIDGE_REDIS_SENTINEL_PASSWORD: only used with a redis+sentinel://",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_cli_exits_2_on_bad_sentinel_and_cluster_settings(command, env, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", command],
+        env={"PATH": "/usr/bin:/bin", "BRIDGE_SECRET": "s" * 40, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
 
 

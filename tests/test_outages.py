@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 from bridge.app import create_app
+from bridge.store.connect import redis_target
 from tests import kratos_flows as flows
 from tests.conftest import bridge_settings
-from tests.harness import RedisServer
+from tests.harness import RedisServer, free_port
 
 _STORE_DOWN = {
     "error": "store_unavailable",
@@ -76,3 +78,21 @@ def test_redis_stopped_is_503_and_not_ready(kratos, workdir, prefix):
     assert _status(client, "/whoami", known)[0] == 503  # app data lives in Redis
     status, body = _status(client, "/health/ready")
     assert (status, set(body["errors"])) == (503, {"redis"})
+
+
+def test_a_cluster_down_at_start_answers_503_then_serves_when_it_is_up(kratos, cluster_set, prefix):
+    """A cluster client asks its seed nodes when it is built: none answering must not stop
+    the bridge from starting, and must not allow anything until one does."""
+    down = f"redis+cluster://127.0.0.1:{free_port()}"
+    settings = bridge_settings(kratos, down, prefix, BRIDGE_REDIS_TIMEOUT="0.2")
+    bridge = create_app(settings).extensions["bridge"]
+    client = create_app(settings, bridge.store).test_client()
+    user = flows.register(kratos)
+    assert _status(client, "/auth", user) == (503, _STORE_DOWN)
+    status, body = _status(client, "/health/ready")
+    assert (status, set(body["errors"])) == (503, {"redis"})
+
+    # The same store, now given seeds that answer (as if the cluster had come up).
+    bridge.store._new_target = functools.partial(redis_target, cluster_set.url, 0.5)
+    assert _status(client, "/auth", user)[0] == 200
+    assert _status(client, "/health/ready")[1]["redis"]["kind"] == "cluster"

@@ -31,12 +31,13 @@ def _ask_from_memory(mirror, credential, seconds: float):
     session, None (not in memory) or "rejected"."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        asked_at = time.time() * 1000  # before the call: the copy is judged at or after it
         try:
             known = mirror.from_memory(credential)
             answer = known.session if known is not None else None
         except SessionInvalid:
             answer = "rejected"
-        yield time.time() * 1000, answer
+        yield asked_at, answer
         time.sleep(0.02)
 
 

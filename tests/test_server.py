@@ -31,7 +31,10 @@ def test_embedded_mode_serves_and_warns(kratos, workdir):
         response = httpx.get(server.url + "/auth", headers={"X-Session-Token": user.token})
         assert response.status_code == 200
         assert response.headers["X-User-Id"] == user.identity_id
-        assert httpx.get(server.url + "/health/ready").json() == {"status": "ok"}
+        assert httpx.get(server.url + "/health/ready").json() == {
+            "status": "ok",
+            "redis": {"kind": "embedded"},
+        }
     finally:
         server.stop()
     assert server.process.returncode == 0
@@ -124,9 +127,29 @@ def test_check_reports_what_it_reached(kratos, redis_server):
     result = _check(env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "redis:           ok" in result.stdout
+    topology = f"topology:        standalone 127.0.0.1:{redis_server.port} (master, 0 replicas)"
+    assert topology in result.stdout
     assert "kratos:          ok" in result.stdout
     assert "kratos version:  v1.3.1" in result.stdout
     assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_reports_a_cluster_it_cannot_reach(kratos):
+    """A cluster client asks its seed nodes as it is built: a failure there is reported
+    like any other Redis failure, never as a traceback."""
+    port = free_port()
+    env = {
+        **_env(kratos),
+        "BRIDGE_REDIS_URL": f"redis+cluster://:cluster-pw@127.0.0.1:{port}",
+        "BRIDGE_SECRET": SECRET,
+    }
+    result = _check(env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"store:           redis redis+cluster://127.0.0.1:{port}\n" in result.stdout
+    assert "redis:           FAILED (Redis: ConnectionError)" in result.stdout
+    assert "kratos:          ok" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert "cluster-pw" not in result.stdout + result.stderr
 
 
 def test_check_fails_when_kratos_is_down(redis_server):

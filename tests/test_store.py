@@ -1,4 +1,6 @@
-"""The store protocol, run against real Redis and the embedded store alike."""
+"""The store protocol, run against the embedded store and real Redis in its three
+topologies (standalone, Sentinel, Cluster) alike: each script of the Redis store must
+keep to one hash slot, or the cluster runs fail with CROSSSLOT."""
 
 from __future__ import annotations
 
@@ -10,9 +12,28 @@ import pytest
 from redis.crc import key_slot
 
 from bridge.app import build_store
-from bridge.session import MirroredSession, aal2_event
+from bridge.session import MirroredSession, aal2_event, upgrade_id
 from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Lock, Lookup, Rejection
 from tests.conftest import bridge_settings
+
+
+@pytest.fixture(params=["embedded", "standalone", "sentinel", "cluster"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    if store_kind == "embedded":
+        return None
+    if store_kind == "standalone":
+        return request.getfixturevalue("redis_server").url
+    return request.getfixturevalue(f"{store_kind}_set").url
+
+
+@pytest.fixture
+def settings(store_url, kratos, prefix):
+    return bridge_settings(kratos, store_url, prefix)
 
 
 def now_ms() -> int:
@@ -39,6 +60,14 @@ def session(sid="s1", identity="i1", aal="aal1", expires_in_ms=60_000, validated
 
 def save(store, fingerprint, mirrored):
     return store.save(fingerprint, mirrored, aal2_event(mirrored, now_ms()), now_ms())
+
+
+def drop(store, key):
+    """Lose one key, as a crash or a failover that lost unreplicated writes would."""
+    if hasattr(store, "_redis"):
+        store._redis.delete(key)
+    else:
+        store._delete(key)
 
 
 def expiry_of(store, key):
@@ -207,13 +236,8 @@ def test_revalidation_lock_is_exclusive_owned_and_expires(store):
     assert store.claim_revalidation("s1", 200)
 
 
-def test_stream_length_is_capped(kratos, redis_server, store_kind, prefix):
-    settings = bridge_settings(
-        kratos,
-        redis_server.url if store_kind == "redis" else None,
-        prefix,
-        BRIDGE_AAL2_STREAM_MAXLEN="10",
-    )
+def test_stream_length_is_capped(kratos, store_url, prefix):
+    settings = bridge_settings(kratos, store_url, prefix, BRIDGE_AAL2_STREAM_MAXLEN="10")
     store = build_store(settings)
     for i in range(300):
         save(store, f"fp{i}", session(sid=f"s{i}", aal="aal2"))
@@ -278,3 +302,78 @@ def test_lookup_of_a_rejected_credential(store):
     store.forget("fp1", None, rejection)
     found = store.lookup("fp1", now_ms(), 5000, 100, with_app=False)
     assert found == Lookup(Rejection(rejection.rejected_at_ms))
+
+
+def test_an_event_carries_an_upgrade_id_made_from_kratos_data_alone(store):
+    save(store, "fp1", session(aal="aal2"))
+    [(_, fields)] = store.aal2_events()
+    assert fields["upgrade_id"] == upgrade_id("s1", "2026-11-22T10:01:00Z")
+    seen_later = aal2_event(session(aal="aal2"), now_ms() + 60_000)
+    assert seen_later["upgrade_id"] == fields["upgrade_id"]
+    assert aal2_event(session(sid="s2", aal="aal2"), now_ms())["upgrade_id"] != fields["upgrade_id"]
+
+
+def test_a_lost_marker_does_not_double_the_event(store):
+    """A crash between the stream step and the marker, or a failover that lost the
+    marker: the next save tries again, and the stream keeps one event."""
+    first = save(store, "fp1", session(aal="aal2")).aal2_event_id
+    drop(store, store.keys.aal2_marker("s1"))
+    assert save(store, "fp1", session(aal="aal2")).aal2_event_id is None
+    [(stored_id, _)] = store.aal2_events()
+    assert stored_id == first
+    assert expiry_of(store, store.keys.aal2_marker("s1")) > 0  # marked again
+
+
+def test_after_redis_lost_everything_a_repeat_has_the_same_upgrade_id(store):
+    save(store, "fp1", session(aal="aal2"))
+    [(_, fields)] = store.aal2_events()
+    drop(store, store.keys.aal2_marker("s1"))
+    drop(store, store.keys.aal2_upgrade(fields["upgrade_id"]))
+    save(store, "fp1", session(aal="aal2"))
+    first, second = store.aal2_events()
+    assert first[0] != second[0]
+    assert first[1]["upgrade_id"] == second[1]["upgrade_id"]  # what consumers de-duplicate on
+
+
+def test_a_rejection_through_one_credential_ends_older_acceptances_of_others(store):
+    save(store, "fp1", session())
+    asked_before = session(validated_at=now_ms() - 20)
+    store.forget("fp1", session(), Rejection(now_ms(), keep_ms=10_000))
+    assert not save(store, "fp2", asked_before).cached  # the same session, another cookie
+    assert store.load("s1") is None
+    asked_after = session(validated_at=now_ms() + 1)
+    assert save(store, "fp2", asked_after).cached
+    assert store.load("s1") is not None
+    assert isinstance(store.find_credential("fp1"), Rejection)  # still, for its own credential
+
+
+def test_a_rejection_is_not_undone_by_an_older_acceptance_landing_later(store):
+    rejected_at = now_ms()
+    save(store, "fp1", session(validated_at=rejected_at - 100))
+    store.forget("fp1", None, Rejection(rejected_at, keep_ms=10_000))
+    late = save(store, "fp1", session(aal="aal2", validated_at=rejected_at - 10))
+    assert not late.cached
+    assert store.load("s1") is None
+    assert store.aal2_events() == []  # nothing is recorded from an answer that lost
+    found = store.lookup("fp1", now_ms(), 5000, 100, with_app=False)
+    assert found == Lookup(Rejection(rejected_at))
+
+
+def test_a_newer_acceptance_is_not_undone_by_an_older_rejection(store):
+    asked_at = now_ms()
+    save(store, "fp1", session(validated_at=asked_at))
+    store.forget("fp1", None, Rejection(asked_at - 10, keep_ms=10_000))
+    assert store.find_credential("fp1") == CredentialEntry("s1", asked_at)
+    assert store.load("s1") is not None
+
+
+@pytest.mark.parametrize("store_kind", ["standalone", "sentinel", "cluster"])
+def test_a_process_that_knew_the_credential_sees_its_rejection(store_url, kratos, prefix):
+    one, other = (build_store(bridge_settings(kratos, store_url, prefix)) for _ in range(2))
+    save(one, "fp1", session(validated_at=now_ms() - 10))
+    assert other.lookup("fp1", now_ms(), 5000, 0, with_app=False).entry.session_id == "s1"
+    rejected_at = now_ms()
+    one.forget("fp1", None, Rejection(rejected_at, keep_ms=10_000))
+    assert other.lookup("fp1", now_ms(), 5000, 0, with_app=False) == Lookup(Rejection(rejected_at))
+    one.close()
+    other.close()

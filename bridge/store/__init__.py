@@ -1,26 +1,60 @@
 """Where mirrored sessions live: one protocol, a Redis and an in-process implementation.
 
-The store owns atomicity. Saving a session, moving its expiry, updating the
-identity index and appending the AAL2 event happen as one step, so callers
-never hold a half-written mirror or a doubled event.
-
 Freshness belongs to a credential, not to a session: a session can be reached
 through several credentials (a token, cookies re-issued by Kratos), and Kratos
-may reject one while accepting another. So each credential records when Kratos
-last accepted it, and only that time makes it fresh.
+may reject one while accepting another (an old cookie). So each credential
+records when Kratos last accepted it, and only that time makes it fresh.
 
-Key layout (``p`` = ``BRIDGE_KEY_PREFIX``; the keys of one session share the
-Redis Cluster hash tag ``{<session id>}``):
+Key layout (``p`` = ``BRIDGE_KEY_PREFIX``). Every atomic step (one Lua script)
+touches the keys of one Redis Cluster hash slot, so the same layout serves a
+standalone Redis, Sentinel and Cluster:
 
-- ``p{sid}:session``  hash: ``kratos`` (JSON view), ``validated_at``, ``expires_at`` (ms);
-  expires at Kratos's ``expires_at``.
-- ``p{sid}:app``      hash: data apps add to the session; expiry follows the session.
-- ``p{sid}:aal2``     the id of the session's AAL2 event; its presence means "already recorded".
-- ``p{sid}:revalidating``  short lock so one bridge process asks Kratos for a stale session.
-- ``pcredential:<hmac>``   ``<sid> <validated_at ms>`` for a credential Kratos accepted,
-  or ``-<rejected_at ms>`` when Kratos rejected it.
-- ``pidentity:{<identity id>}:sessions``  sorted set of session ids scored by expiry (ms).
-- ``<aal2_stream>``   the AAL2 event stream (default ``pevents:aal2``).
+Slot of ``{<sid>}``, everything about one session:
+
+- ``p{sid}:session``      hash: ``kratos`` (JSON view), ``validated_at``, ``expires_at`` (ms);
+  expires at Kratos's ``expires_at`` (PEXPIREAT, moves on extend).
+- ``p{sid}:app``          hash: data apps add to the session; expiry follows the session.
+- ``p{sid}:credentials``  hash: per credential fingerprint, ``<validated_at ms>`` when Kratos
+  accepted it or ``-<rejected_at ms>``; field ``!ended`` = the newest rejection of any
+  of the session's credentials. Lives as long as the session or the rejection.
+- ``p{sid}:aal2``         the upgrade id of the session's AAL2 event, written once the event
+  is in the stream (and acknowledged by a replica where there is one).
+- ``p{sid}:revalidating`` short lock so one bridge process asks Kratos for a stale session.
+
+Slot of the credential: ``pcredential:<hmac>`` = ``<sid> <validated_at ms>`` for a
+credential Kratos accepted, or ``-<rejected_at ms>`` when it rejected it. A credential
+belongs to one session for good, so a process keeps this pointer in memory once read.
+
+Slot of the identity: ``pidentity:{<identity id>}:sessions``, session ids scored by expiry.
+
+Slot of the stream: ``<aal2_stream>`` (default ``pevents:aal2``) and, per upgrade,
+``{<aal2_stream>}:upgrade:<upgrade id>`` = the stream entry id (a stream name that has a
+hash tag of its own keeps it: ``<aal2_stream>:upgrade:<id>``).
+
+A save is three independent steps (credential, session, identity; one pipeline, one
+round trip on a standalone Redis), plus, once per session upgrade, the stream step and
+the marker. The invariants, and why they hold:
+
+1. Exactly one AAL2 event per session upgrade. The upgrade id is derived from Kratos's
+   data (session id and when its first second factor completed), so every process and
+   every retry computes the same one. The stream step appends only if the upgrade's key
+   is absent, in the stream's slot, in one script. The session's marker is written after
+   that step succeeded, so a crash in between means a retry, which the upgrade key turns
+   into a no-op. Across a Redis that lost its data (no persistence, or a failover that
+   lost unreplicated writes), the event carries ``upgrade_id`` for consumers to
+   de-duplicate on; with ``appendonly yes`` and ``appendfsync always`` none is doubled.
+2. A rejection is never overwritten by an older acceptance. The credential step and the
+   session step each compare the acceptance's ``validated_at`` (when Kratos was asked)
+   with the rejection recorded in their own slot and write nothing when it is older. A
+   rejection the session slot has not heard of yet (the pointer alone knew it) is
+   carried there by the save that lost the race, before it returns.
+3. A revoked session is refused within ``revalidate_after``: a request is answered only
+   from an acceptance of its own credential asked no longer ago than that, read from the
+   session's slot together with the mirror it answers with; nothing else makes a
+   credential fresh.
+
+The identity index is written by its own step and may, for a moment after a rejection
+raced a save, name a session that ended; readers check the session key.
 """
 
 from __future__ import annotations
@@ -31,6 +65,7 @@ from typing import Protocol
 from bridge.session import MirroredSession
 
 AAL2_MARKER_GRACE_MS = 7 * 24 * 3600 * 1000
+ENDED = "!ended"  # the field of ``p{sid}:credentials`` no fingerprint can be (base64url)
 """How long past a session's expiry its "AAL2 recorded" marker stays: Kratos can revive
 an expired session (admin extend), and that must not record the same upgrade twice."""
 
@@ -93,6 +128,9 @@ class Keys:
     def app(self, sid: str) -> str:
         return f"{self.prefix}{{{sid}}}:app"
 
+    def credentials(self, sid: str) -> str:
+        return f"{self.prefix}{{{sid}}}:credentials"
+
     def aal2_marker(self, sid: str) -> str:
         return f"{self.prefix}{{{sid}}}:aal2"
 
@@ -104,6 +142,20 @@ class Keys:
 
     def identity_sessions(self, identity_id: str) -> str:
         return f"{self.prefix}identity:{{{identity_id}}}:sessions"
+
+    def aal2_upgrade(self, upgrade_id: str) -> str:
+        """The key that makes the stream hold one event per upgrade: in the stream's slot."""
+        return (
+            f"{self.aal2_stream}:upgrade:{upgrade_id}"
+            if _has_hash_tag(self.aal2_stream)
+            else (f"{{{self.aal2_stream}}}:upgrade:{upgrade_id}")
+        )
+
+
+def _has_hash_tag(key: str) -> bool:
+    """Whether Redis Cluster hashes ``key`` by a ``{tag}`` inside it rather than whole."""
+    start = key.find("{")
+    return start >= 0 and key.find("}", start + 1) > start + 1
 
 
 class SessionStore(Protocol):
@@ -170,5 +222,9 @@ class SessionStore(Protocol):
         """The oldest ``count`` AAL2 events as ``(event id, fields)``."""
 
     def ping(self) -> None: ...
+
+    def topology(self) -> dict[str, object]:
+        """What the store runs on (``kind``: embedded, standalone, sentinel, cluster; the
+        master's address, the number of masters and replicas), as found now."""
 
     def close(self) -> None: ...

@@ -18,6 +18,7 @@ from typing import Any
 from bridge.session import MirroredSession
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
+    ENDED,
     CredentialEntry,
     Keys,
     Lock,
@@ -48,7 +49,10 @@ class MemoryStore:
 
     def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
         with self._lock:
-            return self._get(self.keys.credential(fingerprint))
+            pointer = self._get(self.keys.credential(fingerprint))
+            if not isinstance(pointer, CredentialEntry):
+                return pointer
+            return self._credential(pointer.session_id, fingerprint)
 
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         with self._lock:
@@ -58,7 +62,10 @@ class MemoryStore:
         self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
     ) -> Lookup:
         with self._lock:
-            entry = self._get(self.keys.credential(fingerprint))
+            pointer = self._get(self.keys.credential(fingerprint))
+            if not isinstance(pointer, CredentialEntry):
+                return Lookup(pointer)
+            entry = self._credential(pointer.session_id, fingerprint)
             if not isinstance(entry, CredentialEntry):
                 return Lookup(entry)
             session = self._load(entry.session_id, with_app)
@@ -83,37 +90,34 @@ class MemoryStore:
         with self._lock:
             self._maybe_sweep()
             self._release(release)
-            credential_key = self.keys.credential(fingerprint)
-            known = self._get(credential_key)
-            if isinstance(known, Rejection):
-                if validated_at < known.rejected_at_ms:
-                    return SaveResult(False, None)
-                known = None
-            if known is None or known.validated_at_ms <= validated_at:
-                self._set(credential_key, CredentialEntry(sid, validated_at), expires_at)
-
-            stored = self._get(self.keys.session(sid))
-            if stored is None or stored["validated_at"] <= validated_at:
-                record = {"kratos": session.kratos, "validated_at": validated_at}
-                self._set(self.keys.session(sid), {**record, "expires_at": expires_at}, expires_at)
-                self._expire_at(self.keys.app(sid), expires_at)
+            # The same steps as the Redis store's, run under one lock.
+            pointer_key = self.keys.credential(fingerprint)
+            pointer = self._get(pointer_key)
+            newer_rejection = isinstance(pointer, Rejection) and (
+                validated_at < pointer.rejected_at_ms
+            )
+            newer_acceptance = isinstance(pointer, CredentialEntry) and (
+                pointer.validated_at_ms > validated_at
+            )
+            if not (newer_rejection or newer_acceptance):
+                self._set(pointer_key, CredentialEntry(sid, validated_at), expires_at)
+            state = self._save_session(fingerprint, session)
 
             index_key = self.keys.identity_sessions(session.identity_id)
             index = {m: s for m, s in (self._get(index_key) or {}).items() if s > now_ms}
             index[sid] = max(index.get(sid, 0), expires_at)
             self._set(index_key, index, max(index.values()))
 
-            if aal2_event is None:
+            if newer_rejection:
+                self._forget_session(
+                    sid, fingerprint, pointer.rejected_at_ms, self._expires[pointer_key]
+                )
+                return SaveResult(False, None)
+            if state == "ended":
+                return SaveResult(False, None)
+            if state == "recorded" or aal2_event is None:
                 return SaveResult(True, None)
-            marker = self.keys.aal2_marker(sid)
-            marker_expires_at = expires_at + AAL2_MARKER_GRACE_MS
-            if self._get(marker) is not None:
-                self._expires[marker] = max(self._expires[marker], marker_expires_at)
-                return SaveResult(True, None)
-            event_id = self._next_event_id()
-            self._stream.append((event_id, dict(aal2_event)))
-            self._set(marker, event_id, marker_expires_at)
-            return SaveResult(True, event_id)
+            return SaveResult(True, self._record_upgrade(sid, aal2_event, expires_at))
 
     def forget(
         self,
@@ -122,15 +126,26 @@ class MemoryStore:
         rejection: Rejection,
         release: Lock | None = None,
     ) -> None:
+        rejected_at = rejection.rejected_at_ms
         with self._lock:
             self._maybe_sweep()
             self._release(release)
-            expires_at = _now_ms() + max(rejection.keep_ms, 1)
-            self._set(self.keys.credential(fingerprint), rejection, expires_at)
-            if seen is None:
-                return
-            self._delete(self.keys.session(seen.id))
-            (self._get(self.keys.identity_sessions(seen.identity_id)) or {}).pop(seen.id, None)
+            keep_until = rejected_at + max(rejection.keep_ms, 1)
+            pointer_key = self.keys.credential(fingerprint)
+            pointer = self._get(pointer_key)
+            named = pointer.session_id if isinstance(pointer, CredentialEntry) else None
+            newer = (
+                pointer.rejected_at_ms > rejected_at
+                if isinstance(pointer, Rejection)
+                else pointer is not None and pointer.validated_at_ms > rejected_at
+            )
+            if not newer:
+                self._set(
+                    pointer_key, Rejection(rejected_at), _now_ms() + max(rejection.keep_ms, 1)
+                )
+            sid = seen.id if seen is not None else named
+            if sid is not None:
+                self._forget_session(sid, fingerprint, rejected_at, keep_until)
 
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
         with self._lock:
@@ -148,7 +163,8 @@ class MemoryStore:
     def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
         with self._lock:
             index = self._get(self.keys.identity_sessions(identity_id)) or {}
-            return [m for m, s in sorted(index.items(), key=lambda i: i[1]) if s > now_ms]
+            ordered = sorted(index.items(), key=lambda item: item[1])
+            return [m for m, s in ordered if s > now_ms and self._get(self.keys.session(m))]
 
     def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         with self._lock:
@@ -169,10 +185,69 @@ class MemoryStore:
     def ping(self) -> None:
         return None
 
+    def topology(self) -> dict[str, object]:
+        return {"kind": "embedded"}
+
     def close(self) -> None:
         return None
 
     # The helpers below run with the lock held.
+
+    def _credential(self, sid: str, fingerprint: str) -> CredentialEntry | Rejection | None:
+        value = (self._get(self.keys.credentials(sid)) or {}).get(fingerprint)
+        return CredentialEntry(sid, value) if isinstance(value, int) else value
+
+    def _save_session(self, fingerprint: str, session: MirroredSession) -> str:
+        """The session step: ``ended`` (a newer rejection; nothing written), ``recorded``
+        (no AAL2 event to add) or ``unrecorded``."""
+        sid, expires_at = session.id, session.expires_at_ms
+        validated_at = session.validated_at_ms
+        credentials_key = self.keys.credentials(sid)
+        credentials = self._get(credentials_key) or {}
+        ended = credentials.get(ENDED)
+        if ended is not None and validated_at < ended:
+            return "ended"
+        known = credentials.get(fingerprint)
+        if not isinstance(known, int) or known <= validated_at:
+            credentials[fingerprint] = validated_at
+        self._set(
+            credentials_key, credentials, max(self._expires.get(credentials_key, 0), expires_at)
+        )
+        stored = self._get(self.keys.session(sid))
+        if stored is None or stored["validated_at"] <= validated_at:
+            record = {"kratos": session.kratos, "validated_at": validated_at}
+            self._set(self.keys.session(sid), {**record, "expires_at": expires_at}, expires_at)
+            self._expire_at(self.keys.app(sid), expires_at)
+        marker = self.keys.aal2_marker(sid)
+        if self._get(marker) is None:
+            return "unrecorded"
+        self._expires[marker] = max(self._expires[marker], expires_at + AAL2_MARKER_GRACE_MS)
+        return "recorded"
+
+    def _record_upgrade(self, sid: str, event: dict[str, str], expires_at: int) -> str | None:
+        keep_until = expires_at + AAL2_MARKER_GRACE_MS
+        upgrade_key = self.keys.aal2_upgrade(event["upgrade_id"])
+        appended = None
+        if self._get(upgrade_key) is None:
+            appended = self._next_event_id()
+            self._stream.append((appended, dict(event)))
+            self._set(upgrade_key, appended, keep_until)
+        self._set(self.keys.aal2_marker(sid), event["upgrade_id"], keep_until)
+        return appended
+
+    def _forget_session(
+        self, sid: str, fingerprint: str, rejected_at: int, keep_until: int
+    ) -> None:
+        credentials_key = self.keys.credentials(sid)
+        credentials = self._get(credentials_key) or {}
+        known = credentials.get(fingerprint)
+        if isinstance(known, int) and known > rejected_at:
+            return
+        credentials[fingerprint] = Rejection(rejected_at)
+        credentials[ENDED] = max(credentials.get(ENDED, 0), rejected_at)
+        expires = max(self._expires.get(credentials_key, 0), keep_until)
+        self._set(credentials_key, credentials, expires)
+        self._delete(self.keys.session(sid))
 
     def _load(self, session_id: str, with_app: bool) -> MirroredSession | None:
         record = self._get(self.keys.session(session_id))

@@ -1,22 +1,32 @@
-"""The Redis session store: every multi-key change is one Lua script, hence atomic."""
+"""The Redis session store: standalone, Sentinel or Cluster, one key layout for all three.
+
+Each script touches the keys of one hash slot (see ``bridge.store`` for the layout and
+the invariants). Steps that do not depend on each other go out in one pipeline, which
+a standalone Redis answers in one round trip and a cluster per node.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import replace
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import orjson
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
+from bridge.bounded import BoundedMap
 from bridge.errors import StoreUnavailable
 from bridge.logs import Throttled
 from bridge.session import MirroredSession
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
+    ENDED,
     CredentialEntry,
     Keys,
     Lock,
@@ -24,6 +34,7 @@ from bridge.store import (
     Rejection,
     SaveResult,
 )
+from bridge.store.connect import RedisTarget
 
 T = TypeVar("T")
 _failures = Throttled(logging.getLogger(__name__))
@@ -36,84 +47,152 @@ if ARGV[{token}] ~= '' and redis.call('GET', KEYS[{lock}]) == ARGV[{token}] then
 end
 """
 
-# KEYS: session, app, aal2 marker, credential, identity index, stream, lock to release
-# ARGV: kratos json, validated_at, expires_at, session id, now, stream maxlen,
-#       aal2 marker expires_at, lock token, event fields...
-_SAVE = (
-    _RELEASE_FIRST.format(lock=7, token=8)
+# Expiry of a key that only ever grows (a fresh key has none: -1).
+_EXPIRE_NOT_BEFORE = """
+local function expire_not_before(key, at)
+  local current = redis.call('PEXPIRETIME', key)
+  if current == -1 or current < tonumber(at) then redis.call('PEXPIREAT', key, at) end
+end
+"""
+
+# Credential slot. KEYS: pointer; ARGV: session id, validated_at, expires_at
+# Returns 0, or the time of the newer rejection that wins and how long it is kept.
+_POINTER_SAVE = """
+local entry = redis.call('GET', KEYS[1])
+local validated_at = tonumber(ARGV[2])
+if entry and string.sub(entry, 1, 1) == '-' then
+  local rejected_at = tonumber(string.sub(entry, 2))
+  if validated_at < rejected_at then return {rejected_at, redis.call('PTTL', KEYS[1])} end
+elseif entry then
+  local known = tonumber(string.match(entry, ' (%d+)$'))
+  if known and known > validated_at then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PXAT', ARGV[3])
+return 0
+"""
+
+# Session slot. KEYS: session, app, credentials, aal2 marker, lock to release
+# ARGV: kratos json, validated_at, expires_at, fingerprint, lock token,
+#       aal2 marker expires_at, "1" when the session is at aal2
+# Returns -1 (a newer rejection: nothing written), 0, or 1 (the AAL2 event is not recorded).
+_SESSION_SAVE = (
+    _RELEASE_FIRST.format(lock=5, token=5)
+    + _EXPIRE_NOT_BEFORE
     + """
 local validated_at = tonumber(ARGV[2])
-local expires_at = ARGV[3]
-local credential = redis.call('GET', KEYS[4])
-local known = nil
-if credential and string.sub(credential, 1, 1) == '-' then
-  if validated_at < tonumber(string.sub(credential, 2)) then return {0, false} end
-elseif credential then
-  known = tonumber(string.match(credential, ' (%d+)$'))
+local ended = tonumber(redis.call('HGET', KEYS[3], '"""
+    + ENDED
+    + """'))
+if ended and validated_at < ended then return -1 end
+local known = redis.call('HGET', KEYS[3], ARGV[4])
+if not known or string.sub(known, 1, 1) == '-' or tonumber(known) <= validated_at then
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
 end
-if not known or known <= validated_at then
-  redis.call('SET', KEYS[4], ARGV[4] .. ' ' .. ARGV[2], 'PXAT', expires_at)
-end
+expire_not_before(KEYS[3], ARGV[3])
 local stored = tonumber(redis.call('HGET', KEYS[1], 'validated_at'))
 if not stored or stored <= validated_at then
   redis.call('HSET', KEYS[1], 'kratos', ARGV[1], 'validated_at', ARGV[2],
-             'expires_at', expires_at)
-  redis.call('PEXPIREAT', KEYS[1], expires_at)
-  redis.call('PEXPIREAT', KEYS[2], expires_at)
+             'expires_at', ARGV[3])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+  redis.call('PEXPIREAT', KEYS[2], ARGV[3])
 end
-redis.call('ZADD', KEYS[5], 'GT', expires_at, ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[5])
-local last = redis.call('ZRANGE', KEYS[5], -1, -1, 'WITHSCORES')
-if last[2] then redis.call('PEXPIREAT', KEYS[5], last[2]) end
-if #ARGV <= 8 then return {1, false} end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('PEXPIREAT', KEYS[3], ARGV[7], 'GT')
-  return {1, false}
+if ARGV[7] ~= '1' then return 0 end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('PEXPIREAT', KEYS[4], ARGV[6], 'GT')
+  return 0
 end
-local id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 9))
-redis.call('SET', KEYS[3], id, 'PXAT', ARGV[7])
-return {1, id}
-"""
-)
-
-# KEYS: session, credential, identity index, lock to release
-# ARGV: session id, rejected_at, keep ms, lock token
-_FORGET = (
-    _RELEASE_FIRST.format(lock=4, token=4)
-    + """
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], '-' .. ARGV[2], 'PX', ARGV[3])
-if ARGV[1] ~= '' then redis.call('ZREM', KEYS[3], ARGV[1]) end
 return 1
 """
 )
 
-# One round trip for a request the process's copy cannot answer. The session's keys are
-# derived from the credential entry inside the script, so this needs a standalone Redis
-# (a Redis Cluster would refuse keys not named in KEYS).
-# KEYS: credential; ARGV: key prefix, now ms, fresh-for ms, lock ms (0: take none),
-#       lock token, "1" to read the app data too
-# Returns {entry, session fields, app fields, lock state: false | 1 (taken) | 0 (busy)}
-_LOOKUP = """
+# Identity slot. KEYS: index; ARGV: session id, expires_at, now
+_IDENTITY_ADD = """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if last[2] then redis.call('PEXPIREAT', KEYS[1], last[2]) end
+return 0
+"""
+
+# Stream slot. KEYS: stream, upgrade key; ARGV: max length, keep upgrade key until, fields...
+# Returns {stream entry id, 1 if appended now, replicas connected to this master}.
+_PUBLISH = """
+local id = redis.call('GET', KEYS[2])
+local appended = 0
+if not id then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+  redis.call('SET', KEYS[2], id, 'PXAT', ARGV[2])
+  appended = 1
+end
+local replicas = string.match(redis.call('INFO', 'replication'), 'connected_slaves:(%d+)')
+return {id, appended, tonumber(replicas) or 0}
+"""
+
+# Credential slot. KEYS: pointer; ARGV: rejected_at, keep ms
+# Returns {1 if recorded, the session id the pointer named or false}.
+_POINTER_FORGET = """
 local entry = redis.call('GET', KEYS[1])
+local rejected_at = tonumber(ARGV[1])
+local sid = false
+if entry and string.sub(entry, 1, 1) == '-' then
+  if tonumber(string.sub(entry, 2)) > rejected_at then return {0, false} end
+elseif entry then
+  local known
+  sid, known = string.match(entry, '^(%S+) (%d+)$')
+  if known and tonumber(known) > rejected_at then return {0, sid} end
+end
+redis.call('SET', KEYS[1], '-' .. ARGV[1], 'PX', ARGV[2])
+return {1, sid}
+"""
+
+# Session slot. KEYS: session, credentials, lock to release
+# ARGV: fingerprint, rejected_at, remember until (ms), lock token
+_SESSION_FORGET = (
+    _RELEASE_FIRST.format(lock=3, token=4)
+    + _EXPIRE_NOT_BEFORE
+    + """
+local rejected_at = tonumber(ARGV[2])
+local known = redis.call('HGET', KEYS[2], ARGV[1])
+if known and string.sub(known, 1, 1) ~= '-' and tonumber(known) > rejected_at then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], '-' .. ARGV[2])
+local ended = tonumber(redis.call('HGET', KEYS[2], '"""
+    + ENDED
+    + """'))
+if not ended or ended < rejected_at then
+  redis.call('HSET', KEYS[2], '"""
+    + ENDED
+    + """', ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+expire_not_before(KEYS[2], ARGV[3])
+return 1
+"""
+)
+
+# Session slot: one round trip for a request this process's copy cannot answer.
+# KEYS: session, app, credentials, lock
+# ARGV: fingerprint, now ms, fresh-for ms, lock ms (0: take none), lock token, "1" for app
+# Returns {credential entry, session fields, app fields, lock: false | 1 (taken) | 0 (busy)}
+_LOOKUP = """
+local entry = redis.call('HGET', KEYS[3], ARGV[1])
 if not entry then return {false} end
-local sid, validated_at = string.match(entry, '^(%S+) (%d+)$')
-if not sid then return {entry} end
-local base = ARGV[1] .. '{' .. sid .. '}:'
-local fields = redis.call('HGETALL', base .. 'session')
+if string.sub(entry, 1, 1) == '-' then return {entry} end
+local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return {entry, false} end
 local app = false
-if ARGV[6] == '1' then app = redis.call('HGETALL', base .. 'app') end
-if ARGV[4] == '0' or tonumber(ARGV[2]) - tonumber(validated_at) < tonumber(ARGV[3]) then
+if ARGV[6] == '1' then app = redis.call('HGETALL', KEYS[2]) end
+if ARGV[4] == '0' or tonumber(ARGV[2]) - tonumber(entry) < tonumber(ARGV[3]) then
   return {entry, fields, app, false}
 end
-if redis.call('SET', base .. 'revalidating', ARGV[5], 'NX', 'PX', ARGV[4]) then
+if redis.call('SET', KEYS[4], ARGV[5], 'NX', 'PX', ARGV[4]) then
   return {entry, fields, app, 1}
 end
 return {entry, fields, app, 0}
 """
 
-# KEYS: session, app; ARGV: field, value, ...
+# Session slot. KEYS: session, app; ARGV: field, value, ...
 _SET_APP = """
 local expires_at = redis.call('PEXPIRETIME', KEYS[1])
 if expires_at < 0 then return 0 end
@@ -128,9 +207,11 @@ _RELEASE = _RELEASE_FIRST.format(lock=1, token=1)
 
 def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
+    def wrapper(self: RedisStore, *args: Any, **kwargs: Any) -> T:
         try:
-            return method(*args, **kwargs)
+            if self._target is None:
+                self._connect()
+            return method(self, *args, **kwargs)
         except redis.RedisError as error:
             _failures.warning("redis %s failed: %s", method.__name__, type(error).__name__)
             raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
@@ -138,29 +219,63 @@ def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-class RedisStore:
-    """Session mirror in a standalone Redis 7.0+ (one connection pool per process)."""
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One script call, to run alone or in a pipeline."""
 
-    def __init__(self, url: str, keys: Keys, timeout: float, stream_maxlen: int) -> None:
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+
+class RedisStore:
+    """Session mirror in Redis 7.0+: standalone, behind Sentinel, or a Cluster."""
+
+    def __init__(
+        self, connect: Callable[[], RedisTarget], keys: Keys, timeout: float, stream_maxlen: int
+    ) -> None:
         self.keys = keys
         self._stream_maxlen = stream_maxlen
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-            max_connections=256,
-        )
-        self._lookup = self._redis.register_script(_LOOKUP)
-        self._save = self._redis.register_script(_SAVE)
-        self._forget = self._redis.register_script(_FORGET)
-        self._release = self._redis.register_script(_RELEASE)
-        self._set_app = self._redis.register_script(_SET_APP)
+        # WAIT must answer before the socket times out.
+        self._wait_ms = max(1, int(timeout * 1000 / 2))
+        # Which session a credential belongs to never changes: read once per process.
+        self._pointers: BoundedMap[str, str] = BoundedMap(50_000)
         self._version_checked = False
+        self._new_target = connect
+        self._connecting = threading.Lock()
+        self._target: RedisTarget | None = None
+        try:
+            self._connect()
+        except redis.RedisError as error:
+            # A cluster client asks its seeds at once: if none answers now, the next call
+            # tries again (and is answered 503 until one does).
+            _failures.warning("redis not reachable yet: %s", type(error).__name__)
+
+    def _connect(self) -> None:
+        with self._connecting:
+            if self._target is not None:
+                return
+            target = self._new_target()
+            self._redis = target.client
+            register = self._redis.register_script
+            self._lookup = register(_LOOKUP)
+            self._pointer_save = register(_POINTER_SAVE)
+            self._session_save = register(_SESSION_SAVE)
+            self._identity_add = register(_IDENTITY_ADD)
+            self._publish = register(_PUBLISH)
+            self._pointer_forget = register(_POINTER_FORGET)
+            self._session_forget = register(_SESSION_FORGET)
+            self._release = register(_RELEASE)
+            self._set_app = register(_SET_APP)
+            self._target = target
 
     @_unavailable_on_error
     def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
-        return _entry(self._redis.get(self.keys.credential(fingerprint)))
+        pointer = _entry(self._redis.get(self.keys.credential(fingerprint)))
+        if not isinstance(pointer, CredentialEntry):
+            return pointer
+        value = self._redis.hget(self.keys.credentials(pointer.session_id), fingerprint)
+        return _credential(pointer.session_id, value)
 
     @_unavailable_on_error
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
@@ -177,10 +292,23 @@ class RedisStore:
     def lookup(
         self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
     ) -> Lookup:
+        sid = self._pointers.get(fingerprint)
+        if sid is None:
+            pointer = _entry(self._redis.get(self.keys.credential(fingerprint)))
+            if not isinstance(pointer, CredentialEntry):
+                return Lookup(pointer)
+            sid = pointer.session_id
+            self._pointers.put(fingerprint, sid)
         token = os.urandom(12).hex() if lock_ms else ""
-        args = [self.keys.prefix, now_ms, fresh_for_ms, lock_ms, token, "1" if with_app else "0"]
-        raw_entry, *rest = self._lookup(keys=[self.keys.credential(fingerprint)], args=args)
-        entry = _entry(raw_entry)
+        keys = [
+            self.keys.session(sid),
+            self.keys.app(sid),
+            self.keys.credentials(sid),
+            self.keys.revalidating(sid),
+        ]
+        args = [fingerprint, now_ms, fresh_for_ms, lock_ms, token, "1" if with_app else "0"]
+        raw_entry, *rest = self._lookup(keys=keys, args=args)
+        entry = _credential(sid, raw_entry)
         if not isinstance(entry, CredentialEntry) or not rest or not rest[0]:
             return Lookup(entry)
         fields, app, lock_state = _pairs(rest[0]), _pairs(rest[1] or []), rest[2]
@@ -188,7 +316,7 @@ class RedisStore:
         return Lookup(
             entry,
             session,
-            lock=Lock(entry.session_id, token) if lock_state == 1 else None,
+            lock=Lock(sid, token) if lock_state == 1 else None,
             peer_busy=lock_state == 0,
         )
 
@@ -201,30 +329,112 @@ class RedisStore:
         now_ms: int,
         release: Lock | None = None,
     ) -> SaveResult:
-        sid = session.id
-        keys = [
-            self.keys.session(sid),
-            self.keys.app(sid),
-            self.keys.aal2_marker(sid),
-            self.keys.credential(fingerprint),
-            self.keys.identity_sessions(session.identity_id),
-            self.keys.aal2_stream,
-            self.keys.revalidating(release.session_id if release else sid),
+        sid, expires_at = session.id, session.expires_at_ms
+        own_lock = release is not None and release.session_id == sid
+        calls = [
+            _Call(
+                self._pointer_save,
+                [self.keys.credential(fingerprint)],
+                [sid, session.validated_at_ms, expires_at],
+            ),
+            _Call(
+                self._session_save,
+                [
+                    self.keys.session(sid),
+                    self.keys.app(sid),
+                    self.keys.credentials(sid),
+                    self.keys.aal2_marker(sid),
+                    self.keys.revalidating(sid),
+                ],
+                [
+                    session.encode(),
+                    session.validated_at_ms,
+                    expires_at,
+                    fingerprint,
+                    release.token if release is not None and own_lock else "",
+                    expires_at + AAL2_MARKER_GRACE_MS,
+                    "1" if aal2_event else "0",
+                ],
+            ),
+            _Call(
+                self._identity_add,
+                [self.keys.identity_sessions(session.identity_id)],
+                [sid, expires_at, now_ms],
+            ),
         ]
-        args: list[Any] = [
-            session.encode(),
-            session.validated_at_ms,
-            session.expires_at_ms,
-            sid,
-            now_ms,
-            self._stream_maxlen,
-            session.expires_at_ms + AAL2_MARKER_GRACE_MS,
-            release.token if release else "",
-        ]
-        for name, value in (aal2_event or {}).items():
+        if release is not None and not own_lock:
+            calls.append(self._release_call(release))
+        pointer, state, *_ = self._pipeline(calls)
+        self._pointers.put(fingerprint, sid)
+        if pointer != 0:
+            # A newer rejection of this credential that the session's slot may not know
+            # yet: carry it there, so the mirror just written does not outlive it.
+            rejected_at, keep_ms = pointer
+            self._session_forget(
+                keys=[
+                    self.keys.session(sid),
+                    self.keys.credentials(sid),
+                    self.keys.revalidating(sid),
+                ],
+                args=[fingerprint, rejected_at, now_ms + max(keep_ms, 1), ""],
+            )
+            return SaveResult(False, None)
+        if state == -1:
+            return SaveResult(False, None)
+        event_id = None
+        if state == 1 and aal2_event is not None:
+            event_id = self._record_upgrade(sid, aal2_event, expires_at + AAL2_MARKER_GRACE_MS)
+        return SaveResult(True, event_id)
+
+    def _record_upgrade(self, sid: str, event: dict[str, str], keep_until: int) -> str | None:
+        """Append the event unless the stream has it, then mark the session: the marker
+        comes last, so a crash between the two means a harmless retry."""
+        upgrade = event["upgrade_id"]
+        keys = [self.keys.aal2_stream, self.keys.aal2_upgrade(upgrade)]
+        args: list[Any] = [self._stream_maxlen, keep_until]
+        for name, value in event.items():
             args += [name, value]
-        cached, event_id = self._save(keys=keys, args=args)
-        return SaveResult(bool(cached), event_id.decode() if event_id else None)
+        entry_id, appended, replicas = self._publish_durably(keys, args)
+        if replicas is None:
+            _failures.warning("aal2 event %s: no replica acknowledged it yet", upgrade)
+            return None  # not marked: the next save of the session tries again
+        self._redis.set(self.keys.aal2_marker(sid), upgrade, pxat=keep_until)
+        return entry_id.decode() if appended else None
+
+    def _publish_durably(self, keys: list[str], args: list[Any]) -> tuple[bytes, int, int | None]:
+        """Run the stream step and, on a Sentinel or Cluster master with replicas, wait
+        until one has it (WAIT counts only this connection's writes, so both go on one
+        connection). Replicas ``None``: none acknowledged it in time."""
+        node = self._node_client(keys[0])
+        pool = node.connection_pool
+        connection = pool.get_connection()
+        try:
+            try:
+                entry_id, appended, replicas = _command(
+                    connection, "EVALSHA", self._publish.sha, len(keys), *keys, *args
+                )
+            except NoScriptError:
+                _command(connection, "SCRIPT", "LOAD", _PUBLISH)
+                entry_id, appended, replicas = _command(
+                    connection, "EVALSHA", self._publish.sha, len(keys), *keys, *args
+                )
+            if self._target.kind != "standalone" and replicas > 0:
+                if _command(connection, "WAIT", 1, self._wait_ms) < 1:
+                    replicas = None
+        except BaseException:
+            connection.disconnect()
+            if self._target.kind == "cluster":
+                self._redis.nodes_manager.initialize()  # the slot may have moved
+            raise
+        finally:
+            pool.release(connection)
+        return entry_id, appended, replicas
+
+    def _node_client(self, key: str) -> redis.Redis:
+        """The client of the node that holds ``key`` (the store's own one off a cluster)."""
+        if self._target.kind != "cluster":
+            return self._redis
+        return self._redis.get_redis_connection(self._redis.get_node_from_key(key))
 
     @_unavailable_on_error
     def forget(
@@ -234,19 +444,69 @@ class RedisStore:
         rejection: Rejection,
         release: Lock | None = None,
     ) -> None:
-        keys = [
-            self.keys.session(seen.id if seen else "-"),
-            self.keys.credential(fingerprint),
-            self.keys.identity_sessions(seen.identity_id if seen else "-"),
-            self.keys.revalidating(release.session_id if release else "-"),
-        ]
-        args = [
-            seen.id if seen else "",
-            rejection.rejected_at_ms,
-            max(rejection.keep_ms, 1),
-            release.token if release else "",
-        ]
-        self._forget(keys=keys, args=args)
+        keep_ms = max(rejection.keep_ms, 1)
+        pointer = _Call(
+            self._pointer_forget,
+            [self.keys.credential(fingerprint)],
+            [rejection.rejected_at_ms, keep_ms],
+        )
+        sid = seen.id if seen is not None else self._pointers.get(fingerprint)
+        calls = [pointer]
+        if sid is None:
+            _, named = self._pipeline(calls)[0]
+            sid = named.decode() if named else None
+            calls = []
+        if sid is not None:
+            own_lock = release is not None and release.session_id == sid
+            calls.append(
+                _Call(
+                    self._session_forget,
+                    [
+                        self.keys.session(sid),
+                        self.keys.credentials(sid),
+                        self.keys.revalidating(sid),
+                    ],
+                    [
+                        fingerprint,
+                        rejection.rejected_at_ms,
+                        rejection.rejected_at_ms + keep_ms,
+                        release.token if release is not None and own_lock else "",
+                    ],
+                )
+            )
+            if release is not None and not own_lock:
+                calls.append(self._release_call(release))
+        elif release is not None:
+            calls.append(self._release_call(release))
+        if calls:
+            self._pipeline(calls)
+
+    def _release_call(self, lock: Lock) -> _Call:
+        return _Call(self._release, [self.keys.revalidating(lock.session_id)], [lock.token])
+
+    def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        """Run independent script calls in one pipeline; load the scripts once if a
+        (new, or restarted) Redis has not seen them, and run them again: each is
+        idempotent."""
+        if len(calls) == 1 or self._target.kind == "cluster":
+            # A cluster client pipelines no scripts (its nodes may differ): one by one,
+            # each routed, retried and followed through slot moves by the client.
+            return [call.script(keys=call.keys, args=call.args) for call in calls]
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            results = pipe.execute(raise_on_error=False)
+            missing = [r for r in results if isinstance(r, NoScriptError)]
+            if missing and attempt == 1:
+                for script in {call.script.script for call in calls}:
+                    self._redis.script_load(script)
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+        raise AssertionError("unreachable")
 
     @_unavailable_on_error
     def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
@@ -273,7 +533,13 @@ class RedisStore:
     @_unavailable_on_error
     def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
         key = self.keys.identity_sessions(identity_id)
-        return [m.decode() for m in self._redis.zrangebyscore(key, f"({now_ms}", "+inf")]
+        members = [m.decode() for m in self._redis.zrangebyscore(key, f"({now_ms}", "+inf")]
+        if not members:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for sid in members:
+            pipe.exists(self.keys.session(sid))
+        return [sid for sid, live in zip(members, pipe.execute(), strict=True) if live]
 
     @_unavailable_on_error
     def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
@@ -289,23 +555,53 @@ class RedisStore:
         if self._version_checked:
             self._redis.ping()
             return
-        version = str(self._redis.info("server").get("redis_version", "0"))
-        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
-        if major < MIN_REDIS_MAJOR:
-            raise StoreUnavailable(f"Redis {version} is too old: the bridge needs 7.0 or later")
+        for version in _versions(self._redis.info("server")):
+            major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+            if major < MIN_REDIS_MAJOR:
+                raise StoreUnavailable(f"Redis {version} is too old: the bridge needs 7.0 or later")
         self._version_checked = True
 
+    @_unavailable_on_error
+    def topology(self) -> dict[str, object]:
+        return self._target.topology()
+
     def close(self) -> None:
-        self._redis.close()
+        if self._target is not None:
+            self._target.close()
+
+
+def _command(connection: redis.connection.AbstractConnection, *args: Any) -> Any:
+    connection.send_command(*args)
+    return connection.read_response()
+
+
+def _versions(info: dict[str, Any]) -> list[str]:
+    """``redis_version`` of each node an INFO reached (a cluster answers per node)."""
+    if "redis_version" in info:
+        return [str(info["redis_version"])]
+    return [str(node.get("redis_version", "0")) for node in info.values()] or ["0"]
 
 
 def _entry(value: bytes | None) -> CredentialEntry | Rejection | None:
+    """A credential's pointer: ``<sid> <validated_at>`` or ``-<rejected_at>``."""
     if value is None:
         return None
     text = value.decode()
-    if text.startswith("-") and text[1:].isdigit():
-        return Rejection(int(text[1:]))
-    return CredentialEntry.decode(text)
+    return _rejection(text) or CredentialEntry.decode(text)
+
+
+def _credential(session_id: str, value: bytes | None) -> CredentialEntry | Rejection | None:
+    """A credential's field in its session's ``credentials`` hash."""
+    if value is None:
+        return None
+    text = value.decode()
+    if text.isdigit():
+        return CredentialEntry(session_id, int(text))
+    return _rejection(text)
+
+
+def _rejection(text: str) -> Rejection | None:
+    return Rejection(int(text[1:])) if text.startswith("-") and text[1:].isdigit() else None
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -1,0 +1,220 @@
+"""The one place a Redis client is built from ``BRIDGE_REDIS_URL``.
+
+Three shapes sit behind the same commands: one server (``redis://``, ``rediss://``,
+``unix://``), a master found through Sentinel (``redis[s]+sentinel://``) and a Redis
+Cluster (``redis[s]+cluster://``). Each client follows its own kind of failover:
+
+- Sentinel: every new connection asks the Sentinels for the master, and a connection
+  that fails or meets ``READONLY`` (its server was demoted) is dropped, so the first
+  command after a failover reconnects to the promoted replica.
+- Cluster: every connection error refreshes the slot map (``CLUSTER SLOTS``) before the
+  retry, so the promoted replica serves its slots as soon as the cluster agrees on it.
+
+Every failure is a ``redis.RedisError``, which the store turns into ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from bridge.config import RedisAddress, parse_redis_url
+
+_POOL_SIZE = 256
+_HEALTH_CHECK_SECONDS = 30
+
+
+def _command_retry() -> Retry:
+    """One retry per command, for Sentinel and Cluster. Following a failover needs none:
+    every connection error makes the client look again (ask the Sentinels, refresh the
+    slot map), so the next command goes to the new master. The one retry lets a command
+    that met a connection the failover broke succeed there instead of failing; more would
+    only hold a worker thread, as the request is answered 503 after
+    ``kratos_timeout + 2 * redis_timeout`` anyway (redis-py's default is 10 retries).
+
+    What one command can wait for, with every server silent (refused connections fail
+    at once), ``t`` being the timeout:
+
+    - Sentinel: a connection also retries its connect, so at most 2 x 2 attempts, each
+      asking the Sentinels one after the other until one answers (at most ``t`` each)
+      then connecting and reading (``t`` each). A hung master costs ``2 t`` (measured).
+    - Cluster: redis-py 8.1 takes only the count from ``retry``: at most 2 attempts, each
+      ``t`` plus a slot-map refresh that asks the known nodes one after the other until
+      one answers (``t`` each), plus 0.25 s after a ``CLUSTERDOWN``.
+    """
+    return Retry(NoBackoff(), retries=1)
+
+
+def _sentinel_query_retry() -> Retry:
+    """None: the client already asks the next Sentinel when one fails."""
+    return Retry(NoBackoff(), retries=0)
+
+
+@dataclass
+class RedisTarget:
+    """The client the store sends commands to, and what it runs on."""
+
+    client: redis.Redis | RedisCluster
+    kind: str  # "standalone" | "sentinel" | "cluster"
+    address: RedisAddress = field(repr=False)
+    sentinel: Sentinel | None = field(default=None, repr=False)
+
+    def topology(self) -> dict[str, object]:
+        """What the client sees now, without secrets; raises ``redis.RedisError`` when
+        the servers cannot be reached."""
+        if self.kind == "sentinel":
+            return self._sentinel_topology()
+        if self.kind == "cluster":
+            return self._cluster_topology()
+        replication = self.client.info("replication")
+        role = str(replication.get("role", "unknown"))
+        return {
+            "kind": "standalone",
+            "address": _standalone_address(self.client),
+            "role": "replica" if role == "slave" else role,
+            "replicas": int(replication.get("connected_slaves", 0)),
+        }
+
+    def _sentinel_topology(self) -> dict[str, object]:
+        assert self.sentinel is not None and self.address.service is not None
+        host, port = self.sentinel.discover_master(self.address.service)
+        return {
+            "kind": "sentinel",
+            "service": self.address.service,
+            "master": _host_port(host, int(port)),
+            "replicas": len(self.sentinel.discover_slaves(self.address.service)),
+            "sentinels": len(self.sentinel.sentinels),
+        }
+
+    def _cluster_topology(self) -> dict[str, object]:
+        nodes = self.client.cluster_nodes().values()
+        healthy = [node for node in nodes if "fail" not in node["flags"]]
+        return {
+            "kind": "cluster",
+            "masters": sum("master" in n["flags"] and bool(n["slots"]) for n in healthy),
+            "replicas": sum("slave" in n["flags"] for n in healthy),
+        }
+
+    def close(self) -> None:
+        self.client.close()
+        if self.sentinel is not None:
+            self.sentinel.close()
+
+
+def redis_target(url: str, timeout: float, sentinel_password: str | None = None) -> RedisTarget:
+    """A client for ``url`` whose every wait is bounded by ``timeout`` seconds. A cluster
+    client asks its seed nodes for the slot map now; the others connect on first use."""
+    address = parse_redis_url(url)
+    if address.kind == "sentinel":
+        return _sentinel_target(address, timeout, sentinel_password)
+    if address.kind == "cluster":
+        return _cluster_target(address, timeout)
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=_HEALTH_CHECK_SECONDS,
+        max_connections=_POOL_SIZE,
+    )
+    return RedisTarget(client, "standalone", address)
+
+
+def _sentinel_target(
+    address: RedisAddress, timeout: float, sentinel_password: str | None
+) -> RedisTarget:
+    assert address.service is not None
+    tls = _tls_kwargs(address)
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": _sentinel_query_retry(),
+        **tls,
+    }
+    if sentinel_password is not None:
+        sentinel_kwargs["password"] = sentinel_password
+    else:
+        sentinel_kwargs.update(username=address.username, password=address.password)
+    sentinel = Sentinel(
+        list(address.nodes),
+        sentinel_kwargs=sentinel_kwargs,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=_command_retry(),
+        health_check_interval=_HEALTH_CHECK_SECONDS,
+        max_connections=_POOL_SIZE,
+        username=address.username,
+        password=address.password,
+        db=address.db,
+        **tls,
+    )
+    return RedisTarget(sentinel.master_for(address.service), "sentinel", address, sentinel)
+
+
+def _cluster_target(address: RedisAddress, timeout: float) -> RedisTarget:
+    with _as_redis_errors():  # building it asks the seeds for the slot map
+        client = _Cluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in address.nodes],
+            retry=_command_retry(),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=_POOL_SIZE,
+            username=address.username,
+            password=address.password,
+            **_tls_kwargs(address),
+        )
+    return RedisTarget(client, "cluster", address)
+
+
+@contextmanager
+def _as_redis_errors() -> Iterator[None]:
+    """redis-py raises ``RedisClusterException``, which is no ``RedisError``, when no node
+    answers a slot-map refresh (the whole cluster is down or out of reach) or a node is
+    not in cluster mode."""
+    try:
+        yield
+    except RedisClusterException as error:
+        raise redis.ConnectionError(str(error)) from error
+
+
+class _Cluster(RedisCluster):
+    """A ``RedisCluster`` whose commands, scripts and pipelines fail only with
+    ``redis.RedisError``."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _as_redis_errors():
+            return super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = _ClusterPipeline  # the same object; only execute() changes
+        return pipe
+
+
+class _ClusterPipeline(ClusterPipeline):
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        with _as_redis_errors():
+            return super().execute(raise_on_error)
+
+
+def _tls_kwargs(address: RedisAddress) -> dict[str, Any]:
+    return {"ssl": True, **address.tls_options} if address.tls else {}
+
+
+def _standalone_address(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return _host_port(str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
