@@ -4,15 +4,20 @@ Not a test: it prints figures and writes them to JSON and a PNG chart.
 
     .venv/bin/python bench/peers.py [--duration 10] [--connections 64]
         [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
-        [--systems bridge,heimdall,oathkeeper,kratos] [--no-unpinned-round]
+        [--systems bridge,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]]
+        [--no-unpinned-round]
         [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
 
 What runs: redis-server, Kratos v1.3.1 on a SQLite file (the test suite's build and config,
 sessions valid for 720h), the bridge (`python -m bridge serve`, production settings:
 Redis store, BRIDGE_REVALIDATE_AFTER=5, default worker count), heimdall v0.17.2 (decision
 mode, 5 s cache) and Oathkeeper v0.40.9 (decisions API, no cache), configured from
-bench/peers/. Every one of them is started pinned to CPU 0; wrk is pinned to CPU 1. Missing
-binaries are built first (Kratos, heimdall, Oathkeeper: minutes, once per machine).
+bench/peers/; asked for by name, the same bridge on Redis Sentinel (master, replica, three
+sentinels: `bridge-sentinel`) or Redis Cluster (three masters, three replicas:
+`bridge-cluster`), set up as the test suite does (tests/topologies.py), every Redis
+process counted as the bridge's own. Every one of them is started pinned to CPU 0; wrk is
+pinned to CPU 1. Missing binaries are built first (Kratos, heimdall, Oathkeeper: minutes,
+once per machine).
 
 Sessions: users registered through Kratos's API registration flow, one session token each
 (one at a time, about 2 minutes for 10,000: see build_sessions). The Kratos database and
@@ -63,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -109,12 +115,16 @@ from tests.harness import (  # noqa: E402
     stop_process,
     wait_until,
 )
+from tests.topologies import ClusterSet, SentinelSet  # noqa: E402
 
 CACHE = Path(os.environ.get("KSB_CACHE") or Path.home() / ".cache" / "kratos-session-bridge")
 PEERS = ROOT / "bench" / "peers"
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "tokens.lua"
 PEER_VERSIONS = {"heimdall": "v0.17.2", "oathkeeper": "v0.40.9"}
 SYSTEMS = ("bridge", "heimdall", "oathkeeper", "kratos")
+# The bridge on the other Redis topologies (tests/topologies.py): asked for by name.
+BRIDGE_TOPOLOGIES = {"bridge-sentinel": SentinelSet, "bridge-cluster": ClusterSet}
+ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_TOPOLOGIES)
 SESSION_LIFESPAN = "720h"
 WARMUP_SECONDS = 2
 SETTLE_SECONDS = 0.5  # after wrk stops, for the requests it left in flight to finish
@@ -374,6 +384,7 @@ class Stack:
     pinned: bool
     kratos: Kratos | None = None
     redis: RedisServer | None = None
+    topologies: list[SentinelSet | ClusterSet] = field(default_factory=list)
     systems: dict[str, System] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     servers: dict[str, dict] = field(default_factory=dict)
@@ -391,6 +402,7 @@ class Stack:
             "heimdall": self._heimdall,
             "oathkeeper": self._oathkeeper,
             "kratos": self._kratos_direct,
+            **{name: functools.partial(self._bridge, name) for name in BRIDGE_TOPOLOGIES},
         }
         with cpu_affinity(SERVER_CPUS if self.pinned else None):
             self.kratos = FileKratos(self.work, db)
@@ -407,6 +419,8 @@ class Stack:
             stop_process(process)
         if self.redis is not None:
             self.redis.stop()
+        for topology in self.topologies:
+            topology.stop()
         if self.kratos is not None:
             self.kratos.stop()
 
@@ -450,13 +464,25 @@ class Stack:
             tail = log.read_text(errors="replace")[-2000:] if log else ""
             raise RuntimeError(f"{what} exited with {process.returncode}\n{tail}")
 
-    def _bridge(self) -> System:
-        self.redis = RedisServer(self.work)
+    def _bridge(self, name: str = "bridge") -> System:
+        """The bridge on a standalone redis-server, or (``bridge-sentinel``,
+        ``bridge-cluster``) on a Sentinel or Cluster set; all of its Redis processes
+        count as the bridge's own."""
+        if name == "bridge":
+            self.redis = RedisServer(self.work)
+            redis_url, redis_processes = self.redis.url, [self.redis.process]
+        else:
+            topology = BRIDGE_TOPOLOGIES[name](self.work / name)
+            self.topologies.append(topology)
+            redis_url = topology.url
+            nodes = topology.servers if isinstance(topology, SentinelSet) else topology.nodes
+            redis_processes = [node.process for node in nodes.values()]
+            redis_processes += [s.process for s in getattr(topology, "sentinels", [])]
         port = free_port()
         log = self.work / f"bridge-{port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         env.update(
-            BRIDGE_REDIS_URL=self.redis.url,
+            BRIDGE_REDIS_URL=redis_url,
             BRIDGE_SECRET=secrets.token_hex(24),
             BRIDGE_KEY_PREFIX="bench:",
             BRIDGE_REVALIDATE_AFTER="5",
@@ -467,8 +493,8 @@ class Stack:
         argv = [sys.executable, "-m", "bridge", "serve", "--port", str(port)]
         process = self._spawn(argv, log, env)
         url = f"http://127.0.0.1:{port}"
-        self._wait(process, url + "/health/alive", "bridge", log)
-        return System("bridge", url + "/auth", [process, self.redis.process])
+        self._wait(process, url + "/health/alive", name, log)
+        return System(name, url + "/auth", [process, *redis_processes])
 
     def _heimdall(self) -> System:
         port, admin_port = free_port(), free_port()
@@ -685,7 +711,7 @@ def ratios(results: list[dict]) -> list[dict]:
     """bridge / peer for req/s (above 1: the bridge serves more) and p99 (below 1: faster)."""
     out = []
     for row in results:
-        if row["system"] != "bridge" or "error" in row:
+        if not row["system"].startswith("bridge") or "error" in row:
             continue
         for peer in SYSTEMS[1:]:
             other = find(results, row["round"], row["scenario"], peer)
@@ -811,7 +837,7 @@ def draw_chart(pyplot, results: list[dict], path: Path, title: str) -> None:
     """Grouped bars: req/s per scenario and system above, p99 below."""
     rows = [r for r in results if "error" not in r]
     groups = list(dict.fromkeys((r["round"], r["scenario"]) for r in rows))
-    systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+    systems = [s for s in ALL_SYSTEMS if any(r["system"] == s for r in rows)]
     labels = [s if rnd == "pinned" else f"{s}\n(unpinned)" for rnd, s in groups]
     figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(11, 8), sharex=True)
     width = 0.8 / max(1, len(systems))
@@ -888,8 +914,8 @@ def parse_args() -> argparse.Namespace:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
     for name in args.systems:
-        if name not in SYSTEMS:
-            parser.error(f"unknown system {name!r}: choose from {', '.join(SYSTEMS)}")
+        if name not in ALL_SYSTEMS:
+            parser.error(f"unknown system {name!r}: choose from {', '.join(ALL_SYSTEMS)}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out = args.out or CACHE / "bench" / "results" / f"peers-{stamp}.json"
     args.chart = args.chart or args.out.with_suffix(".png")
