@@ -349,6 +349,18 @@ def _matching(pattern: str, description: str) -> Callable[[str], str]:
     return parse
 
 
+def _stream_key(value: str) -> str:
+    """A Redis key the bridge can keep its per-upgrade keys beside, in one hash slot."""
+    from bridge.store import has_hash_tag
+
+    _matching(r"[A-Za-z0-9:_.{}-]{1,128}", "a Redis key")(value)
+    if "}" in value and not has_hash_tag(value):
+        raise ValueError(
+            f"{value!r} has '}}' but no {{tag}}: name a hash tag, e.g. 'events:{{aal2}}'"
+        )
+    return value
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value.lower() not in choices:
@@ -501,7 +513,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "aal2_stream",
-        _matching(r"[A-Za-z0-9:_.{}-]{1,128}", "a Redis key"),
+        _stream_key,
         None,
         "Redis Stream that receives AAL2 events; default `<key_prefix>events:aal2`.",
     ),

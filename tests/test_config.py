@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
 from bridge.config import OPTIONS, load_settings, parse_redis_url, reference_table
 from bridge.errors import ConfigError
+from bridge.store import Keys
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -511,3 +513,21 @@ def test_readme_config_table_matches_the_code():
     assert reference_table() in readme
     documented = set(re.findall(r"^\| `(BRIDGE_[A-Z0-9_]+)` \|", readme, re.M))
     assert documented == {option.env for option in OPTIONS}
+
+
+@pytest.mark.parametrize(
+    "stream", ["bridge:events:aal2", "events:{aal2}", "{a}b}", "x{y", "a{b}{c}", "a}{b}"]
+)
+def test_an_accepted_stream_name_keeps_its_upgrade_keys_in_its_slot(stream):
+    """Redis Cluster: the stream step writes the stream and the upgrade's key in one script."""
+    settings = load_settings({"BRIDGE_AAL2_STREAM": stream})
+    keys = Keys(settings.key_prefix, settings.aal2_stream)
+    assert key_slot(keys.aal2_upgrade("u-1").encode()) == key_slot(stream.encode())
+
+
+@pytest.mark.parametrize("stream", ["a}b", "a{}b", "{}", "}{"])
+def test_a_stream_name_whose_slot_the_upgrade_keys_cannot_share_is_refused(stream):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_AAL2_STREAM": stream})
+    assert str(caught.value).startswith("BRIDGE_AAL2_STREAM:")
+    assert "hash tag" in str(caught.value)

@@ -147,12 +147,12 @@ class Keys:
         """The key that makes the stream hold one event per upgrade: in the stream's slot."""
         return (
             f"{self.aal2_stream}:upgrade:{upgrade_id}"
-            if _has_hash_tag(self.aal2_stream)
+            if has_hash_tag(self.aal2_stream)
             else (f"{{{self.aal2_stream}}}:upgrade:{upgrade_id}")
         )
 
 
-def _has_hash_tag(key: str) -> bool:
+def has_hash_tag(key: str) -> bool:
     """Whether Redis Cluster hashes ``key`` by a ``{tag}`` inside it rather than whole."""
     start = key.find("{")
     return start >= 0 and key.find("}", start + 1) > start + 1
