@@ -4,17 +4,23 @@ keep to one hash slot, or the cluster runs fail with CROSSSLOT."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from bridge.app import build_store
 from bridge.session import MirroredSession, aal2_event, upgrade_id
 from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Lock, Lookup, Rejection
 from tests.conftest import bridge_settings
+from tests.harness import free_port, stop_process, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["embedded", "standalone", "sentinel", "cluster"])
@@ -377,3 +383,37 @@ def test_a_process_that_knew_the_credential_sees_its_rejection(store_url, kratos
     assert other.lookup("fp1", now_ms(), 5000, 0, with_app=False) == Lookup(Rejection(rejected_at))
     one.close()
     other.close()
+
+
+def test_the_shipped_redis_config_is_what_a_real_redis_runs(tmp_path):
+    """config/redis/redis.conf (used by the compose stack) is read by a real redis-server,
+    and the settings the README relies on for durable AAL2 events are in force."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            str(ROOT / "config" / "redis" / "redis.conf"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        wait_until(client.ping, 10, "redis-server with the shipped config")
+        settings = {
+            name: client.config_get(name)[name]
+            for name in ("appendonly", "appendfsync", "maxmemory-policy")
+        }
+        assert settings == {
+            "appendonly": "yes",
+            "appendfsync": "always",
+            "maxmemory-policy": "noeviction",
+        }
+        client.close()
+    finally:
+        stop_process(process)
