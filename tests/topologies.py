@@ -14,11 +14,15 @@ import itertools
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import quote
 
 import redis
@@ -36,6 +40,7 @@ Address = tuple[str, int]
 
 _started: list[subprocess.Popen] = []
 _ports_handed_out: set[int] = set()
+_ports_lock = threading.Lock()  # topologies may start in several threads at once
 
 
 @atexit.register
@@ -49,10 +54,11 @@ def _kill_what_is_left() -> None:
 def _fresh_port() -> int:
     """A free port not handed out before by this process: the kernel may offer a port
     again once its probe socket is closed, before the server meant for it binds it."""
-    while (port := free_port()) in _ports_handed_out:
-        pass
-    _ports_handed_out.add(port)
-    return port
+    with _ports_lock:
+        while (port := free_port()) in _ports_handed_out:
+            pass
+        _ports_handed_out.add(port)
+        return port
 
 
 def _text(address: Address) -> str:
@@ -153,9 +159,17 @@ def tls_files(workdir: Path) -> TlsFiles:
 
 class RedisProcess:
     """One ``redis-server`` in its own directory, on one port; killed, it can be started
-    again with the same port, directory and arguments, so with its data."""
+    again with the same port, directory and arguments, so with its data. ``password`` is
+    the one its clients here log in with, if it asks for one."""
 
-    def __init__(self, folder: Path, port: int, args: list[str], tls: TlsFiles | None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        port: int,
+        args: list[str],
+        tls: TlsFiles | None,
+        password: str | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; run the README test command")
@@ -163,6 +177,7 @@ class RedisProcess:
         self.folder = folder
         self.port = port
         self.tls = tls
+        self.password = password
         self.process: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -199,7 +214,14 @@ class RedisProcess:
 
     def client(self) -> redis.Redis:
         tls = self.tls.client_kwargs() if self.tls else {}
-        return redis.Redis(HOST, self.port, socket_timeout=2, decode_responses=True, **tls)
+        return redis.Redis(
+            HOST,
+            self.port,
+            password=self.password,
+            socket_timeout=2,
+            decode_responses=True,
+            **tls,
+        )
 
     def info(self, section: str) -> dict[str, Any]:
         with self.client() as client:
@@ -209,6 +231,15 @@ class RedisProcess:
         """``SIGKILL``: no goodbye to replicas, Sentinels or the cluster."""
         if self.process is not None:
             stop_process(self.process, signal.SIGKILL)
+
+    def pause(self) -> None:
+        """``SIGSTOP``: connections stay open but nothing answers, as on a hung host."""
+        if self.running:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running:
+            self.process.send_signal(signal.SIGCONT)
 
 
 def _stop_all(nodes: Sequence[RedisProcess]) -> None:
@@ -269,7 +300,8 @@ class Standalone:
 
 
 class SentinelSet:
-    """A master, one replica and three Sentinels watching them, quorum two.
+    """A master, one replica and three Sentinels watching them, quorum two; the servers
+    ask for ``password`` and the Sentinels for ``sentinel_password``, if given.
 
     The Sentinels start only once the replica is in sync: they learn of replicas from
     the master's ``INFO``, which they ask for on connecting and then only every 10 s."""
@@ -285,9 +317,13 @@ class SentinelSet:
         appendonly: bool = False,
         tls: TlsFiles | None = None,
         service: str = "bridge",
+        password: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
         self.tls = tls
         self.service = service
+        self.password = password
+        self.sentinel_password = sentinel_password
         self.folder = _new_folder(workdir, "sentinel")
         self.servers: dict[Address, RedisProcess] = {}
         self.sentinels: list[RedisProcess] = []
@@ -307,8 +343,10 @@ class SentinelSet:
 
     def _server(self, name: str, appendonly: bool) -> RedisProcess:
         folder, port = self.folder / name, _fresh_port()
-        args = _server_args(folder, port, appendonly, self.tls)
-        server = self.servers[(HOST, port)] = RedisProcess(folder, port, args, self.tls)
+        auth = ["--requirepass", self.password, "--masterauth", self.password]
+        args = _server_args(folder, port, appendonly, self.tls, auth if self.password else [])
+        server = RedisProcess(folder, port, args, self.tls, self.password)
+        self.servers[(HOST, port)] = server
         return server
 
     def _sentinel(self, name: str, master: Address) -> RedisProcess:
@@ -323,6 +361,11 @@ class SentinelSet:
             f"sentinel failover-timeout {s} {self.FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {s} 1",
         ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {s} {self.password}")
+        if self.sentinel_password:
+            # Sentinels log in to each other with their own requirepass.
+            lines.append(f"requirepass {self.sentinel_password}")
         if self.tls:
             # tls-replication: TLS towards the servers and the other Sentinels too, to
             # which a Sentinel then announces its tls-port.
@@ -333,7 +376,8 @@ class SentinelSet:
             lines.append(f"port {port}")
         config = folder / "sentinel.conf"  # a Sentinel rewrites its file: one each
         config.write_text("\n".join(lines) + "\n")
-        return RedisProcess(folder, port, [str(config), "--sentinel"], self.tls)
+        args = [str(config), "--sentinel"]
+        return RedisProcess(folder, port, args, self.tls, self.sentinel_password)
 
     def _settled(self) -> bool:
         """Each running Sentinel names the same master, sees every other running server
@@ -366,6 +410,8 @@ class SentinelSet:
     @property
     def url(self) -> str:
         hosts = ",".join(_text(s.address) for s in self.sentinels)
+        if self.password:
+            hosts = f":{quote(self.password, safe='')}@{hosts}"
         if self.tls:
             return f"rediss+sentinel://{hosts}/{self.service}/0{self.tls.url_query()}"
         return f"redis+sentinel://{hosts}/{self.service}/0"
@@ -375,8 +421,9 @@ class SentinelSet:
         tls = self.tls.client_kwargs() if self.tls else {}
         return Sentinel(
             [s.address for s in self.sentinels],
-            sentinel_kwargs={"socket_timeout": 1, **tls},
+            sentinel_kwargs={"socket_timeout": 1, "password": self.sentinel_password, **tls},
             socket_timeout=2,
+            password=self.password,
             **tls,
         )
 
@@ -648,3 +695,38 @@ class ClusterSet:
 
     def stop(self) -> None:
         _stop_all(list(self.nodes.values()))
+
+
+class _Topology(Protocol):
+    def stop(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Topology)
+
+
+class StartedAhead(Generic[T]):
+    """``count`` topologies from ``make``, started at once in background threads and
+    handed out one per ``take()`` to tests that each need one of their own (to kill or
+    pause it): their seconds of setup overlap instead of adding up."""
+
+    def __init__(self, make: Callable[[], T], count: int) -> None:
+        self._make = make
+        self._executor = ThreadPoolExecutor(max_workers=max(count, 1))
+        self._starting: deque[Future[T]] = deque(self._executor.submit(make) for _ in range(count))
+
+    @contextmanager
+    def take(self) -> Iterator[T]:
+        """One started ahead (or a new one, once all are taken), stopped after use."""
+        topology = self._starting.popleft().result() if self._starting else self._make()
+        try:
+            yield topology
+        finally:
+            topology.stop()
+
+    def close(self) -> None:
+        """Stop those never taken; one that failed to start has stopped itself."""
+        while self._starting:
+            future = self._starting.popleft()
+            if future.exception() is None:
+                future.result().stop()
+        self._executor.shutdown()
