@@ -14,6 +14,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+import bridge.store.memory
+import bridge.store.redis
 from bridge.app import build_store
 from bridge.session import MirroredSession, aal2_event, upgrade_id
 from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Lock, Lookup, Rejection
@@ -417,3 +419,75 @@ def test_the_shipped_redis_config_is_what_a_real_redis_runs(tmp_path):
         client.close()
     finally:
         stop_process(process)
+
+
+def test_a_remarked_session_keeps_the_later_expiry(store):
+    """A marker written again (after it was lost) by a late answer from before an extend
+    keeps the extended expiry."""
+    newer = session(aal="aal2", expires_in_ms=120_000)
+    save(store, "fp1", newer)
+    marker = store.keys.aal2_marker("s1")
+    drop(store, marker)
+    older = session(aal="aal2", expires_in_ms=30_000, validated_at=newer.validated_at_ms - 10)
+    save(store, "fp2", older)
+    assert expiry_of(store, marker) == newer.expires_at_ms + AAL2_MARKER_GRACE_MS
+
+
+def test_an_extend_keeps_the_upgrade_recorded_as_long_as_the_session(store, monkeypatch):
+    """The upgrade key follows the session's expiry when Kratos extends it, so a marker
+    lost after the first expiry still finds the upgrade recorded (grace shortened)."""
+    for module in (bridge.store.redis, bridge.store.memory):
+        monkeypatch.setattr(module, "AAL2_MARKER_GRACE_MS", 200)
+    save(store, "fp1", session(aal="aal2", expires_in_ms=300))
+    save(store, "fp1", session(aal="aal2", expires_in_ms=60_000))  # Kratos extended it
+    time.sleep(0.6)  # past the first expiry and its grace; the session lives on
+    drop(store, store.keys.aal2_marker("s1"))
+    save(store, "fp1", session(aal="aal2", expires_in_ms=60_000))
+    assert len(store.aal2_events()) == 1
+
+
+@pytest.mark.parametrize("store_kind", ["standalone", "sentinel", "cluster"])
+def test_an_old_cookie_rejected_where_it_was_never_seen_still_ends_the_session(
+    store_url, kratos, prefix
+):
+    """After an extend the browser holds a re-issued cookie; the old one's pointer lives
+    as long as the session, so a 401 for it, met by a process that never saw it, still
+    reaches the session's slot."""
+    one, other = (build_store(bridge_settings(kratos, store_url, prefix)) for _ in range(2))
+    save(one, "old", session(expires_in_ms=300))
+    save(one, "new", session(expires_in_ms=60_000))
+    time.sleep(0.4)  # the old cookie's own expiry has passed
+    asked_before = session(validated_at=now_ms() - 20)
+    other.forget("old", None, Rejection(now_ms(), keep_ms=10_000))
+    found = one.lookup("old", now_ms(), 5000, 0, with_app=False)
+    assert isinstance(found.entry, Rejection) and found.session is None
+    assert not save(one, "third", asked_before).cached
+    one.close()
+    other.close()
+
+
+@pytest.mark.parametrize("store_kind", ["standalone", "sentinel", "cluster"])
+def test_a_stream_step_that_fails_costs_no_login_and_is_retried(store):
+    """The stream's key holds something else (as a misconfigured neighbour could): the
+    session is saved, the event is not marked, and the next save records it."""
+    store._redis.set(store.keys.aal2_stream, "not a stream")
+    first = save(store, "fp1", session(aal="aal2"))
+    assert first.cached and first.aal2_event_id is None
+    assert store.load("s1") is not None
+    assert not store._redis.exists(store.keys.aal2_marker("s1"))
+    store._redis.delete(store.keys.aal2_stream)
+    assert save(store, "fp1", session(aal="aal2")).aal2_event_id is not None
+    assert len(store.aal2_events()) == 1
+
+
+@pytest.mark.parametrize("store_kind", ["sentinel"])  # a master with a replica
+def test_the_stream_step_writes_even_when_the_event_is_there(store):
+    """Redis 7.2+ WAIT counts only the calling connection's writes: a stream step that
+    found the event recorded by another process must still write, so the WAIT before
+    the marker covers the event."""
+    save(store, "fp1", session(aal="aal2"))
+    drop(store, store.keys.aal2_marker("s1"))
+    offset = store._redis.info("replication")["master_repl_offset"]
+    save(store, "fp1", session(aal="aal2"))
+    assert store._redis.info("replication")["master_repl_offset"] > offset
+    assert len(store.aal2_events()) == 1

@@ -40,7 +40,11 @@ the marker. The invariants, and why they hold:
    every retry computes the same one. The stream step appends only if the upgrade's key
    is absent, in the stream's slot, in one script. The session's marker is written after
    that step succeeded, so a crash in between means a retry, which the upgrade key turns
-   into a no-op. Across a Redis that lost its data (no persistence, or a failover that
+   into a no-op. On a master with replicas the marker also waits until one acknowledged
+   the event (the stream step always writes, since WAIT counts the caller's own writes),
+   so a failover cannot keep a marker and lose its event. When Kratos extends a session,
+   its upgrade key and its other credentials' pointers move with it. Across a Redis
+   that lost its data (no persistence, or a failover that
    lost unreplicated writes), the event carries ``upgrade_id`` for consumers to
    de-duplicate on; with ``appendonly yes`` and ``appendfsync always`` none is doubled.
 2. A rejection is never overwritten by an older acceptance. The credential step and the

@@ -117,7 +117,11 @@ class MemoryStore:
                 return SaveResult(False, None)
             if state == "recorded" or aal2_event is None:
                 return SaveResult(True, None)
-            return SaveResult(True, self._record_upgrade(sid, aal2_event, expires_at))
+            # The session's expiry, which a newer answer may have moved past this one's.
+            stored_expires_at = self._get(self.keys.session(sid))["expires_at"]
+            return SaveResult(
+                True, self._record_upgrade(sid, aal2_event, max(expires_at, stored_expires_at))
+            )
 
     def forget(
         self,
@@ -214,14 +218,22 @@ class MemoryStore:
             credentials_key, credentials, max(self._expires.get(credentials_key, 0), expires_at)
         )
         stored = self._get(self.keys.session(sid))
+        moved = False
         if stored is None or stored["validated_at"] <= validated_at:
+            moved = stored is not None and stored["expires_at"] < expires_at
             record = {"kratos": session.kratos, "validated_at": validated_at}
             self._set(self.keys.session(sid), {**record, "expires_at": expires_at}, expires_at)
             self._expire_at(self.keys.app(sid), expires_at)
         marker = self.keys.aal2_marker(sid)
-        if self._get(marker) is None:
+        upgrade = self._get(marker)
+        if moved:  # Kratos extended it: what belongs to it lives as long (see the Redis store)
+            for name in credentials.keys() - {fingerprint, ENDED}:
+                self._keep_until(self.keys.credential(name), expires_at)
+            if upgrade is not None:
+                self._keep_until(self.keys.aal2_upgrade(upgrade), expires_at + AAL2_MARKER_GRACE_MS)
+        if upgrade is None:
             return "unrecorded"
-        self._expires[marker] = max(self._expires[marker], expires_at + AAL2_MARKER_GRACE_MS)
+        self._keep_until(marker, expires_at + AAL2_MARKER_GRACE_MS)
         return "recorded"
 
     def _record_upgrade(self, sid: str, event: dict[str, str], expires_at: int) -> str | None:
@@ -232,7 +244,9 @@ class MemoryStore:
             appended = self._next_event_id()
             self._stream.append((appended, dict(event)))
             self._set(upgrade_key, appended, keep_until)
-        self._set(self.keys.aal2_marker(sid), event["upgrade_id"], keep_until)
+        self._keep_until(upgrade_key, keep_until)
+        marker = self.keys.aal2_marker(sid)
+        self._set(marker, event["upgrade_id"], max(self._expires.get(marker, 0), keep_until))
         return appended
 
     def _forget_session(
@@ -285,6 +299,11 @@ class MemoryStore:
     def _set(self, key: str, value: Any, expires_at_ms: int) -> None:
         self._values[key] = value
         self._expires[key] = expires_at_ms
+
+    def _keep_until(self, key: str, expires_at_ms: int) -> None:
+        """Move an existing key's expiry later, never earlier (PEXPIREAT … GT)."""
+        if self._get(key) is not None:
+            self._expires[key] = max(self._expires[key], expires_at_ms)
 
     def _expire_at(self, key: str, expires_at_ms: int) -> None:
         if self._get(key) is not None:

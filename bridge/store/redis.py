@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import orjson
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException
 
 from bridge.bounded import BoundedMap
 from bridge.errors import StoreUnavailable
@@ -74,7 +74,10 @@ return 0
 # Session slot. KEYS: session, app, credentials, aal2 marker, lock to release
 # ARGV: kratos json, validated_at, expires_at, fingerprint, lock token,
 #       aal2 marker expires_at, "1" when the session is at aal2
-# Returns -1 (a newer rejection: nothing written), 0, or 1 (the AAL2 event is not recorded).
+# Returns {state, keys in other slots that must now live as long, the session's expiry}:
+# state -1 (a newer rejection: nothing written), 0, or 1 (the AAL2 event is not
+# recorded). When the expiry moved later (Kratos extended the session), the other
+# credentials' fingerprints and the upgrade id follow, so their keys can be kept as long.
 _SESSION_SAVE = (
     _RELEASE_FIRST.format(lock=5, token=5)
     + _EXPIRE_NOT_BEFORE
@@ -83,25 +86,39 @@ local validated_at = tonumber(ARGV[2])
 local ended = tonumber(redis.call('HGET', KEYS[3], '"""
     + ENDED
     + """'))
-if ended and validated_at < ended then return -1 end
+if ended and validated_at < ended then return {-1, {}, 0} end
 local known = redis.call('HGET', KEYS[3], ARGV[4])
 if not known or string.sub(known, 1, 1) == '-' or tonumber(known) <= validated_at then
   redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
 end
 expire_not_before(KEYS[3], ARGV[3])
-local stored = tonumber(redis.call('HGET', KEYS[1], 'validated_at'))
-if not stored or stored <= validated_at then
+local stored = redis.call('HMGET', KEYS[1], 'validated_at', 'expires_at')
+local moved = stored[2] and tonumber(stored[2]) < tonumber(ARGV[3])
+if not stored[1] or tonumber(stored[1]) <= validated_at then
   redis.call('HSET', KEYS[1], 'kratos', ARGV[1], 'validated_at', ARGV[2],
              'expires_at', ARGV[3])
   redis.call('PEXPIREAT', KEYS[1], ARGV[3])
   redis.call('PEXPIREAT', KEYS[2], ARGV[3])
+else
+  moved = false
 end
-if ARGV[7] ~= '1' then return 0 end
-if redis.call('EXISTS', KEYS[4]) == 1 then
+local follow = {}
+if moved then
+  for _, name in ipairs(redis.call('HKEYS', KEYS[3])) do
+    if name ~= ARGV[4] and name ~= '"""
+    + ENDED
+    + """' then table.insert(follow, name) end
+  end
+end
+local expires_at = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
+local marker = redis.call('GET', KEYS[4])
+if marker then
   redis.call('PEXPIREAT', KEYS[4], ARGV[6], 'GT')
-  return 0
+  if moved then table.insert(follow, '=' .. marker) end
+  return {0, follow, expires_at}
 end
-return 1
+if ARGV[7] ~= '1' then return {0, follow, expires_at} end
+return {1, follow, expires_at}
 """
 )
 
@@ -114,16 +131,20 @@ if last[2] then redis.call('PEXPIREAT', KEYS[1], last[2]) end
 return 0
 """
 
-# Stream slot. KEYS: stream, upgrade key; ARGV: max length, keep upgrade key until, fields...
+# Stream slot. KEYS: stream, upgrade key; ARGV: max length, keep upgrade key until (at
+# least), fields...
 # Returns {stream entry id, 1 if appended now, replicas connected to this master}.
 _PUBLISH = """
 local id = redis.call('GET', KEYS[2])
 local appended = 0
 if not id then
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-  redis.call('SET', KEYS[2], id, 'PXAT', ARGV[2])
   appended = 1
 end
+-- Always a write, also when the event is there: WAIT (Redis 7.2+) counts this
+-- connection's writes only, and the marker must wait for the event to be replicated.
+local keep = math.max(tonumber(ARGV[2]), redis.call('PEXPIRETIME', KEYS[2]))
+redis.call('SET', KEYS[2], id, 'PXAT', keep)
 local replicas = string.match(redis.call('INFO', 'replication'), 'connected_slaves:(%d+)')
 return {id, appended, tonumber(replicas) or 0}
 """
@@ -204,6 +225,13 @@ return 1
 # KEYS: lock; ARGV: token
 _RELEASE = _RELEASE_FIRST.format(lock=1, token=1)
 
+# Session slot. KEYS: aal2 marker; ARGV: upgrade id, keep until (at least)
+_MARK = """
+local keep = math.max(tonumber(ARGV[2]), redis.call('PEXPIRETIME', KEYS[1]))
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', keep)
+return 1
+"""
+
 
 def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
@@ -243,6 +271,7 @@ class RedisStore:
         self._version_checked = False
         self._new_target = connect
         self._connecting = threading.Lock()
+        self._refreshing = threading.Lock()
         self._target: RedisTarget | None = None
         try:
             self._connect()
@@ -267,6 +296,7 @@ class RedisStore:
             self._session_forget = register(_SESSION_FORGET)
             self._release = register(_RELEASE)
             self._set_app = register(_SET_APP)
+            self._mark = register(_MARK)
             self._target = target
 
     @_unavailable_on_error
@@ -364,7 +394,7 @@ class RedisStore:
         ]
         if release is not None and not own_lock:
             calls.append(self._release_call(release))
-        pointer, state, *_ = self._pipeline(calls)
+        pointer, (state, follow, session_expires_at), *_ = self._pipeline(calls)
         self._pointers.put(fingerprint, sid)
         if pointer != 0:
             # A newer rejection of this credential that the session's slot may not know
@@ -381,10 +411,28 @@ class RedisStore:
             return SaveResult(False, None)
         if state == -1:
             return SaveResult(False, None)
+        if follow:
+            self._follow_expiry(follow, expires_at)
         event_id = None
         if state == 1 and aal2_event is not None:
-            event_id = self._record_upgrade(sid, aal2_event, expires_at + AAL2_MARKER_GRACE_MS)
+            # The session's expiry, which a newer answer may have moved past this one's.
+            keep_until = max(expires_at, session_expires_at) + AAL2_MARKER_GRACE_MS
+            event_id = self._record_upgrade(sid, aal2_event, keep_until)
         return SaveResult(True, event_id)
+
+    def _follow_expiry(self, names: list[bytes], expires_at: int) -> None:
+        """Kratos extended a session: its other credentials' pointers (a re-issued cookie
+        leaves the old one behind) and its upgrade key live as long as it now does, so
+        a rejection of an old cookie still finds the session, and a lost marker still
+        finds the upgrade recorded."""
+        pipe = self._redis.pipeline(transaction=False)
+        for name in (n.decode() for n in names):
+            if name.startswith("="):
+                upgrade_key = self.keys.aal2_upgrade(name[1:])
+                pipe.pexpireat(upgrade_key, expires_at + AAL2_MARKER_GRACE_MS, gt=True)
+            else:
+                pipe.pexpireat(self.keys.credential(name), expires_at, gt=True)
+        pipe.execute()
 
     def _record_upgrade(self, sid: str, event: dict[str, str], keep_until: int) -> str | None:
         """Append the event unless the stream has it, then mark the session: the marker
@@ -394,41 +442,60 @@ class RedisStore:
         args: list[Any] = [self._stream_maxlen, keep_until]
         for name, value in event.items():
             args += [name, value]
-        entry_id, appended, replicas = self._publish_durably(keys, args)
-        if replicas is None:
+        try:
+            entry_id, appended, acknowledged = self._publish_durably(keys, args)
+        except (redis.RedisError, RedisClusterException) as error:
+            # The session is saved; only the event waits. Not marked: the next save of
+            # the session tries again, so a stream shard in trouble costs no login.
+            _failures.warning("aal2 event %s not recorded yet: %s", upgrade, type(error).__name__)
+            return None
+        if not acknowledged:
             _failures.warning("aal2 event %s: no replica acknowledged it yet", upgrade)
-            return None  # not marked: the next save of the session tries again
-        self._redis.set(self.keys.aal2_marker(sid), upgrade, pxat=keep_until)
+            return None
+        self._mark(keys=[self.keys.aal2_marker(sid)], args=[upgrade, keep_until])
         return entry_id.decode() if appended else None
 
-    def _publish_durably(self, keys: list[str], args: list[Any]) -> tuple[bytes, int, int | None]:
-        """Run the stream step and, on a Sentinel or Cluster master with replicas, wait
-        until one has it (WAIT counts only this connection's writes, so both go on one
-        connection). Replicas ``None``: none acknowledged it in time."""
-        node = self._node_client(keys[0])
-        pool = node.connection_pool
-        connection = pool.get_connection()
+    def _publish_durably(self, keys: list[str], args: list[Any]) -> tuple[bytes, int, bool]:
+        """Run the stream step and, on a master with replicas, wait until one has it
+        (WAIT counts only this connection's writes, so both go on one connection).
+        Acknowledged ``False``: no replica had it in time."""
+        connection = pool = None
         try:
+            pool = self._node_client(keys[0]).connection_pool
+            connection = pool.get_connection()
+            call = ("EVALSHA", self._publish.sha, len(keys), *keys, *args)
             try:
-                entry_id, appended, replicas = _command(
-                    connection, "EVALSHA", self._publish.sha, len(keys), *keys, *args
-                )
+                entry_id, appended, replicas = _command(connection, *call)
             except NoScriptError:
                 _command(connection, "SCRIPT", "LOAD", _PUBLISH)
-                entry_id, appended, replicas = _command(
-                    connection, "EVALSHA", self._publish.sha, len(keys), *keys, *args
-                )
-            if self._target.kind != "standalone" and replicas > 0:
-                if _command(connection, "WAIT", 1, self._wait_ms) < 1:
-                    replicas = None
+                entry_id, appended, replicas = _command(connection, *call)
+            acknowledged = replicas == 0 or _command(connection, "WAIT", 1, self._wait_ms) >= 1
         except BaseException:
-            connection.disconnect()
+            if connection is not None:
+                connection.disconnect()
             if self._target.kind == "cluster":
-                self._redis.nodes_manager.initialize()  # the slot may have moved
+                self._refresh_slots()
             raise
         finally:
-            pool.release(connection)
-        return entry_id, appended, replicas
+            if connection is not None:
+                pool.release(connection)
+        return entry_id, appended, acknowledged
+
+    def _refresh_slots(self) -> None:
+        """The stream's slot may have moved: have the cluster client re-read the slot map,
+        off the request path (it asks the nodes one by one)."""
+        if not self._refreshing.acquire(blocking=False):
+            return
+
+        def refresh() -> None:
+            try:
+                self._redis.nodes_manager.initialize()
+            except (redis.RedisError, RedisClusterException):
+                pass  # the client's own next command tries again
+            finally:
+                self._refreshing.release()
+
+        threading.Thread(target=refresh, name="redis-slots", daemon=True).start()
 
     def _node_client(self, key: str) -> redis.Redis:
         """The client of the node that holds ``key`` (the store's own one off a cluster)."""
