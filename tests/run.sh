@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the suite needs, then runs it.
-#   - Debian packages: redis-server, nginx (and Go + a C compiler if missing)
+#   - Debian packages: redis-server, redis-tools, openssl, nginx (and Go + a C compiler
+#     if missing)
 #   - Python deps: a virtualenv in .venv with the package and its test extras
 #   - Kratos: built once per machine from its Go module into ~/.cache (see tests/tools)
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`.
@@ -11,6 +12,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+# Sentinel and Cluster sets: redis-cli creates the cluster, openssl makes the TLS files.
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v openssl >/dev/null || missing+=(openssl)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 if ! command -v go >/dev/null; then
