@@ -9,6 +9,7 @@ clients, and the kernel's share of their sockets; not the server's HTTP layer, w
 counted where redis-py sends a command or a pipeline).
 
     python bench/costs.py [--requests 2000] [--sessions 20]
+        [--topology standalone|sentinel|cluster]
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from bridge.config import load_settings  # noqa: E402
 from bridge.forward_auth import Pending  # noqa: E402
 from bridge.request import HeaderView  # noqa: E402
 from tests import kratos_flows as flows  # noqa: E402
-from tests.harness import Kratos, RedisServer  # noqa: E402
+from tests.harness import Kratos  # noqa: E402
+from tests.topologies import ClusterSet, SentinelSet, Standalone  # noqa: E402
+
+TOPOLOGIES = {"standalone": Standalone, "sentinel": SentinelSet, "cluster": ClusterSet}
 
 
 class RoundTrips:
@@ -51,11 +55,7 @@ class RoundTrips:
         redis.connection.AbstractConnection.send_packed_command = counted
 
 
-def round_trips(redis_server: RedisServer) -> int:
-    return RoundTrips.count
-
-
-def measure(name, bridge, views, redis_server, requests, *, warm=False):
+def measure(name, bridge, views, requests, *, warm=False):
     forward_auth = bridge.forward_auth
 
     def one(i: int):
@@ -67,12 +67,12 @@ def measure(name, bridge, views, redis_server, requests, *, warm=False):
         one(i)  # connections open, copies and scripts loaded
     # Forged tokens are not reused: each counted one is new to the bridge.
     offset = 0 if warm else warm_up
-    trips = round_trips(redis_server)
+    trips = RoundTrips.count
     started = time.process_time()
     for i in range(offset, offset + requests):
         reply = one(i)
     cpu_us = (time.process_time() - started) / requests * 1e6
-    per_request = (round_trips(redis_server) - trips) / requests
+    per_request = (RoundTrips.count - trips) / requests
     print(f"{name:<34}{reply.status:>7}{cpu_us:>12.0f}{per_request:>16.2f}")
 
 
@@ -80,11 +80,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--topology", choices=sorted(TOPOLOGIES), default="standalone")
     args = parser.parse_args()
     RoundTrips.install()
 
     work = Path(tempfile.mkdtemp())
-    redis_server, kratos = RedisServer(work), Kratos(work, lifespan="24h")
+    topology = TOPOLOGIES[args.topology](work / args.topology)
+    kratos = Kratos(work, lifespan="24h")
     try:
         users = [flows.register(kratos) for _ in range(args.sessions)]
         valid = [HeaderView([("x-session-token", user.token)]) for user in users]
@@ -107,7 +109,7 @@ def main() -> None:
                     {
                         "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
                         "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
-                        "BRIDGE_REDIS_URL": redis_server.url,
+                        "BRIDGE_REDIS_URL": topology.url,
                         "BRIDGE_SECRET": "bench-" + "s" * 40,
                         "BRIDGE_REVALIDATE_AFTER": revalidate_after,
                     }
@@ -119,15 +121,14 @@ def main() -> None:
             "warm hit (process copy)",
             bridge("3600"),
             valid,
-            redis_server,
             args.requests * 10,
             warm=True,
         )
-        measure("re-validation (Kratos asked)", bridge("0"), valid, redis_server, args.requests)
-        measure("rejection (forged token)", bridge("0"), forged, redis_server, args.requests)
+        measure("re-validation (Kratos asked)", bridge("0"), valid, args.requests)
+        measure("rejection (forged token)", bridge("0"), forged, args.requests)
     finally:
         kratos.stop()
-        redis_server.stop()
+        topology.stop()
 
 
 if __name__ == "__main__":

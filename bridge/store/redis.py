@@ -432,7 +432,11 @@ class RedisStore:
                 pipe.pexpireat(upgrade_key, expires_at + AAL2_MARKER_GRACE_MS, gt=True)
             else:
                 pipe.pexpireat(self.keys.credential(name), expires_at, gt=True)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except (redis.RedisError, RedisClusterException) as error:
+            # The session is saved; these keys keep their old expiry until the next extend.
+            _failures.warning("redis extend follow-up failed: %s", type(error).__name__)
 
     def _record_upgrade(self, sid: str, event: dict[str, str], keep_until: int) -> str | None:
         """Append the event unless the stream has it, then mark the session: the marker
@@ -444,15 +448,15 @@ class RedisStore:
             args += [name, value]
         try:
             entry_id, appended, acknowledged = self._publish_durably(keys, args)
+            if not acknowledged:
+                _failures.warning("aal2 event %s: no replica acknowledged it yet", upgrade)
+                return None
+            self._mark(keys=[self.keys.aal2_marker(sid)], args=[upgrade, keep_until])
         except (redis.RedisError, RedisClusterException) as error:
             # The session is saved; only the event waits. Not marked: the next save of
             # the session tries again, so a stream shard in trouble costs no login.
             _failures.warning("aal2 event %s not recorded yet: %s", upgrade, type(error).__name__)
             return None
-        if not acknowledged:
-            _failures.warning("aal2 event %s: no replica acknowledged it yet", upgrade)
-            return None
-        self._mark(keys=[self.keys.aal2_marker(sid)], args=[upgrade, keep_until])
         return entry_id.decode() if appended else None
 
     def _publish_durably(self, keys: list[str], args: list[Any]) -> tuple[bytes, int, bool]:
