@@ -400,13 +400,8 @@ class RedisStore:
             # A newer rejection of this credential that the session's slot may not know
             # yet: carry it there, so the mirror just written does not outlive it.
             rejected_at, keep_ms = pointer
-            self._session_forget(
-                keys=[
-                    self.keys.session(sid),
-                    self.keys.credentials(sid),
-                    self.keys.revalidating(sid),
-                ],
-                args=[fingerprint, rejected_at, now_ms + max(keep_ms, 1), ""],
+            self._pipeline(
+                [self._session_forget_call(sid, fingerprint, rejected_at, now_ms + max(keep_ms, 1))]
             )
             return SaveResult(False, None)
         if state == -1:
@@ -529,20 +524,11 @@ class RedisStore:
             calls = []
         if sid is not None:
             own_lock = release is not None and release.session_id == sid
+            rejected_at = rejection.rejected_at_ms
+            token = release.token if release is not None and own_lock else ""
             calls.append(
-                _Call(
-                    self._session_forget,
-                    [
-                        self.keys.session(sid),
-                        self.keys.credentials(sid),
-                        self.keys.revalidating(sid),
-                    ],
-                    [
-                        fingerprint,
-                        rejection.rejected_at_ms,
-                        rejection.rejected_at_ms + keep_ms,
-                        release.token if release is not None and own_lock else "",
-                    ],
+                self._session_forget_call(
+                    sid, fingerprint, rejected_at, rejected_at + keep_ms, token
                 )
             )
             if release is not None and not own_lock:
@@ -551,6 +537,12 @@ class RedisStore:
             calls.append(self._release_call(release))
         if calls:
             self._pipeline(calls)
+
+    def _session_forget_call(
+        self, sid: str, fingerprint: str, rejected_at: int, keep_until: int, token: str = ""
+    ) -> _Call:
+        keys = [self.keys.session(sid), self.keys.credentials(sid), self.keys.revalidating(sid)]
+        return _Call(self._session_forget, keys, [fingerprint, rejected_at, keep_until, token])
 
     def _release_call(self, lock: Lock) -> _Call:
         return _Call(self._release, [self.keys.revalidating(lock.session_id)], [lock.token])
