@@ -1,8 +1,9 @@
 """The Redis session store: standalone, Sentinel or Cluster, one key layout for all three.
 
 Each script touches the keys of one hash slot (see ``bridge.store`` for the layout and
-the invariants). Steps that do not depend on each other go out in one pipeline, which
-a standalone Redis answers in one round trip and a cluster per node.
+the invariants). Steps that do not depend on each other go out in one pipeline (one
+round trip) on a standalone Redis or Sentinel's master, one by one on a cluster, whose
+client pipelines no scripts.
 """
 
 from __future__ import annotations
