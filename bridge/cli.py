@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from bridge.config import (
     Settings,
+    host_port,
     load_settings,
     parse_option,
     parse_redis_url,
@@ -109,9 +110,9 @@ def _store_label(settings: Settings) -> str:
         parts = urlsplit(settings.redis_url)
         if parts.scheme == "unix":
             return f"redis unix://{parts.path}"
-        where = _host_port(parts.hostname or "", parts.port or 6379)
+        where = host_port(parts.hostname or "", parts.port or 6379)
         return f"redis {scheme}://{where}{parts.path}"
-    hosts = ",".join(_host_port(host, port) for host, port in address.nodes)
+    hosts = ",".join(host_port(host, port) for host, port in address.nodes)
     if address.kind == "sentinel":
         return f"redis {scheme}://{hosts}/{address.service}/{address.db}"
     return f"redis {scheme}://{hosts}"
@@ -143,7 +144,3 @@ def _topology_label(topology: dict[str, object]) -> str:
 
 def _count(number: object, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

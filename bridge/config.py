@@ -85,8 +85,7 @@ def _browser_url_parts(value: str) -> SplitResult:
         raise ValueError("must not hold a user name or password")
     if parts.fragment or "#" in value:
         raise ValueError("must not have a fragment")
-    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
-        raise ValueError("must be visible ASCII, without spaces")
+    _require_visible_ascii(value)
     return parts
 
 
@@ -105,6 +104,16 @@ class RedisAddress:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls_options: dict[str, str | bool] = field(default_factory=dict)  # redis-py's ssl_* names
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _require_visible_ascii(value: str) -> None:
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
+        raise ValueError("must be visible ASCII, without spaces")
 
 
 _SENTINEL_PORT = 26379
@@ -163,8 +172,7 @@ def parse_redis_url(value: str) -> RedisAddress:
 def _multi_host_url(value: str, scheme: str) -> RedisAddress:
     kind = _MULTI_HOST_SCHEMES[scheme]
     rest = value[len(scheme) + 3 :]
-    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
-        raise ValueError("must be visible ASCII, without spaces")
+    _require_visible_ascii(value)
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
     authority, tail = rest[:end], rest[end:]
     if "#" in tail:

@@ -27,7 +27,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from bridge.config import RedisAddress, parse_redis_url
+from bridge.config import RedisAddress, host_port, parse_redis_url
 
 _POOL_SIZE = 256
 _HEALTH_CHECK_SECONDS = 30
@@ -90,7 +90,7 @@ class RedisTarget:
         return {
             "kind": "sentinel",
             "service": self.address.service,
-            "master": _host_port(host, int(port)),
+            "master": host_port(host, int(port)),
             "replicas": len(self.sentinel.discover_slaves(self.address.service)),
             "sentinels": len(self.sentinel.sentinels),
         }
@@ -213,8 +213,4 @@ def _standalone_address(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return str(kwargs["path"])
-    return _host_port(str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
