@@ -11,8 +11,9 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
-from urllib.parse import parse_qs
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -20,18 +21,26 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from bridge import responses
 from bridge.config import Settings
 from bridge.credentials import extract
+from bridge.dialects import Dialects
 from bridge.errors import BridgeError, StoreUnavailable
 from bridge.forward_auth import ForwardAuth
 from bridge.kratos import KratosClient
 from bridge.mirror import SessionMirror
-from bridge.request import HeaderView, original_url
+from bridge.redirects import BrowserRedirects, Origin, host_origin
+from bridge.request import HeaderView
 from bridge.responses import Reply
+from bridge.rules import Rules
 from bridge.store import Keys, SessionStore
+from bridge.upstream_headers import UpstreamHeaders
+
+if TYPE_CHECKING:
+    from bridge.tokens import KeyRing
 
 log = logging.getLogger(__name__)
 
-AUTH_PATH = "/auth"
 HEADER_VIEW_KEY = "bridge.headers"  # environ key: the ASGI front's view of the raw headers
+_JWKS_TYPE = ("Content-Type", "application/jwk-set+json")
+_JWKS_CACHE = ("Cache-Control", "public, max-age=60")
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,9 @@ class Bridge:
     kratos: KratosClient
     mirror: SessionMirror
     forward_auth: ForwardAuth
+    dialects: Dialects
+    redirects: BrowserRedirects
+    keyring: KeyRing | None  # when JWTs are on: the keys behind /.well-known/jwks.json
 
 
 def build_store(settings: Settings) -> SessionStore:
@@ -80,14 +92,43 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         settings.kratos_timeout,
         settings.redis_timeout,
     )
-    forward_auth = ForwardAuth(mirror, settings.session_cookie, settings.login_url)
-    return Bridge(settings, store, kratos, mirror, forward_auth)
+    rules = load_rules(settings)
+    redirects = BrowserRedirects(settings.login_url, return_to_origins(settings, rules))
+    keyring = minter = None
+    if settings.jwt_header is not None and settings.jwt_keys_dir is not None:
+        from bridge.tokens import KeyRing, TokenMinter  # cryptography, only when JWTs are on
+
+        keyring = KeyRing(Path(settings.jwt_keys_dir))
+        minter = TokenMinter(
+            keyring,
+            settings.jwt_issuer,
+            settings.jwt_ttl,
+            settings.jwt_audience,
+            settings.jwt_traits,
+        )
+    upstream = UpstreamHeaders(settings.identity_headers, minter, settings.jwt_header)
+    forward_auth = ForwardAuth(mirror, settings.session_cookie, rules, redirects, upstream)
+    dialects = Dialects(url_required=rules.configured)
+    return Bridge(settings, store, kratos, mirror, forward_auth, dialects, redirects, keyring)
+
+
+def load_rules(settings: Settings) -> Rules:
+    if settings.rules_file is None:
+        return Rules.everything_authenticated()
+    return Rules.load(settings.rules_file)
+
+
+def return_to_origins(settings: Settings, rules: Rules) -> tuple[Origin, ...]:
+    """``BRIDGE_RETURN_TO_ORIGINS``, else every host the rules file names."""
+    if settings.return_to_origins is not None:
+        return settings.return_to_origins
+    return tuple(host_origin(host) for host in rules.hosts)
 
 
 def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
     """The Flask app with ``/auth`` in front of it, for WSGI callers."""
     app = create_flask_app(build_bridge(settings, store))
-    app.wsgi_app = auth_in_front(app.extensions["bridge"].forward_auth, app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = auth_in_front(app.extensions["bridge"], app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 
@@ -124,10 +165,16 @@ def create_flask_app(bridge: Bridge) -> Flask:
             )
         return as_flask(responses.json_reply(200, {"status": "ok", "redis": topology}))
 
+    @app.get("/.well-known/jwks.json", provide_automatic_options=False)
+    def jwks() -> Response:
+        if bridge.keyring is None:
+            return as_flask(responses.http_error(404, "Not Found"))
+        reply = Reply(200, (_JWKS_TYPE, _JWKS_CACHE), bridge.keyring.jwks())
+        return as_flask(reply)
+
     @app.errorhandler(BridgeError)
     def bridge_error(error: BridgeError) -> Response:
-        return_to = original_url(_headers(request.environ))
-        return as_flask(responses.failure(error, settings.login_url, return_to, forward_auth=False))
+        return as_flask(responses.refusal(error, bridge.redirects, None).reply())
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
@@ -150,30 +197,29 @@ def as_flask(reply: Reply) -> Response:
     return Response(reply.body, status=reply.status, headers=list(reply.headers))
 
 
-def auth_query(path: str, query_string: str) -> str | None:
-    """The ``aal`` a route asked for. Envoy's ext_authz appends the original path and
-    query to ``/auth/``: that query is the app's, and only a plain ``/auth`` has one of
-    its own."""
-    if path != AUTH_PATH:
-        return None
-    values = parse_qs(query_string, keep_blank_values=True).get("aal")
-    return values[0] if values else None
+def raw_path(environ: dict[str, Any]) -> str:
+    """The request path as the client sent it (not percent-decoded), from a WSGI environ."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return raw.partition("?")[0]
+    return quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/;=,:@!$&'()*+")
 
 
-def is_auth_path(path: str) -> bool:
-    return path == AUTH_PATH or path.startswith(AUTH_PATH + "/")
-
-
-def auth_in_front(forward_auth: ForwardAuth, wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
-    """WSGI: ``/auth`` (any method, any ``/auth/...`` path) goes to the decision; the
-    rest to Flask."""
+def auth_in_front(bridge: Bridge, wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """WSGI: the dialect paths (``/auth``, ``/forward-auth``, ``/ext-authz/...``) go to the
+    forward-auth path; the rest to Flask."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if not is_auth_path(path):
+        path = raw_path(environ)
+        dialect = bridge.dialects.for_path(path)
+        if dialect is None:
             return wsgi_app(environ, start_response)
-        reply = forward_auth(
-            HeaderView.from_environ(environ), auth_query(path, environ.get("QUERY_STRING", ""))
+        reply = bridge.forward_auth(
+            dialect,
+            HeaderView.from_environ(environ),
+            environ.get("REQUEST_METHOD", "GET"),
+            path,
+            environ.get("QUERY_STRING", ""),
         )
         start_response(f"{reply.status} {HTTPStatus(reply.status).phrase}", list(reply.headers))
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [reply.body]

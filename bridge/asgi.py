@@ -5,9 +5,11 @@ interfaces drop a header holding any non-ASCII byte, and with it every cookie of
 browser that also holds another app's UTF-8 cookie), and an event loop lets the
 requests that need no I/O never wait behind the ones that do.
 
-- ``/health/alive`` and a ``/auth`` that this process's fresh copy answers are
-  answered on the loop, with no I/O.
-- Everything else (a ``/auth`` that needs the store or Kratos, and the Flask routes)
+- ``/health/alive`` and a forward-auth request (``/auth``, ``/forward-auth``,
+  ``/ext-authz/...``) that this process's fresh copy answers are answered on the loop,
+  with no I/O.
+- Everything else (a forward-auth request that needs the store or Kratos, and the Flask
+  routes)
   runs on a worker thread. A request waits for it at most
   ``BRIDGE_KRATOS_TIMEOUT + 2 * BRIDGE_REDIS_TIMEOUT`` (one Kratos call and the store's
   round trips around it); then it is answered ``503`` and the thread's late result is
@@ -27,7 +29,8 @@ from typing import Any
 from flask import Flask
 
 from bridge import responses
-from bridge.app import HEADER_VIEW_KEY, Bridge, auth_query, is_auth_path
+from bridge.app import HEADER_VIEW_KEY, Bridge
+from bridge.dialects import Dialect
 from bridge.logs import Throttled
 from bridge.request import HeaderView
 from bridge.responses import Reply
@@ -48,6 +51,7 @@ class Front:
         settings = bridge.settings
         self._bridge = bridge
         self._forward_auth = bridge.forward_auth
+        self._dialects = bridge.dialects
         self._flask = flask_app
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="bridge")
         self._budget = settings.kratos_timeout + 2 * settings.redis_timeout
@@ -60,9 +64,12 @@ class Front:
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        raw = scope.get("raw_path")
+        raw_path = raw.decode("latin-1") if raw else path
         try:
-            if is_auth_path(path):
-                reply = await self._auth(scope)
+            dialect = self._dialects.for_path(raw_path)
+            if dialect is not None:
+                reply = await self._auth(scope, dialect, raw_path)
             elif path == "/health/alive":
                 reply = _ALIVE if method in _READ_ONLY else _not_allowed()
             else:
@@ -77,10 +84,13 @@ class Front:
             reply = responses.internal_error()
         await _send(send, reply, head=method == "HEAD")
 
-    async def _auth(self, scope: dict[str, Any]) -> Reply:
-        headers = HeaderView.from_asgi(scope["headers"])
+    async def _auth(self, scope: dict[str, Any], dialect: Dialect, raw_path: str) -> Reply:
         step = self._forward_auth.begin(
-            headers, auth_query(scope["path"], scope["query_string"].decode("latin-1"))
+            dialect,
+            HeaderView.from_asgi(scope["headers"]),
+            scope["method"],
+            raw_path,
+            scope["query_string"].decode("latin-1"),
         )
         if isinstance(step, Reply):
             return step

@@ -1,4 +1,5 @@
-"""``kratos-bridge``: serve, check, config-reference. Exit 2 on a configuration error."""
+"""``kratos-bridge``: serve, check, config-reference, jwt-keygen. Exit 2 on a configuration
+error."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
+
+import orjson
 
 from bridge.config import (
     Settings,
@@ -16,7 +20,8 @@ from bridge.config import (
     parse_redis_url,
     reference_table,
 )
-from bridge.errors import ConfigError, StoreUnavailable
+from bridge.errors import BridgeError, ConfigError, StoreUnavailable
+from bridge.responses import Reply
 
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
@@ -29,13 +34,33 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--config", help="YAML file of settings; BRIDGE_* variables win")
-    check = commands.add_parser("check", help="validate settings and reach Redis and Kratos")
+    check = commands.add_parser(
+        "check",
+        help="validate settings and reach Redis and Kratos; with --url, show how the "
+        "rules and a session decide a request",
+    )
     check.add_argument("--config")
+    check.add_argument("--url", help="an original URL to decide, e.g. https://app.example.com/")
+    check.add_argument("--method", default="GET", help="its method (default GET)")
+    check.add_argument("--session-token", help="decide for this Kratos session token")
     commands.add_parser("config-reference", help="print the settings table (Markdown)")
+    keygen = commands.add_parser("jwt-keygen", help="write a new JWT signing key into DIR")
+    keygen.add_argument("directory")
     args = parser.parse_args(argv)
 
     if args.command == "config-reference":
         print(reference_table())
+        return 0
+    if args.command == "jwt-keygen":
+        from bridge.tokens import generate_key
+
+        try:
+            print(generate_key(Path(args.directory)))
+        except (OSError, FileExistsError) as error:
+            print(
+                f"kratos-bridge: cannot write a key into {args.directory}: {error}", file=sys.stderr
+            )
+            return EXIT_UNHEALTHY
         return 0
     try:
         settings = load_settings(config_file=args.config)
@@ -49,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     configure_logging(settings)
+    if args.command == "check" and args.url is not None:
+        return decide_command(settings, args.url, args.method, args.session_token)
     if args.command == "check":
         return check_command(settings)
     from bridge.server import serve as run_server
@@ -98,6 +125,66 @@ def check_command(settings: Settings) -> int:
     version = kratos.version()
     print(f"kratos version:  {version or 'unknown (admin API not reachable)'}")
     return 0 if ok else EXIT_UNHEALTHY
+
+
+def decide_command(settings: Settings, url: str, method: str, token: str | None) -> int:
+    """How the bridge would answer ``method url`` (with ``token``'s session): the rule that
+    matches, and the answer an API client and a browser would get. It runs the real
+    forward-auth path on an embedded store, so it writes nothing to Redis."""
+    from bridge.app import build_bridge, load_rules
+    from bridge.request import HeaderView
+    from bridge.store import Keys
+    from bridge.store.memory import MemoryStore
+
+    scheme, _, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if scheme not in ("http", "https") or not host:
+        print(f"kratos-bridge: --url {url!r} is not an http:// or https:// URL", file=sys.stderr)
+        return EXIT_CONFIG
+    target = slash + path or "/"
+    rules = load_rules(settings)
+    print(f"rules:           {settings.rules_file or 'none: every request needs a session'}")
+    print(f"request:         {method.upper()} {url}")
+    try:
+        rule = rules.match(method.upper(), host, target)
+    except BridgeError as error:
+        print(f"rule:            none ({error})")
+        return EXIT_UNHEALTHY
+    print(f"rule:            {rule.describe()}")
+
+    bridge = build_bridge(settings, MemoryStore(Keys(settings.key_prefix, "check"), 1))
+    forwarded = [
+        ("x-forwarded-method", method.upper()),
+        ("x-forwarded-proto", scheme),
+        ("x-forwarded-host", host),
+        ("x-forwarded-uri", target),
+    ]
+    if token is not None:
+        forwarded.append(("x-session-token", token))
+    try:
+        for caller, accept in (("api client", "application/json"), ("browser", "text/html")):
+            headers = HeaderView([*forwarded, ("accept", accept)])
+            reply = bridge.forward_auth(
+                bridge.dialects.forward_auth, headers, "GET", "/forward-auth", ""
+            )
+            print(f"{caller + ':':<17}{_answer_label(reply)}")
+    finally:
+        bridge.mirror.close()
+        bridge.kratos.close()
+    return 0
+
+
+def _answer_label(reply: Reply) -> str:
+    headers = dict(reply.headers)
+    if reply.status == 200:
+        shown = ", ".join(
+            f"{name}: {value}" for name, value in reply.headers if name != "Cache-Control"
+        )
+        return f"200 allow ({shown})"
+    if "Location" in headers:
+        return f"{reply.status} redirect to {headers['Location']}"
+    body = orjson.loads(reply.body) if reply.body else {}
+    return f"{reply.status} {body.get('error', '')}: {body.get('message', '')}"
 
 
 def _store_label(settings: Settings) -> str:

@@ -22,6 +22,9 @@ import yaml
 from redis import connection as redis_connection
 
 from bridge.errors import ConfigError
+from bridge.redirects import Origin, parse_origin
+from bridge.rules import Rules
+from bridge.upstream_headers import DEFAULT_MAPPING, RESERVED, parse_mapping
 
 ENV_PREFIX = "BRIDGE_"
 MIN_SECRET_LENGTH = 32
@@ -319,6 +322,33 @@ def _tls_options(query: Mapping[str, list[str]], scheme: str) -> dict[str, str |
     return options
 
 
+def _origins(value: str) -> tuple[Origin, ...]:
+    origins = tuple(parse_origin(entry) for entry in value.split(",") if entry.strip())
+    if not origins:
+        raise ValueError("names no origin")
+    return origins
+
+
+def _identity_headers(value: str) -> tuple[tuple[str, str], ...]:
+    return parse_mapping(value)
+
+
+def _jwt_header(value: str) -> str:
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}", value):
+        raise ValueError(f"{value!r} is not a header name")
+    if value.lower() in RESERVED and value.lower() != "authorization":
+        raise ValueError(f"{value!r} is a header the bridge or the proxy owns")
+    return value
+
+
+def _trait_list(value: str) -> tuple[str, ...]:
+    traits = tuple(entry.strip() for entry in value.split(",") if entry.strip())
+    for trait in traits:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64})*", trait):
+            raise ValueError(f"{trait!r} is not a dotted trait path")
+    return traits
+
+
 def _listen_host(value: str) -> str:
     """An IP address, or a host name resolved now to the address ``serve`` binds."""
     if _is_ip(value):
@@ -440,6 +470,76 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "Browser-facing Kratos login URL put in 401 answers; "
         "default `<kratos_public_url>/self-service/login/browser`.",
+    ),
+    Option(
+        "rules_file",
+        str,
+        None,
+        'YAML access-rules file (README, "Access rules"): what each host, path and method '
+        "needs (`public`, `authenticated`, `aal2`, `deny`, `max_age`, `when`). Unset = "
+        "every request needs a session (and `?aal=aal2` on the endpoint still asks for more).",
+    ),
+    Option(
+        "return_to_origins",
+        _origins,
+        None,
+        "Comma-separated origins a login's `return_to` may point at "
+        "(`https://app.example.com`, `http://localhost:8080`, `https://*.example.com`); "
+        "default: every host the rules file names (http or https, any port). A URL outside "
+        "them is left out of `return_to`; with neither, `return_to` is never set.",
+    ),
+    Option(
+        "identity_headers",
+        _identity_headers,
+        DEFAULT_MAPPING,
+        "Headers sent to the upstream app on an allow, `Name=source` comma separated. "
+        "Sources: `identity.id`, `identity.schema_id`, `identity.state`, `session.id`, "
+        "`session.aal`, `session.amr`, `session.authenticated_at`, `session.expires_at`, "
+        "`traits.<path>`, `metadata_public.<path>`. Each is sent on every 200, empty when "
+        "the session lacks it; non-ASCII, spaces and `%` are percent-encoded (UTF-8).",
+    ),
+    Option(
+        "jwt_header",
+        _jwt_header,
+        None,
+        "Header that carries a signed JWT (ES256) of the session to the upstream app, e.g. "
+        "`X-Bridge-Jwt` (`Authorization` sends `Bearer <jwt>`); unset = no JWT. Needs "
+        "`BRIDGE_JWT_KEYS_DIR`. Public keys at `/.well-known/jwks.json`.",
+    ),
+    Option(
+        "jwt_keys_dir",
+        str,
+        None,
+        "Directory of P-256 private keys (`*.pem`, made by `kratos-bridge jwt-keygen DIR`). "
+        "All are published in the JWKS; the file whose name sorts last signs. Re-read every "
+        "30 s: rotate by adding a later-named key, and remove the old one once its last "
+        "token expired (until then the bridge keeps publishing it anyway).",
+    ),
+    Option(
+        "jwt_issuer",
+        _matching(r"[\x21-\x7e]{1,256}", "1-256 visible ASCII characters"),
+        "kratos-session-bridge",
+        "The JWT's `iss`.",
+    ),
+    Option(
+        "jwt_audience",
+        _matching(r"[\x21-\x7e]{1,256}", "1-256 visible ASCII characters"),
+        None,
+        "The JWT's `aud`; unset = none.",
+    ),
+    Option(
+        "jwt_ttl",
+        _number(10, 3600),
+        300.0,
+        "Seconds a JWT is valid (never past the session's `expires_at`); it is re-minted "
+        "when a fifth of that is left, never per request.",
+    ),
+    Option(
+        "jwt_traits",
+        _trait_list,
+        None,
+        "Comma-separated traits (dotted paths, e.g. `email,name.first`) copied into the "
+        "JWT's `traits` claim.",
     ),
     Option(
         "redis_url",
@@ -566,6 +666,15 @@ class Settings:
     kratos_admin_url: str
     kratos_timeout: float
     login_url: str
+    rules_file: str | None
+    return_to_origins: tuple[Origin, ...] | None
+    identity_headers: tuple[tuple[str, str], ...]
+    jwt_header: str | None
+    jwt_keys_dir: str | None
+    jwt_issuer: str
+    jwt_audience: str | None
+    jwt_ttl: float
+    jwt_traits: tuple[str, ...]
     redis_url: str | None
     redis_sentinel_password: str | None = field(repr=False)
     redis_timeout: float
@@ -609,7 +718,9 @@ def load_settings(
     values: dict[str, Any] = {}
     for option in OPTIONS:
         if option.name not in raw:
-            values[option.name] = option.default
+            # A default written as text is read like a value (each such parse is idempotent).
+            default = option.default
+            values[option.name] = option.parse(default) if isinstance(default, str) else default
             continue
         key, text = raw[option.name]
         try:
@@ -684,6 +795,23 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
         )
     values["secret_is_random"] = secret_text is None
     values["secret"] = os.urandom(32) if secret_text is None else secret_text.encode()
+
+    values["jwt_traits"] = values["jwt_traits"] or ()
+    if values["rules_file"] is not None:
+        Rules.load(values["rules_file"])  # compiled again by each process; here to fail early
+    if (values["jwt_header"] is None) != (values["jwt_keys_dir"] is None):
+        given, missing = (
+            ("jwt_header", "jwt_keys_dir")
+            if values["jwt_keys_dir"] is None
+            else ("jwt_keys_dir", "jwt_header")
+        )
+        raise ConfigError(key_of(given), f"needs {_BY_NAME[missing].env} too")
+    if values["jwt_header"] is not None:
+        if values["jwt_header"].lower() in {n.lower() for n, _ in values["identity_headers"]}:
+            raise ConfigError(key_of("jwt_header"), "is also in BRIDGE_IDENTITY_HEADERS")
+        from bridge.tokens import KeyRing  # cryptography, only when JWTs are on
+
+        KeyRing(Path(values["jwt_keys_dir"]))  # raises naming BRIDGE_JWT_KEYS_DIR
 
     if values["login_url"] is None:
         values["login_url"] = values["kratos_public_url"] + "/self-service/login/browser"

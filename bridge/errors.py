@@ -40,6 +40,15 @@ class StepUpRequired(BridgeError):
         self.redirect_browser_to = redirect_browser_to
 
 
+class ReauthenticationRequired(BridgeError):
+    """The session is valid, but the route wants a more recent login (a rule's ``max_age``)."""
+
+
+class Forbidden(BridgeError):
+    """The route is closed to this request: a ``deny`` rule, or a rule's ``when`` conditions
+    that the identity does not meet."""
+
+
 class KratosUnavailable(BridgeError):
     """Kratos could not be asked, or answered something we cannot trust."""
 

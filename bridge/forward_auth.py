@@ -1,84 +1,155 @@
-"""The forward-auth decision (``/auth``): credential -> session -> policy -> response.
+"""The forward-auth path: dialect -> rule -> credential -> session -> decision -> response.
+
+- ``bridge.dialects`` reads the original request the way each proxy sends it, and
+  shapes refusals the way that proxy needs them;
+- ``bridge.rules`` says what the route needs (public, authenticated, aal2, deny, and
+  ``max_age`` / ``when``);
+- ``bridge.credentials`` and ``bridge.mirror`` find the session;
+- ``bridge.decision`` says whether it may pass;
+- ``bridge.upstream_headers`` and ``bridge.responses`` build the answer.
 
 It runs in two steps so that the server can answer most requests without leaving its
-event loop: ``begin`` does no I/O (it reads the request and this process's fresh
-copy of sessions) and either answers or hands back what it found; ``finish`` asks
-the store and Kratos, and runs on a worker thread. A slow Kratos or Redis can then
-hold up only the requests that need them.
+event loop: ``begin`` does no I/O (it reads the request and this process's fresh copy
+of sessions) and either answers or hands back what it found; ``finish`` asks the store
+and Kratos, and runs on a worker thread. A slow Kratos or Redis can then hold up only
+the requests that need them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bridge import policy, responses
+from bridge import decision, responses
 from bridge.bounded import BoundedMap
 from bridge.credentials import Credential, extract
-from bridge.errors import BridgeError
-from bridge.mirror import SessionMirror, now_ms
-from bridge.request import HeaderView, original_url
+from bridge.dialects import Dialect
+from bridge.errors import BadRequest, BridgeError, CredentialMissing, Forbidden, SessionInvalid
+from bridge.mirror import Resolved, SessionMirror, now_ms
+from bridge.redirects import BrowserRedirects
+from bridge.request import HeaderView, OriginalRequest
 from bridge.responses import Reply
+from bridge.rules import Access, Rule, Rules
 from bridge.session import MirroredSession
+from bridge.upstream_headers import UpstreamHeaders
 
 
 @dataclass(frozen=True, slots=True)
 class Pending:
     """A well-formed request the process's copy cannot answer."""
 
+    dialect: Dialect
     headers: HeaderView
+    original: OriginalRequest | None
+    rule: Rule
+    aal: str | None
     credential: Credential
-    required_aal: str | None
     started_ms: int
+
+    @property
+    def public(self) -> bool:
+        return self.rule.access is Access.PUBLIC and self.aal is None
 
 
 class ForwardAuth:
-    def __init__(self, mirror: SessionMirror, cookie_name: str, login_url: str) -> None:
+    def __init__(
+        self,
+        mirror: SessionMirror,
+        cookie_name: str,
+        rules: Rules,
+        redirects: BrowserRedirects,
+        upstream: UpstreamHeaders,
+    ) -> None:
         self._mirror = mirror
         self._cookie_name = cookie_name
-        self._login_url = login_url
+        self._rules = rules
+        self._redirects = redirects
+        self._upstream = upstream
+        self._anonymous = responses.allow(upstream.anonymous, ())
+        # The allow for a copy, built once per validation (a copy is one object from one
+        # Kratos answer to the next) and reused until its JWT is due to be re-minted.
         # Holding the session keeps its id from being reused while the entry lives.
-        self._allows: BoundedMap[int, tuple[MirroredSession, Reply]] = BoundedMap(50_000)
+        self._allows: BoundedMap[int, tuple[MirroredSession, Reply, int]] = BoundedMap(50_000)
 
-    def __call__(self, headers: HeaderView, aal: str | None) -> Reply:
-        step = self.begin(headers, aal)
+    def __call__(
+        self, dialect: Dialect, headers: HeaderView, method: str, path: str, query: str
+    ) -> Reply:
+        step = self.begin(dialect, headers, method, path, query)
         return step if isinstance(step, Reply) else self.finish(step)
 
-    def begin(self, headers: HeaderView, aal: str | None) -> Reply | Pending:
+    def begin(
+        self, dialect: Dialect, headers: HeaderView, method: str, path: str, query: str
+    ) -> Reply | Pending:
+        original = None
         try:
-            required = policy.required_aal(aal)
-            credential = extract(headers, self._cookie_name)
-            known = self._mirror.from_memory(credential)
+            original = dialect.original(headers, method, path, query)
+            rule = self._rule(original)
+            aal = decision.required_aal(rule, dialect.asked_aal(query))
+            if rule.access is Access.DENY:
+                raise Forbidden(f"{rule.label} denies this request")
+            public = rule.access is Access.PUBLIC and aal is None
+            try:
+                credential = extract(headers, self._cookie_name)
+                known = self._mirror.from_memory(credential)
+            except (CredentialMissing, SessionInvalid):
+                if public:
+                    return self._anonymous
+                raise
         except BridgeError as error:
-            return self._failure(error, headers)
-        if known is not None and policy.meets_aal(known.session, required):
-            if known.set_cookies:
-                return responses.allow(known.session, known.set_cookies)
-            return self._allow(known.session)
-        return Pending(headers, credential, required, now_ms())
+            return self._refuse(dialect, error, headers, original)
+        started = now_ms()
+        if known is not None:
+            problem = decision.refusal(rule, aal, known.session, started)
+            if problem is None:
+                return self._allow(known, started)
+            if not decision.worth_asking_again(problem):
+                return self._refuse(dialect, problem, headers, original)
+        return Pending(dialect, headers, original, rule, aal, credential, started)
 
     def finish(self, pending: Pending) -> Reply:
         try:
             resolved = self._mirror.resolve(pending.credential)
-            if not policy.meets_aal(resolved.session, pending.required_aal) and (
-                resolved.session.validated_at_ms < pending.started_ms
+            problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
+            if (
+                decision.worth_asking_again(problem)
+                and resolved.session.validated_at_ms < pending.started_ms
             ):
-                # The user may have just completed the second factor: ask Kratos, not the
-                # copy (unless Kratos was just asked, for this very request).
+                # The user may have just added a second factor or logged in again: ask
+                # Kratos, not the copy (unless Kratos was just asked, for this very request).
                 resolved = self._mirror.resolve(pending.credential, refresh=True)
-            policy.enforce_aal(resolved.session, pending.required_aal)
+                problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
+            if problem is not None:
+                raise problem
         except BridgeError as error:
-            return self._failure(error, pending.headers)
-        return responses.allow(resolved.session, resolved.set_cookies)
+            if pending.public and not isinstance(error, BadRequest):
+                return self._anonymous  # a public route needs no session, nor Kratos
+            return self._refuse(pending.dialect, error, pending.headers, pending.original)
+        return self._allow(resolved, now_ms())
 
-    def _allow(self, session: MirroredSession) -> Reply:
-        """The allow for a copy: built once per validation (a copy is one object from one
-        Kratos answer to the next), then reused for each request it answers."""
+    def _rule(self, original: OriginalRequest | None) -> Rule:
+        if original is None:
+            return self._rules.default  # no rules file, and the proxy sent no URL
+        return self._rules.match(original.method, original.host, original.target)
+
+    def _allow(self, resolved: Resolved, now: int) -> Reply:
+        session = resolved.session
+        if resolved.set_cookies:
+            headers, _ = self._upstream.for_session(session)
+            return responses.allow(headers, resolved.set_cookies)
         memo = self._allows.get(id(session))
-        if memo is not None and memo[0] is session:
+        if memo is not None and memo[0] is session and now < memo[2]:
             return memo[1]
-        reply = responses.allow(session, ())
-        self._allows.put(id(session), (session, reply))
+        headers, valid_until = self._upstream.for_session(session)
+        reply = responses.allow(headers, ())
+        self._allows.put(id(session), (session, reply, valid_until))
         return reply
 
-    def _failure(self, error: BridgeError, headers: HeaderView) -> Reply:
-        return responses.failure(error, self._login_url, original_url(headers), forward_auth=True)
+    def _refuse(
+        self,
+        dialect: Dialect,
+        error: BridgeError,
+        headers: HeaderView,
+        original: OriginalRequest | None,
+    ) -> Reply:
+        return dialect.refuse(
+            responses.refusal(error, self._redirects, original), headers, original
+        )

@@ -161,6 +161,21 @@ def _identity(identity: dict[str, Any]) -> dict[str, Any]:
         "state": _string_or_none(identity.get("state"), "identity.state"),
         "traits": _object(identity.get("traits") or {}, "identity.traits"),
         "metadata_public": identity.get("metadata_public"),
+        "verifiable_addresses": [
+            _address(_object(address, "identity.verifiable_addresses[]"))
+            for address in _list(
+                identity.get("verifiable_addresses") or [], "identity.verifiable_addresses"
+            )
+        ],
+    }
+
+
+def _address(address: dict[str, Any]) -> dict[str, Any]:
+    """What a rule's ``verified_address`` condition reads."""
+    return {
+        "value": _string_or_none(address.get("value"), "verifiable_addresses[].value"),
+        "via": _string_or_none(address.get("via"), "verifiable_addresses[].via"),
+        "verified": address.get("verified") is True,
     }
 
 

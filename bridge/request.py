@@ -9,18 +9,24 @@ can be refused.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-# The headers the decision reads, lower case.
+# The headers the forward-auth path reads, lower case: the credential, what a dialect says
+# about the original request, and what tells a browser navigation from an API call.
 CREDENTIAL_HEADERS = ("x-session-token", "cookie", "authorization")
-ORIGIN_HEADERS = ("x-original-url", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-uri")
-_WANTED = frozenset(CREDENTIAL_HEADERS + ORIGIN_HEADERS)
-
-_FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?")
-_FORWARDED_URI = re.compile(r"/[\x21-\x7e]{0,2047}")
-_ORIGINAL_URL = re.compile(r"https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[\x21-\x7e]{0,2047})?")
+ORIGIN_HEADERS = (
+    "host",
+    "x-original-url",
+    "x-original-method",
+    "x-forwarded-method",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-uri",
+)
+CALLER_HEADERS = ("accept", "x-requested-with", "sec-fetch-mode")
+_WANTED = frozenset(CREDENTIAL_HEADERS + ORIGIN_HEADERS + CALLER_HEADERS)
 
 
 class HeaderView:
@@ -57,18 +63,15 @@ class HeaderView:
         )
 
 
-def original_url(headers: HeaderView) -> str | None:
-    """The URL the user asked the proxy for, if the proxy told us and it looks sane."""
-    original = headers.get("x-original-url")
-    if original and _ORIGINAL_URL.fullmatch(original):
-        return original
-    proto = headers.get("x-forwarded-proto") or ""
-    host = headers.get("x-forwarded-host") or ""
-    uri = headers.get("x-forwarded-uri") or "/"
-    if (
-        proto in ("http", "https")
-        and _FORWARDED_HOST.fullmatch(host)
-        and _FORWARDED_URI.fullmatch(uri)
-    ):
-        return f"{proto}://{host}{uri}"
-    return None
+@dataclass(frozen=True, slots=True)
+class OriginalRequest:
+    """The request the user sent the proxy. ``target`` is its path and query as sent."""
+
+    method: str
+    scheme: str
+    host: str
+    target: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}{self.target}"

@@ -9,10 +9,8 @@ set on an allow. Every error is a small JSON object ``{"error": <code>, "message
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 
@@ -20,23 +18,23 @@ from bridge.errors import (
     BadRequest,
     BridgeError,
     CredentialMissing,
+    Forbidden,
     KratosRateLimited,
     KratosUnavailable,
+    ReauthenticationRequired,
     SessionInvalid,
     StepUpRequired,
     StoreUnavailable,
 )
+from bridge.redirects import BrowserRedirects
+from bridge.request import OriginalRequest
 from bridge.session import MirroredSession
 
 log = logging.getLogger(__name__)
 
-IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email")
-_REQUIRED_IDENTITY = IDENTITY_HEADERS[:3]
 REDIRECT_HEADER = "X-Bridge-Redirect"
 _NO_STORE = ("Cache-Control", "no-store")
 _JSON = ("Content-Type", "application/json")
-# Header values come from identity traits, which users edit: only plain visible ASCII passes.
-_SAFE_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,512}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,25 +57,10 @@ class Reply:
         return Reply(self.status, (*self.headers, (name, value)), self.body)
 
 
-def allow(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
-    """200 with the identity headers; a session that cannot name its identity, session
-    and AAL (a corrupted mirror) is never allowed."""
-    identity = identity_headers(session)
-    if not all(name in identity for name in _REQUIRED_IDENTITY):
-        log.error("session %r cannot be answered: identity headers missing", session.id)
-        return internal_error()
-    headers = (_NO_STORE, *identity.items())
-    return Reply(200, headers + tuple(("Set-Cookie", cookie) for cookie in set_cookies))
-
-
-def identity_headers(session: MirroredSession) -> dict[str, str]:
-    headers = {
-        "X-User-Id": session.identity_id,
-        "X-Session-Id": session.id,
-        "X-User-Aal": session.aal,
-        "X-User-Email": session.email,
-    }
-    return {k: v for k, v in headers.items() if v and _SAFE_HEADER_VALUE.fullmatch(v)}
+def allow(headers: tuple[tuple[str, str], ...], set_cookies: tuple[str, ...]) -> Reply:
+    """200 with the upstream headers (``bridge.upstream_headers``) and re-issued cookies."""
+    cookies = tuple(("Set-Cookie", cookie) for cookie in set_cookies)
+    return Reply(200, (_NO_STORE, *headers, *cookies))
 
 
 def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
@@ -85,29 +68,54 @@ def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Repl
     return Reply(200, headers, _encode(session.to_json()))
 
 
-def failure(
-    error: BridgeError, login_url: str, return_to: str | None, *, forward_auth: bool
-) -> Reply:
-    """The answer for every ``BridgeError`` the request path raises. ``forward_auth``:
-    the asker is a proxy deciding on a request (``/auth``), not an app."""
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refused request, before a dialect shapes it: ``redirect`` is where a browser
+    should go (Kratos's login), when it can do something about it."""
+
+    status: int
+    code: str
+    message: str
+    redirect: str | None = None
+    retry_after: str | None = None
+
+    def reply(self, status: int | None = None, location: bool = False) -> Reply:
+        """The JSON answer; ``status`` overrides (a browser redirect, a 429 as 503);
+        ``location`` adds ``Location`` with the redirect."""
+        reply = _error(status or self.status, self.code, self.message, self.redirect)
+        if self.redirect:
+            reply = reply.with_header(REDIRECT_HEADER, self.redirect)
+            if location:
+                reply = reply.with_header("Location", self.redirect)
+        return reply.with_header("Retry-After", self.retry_after) if self.retry_after else reply
+
+
+def refusal(
+    error: BridgeError, redirects: BrowserRedirects, original: OriginalRequest | None
+) -> Refusal:
+    """The answer for every ``BridgeError`` the request path raises or decides."""
+    if isinstance(error, CredentialMissing):
+        return Refusal(401, "session_missing", str(error), redirects.login(original))
+    if isinstance(error, SessionInvalid):
+        return Refusal(401, "session_invalid", str(error), redirects.login(original))
     if isinstance(error, StepUpRequired):
-        target = _with_query(error.redirect_browser_to or login_url, aal="aal2")
-        return _unauthorized("aal2_required", str(error), _with_query(target, return_to=return_to))
-    if isinstance(error, CredentialMissing | SessionInvalid):
-        code = "session_missing" if isinstance(error, CredentialMissing) else "session_invalid"
-        return _unauthorized(code, str(error), _with_query(login_url, return_to=return_to))
+        target = redirects.step_up(original, error.redirect_browser_to)
+        return Refusal(401, "aal2_required", str(error), target)
+    if isinstance(error, ReauthenticationRequired):
+        target = redirects.reauthenticate(original)
+        return Refusal(401, "reauthentication_required", str(error), target)
+    if isinstance(error, Forbidden):
+        return Refusal(403, "forbidden", str(error))
     if isinstance(error, BadRequest):
-        return _error(400, "bad_request", str(error))
+        return Refusal(400, "bad_request", str(error))
     if isinstance(error, KratosRateLimited):
-        # An app is told to come back; a proxy gets the same 503 as for any Kratos
-        # trouble (a 401 would send the browser to log in again, and again).
-        status = 503 if forward_auth else 429
-        return _error(status, "kratos_rate_limited", str(error), retry_after=error.retry_after)
+        # Come back later: a 401 would send the browser to log in again, and again.
+        return Refusal(429, "kratos_rate_limited", str(error), retry_after=error.retry_after)
     if isinstance(error, KratosUnavailable):
-        return _error(503, "kratos_unavailable", str(error), retry_after="1")
+        return Refusal(503, "kratos_unavailable", str(error), retry_after="1")
     if isinstance(error, StoreUnavailable):
-        return _error(503, "store_unavailable", str(error), retry_after="1")
-    return internal_error()
+        return Refusal(503, "store_unavailable", str(error), retry_after="1")
+    return _INTERNAL
 
 
 def timed_out() -> Reply:
@@ -119,8 +127,11 @@ def timed_out() -> Reply:
     )
 
 
+_INTERNAL = Refusal(500, "internal_error", "the bridge failed; the request was not allowed")
+
+
 def internal_error() -> Reply:
-    return _error(500, "internal_error", "the bridge failed; the request was not allowed")
+    return _INTERNAL.reply()
 
 
 def http_error(status: int, name: str, allowed_methods: list[str] | None = None) -> Reply:
@@ -131,13 +142,6 @@ def http_error(status: int, name: str, allowed_methods: list[str] | None = None)
 
 def json_reply(status: int, body: dict[str, Any]) -> Reply:
     return Reply(status, (_JSON, _NO_STORE), _encode(body))
-
-
-def _unauthorized(code: str, message: str, redirect_browser_to: str) -> Reply:
-    """401, with where to send a browser both in the body and in a header proxies can read."""
-    return _error(401, code, message, redirect_browser_to).with_header(
-        REDIRECT_HEADER, redirect_browser_to
-    )
 
 
 def _error(
@@ -157,12 +161,3 @@ def _error(
 
 def _encode(body: dict[str, Any]) -> bytes:
     return orjson.dumps(body)
-
-
-def _with_query(url: str, **params: str | None) -> str:
-    """``url`` with ``params`` added, skipping empty ones and ones the URL already has."""
-    present = parse_qs(urlsplit(url).query)
-    query = urlencode({k: v for k, v in params.items() if v and k not in present})
-    if not query:
-        return url
-    return f"{url}{'&' if urlsplit(url).query else '?'}{query}"

@@ -98,7 +98,7 @@ def test_admin_revocation_takes_effect_with_revalidate_zero(make_client, kratos)
 
 
 def test_highest_available_aal1_session_needs_step_up(make_client, kratos_strict):
-    client = make_client(kratos_strict)
+    client = make_client(kratos_strict, BRIDGE_RETURN_TO_ORIGINS="http://app.test")
     user = flows.register(kratos_strict)
     flows.enable_totp(kratos_strict, user)
     token = flows.login_api(kratos_strict, user)

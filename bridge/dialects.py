@@ -1,0 +1,243 @@
+"""How each kind of proxy asks the bridge, and how it needs the answer: one class per dialect.
+
+A dialect reads the *original* request (the one the user sent the proxy: method, scheme,
+host, path) from the headers that proxy sets, and shapes a refusal so that the proxy
+does the right thing with it:
+
+- ``/auth`` (nginx ``auth_request``, ingress-nginx ``auth-url``): nginx accepts only 200,
+  401 and 403 from an auth server (anything else becomes its own 500), and redirects
+  itself. A 401 carries where to send a browser in ``X-Bridge-Redirect``, and, when the
+  request was a browser navigation, also in ``Location``: the shipped config redirects
+  when ``Location`` is set and answers 401 otherwise. A Kratos 429 becomes 503 there.
+- ``/forward-auth`` (Traefik ``forwardAuth``, Caddy ``forward_auth``, HAProxy): the proxy
+  passes a non-2xx answer to the client as it is, so a browser navigation gets the
+  redirect itself (302 for GET/HEAD, 303 otherwise) and an API or XHR call gets 401 JSON.
+- ``/ext-authz/<original path>`` (Envoy HTTP ``ext_authz`` with ``path_prefix:
+  /ext-authz``): the check request keeps the original method and ``Host``, and appends
+  the original path; denials reach the client as they are, as with ``/forward-auth``.
+
+A header the dialect needs that is missing or malformed is a 400 naming it: the bridge
+never guesses which URL a rule should judge or where a browser should come back to.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs
+
+from bridge.errors import BadRequest
+from bridge.request import HeaderView, OriginalRequest
+from bridge.responses import Refusal, Reply
+
+MAX_TARGET = 8192
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_SCHEMES = ("http", "https")
+_READ_ONLY = frozenset(("GET", "HEAD"))
+
+
+class Dialect:
+    """One way of asking. ``original`` raises ``BadRequest`` naming a missing or malformed
+    header; it returns ``None`` only where the dialect lets the proxy leave the URL out."""
+
+    name = ""
+    redirects_browsers = True  # a browser navigation gets 302/303 (else 401 + Location)
+    carries_429 = True  # the proxy passes a 429 and its Retry-After on to the client
+
+    def original(
+        self, headers: HeaderView, method: str, path: str, query: str
+    ) -> OriginalRequest | None:
+        raise NotImplementedError
+
+    def refuse(
+        self, refusal: Refusal, headers: HeaderView, original: OriginalRequest | None
+    ) -> Reply:
+        """The refusal as this proxy needs it: a browser navigation that has somewhere to go
+        is redirected, or told where in ``Location``; a 429 the proxy cannot carry is a 503."""
+        navigation = refusal.status == 401 and refusal.redirect is not None
+        navigation = navigation and is_navigation(headers)
+        if navigation and self.redirects_browsers:
+            method = original.method if original is not None else "GET"
+            return refusal.reply(status=redirect_status(method), location=True)
+        status = 503 if refusal.status == 429 and not self.carries_429 else None
+        return refusal.reply(status=status, location=navigation)
+
+    def asked_aal(self, query: str) -> str | None:
+        """The ``aal`` the proxy's route asked for in the bridge URL's query, if any."""
+        if "aal=" not in query:
+            return None
+        values = parse_qs(query, keep_blank_values=True).get("aal")
+        return values[0] if values else None
+
+
+class NginxAuthRequest(Dialect):
+    """``/auth``: ``X-Original-URL`` and ``X-Original-Method``. Both are required when a
+    rules file decides by URL; without one they only give the login's ``return_to``."""
+
+    name = "nginx"
+    redirects_browsers = False
+    carries_429 = False
+
+    def __init__(self, url_required: bool) -> None:
+        self._url_required = url_required
+
+    def original(
+        self, headers: HeaderView, method: str, path: str, query: str
+    ) -> OriginalRequest | None:
+        url = _single(headers, "x-original-url")
+        original_method = _single(headers, "x-original-method")
+        if url is None or (original_method is None and self._url_required):
+            if not self._url_required:
+                return None
+            missing = "X-Original-URL" if url is None else "X-Original-Method"
+            raise BadRequest(f"the {missing} header is missing (nginx: see config/nginx)")
+        scheme, _, rest = url.partition("://")
+        scheme = scheme.lower()
+        if scheme not in _SCHEMES or not rest:
+            raise BadRequest("the X-Original-URL header is not an http:// or https:// URL")
+        slash = rest.find("/")
+        host, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+        return OriginalRequest(
+            _method(original_method or "GET", "X-Original-Method header"),
+            scheme,
+            _host(host, "X-Original-URL header"),
+            _target(target, "X-Original-URL header"),
+        )
+
+
+class ForwardAuth(Dialect):
+    """``/forward-auth``: ``X-Forwarded-Method``, ``-Proto``, ``-Host`` and ``-Uri``, all four."""
+
+    name = "forward-auth"
+
+    def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
+        values = [_required(headers, name) for name in _FORWARDED]
+        original_method, scheme, host, uri = values
+        scheme = scheme.lower()
+        if scheme not in _SCHEMES:
+            raise BadRequest("the X-Forwarded-Proto header is not http or https")
+        return OriginalRequest(
+            _method(original_method, "X-Forwarded-Method header"),
+            scheme,
+            _host(host, "X-Forwarded-Host header"),
+            _target(uri, "X-Forwarded-Uri header"),
+        )
+
+
+_FORWARDED = ("X-Forwarded-Method", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Uri")
+
+
+class EnvoyExtAuthz(Dialect):
+    """``/ext-authz/<path>``: the check request's own method, ``Host`` and the path after
+    the prefix; the scheme from ``X-Forwarded-Proto`` (list it in ``allowed_headers``)."""
+
+    name = "ext-authz"
+    prefix = "/ext-authz"
+
+    def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
+        scheme = _required(headers, "X-Forwarded-Proto").lower()
+        if scheme not in _SCHEMES:
+            raise BadRequest("the X-Forwarded-Proto header is not http or https")
+        target = path[len(self.prefix) :] or "/"
+        return OriginalRequest(
+            _method(method, "request method"),
+            scheme,
+            _host(_required(headers, "Host"), "Host header"),
+            _target(f"{target}?{query}" if query else target, "original path"),
+        )
+
+    def asked_aal(self, query: str) -> str | None:
+        return None  # the query is the app's, not the proxy's
+
+
+class Dialects:
+    """The dialect for a path of the bridge, or ``None`` for the bridge's own routes."""
+
+    def __init__(self, url_required: bool) -> None:
+        self.nginx = NginxAuthRequest(url_required)
+        self.forward_auth = ForwardAuth()
+        self.ext_authz = EnvoyExtAuthz()
+        self._exact = {"/auth": self.nginx, "/forward-auth": self.forward_auth}
+
+    def for_path(self, path: str) -> Dialect | None:
+        found = self._exact.get(path)
+        if found is not None:
+            return found
+        if path == EnvoyExtAuthz.prefix or path.startswith(EnvoyExtAuthz.prefix + "/"):
+            return self.ext_authz
+        return None
+
+
+def is_navigation(headers: HeaderView) -> bool:
+    """A browser loading a page, for which a redirect helps: it accepts HTML at least as
+    much as anything else, and is neither an XHR nor a ``fetch``. Everything else (API
+    clients, scripts) gets 401 JSON it can act on."""
+    if (headers.get("x-requested-with") or "").lower() == "xmlhttprequest":
+        return False
+    mode = headers.get("sec-fetch-mode")
+    if mode is not None and mode.lower() != "navigate":
+        return False
+    return _prefers_html(headers.get("accept") or "")
+
+
+def redirect_status(method: str) -> int:
+    """302 keeps GET a GET; 303 turns a form POST (or any other method) into a GET of
+    the login page."""
+    return 302 if method in _READ_ONLY else 303
+
+
+def _prefers_html(accept: str) -> bool:
+    html_q, best_q = 0.0, 0.0
+    for media_range in accept.split(","):
+        kind, *params = (part.strip() for part in media_range.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        if kind.lower() == "text/html":
+            html_q = max(html_q, q)
+        best_q = max(best_q, q)
+    return html_q > 0 and html_q >= best_q
+
+
+def _single(headers: HeaderView, name: str) -> str | None:
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise BadRequest(f"the {_title(name)} header is repeated")
+    return values[0] if values else None
+
+
+def _required(headers: HeaderView, name: str) -> str:
+    value = _single(headers, name.lower())
+    if value is None or not value.strip():
+        raise BadRequest(f"the {name} header is missing")
+    return value.strip()
+
+
+def _method(value: str, source: str) -> str:
+    if not _METHOD.fullmatch(value):
+        raise BadRequest(f"the {source} is not an HTTP method")
+    return value.upper()
+
+
+def _host(value: str, source: str) -> str:
+    if not _HOST.fullmatch(value):
+        raise BadRequest(f"the {source} does not name a host")
+    return value.lower()
+
+
+def _target(value: str, source: str) -> str:
+    if len(value) > MAX_TARGET:
+        raise BadRequest(f"the {source} is longer than {MAX_TARGET} characters")
+    if not _TARGET.fullmatch(value):
+        raise BadRequest(f"the {source} is not a path of visible ASCII starting with /")
+    return value
+
+
+def _title(name: str) -> str:
+    return "-".join(part.upper() if part == "url" else part.title() for part in name.split("-"))

@@ -1,0 +1,117 @@
+"""Where a browser is sent when it may not pass: Kratos's login, with a ``return_to``.
+
+``return_to`` is the URL the user asked the proxy for, rebuilt from the proxy's headers,
+and only ever for an allow-listed origin (``BRIDGE_RETURN_TO_ORIGINS``, by default the
+hosts the rules file names). Whatever the headers say, the browser is only ever sent to
+the configured Kratos login URL; a URL outside the list is left out of ``return_to``
+(Kratos then uses its own default), never passed on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from bridge.request import OriginalRequest
+
+MAX_RETURN_TO = 4096
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?P<host>(?:\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+    r"(?:\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?/?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """``scheme://host[:port]``; a host ``*.example.com`` stands for every host under it.
+    ``scheme`` ``None``: http or https; ``port`` ``None``: any port."""
+
+    scheme: str | None
+    host: str
+    port: int | None
+
+    def admits(self, scheme: str, host: str, port: int) -> bool:
+        if self.scheme is not None and scheme != self.scheme:
+            return False
+        if self.port is not None and port != self.port:
+            return False
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
+        return host == self.host
+
+
+def parse_origin(text: str) -> Origin:
+    """One entry of ``BRIDGE_RETURN_TO_ORIGINS``: an origin, the scheme's default port
+    when it names none. ``ValueError`` says what is wrong."""
+    found = _ORIGIN.fullmatch(text.strip().lower())
+    if found is None:
+        raise ValueError(
+            f"{text.strip()!r} is not an origin like https://app.example.com[:port] "
+            "or https://*.example.com"
+        )
+    scheme = found["scheme"]
+    port = int(found["port"]) if found["port"] else _DEFAULT_PORTS[scheme]
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text.strip()!r}: port is not a number from 1 to 65535")
+    return Origin(scheme, found["host"].strip("[]"), port)
+
+
+def host_origin(host: str) -> Origin:
+    """A host named in the rules file: http or https, any port."""
+    return Origin(None, host.lower().rstrip("."), None)
+
+
+class BrowserRedirects:
+    """Kratos login URLs for a refused browser: log in, add a second factor, or log in
+    again (``refresh=true``)."""
+
+    def __init__(self, login_url: str, origins: tuple[Origin, ...]) -> None:
+        self._login_url = login_url
+        self._origins = origins
+
+    def login(self, original: OriginalRequest | None) -> str:
+        return with_query(self._login_url, return_to=self.return_to(original))
+
+    def step_up(self, original: OriginalRequest | None, kratos_hint: str | None) -> str:
+        """Kratos's own ``redirect_browser_to`` when its 403 gave one, else the login URL,
+        at ``aal2``."""
+        target = kratos_hint or self._login_url
+        return with_query(target, aal="aal2", return_to=self.return_to(original))
+
+    def reauthenticate(self, original: OriginalRequest | None) -> str:
+        return with_query(self._login_url, refresh="true", return_to=self.return_to(original))
+
+    def return_to(self, original: OriginalRequest | None) -> str | None:
+        if original is None:
+            return None
+        host, port = split_host(original.host)
+        port = port or _DEFAULT_PORTS[original.scheme]
+        if not any(origin.admits(original.scheme, host, port) for origin in self._origins):
+            return None
+        # A browser reads "\" as "/" in an http(s) URL; encoded, it can only ever be path.
+        url = original.url.replace("\\", "%5C")
+        return url if len(url) <= MAX_RETURN_TO else None
+
+
+def split_host(host: str) -> tuple[str, int | None]:
+    """``host[:port]`` (an IPv6 address in brackets) as a lower-case host and a port."""
+    host = host.lower()
+    if host.startswith("["):
+        address, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return address, int(port) if port.isdigit() else None
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit():
+        return name.rstrip("."), int(port)
+    return host.rstrip("."), None
+
+
+def with_query(url: str, **params: str | None) -> str:
+    """``url`` with ``params`` added, skipping empty ones and ones the URL already has."""
+    present = parse_qs(urlsplit(url).query)
+    query = urlencode({k: v for k, v in params.items() if v and k not in present})
+    if not query:
+        return url
+    return f"{url}{'&' if urlsplit(url).query else '?'}{query}"
