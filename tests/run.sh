@@ -3,7 +3,11 @@
 #   - Debian packages: redis-server, redis-tools, openssl, nginx (and Go + a C compiler
 #     if missing)
 #   - Python deps: a virtualenv in .venv with the package and its test extras
-#   - Kratos: built once per machine from its Go module into ~/.cache (see tests/tools)
+#   - Kratos, Caddy and Traefik: built once per machine from their Go modules into
+#     ~/.cache/kratos-session-bridge (see tests/tools; $KRATOS_BIN, $CADDY_BIN, $TRAEFIK_BIN
+#     name other paths). With empty caches the builds take minutes (Traefik about 5.5 on
+#     2 cores), so the missing ones run at the same time, in the background, while the
+#     virtualenv is set up.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,27 +21,59 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
-if ! command -v go >/dev/null; then
-  missing+=(golang-go)
-  # Debian's Go is older than Kratos needs; the Go module proxy serves the right toolchain.
-  export GOTOOLCHAIN=go1.23.2
-fi
+# Any go will do: Debian's (1.19) is older than Kratos, Caddy and Traefik need, so each build
+# fetches the toolchain its module asks for from the Go module proxy (tests/tools/go-toolchain.sh).
+command -v go >/dev/null || missing+=(golang-go)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+cache=$HOME/.cache/kratos-session-bridge
+export KRATOS_BIN="${KRATOS_BIN:-$cache/kratos-v1.3.1/kratos}"
+export CADDY_BIN="${CADDY_BIN:-$cache/caddy-v2.11.9/caddy}"
+export TRAEFIK_BIN="${TRAEFIK_BIN:-$cache/traefik-v3.6.12/traefik}"
+build_logs=$(mktemp -d)
+declare -A build_pids=()
+stop_builds() {  # on an early exit: end the builds still running (each is its own group)
+  local name pid
+  for name in "${!build_pids[@]}"; do
+    pid=${build_pids[$name]}
+    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+  done
+  rm -rf "$build_logs"
+}
+trap stop_builds EXIT
+start_build() {  # NAME BINARY VERSION: tests/tools/build-NAME.sh, unless BINARY exists
+  if [ ! -x "$2" ]; then
+    echo "building $1 $3 into $2 in the background (once per machine)"
+    setsid --wait bash "tests/tools/build-$1.sh" "$2" "$3" </dev/null >"$build_logs/$1.log" 2>&1 &
+    build_pids[$1]=$!
+  fi
+}
+start_build kratos "$KRATOS_BIN" v1.3.1
+start_build caddy "$CADDY_BIN" v2.11.9
+start_build traefik "$TRAEFIK_BIN" v3.6.12
+
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
-
-kratos_bin="${KRATOS_BIN:-$HOME/.cache/kratos-session-bridge/kratos-v1.3.1/kratos}"
-if [ ! -x "$kratos_bin" ]; then
-  echo "building Kratos v1.3.1 from its Go module (once per machine, a few minutes)"
-  bash tests/tools/build-kratos.sh "$kratos_bin" v1.3.1
-fi
-export KRATOS_BIN="$kratos_bin"
-
 .venv/bin/ruff check bridge tests bench compose
+
+failed=()
+for name in "${!build_pids[@]}"; do
+  if wait "${build_pids[$name]}"; then
+    tail -n 1 "$build_logs/$name.log"
+  else
+    failed+=("$name")
+  fi
+  unset "build_pids[$name]"
+done
+for name in "${failed[@]}"; do
+  echo "=== building $name failed; its log:" >&2
+  cat "$build_logs/$name.log" >&2
+done
+[ ${#failed[@]} -eq 0 ] || { echo "run.sh: could not build ${failed[*]} (log above)" >&2; exit 1; }
+
 .venv/bin/python -m pytest "$@"

@@ -7,9 +7,10 @@
 # Caddy finds its version only when built as a dependency (xcaddy's way); built as the main
 # module it says "unknown", so the version is set through caddy.CustomVersion instead.
 # About 1.5 minutes on 2 cores with empty Go caches, seconds with warm ones; the caller caches
-# OUTPUT_PATH.
+# OUTPUT_PATH. Caddy v2.11.9 needs Go 1.26: go-toolchain.sh fetches it if the local go is older.
 set -euo pipefail
 me=${0##*/}
+here=$(dirname "$(realpath -- "$0")")
 if [[ $# -lt 1 || $# -gt 2 || -z $1 ]]; then
   echo "usage: $me OUTPUT_PATH [VERSION]" >&2
   exit 2
@@ -21,12 +22,15 @@ if [[ -x $out ]] && got=$("$out" version 2>/dev/null) && [[ $got == "$version "*
   echo "$me: $out is already Caddy $version"
   exit 0
 fi
-command -v go >/dev/null || { echo "$me: no 'go' on PATH (Caddy $version needs Go 1.26 or later)" >&2; exit 1; }
+command -v go >/dev/null || { echo "$me: no 'go' on PATH (any version: go-toolchain.sh fetches Go 1.26 if it is older)" >&2; exit 1; }
 
-export GOTOOLCHAIN=${GOTOOLCHAIN:-local} CGO_ENABLED=0 GOWORK=off
+export CGO_ENABLED=0 GOWORK=off
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"  # away from any go.mod or go.work of the caller's directory
+# shellcheck source=go-toolchain.sh
+source "$here/go-toolchain.sh"
+use_go_for_module "github.com/caddyserver/caddy/v2@$version"
 if ! GOBIN="$work/bin" go install -trimpath \
     -ldflags "-s -w -X github.com/caddyserver/caddy/v2.CustomVersion=$version" \
     "github.com/caddyserver/caddy/v2/cmd/caddy@$version"; then
@@ -37,4 +41,4 @@ fi
 mkdir -p "$(dirname "$out")"
 cp "$work/bin/caddy" "$out.tmp"
 mv "$out.tmp" "$out"
-echo "$me: built $out ($("$out" version))"
+echo "$me: built $out ($("$out" version)) in ${SECONDS}s"

@@ -3,12 +3,18 @@
 # container). Usage: build-kratos.sh OUTPUT_PATH [VERSION]. Takes a few minutes once per
 # machine; the caller caches OUTPUT_PATH. Facts behind the steps: shared/reference/kratos.md §8.
 set -euo pipefail
-out=$1
+out=$(realpath -m -- "$1")
 version=${2:-v1.3.1}
-export GOTOOLCHAIN=${GOTOOLCHAIN:-local} CGO_ENABLED=1
+here=$(dirname "$(realpath -- "$0")")
+export CGO_ENABLED=1
 export GONOSUMDB='github.com/ory/*'
 work=$(mktemp -d)
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
+cd "$work"  # away from any go.mod or go.work of the caller's directory
+# Kratos asks for Go 1.23.2; go-toolchain.sh fetches it if the local go is older.
+# shellcheck source=go-toolchain.sh
+source "$here/go-toolchain.sh"
+use_go_for_module "github.com/ory/kratos@$version"
 dir=$(go mod download -json "github.com/ory/kratos@$version" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
 cp -r "$dir" "$work/src"
@@ -23,4 +29,4 @@ go build -trimpath -tags sqlite,json1 \
   -ldflags "-s -w -checklinkname=0 -X github.com/ory/kratos/driver/config.Version=$version" \
   -o "$out.tmp" .
 mv "$out.tmp" "$out"
-echo "built $out"
+echo "build-kratos.sh: built $out in ${SECONDS}s"

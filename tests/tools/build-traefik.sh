@@ -3,6 +3,7 @@
 # Usage: build-traefik.sh OUTPUT_PATH [VERSION]. Does nothing if OUTPUT_PATH already runs and
 # reports VERSION. About 5.5 minutes on 2 cores with empty Go caches (~350 modules, 2.4 GB of
 # module cache, 2.5 GB of build cache), seconds with warm ones; the caller caches OUTPUT_PATH.
+# Traefik v3.6.12 needs Go 1.25: go-toolchain.sh fetches it if the local go is older.
 #
 # `go install github.com/traefik/traefik/v3/cmd/traefik@VERSION` is refused: Traefik's go.mod
 # has replace directives, which go install does not allow. So a copy of the module's source
@@ -14,6 +15,7 @@
 # (/api/...) and everything else work as in a release build.
 set -euo pipefail
 me=${0##*/}
+here=$(dirname "$(realpath -- "$0")")
 if [[ $# -lt 1 || $# -gt 2 || -z $1 ]]; then
   echo "usage: $me OUTPUT_PATH [VERSION]" >&2
   exit 2
@@ -28,13 +30,16 @@ if [[ -x $out ]] && got=$("$out" version 2>/dev/null) &&
   echo "$me: $out is already Traefik $version"
   exit 0
 fi
-command -v go >/dev/null || { echo "$me: no 'go' on PATH (Traefik $version needs Go 1.25 or later)" >&2; exit 1; }
+command -v go >/dev/null || { echo "$me: no 'go' on PATH (any version: go-toolchain.sh fetches Go 1.25 if it is older)" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "$me: no 'python3' on PATH (reads go mod download's JSON)" >&2; exit 1; }
 
-export GOTOOLCHAIN=${GOTOOLCHAIN:-local} CGO_ENABLED=0 GOWORK=off
+export CGO_ENABLED=0 GOWORK=off
 work=$(mktemp -d)
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 cd "$work"  # away from any go.mod or go.work of the caller's directory
+# shellcheck source=go-toolchain.sh
+source "$here/go-toolchain.sh"
+use_go_for_module "$module@$version"
 
 info=$(go mod download -json "$module@$version") || {
   err=$(python3 -c 'import json,sys; print(json.load(sys.stdin).get("Error", ""))' <<<"$info" 2>/dev/null) || err=$info
@@ -63,5 +68,5 @@ fi
 mkdir -p "$(dirname "$out")"
 cp "$work/traefik" "$out.tmp"
 mv "$out.tmp" "$out"
-echo "$me: built $out"
 "$out" version
+echo "$me: built $out in ${SECONDS}s"
