@@ -1,11 +1,18 @@
-"""What ``kratos-bridge check`` prints about the store: where it is, never a password."""
+"""What ``kratos-bridge`` prints: the store (never a password), how a rule decides a URL,
+rules-file errors, and a new JWT key."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bridge.cli import _store_label, _topology_label
 from bridge.config import load_settings
+from tests import kratos_flows as flows
 
 
 @pytest.mark.parametrize(
@@ -54,3 +61,78 @@ def test_store_label_hides_user_and_password(url, label):
 )
 def test_topology_line(topology, line):
     assert _topology_label(topology) == line
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+RULES = """
+rules:
+  - id: admin
+    match: {host: app.example.test, path: /admin, methods: [POST]}
+    access: aal2
+    max_age: 10m
+  - match: {path: /internal}
+    access: deny
+"""
+
+
+def test_check_url_prints_the_rule_and_the_decision(kratos, tmp_path):
+    (tmp_path / "rules.yml").write_text(RULES)
+    env = {
+        "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
+        "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
+        "BRIDGE_RULES_FILE": str(tmp_path / "rules.yml"),
+    }
+    user = flows.register(kratos)
+    url = "https://app.example.test/admin"
+    done = _cli(env, "check", "--url", url, "--method", "POST", "--session-token", user.token)
+    assert done.returncode == 0, done.stderr
+    assert "rules[0] (admin)" in done.stdout
+    assert "aal2" in done.stdout
+    assert "401 aal2_required" in done.stdout  # an aal1 session, as an API client sees it
+    assert "redirect to " + kratos.public_url in done.stdout  # and as a browser does
+    assert user.token not in done.stdout + done.stderr
+
+    anonymous = _cli(env, "check", "--url", "https://app.example.test/internal/x")
+    assert "rules[1]" in anonymous.stdout
+    assert "403 forbidden" in anonymous.stdout
+
+    allowed = _cli(env, "check", "--url", url, "--session-token", user.token)  # GET
+    assert "default" in allowed.stdout
+    assert f"200 allow (X-User-Id: {user.identity_id}" in allowed.stdout
+
+
+@pytest.mark.parametrize(
+    ("rules", "named"),
+    [
+        ("rules:\n  - match: {path: admin}\n    access: deny\n", "rules[0].match.path"),
+        ("rules:\n  - access: public\n  - access: allow\n", "rules[1].access"),
+        ("rules:\n  - access: deny\n    max_age: 5m\n", "rules[0].max_age"),
+        ("rules:\n  - acess: deny\n", "rules[0]"),
+    ],
+)
+def test_a_bad_rules_file_stops_the_bridge_naming_rule_and_field(tmp_path, rules, named):
+    (tmp_path / "rules.yml").write_text(rules)
+    done = _cli({"BRIDGE_RULES_FILE": str(tmp_path / "rules.yml")}, "serve", "--port", "1")
+    assert done.returncode == 2
+    assert "BRIDGE_RULES_FILE" in done.stderr
+    assert named in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_jwt_keygen_writes_a_private_key_only_its_owner_reads(tmp_path):
+    done = _cli({}, "jwt-keygen", str(tmp_path / "keys"))
+    assert done.returncode == 0, done.stderr
+    written = Path(done.stdout.strip())
+    assert written.parent == tmp_path / "keys"
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in written.read_bytes()

@@ -150,6 +150,22 @@ def test_kratos_429_passes_retry_after_on_and_is_not_a_login(stand_in, redis_ser
     assert whoami.status_code == 429
     assert whoami.headers["Retry-After"] == "7"
 
+    # Traefik, Caddy and Envoy pass the auth answer to the client as it is: a 429 fits.
+    browser = {"X-Session-Token": token, "Accept": "text/html"}
+    forwarded = {
+        "X-Forwarded-Method": "GET",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "app.test",
+        "X-Forwarded-Uri": "/",
+    }
+    envoy = {"Host": "app.test", "X-Forwarded-Proto": "https"}
+    for path, headers in (("/forward-auth", forwarded), ("/ext-authz/page", envoy)):
+        response = client.get(path, headers={**browser, **headers})
+        assert response.status_code == 429, path
+        assert response.headers["Retry-After"] == "7"
+        assert response.get_json()["error"] == "kratos_rate_limited"
+        assert "Location" not in response.headers
+
     # A 429 is not a rejection: the credential is asked about again, not negative-cached.
     asked = stand_in.asked.count(token)
     assert client.get("/auth", headers={"X-Session-Token": token}).status_code == 503

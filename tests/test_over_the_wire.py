@@ -157,3 +157,27 @@ def test_head_gets_the_get_status_without_a_body(kratos, bridge, path, status):
     get = httpx.get(bridge.url + path, headers=headers, timeout=5)
     assert get.status_code == status
     assert response.headers.get("content-length") == get.headers.get("content-length")
+
+
+def test_envoy_check_request_as_envoy_sends_it(kratos, bridge):
+    """The HTTP check request Envoy's ext_authz filter sends (path_prefix /ext-authz): the
+    original method, :authority as Host, the prefix and the original path and query, an
+    empty body, its own x-envoy header, and the headers listed in allowed_headers."""
+    user = flows.register(kratos)
+    envoy = {
+        "Host": "app.example.test",
+        "Content-Length": "0",
+        "x-envoy-expected-rq-timeout-ms": "3000",
+        "x-forwarded-proto": "https",
+        "accept": "text/html",
+    }
+    url = bridge.url + "/ext-authz/orders/42?view=full"
+    allowed = httpx.delete(url, headers={**envoy, "x-session-token": user.token})
+    assert allowed.status_code == 200
+    assert allowed.headers["X-User-Id"] == user.identity_id
+    refused = httpx.delete(url, headers=envoy)
+    assert refused.status_code == 303
+    assert refused.headers["Location"].startswith(kratos.public_url + "/self-service/login/")
+    api = httpx.delete(url, headers={**envoy, "accept": "application/json"})
+    assert api.status_code == 401
+    assert api.json()["error"] == "session_missing"
