@@ -31,11 +31,18 @@ from bridge.app import build_bridge  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
 from bridge.forward_auth import Pending  # noqa: E402
 from bridge.request import HeaderView  # noqa: E402
+from bridge.tokens import generate_key  # noqa: E402
 from tests import kratos_flows as flows  # noqa: E402
 from tests.harness import Kratos  # noqa: E402
 from tests.topologies import ClusterSet, SentinelSet, Standalone  # noqa: E402
 
 TOPOLOGIES = {"standalone": Standalone, "sentinel": SentinelSet, "cluster": ClusterSet}
+FORWARDED = (
+    ("x-forwarded-method", "GET"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "app.example.com"),
+    ("x-forwarded-uri", "/reports/2026?page=2"),
+)
 
 
 class RoundTrips:
@@ -55,11 +62,12 @@ class RoundTrips:
         redis.connection.AbstractConnection.send_packed_command = counted
 
 
-def measure(name, bridge, views, requests, *, warm=False):
+def measure(name, bridge, views, requests, *, warm=False, path="/auth"):
     forward_auth = bridge.forward_auth
+    dialect = bridge.dialects.for_path(path)
 
     def one(i: int):
-        step = forward_auth.begin(views[i % len(views)], None)
+        step = forward_auth.begin(dialect, views[i % len(views)], "GET", path, "")
         return forward_auth.finish(step) if isinstance(step, Pending) else step
 
     warm_up = 200
@@ -73,7 +81,7 @@ def measure(name, bridge, views, requests, *, warm=False):
         reply = one(i)
     cpu_us = (time.process_time() - started) / requests * 1e6
     per_request = (RoundTrips.count - trips) / requests
-    print(f"{name:<34}{reply.status:>7}{cpu_us:>12.0f}{per_request:>16.2f}")
+    print(f"{name:<42}{reply.status:>7}{cpu_us:>12.1f}{per_request:>16.2f}")
 
 
 def main() -> None:
@@ -103,7 +111,7 @@ def main() -> None:
             for _ in range(args.requests + 200)
         ]
 
-        def bridge(revalidate_after: str):
+        def bridge(revalidate_after: str, **env: str):
             return build_bridge(
                 load_settings(
                     {
@@ -112,11 +120,18 @@ def main() -> None:
                         "BRIDGE_REDIS_URL": topology.url,
                         "BRIDGE_SECRET": "bench-" + "s" * 40,
                         "BRIDGE_REVALIDATE_AFTER": revalidate_after,
+                        **env,
                     }
                 )
             )
 
-        print(f"{'path':<34}{'status':>7}{'CPU us/req':>12}{'Redis trips/req':>16}")
+        # Traefik's request: the original request in X-Forwarded-* (bench/peers.py's too).
+        forwarded = [HeaderView([("x-session-token", user.token), *FORWARDED]) for user in users]
+        generate_key(work / "jwt")
+        rules = {"BRIDGE_RULES_FILE": str(ROOT / "bench" / "peers" / "rules-20.yml")}
+        jwt = {"BRIDGE_JWT_HEADER": "X-Bridge-Jwt", "BRIDGE_JWT_KEYS_DIR": str(work / "jwt")}
+
+        print(f"{'path':<42}{'status':>7}{'CPU us/req':>12}{'Redis trips/req':>16}")
         measure(
             "warm hit (process copy)",
             bridge("3600"),
@@ -124,6 +139,20 @@ def main() -> None:
             args.requests * 10,
             warm=True,
         )
+        for name, env in (
+            ("warm hit, /forward-auth", {}),
+            ("warm hit, /forward-auth, 20 rules", rules),
+            ("warm hit, /forward-auth, JWT", jwt),
+            ("warm hit, /forward-auth, 20 rules + JWT", {**rules, **jwt}),
+        ):
+            measure(
+                name,
+                bridge("3600", **env),
+                forwarded,
+                args.requests * 10,
+                warm=True,
+                path="/forward-auth",
+            )
         measure("re-validation (Kratos asked)", bridge("0"), valid, args.requests)
         measure("rejection (forged token)", bridge("0"), forged, args.requests)
     finally:

@@ -4,7 +4,8 @@ Not a test: it prints figures and writes them to JSON and a PNG chart.
 
     .venv/bin/python bench/peers.py [--duration 10] [--connections 64]
         [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
-        [--systems bridge,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]]
+        [--systems bridge,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
+                   [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt]]
         [--no-unpinned-round]
         [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
 
@@ -15,9 +16,12 @@ mode, 5 s cache) and Oathkeeper v0.40.9 (decisions API, no cache), configured fr
 bench/peers/; asked for by name, the same bridge on Redis Sentinel (master, replica, three
 sentinels: `bridge-sentinel`) or Redis Cluster (three masters, three replicas:
 `bridge-cluster`), set up as the test suite does (tests/topologies.py), every Redis
-process counted as the bridge's own. Every one of them is started pinned to CPU 0; wrk is
-pinned to CPU 1. Missing binaries are built first (Kratos, heimdall, Oathkeeper: minutes,
-once per machine).
+process counted as the bridge's own; and, asked for by name, the bridge on /forward-auth
+with Traefik's X-Forwarded-* headers: plain (`bridge-forward`), with the 20-rule file
+bench/peers/rules-20.yml (`bridge-rules`, the request matching none of the first 19),
+with the JWT on (`bridge-jwt`) and with both (`bridge-rules-jwt`). Every one of them is
+started pinned to CPU 0; wrk is pinned to CPU 1. Missing binaries are built first (Kratos,
+heimdall, Oathkeeper: minutes, once per machine).
 
 Sessions: users registered through Kratos's API registration flow, one session token each
 (one at a time, about 2 minutes for 10,000: see build_sessions). The Kratos database and
@@ -105,6 +109,7 @@ from bench.measure import (  # noqa: E402
     rss_mb,
     run_wrk,
 )
+from bridge.tokens import generate_key  # noqa: E402
 from tests import kratos_flows as flows  # noqa: E402
 from tests.harness import (  # noqa: E402
     KRATOS_BIN,
@@ -124,7 +129,21 @@ PEER_VERSIONS = {"heimdall": "v0.17.2", "oathkeeper": "v0.40.9"}
 SYSTEMS = ("bridge", "heimdall", "oathkeeper", "kratos")
 # The bridge on the other Redis topologies (tests/topologies.py): asked for by name.
 BRIDGE_TOPOLOGIES = {"bridge-sentinel": SentinelSet, "bridge-cluster": ClusterSet}
-ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_TOPOLOGIES)
+# The bridge on /forward-auth (Traefik's request), plain and with the features that cost
+# per request: a 20-rule file, the JWT, both. Asked for by name, compared with each other.
+FORWARDED = {
+    "X-Forwarded-Method": "GET",
+    "X-Forwarded-Proto": "https",
+    "X-Forwarded-Host": "app.example.com",
+    "X-Forwarded-Uri": "/reports/2026?page=2",
+}
+BRIDGE_FEATURES = {
+    "bridge-forward": {},
+    "bridge-rules": {"rules": True},
+    "bridge-jwt": {"jwt": True},
+    "bridge-rules-jwt": {"rules": True, "jwt": True},
+}
+ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES)
 SESSION_LIFESPAN = "720h"
 WARMUP_SECONDS = 2
 SETTLE_SECONDS = 0.5  # after wrk stops, for the requests it left in flight to finish
@@ -365,6 +384,7 @@ class System:
     name: str
     url: str  # the endpoint wrk drives
     processes: list[subprocess.Popen]  # roots of the process trees that are the system's own
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request
 
     @property
     def pids(self) -> list[int]:
@@ -403,6 +423,7 @@ class Stack:
             "oathkeeper": self._oathkeeper,
             "kratos": self._kratos_direct,
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_TOPOLOGIES},
+            **{name: functools.partial(self._bridge, name) for name in BRIDGE_FEATURES},
         }
         with cpu_affinity(SERVER_CPUS if self.pinned else None):
             self.kratos = FileKratos(self.work, db)
@@ -468,8 +489,9 @@ class Stack:
         """The bridge on a standalone redis-server, or (``bridge-sentinel``,
         ``bridge-cluster``) on a Sentinel or Cluster set; all of its Redis processes
         count as the bridge's own."""
-        if name == "bridge":
-            self.redis = RedisServer(self.work)
+        if name not in BRIDGE_TOPOLOGIES:
+            if self.redis is None:
+                self.redis = RedisServer(self.work)
             redis_url, redis_processes = self.redis.url, [self.redis.process]
         else:
             topology = BRIDGE_TOPOLOGIES[name](self.work / name)
@@ -490,10 +512,22 @@ class Stack:
             BRIDGE_KRATOS_ADMIN_URL=self.kratos.admin_url,
             BRIDGE_LOG_LEVEL="warning",
         )
+        features = BRIDGE_FEATURES.get(name)
+        if features is not None:
+            env["BRIDGE_KEY_PREFIX"] = f"bench-{name}:"
+            if features.get("rules"):
+                env["BRIDGE_RULES_FILE"] = str(PEERS / "rules-20.yml")
+            if features.get("jwt"):
+                keys = self.work / f"jwt-{name}"
+                if not keys.exists():
+                    generate_key(keys)
+                env.update(BRIDGE_JWT_HEADER="X-Bridge-Jwt", BRIDGE_JWT_KEYS_DIR=str(keys))
         argv = [sys.executable, "-m", "bridge", "serve", "--port", str(port)]
         process = self._spawn(argv, log, env)
         url = f"http://127.0.0.1:{port}"
         self._wait(process, url + "/health/alive", name, log)
+        if features is not None:
+            return System(name, url + "/forward-auth", [process, *redis_processes], dict(FORWARDED))
         return System(name, url + "/auth", [process, *redis_processes])
 
     def _heimdall(self) -> System:
@@ -569,7 +603,8 @@ def warm(system: System, tokens: list[str]) -> dict[str, int]:
 
         def status(token: str) -> str:
             try:
-                return str(client.get(system.url, headers={"X-Session-Token": token}).status_code)
+                headers = {**system.headers, "X-Session-Token": token}
+                return str(client.get(system.url, headers=headers).status_code)
             except httpx.HTTPError as error:
                 return type(error).__name__
 
@@ -618,6 +653,7 @@ def measure(stack: Stack, system: System, scenario: Scenario, args, tokens: Path
 
     def wrk(duration: float, seed: int) -> str:
         env = wrk_env(scenario, tokens, seed)
+        env["BENCH_HEADERS"] = "\n".join(f"{k}: {v}" for k, v in system.headers.items())
         return run_wrk(
             system.url,
             WRK_SCRIPT,

@@ -10,8 +10,11 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY bridge/ ./bridge/
 # A system user with a home directory, so nothing the server writes under $HOME fails.
+# /var/lib/bridge/jwt is created here so that a fresh named volume mounted on it belongs
+# to that user (the JWT signing keys; see docker-compose.yml).
 RUN pip install --no-cache-dir . \
-    && useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin bridge
+    && useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin bridge \
+    && install -d -m 0700 -o bridge /var/lib/bridge/jwt
 
 USER bridge
 WORKDIR /

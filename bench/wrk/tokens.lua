@@ -9,11 +9,13 @@
 --                          of Kratos's shape ("ory_st_" + 32 alphanumerics) instead
 --   BENCH_SEED             seed of the random choices (Zipf ranks, which requests are invalid,
 --                          the invalid tokens): the same seed gives the same sequence
+--   BENCH_HEADERS          more headers for every request, one "Name: value" per line
 --
 -- done() prints "bench-sent valid N invalid M" and one "bench-status CODE COUNT" line per
 -- answer status, which peers.py reads beside wrk's own summary.
 
 local tokens = {}
+local extra = {}
 local pattern, invalid_percent, cdf
 -- Globals, so that done() can read them from each thread with thread:get().
 sent = {valid = 0, invalid = 0}
@@ -56,6 +58,10 @@ function init(args)
     if #tokens >= limit then break end
     if line ~= "" then tokens[#tokens + 1] = line end
   end
+  for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
+    local name, value = line:match("^([^:]+):%s*(.*)$")
+    if name then extra[name] = value end
+  end
   pattern = os.getenv("BENCH_PATTERN") or "rotate"
   invalid_percent = tonumber(os.getenv("BENCH_INVALID_PERCENT") or "0")
   math.randomseed(tonumber(os.getenv("BENCH_SEED") or "1"))
@@ -78,7 +84,9 @@ function request()
     end
     sent.valid = sent.valid + 1
   end
-  return wrk.format("GET", nil, {["X-Session-Token"] = token})
+  local headers = {["X-Session-Token"] = token}
+  for name, value in pairs(extra) do headers[name] = value end
+  return wrk.format("GET", nil, headers)
 end
 
 function response(status, headers, body)

@@ -1,7 +1,9 @@
 """Demo upstream: shows what the proxy and the bridge tell an app about its user.
 
-Standard library only, so the image needs no dependencies. Everything printed
-comes from the request or the bridge and is HTML-escaped.
+Every path answers with the same page; the rules file (config/rules.yml) decides who may
+see which: /aal2 needs a second factor, /recent a login in the last 5 minutes, /public/
+no session, and /internal nobody. Standard library only, so the image needs no
+dependencies. Everything printed comes from the request or the bridge and is HTML-escaped.
 """
 
 import json
@@ -15,7 +17,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PORT = int(os.environ.get("DEMO_PORT", "5000"))
 WHOAMI_URL = os.environ.get("DEMO_WHOAMI_URL", "http://bridge:4480/whoami")
-IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email")
+IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email", "X-Bridge-Jwt")
+LINKS = (
+    ("/", "who am I (any session)"),
+    ("/aal2", "a second-factor page (rule: aal2)"),
+    ("/recent", "a recent-login page (rule: max_age 5m)"),
+    ("/public/", "a public page (rule: public)"),
+    ("/internal", "a closed page (rule: deny)"),
+)
 if urllib.parse.urlsplit(WHOAMI_URL).scheme not in ("http", "https"):
     raise SystemExit(f"DEMO_WHOAMI_URL must be http(s), got {WHOAMI_URL!r}")
 
@@ -26,7 +35,8 @@ PAGE = """<!doctype html>
 th{{text-align:left;padding-right:1rem}}pre{{background:#f4f4f4;padding:1rem;overflow:auto}}</style>
 </head>
 <body>
-<h1>kratos-session-bridge demo</h1>
+<h1>kratos-session-bridge demo: {path}</h1>
+<ul>{links}</ul>
 <h2>Identity headers set by the proxy</h2>
 <table>{rows}</table>
 <h2>GET {whoami_url} &rarr; {status}</h2>
@@ -72,7 +82,10 @@ class DemoHandler(BaseHTTPRequestHandler):
             for name in IDENTITY_HEADERS
         )
         status, body = call_whoami(self.headers.get("Cookie"))
+        links = "".join(f'<li><a href="{href}">{escape(text)}</a></li>' for href, text in LINKS)
         page = PAGE.format(
+            path=escape(self.path),
+            links=links,
             rows=rows,
             whoami_url=escape(WHOAMI_URL),
             status=escape(status),
