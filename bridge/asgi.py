@@ -94,15 +94,19 @@ class Front:
         )
         if isinstance(step, Reply):
             return step
-        return await self._off_loop(self._forward_auth.finish, step)
+        # A public route needs no session: if finding one takes too long, it goes without.
+        fallback = self._forward_auth.anonymous if step.public else None
+        return await self._off_loop(self._forward_auth.finish, step, on_timeout=fallback)
 
-    async def _off_loop(self, function: Callable[..., Reply], *args: Any) -> Reply:
+    async def _off_loop(
+        self, function: Callable[..., Reply], *args: Any, on_timeout: Reply | None = None
+    ) -> Reply:
         future = asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         try:
             return await asyncio.wait_for(future, self._budget)
         except TimeoutError:
-            _late.warning("a request waited %.2fs for Kratos or Redis: answered 503", self._budget)
-            return responses.timed_out()
+            _late.warning("a request waited %.2fs for Kratos or Redis", self._budget)
+            return on_timeout if on_timeout is not None else responses.timed_out()
 
     def _call_flask(self, scope: dict[str, Any], body: bytes) -> Reply:
         started: list[Any] = []

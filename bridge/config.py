@@ -511,9 +511,9 @@ OPTIONS: tuple[Option, ...] = (
         str,
         None,
         "Directory of P-256 private keys (`*.pem`, made by `kratos-bridge jwt-keygen DIR`). "
-        "All are published in the JWKS; the file whose name sorts last signs. Re-read every "
-        "30 s: rotate by adding a later-named key, and remove the old one once its last "
-        "token expired (until then the bridge keeps publishing it anyway).",
+        "All are published in the JWKS; the file whose name sorts last signs once it is 90 s "
+        "old. Re-read every 30 s: rotate by adding a later-named key, and remove the old one "
+        "2 minutes plus `BRIDGE_JWT_TTL` later.",
     ),
     Option(
         "jwt_issuer",

@@ -6,9 +6,10 @@ does the right thing with it:
 
 - ``/auth`` (nginx ``auth_request``, ingress-nginx ``auth-url``): nginx accepts only 200,
   401 and 403 from an auth server (anything else becomes its own 500), and redirects
-  itself. A 401 carries where to send a browser in ``X-Bridge-Redirect``, and, when the
-  request was a browser navigation, also in ``Location``: the shipped config redirects
-  when ``Location`` is set and answers 401 otherwise. A Kratos 429 becomes 503 there.
+  itself. A 401 says where to send a browser in ``Location`` when the request was a
+  browser navigation, else in ``X-Bridge-Redirect``: the shipped config redirects when
+  ``Location`` is set and answers 401 otherwise. A malformed request is 403 there (the
+  JSON still says ``bad_request`` and why), a Kratos 429 is 503.
 - ``/forward-auth`` (Traefik ``forwardAuth``, Caddy ``forward_auth``, HAProxy): the proxy
   passes a non-2xx answer to the client as it is, so a browser navigation gets the
   redirect itself (302 for GET/HEAD, 303 otherwise) and an API or XHR call gets 401 JSON.
@@ -16,8 +17,9 @@ does the right thing with it:
   /ext-authz``): the check request keeps the original method and ``Host``, and appends
   the original path; denials reach the client as they are, as with ``/forward-auth``.
 
-A header the dialect needs that is missing or malformed is a 400 naming it: the bridge
-never guesses which URL a rule should judge or where a browser should come back to.
+A header the dialect needs that is missing or malformed is a 400 naming it (403 on
+``/auth``): the bridge never guesses which URL a rule should judge or where a browser
+should come back to.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qs
 
+from bridge.bounded import BoundedMap
 from bridge.errors import BadRequest
 from bridge.request import HeaderView, OriginalRequest
 from bridge.responses import Refusal, Reply
 
 MAX_TARGET = 8192
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
-_HOST = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+# Methods are case-sensitive (RFC 9110) and every registered one is upper case; a proxy
+# passes "get" on as it is, so judging it as GET would judge another request.
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")
+_HOST = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{0,5})?")
 _TARGET = re.compile(r"/[\x21-\x7e]*")
 _SCHEMES = ("http", "https")
 _READ_ONLY = frozenset(("GET", "HEAD"))
@@ -43,7 +48,8 @@ class Dialect:
 
     name = ""
     redirects_browsers = True  # a browser navigation gets 302/303 (else 401 + Location)
-    carries_429 = True  # the proxy passes a 429 and its Retry-After on to the client
+    # Statuses the proxy cannot pass on, and what is sent instead.
+    substitutes: dict[int, int] = {}  # noqa: RUF012 - read only
 
     def original(
         self, headers: HeaderView, method: str, path: str, query: str
@@ -60,8 +66,7 @@ class Dialect:
         if navigation and self.redirects_browsers:
             method = original.method if original is not None else "GET"
             return refusal.reply(status=redirect_status(method), location=True)
-        status = 503 if refusal.status == 429 and not self.carries_429 else None
-        return refusal.reply(status=status, location=navigation)
+        return refusal.reply(status=self.substitutes.get(refusal.status), location=navigation)
 
     def asked_aal(self, query: str) -> str | None:
         """The ``aal`` the proxy's route asked for in the bridge URL's query, if any."""
@@ -77,7 +82,10 @@ class NginxAuthRequest(Dialect):
 
     name = "nginx"
     redirects_browsers = False
-    carries_429 = False
+    # nginx answers anything but 200, 401 and 403 from an auth server with its own 500: a
+    # request the bridge refuses as malformed is forbidden to the client; a Kratos rate
+    # limit is the bridge being unable to decide (503, which nginx shows as 500).
+    substitutes = {400: 403, 429: 503}  # noqa: RUF012 - read only
 
     def __init__(self, url_required: bool) -> None:
         self._url_required = url_required
@@ -98,10 +106,16 @@ class NginxAuthRequest(Dialect):
             raise BadRequest("the X-Original-URL header is not an http:// or https:// URL")
         slash = rest.find("/")
         host, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+        host = _host(host, "X-Original-URL header")
+        routed = _single(headers, "x-forwarded-host")
+        if routed is not None and _bare_host(routed) != _bare_host(host):
+            # nginx picks the server, and the app's Host, from an absolute-form request
+            # line ($host), not from the Host header the URL was built from ($http_host).
+            raise BadRequest("the X-Original-URL header names another host than X-Forwarded-Host")
         return OriginalRequest(
             _method(original_method or "GET", "X-Original-Method header"),
             scheme,
-            _host(host, "X-Original-URL header"),
+            host,
             _target(target, "X-Original-URL header"),
         )
 
@@ -111,21 +125,33 @@ class ForwardAuth(Dialect):
 
     name = "forward-auth"
 
+    def __init__(self) -> None:
+        # Checked requests by their four header values: a page's many requests (and a
+        # busy API's) repeat them, so each is checked once. Values only; nothing of a user.
+        self._checked: BoundedMap[tuple[str, ...], OriginalRequest] = BoundedMap(10_000)
+
     def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
-        values = [_required(headers, name) for name in _FORWARDED]
+        values = tuple(_required(headers, name) for name in _FORWARDED)
+        checked = self._checked.get(values)
+        if checked is not None:
+            return checked
         original_method, scheme, host, uri = values
         scheme = scheme.lower()
         if scheme not in _SCHEMES:
             raise BadRequest("the X-Forwarded-Proto header is not http or https")
-        return OriginalRequest(
+        checked = OriginalRequest(
             _method(original_method, "X-Forwarded-Method header"),
             scheme,
             _host(host, "X-Forwarded-Host header"),
             _target(uri, "X-Forwarded-Uri header"),
         )
+        if len(uri) <= _MEMO_MAX_TARGET:
+            self._checked.put(values, checked)
+        return checked
 
 
-_FORWARDED = ("X-Forwarded-Method", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Uri")
+_FORWARDED = ("x-forwarded-method", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-uri")
+_MEMO_MAX_TARGET = 1024
 
 
 class EnvoyExtAuthz(Dialect):
@@ -136,14 +162,14 @@ class EnvoyExtAuthz(Dialect):
     prefix = "/ext-authz"
 
     def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
-        scheme = _required(headers, "X-Forwarded-Proto").lower()
+        scheme = _required(headers, "x-forwarded-proto").lower()
         if scheme not in _SCHEMES:
             raise BadRequest("the X-Forwarded-Proto header is not http or https")
         target = path[len(self.prefix) :] or "/"
         return OriginalRequest(
             _method(method, "request method"),
             scheme,
-            _host(_required(headers, "Host"), "Host header"),
+            _host(_required(headers, "host"), "Host header"),
             _target(f"{target}?{query}" if query else target, "original path"),
         )
 
@@ -213,16 +239,20 @@ def _single(headers: HeaderView, name: str) -> str | None:
 
 
 def _required(headers: HeaderView, name: str) -> str:
-    value = _single(headers, name.lower())
-    if value is None or not value.strip():
-        raise BadRequest(f"the {name} header is missing")
-    return value.strip()
+    """The one value of header ``name`` (lower case), stripped; 400 naming it otherwise."""
+    values = headers.get_all(name)
+    if len(values) == 1:
+        value = values[0].strip()
+        if value:
+            return value
+    problem = "repeated" if len(values) > 1 else "missing"
+    raise BadRequest(f"the {_title(name)} header is {problem}")
 
 
 def _method(value: str, source: str) -> str:
     if not _METHOD.fullmatch(value):
-        raise BadRequest(f"the {source} is not an HTTP method")
-    return value.upper()
+        raise BadRequest(f"the {source} is not an upper-case HTTP method")
+    return value
 
 
 def _host(value: str, source: str) -> str:
@@ -237,6 +267,14 @@ def _target(value: str, source: str) -> str:
     if not _TARGET.fullmatch(value):
         raise BadRequest(f"the {source} is not a path of visible ASCII starting with /")
     return value
+
+
+def _bare_host(host: str) -> str:
+    """A host without port, trailing dot or case, to compare two spellings of one host."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0].rstrip(".")
 
 
 def _title(name: str) -> str:

@@ -32,6 +32,8 @@ from bridge.rules import Access, Rule, Rules
 from bridge.session import MirroredSession
 from bridge.upstream_headers import UpstreamHeaders
 
+ASK_AGAIN_EVERY_MS = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class Pending:
@@ -69,6 +71,14 @@ class ForwardAuth:
         # Kratos answer to the next) and reused until its JWT is due to be re-minted.
         # Holding the session keeps its id from being reused while the entry lives.
         self._allows: BoundedMap[int, tuple[MirroredSession, Reply, int]] = BoundedMap(50_000)
+        # When Kratos was last asked again for a session that fell short of a step-up or a
+        # max_age, so that a page hammering such a route costs Kratos one call a second.
+        self._asked_again_ms: BoundedMap[str, int] = BoundedMap(50_000)
+
+    @property
+    def anonymous(self) -> Reply:
+        """The allow of a ``public`` route for a request without a (usable) session."""
+        return self._anonymous
 
     def __call__(
         self, dialect: Dialect, headers: HeaderView, method: str, path: str, query: str
@@ -109,9 +119,8 @@ class ForwardAuth:
         try:
             resolved = self._mirror.resolve(pending.credential)
             problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
-            if (
-                decision.worth_asking_again(problem)
-                and resolved.session.validated_at_ms < pending.started_ms
+            if decision.worth_asking_again(problem) and self._may_ask_again(
+                resolved.session, pending.started_ms
             ):
                 # The user may have just added a second factor or logged in again: ask
                 # Kratos, not the copy (unless Kratos was just asked, for this very request).
@@ -124,6 +133,16 @@ class ForwardAuth:
                 return self._anonymous  # a public route needs no session, nor Kratos
             return self._refuse(pending.dialect, error, pending.headers, pending.original)
         return self._allow(resolved, now_ms())
+
+    def _may_ask_again(self, session: MirroredSession, started_ms: int) -> bool:
+        if session.validated_at_ms >= started_ms:
+            return False  # Kratos was asked for this very request
+        now = now_ms()
+        last = self._asked_again_ms.get(session.id)
+        if last is not None and now - last < ASK_AGAIN_EVERY_MS:
+            return False
+        self._asked_again_ms.put(session.id, now)
+        return True
 
     def _rule(self, original: OriginalRequest | None) -> Rule:
         if original is None:

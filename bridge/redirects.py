@@ -15,7 +15,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from bridge.request import OriginalRequest
 
-MAX_RETURN_TO = 4096
+# A redirect must fit a proxy's buffer for the auth answer's headers (nginx: 4 KB by
+# default, with every other header); a longer one is sent without its return_to.
+MAX_REDIRECT = 2000
 _ORIGIN = re.compile(
     r"(?P<scheme>https?)://(?P<host>(?:\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
     r"(?:\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?/?"
@@ -72,16 +74,19 @@ class BrowserRedirects:
         self._origins = origins
 
     def login(self, original: OriginalRequest | None) -> str:
-        return with_query(self._login_url, return_to=self.return_to(original))
+        return self._to(self._login_url, original)
 
     def step_up(self, original: OriginalRequest | None, kratos_hint: str | None) -> str:
         """Kratos's own ``redirect_browser_to`` when its 403 gave one, else the login URL,
         at ``aal2``."""
-        target = kratos_hint or self._login_url
-        return with_query(target, aal="aal2", return_to=self.return_to(original))
+        return self._to(kratos_hint or self._login_url, original, aal="aal2")
 
     def reauthenticate(self, original: OriginalRequest | None) -> str:
-        return with_query(self._login_url, refresh="true", return_to=self.return_to(original))
+        return self._to(self._login_url, original, refresh="true")
+
+    def _to(self, target: str, original: OriginalRequest | None, **params: str) -> str:
+        url = with_query(target, **params, return_to=self.return_to(original))
+        return url if len(url) <= MAX_REDIRECT else with_query(target, **params)
 
     def return_to(self, original: OriginalRequest | None) -> str | None:
         if original is None:
@@ -91,8 +96,7 @@ class BrowserRedirects:
         if not any(origin.admits(original.scheme, host, port) for origin in self._origins):
             return None
         # A browser reads "\" as "/" in an http(s) URL; encoded, it can only ever be path.
-        url = original.url.replace("\\", "%5C")
-        return url if len(url) <= MAX_RETURN_TO else None
+        return original.url.replace("\\", "%5C")
 
 
 def split_host(host: str) -> tuple[str, int | None]:

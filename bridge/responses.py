@@ -80,13 +80,13 @@ class Refusal:
     retry_after: str | None = None
 
     def reply(self, status: int | None = None, location: bool = False) -> Reply:
-        """The JSON answer; ``status`` overrides (a browser redirect, a 429 as 503);
-        ``location`` adds ``Location`` with the redirect."""
+        """The JSON answer; ``status`` overrides (a browser redirect, a 429 as 503). The
+        redirect goes in ``Location`` when ``location`` is set, else in ``X-Bridge-Redirect``."""
         reply = _error(status or self.status, self.code, self.message, self.redirect)
         if self.redirect:
-            reply = reply.with_header(REDIRECT_HEADER, self.redirect)
-            if location:
-                reply = reply.with_header("Location", self.redirect)
+            # One of the two, not both: the auth answer's headers must fit the proxy's buffer.
+            header = "Location" if location else REDIRECT_HEADER
+            reply = reply.with_header(header, self.redirect)
         return reply.with_header("Retry-After", self.retry_after) if self.retry_after else reply
 
 

@@ -63,7 +63,7 @@ _MEMO_ENTRIES = 10_000
 _MEMO_MAX_KEY_LENGTH = 1024
 _HOST_MEMO_ENTRIES = 1_000
 
-_TOP_FIELDS = ("default", "rules")
+_TOP_FIELDS = ("default", "rules", "case_sensitive_paths")
 _RULE_FIELDS = ("id", "match", "access", "max_age", "when")
 _MATCH_FIELDS = ("host", "path", "methods")
 _WHEN_FIELDS = ("schema_id", "traits", "verified_address")
@@ -234,6 +234,7 @@ class Rules:
         "_default",
         "_hosts",
         "_matched",
+        "_path_flags",
         "_rules",
         "_tables",
     )
@@ -244,8 +245,10 @@ class Rules:
         default: Rule,
         hosts: tuple[str, ...],
         configured: bool,
+        case_sensitive_paths: bool = True,
     ) -> None:
         self._rules = rules
+        self._path_flags = 0 if case_sensitive_paths else re.IGNORECASE
         self._default = default
         self._hosts = hosts
         self._configured = configured
@@ -314,11 +317,24 @@ class Rules:
         return [rule.describe() for _, rule in self._rules] + [self._default.describe()]
 
     def _match(self, method: str, host: str, path: str) -> Rule:
-        path = normalise_path(path)
+        normal = normalise_path(path)
         table = self._by_host.get((method, host))
         if table is None:
             table = self._table(method, host)
             self._by_host.put((method, host), table)
+        rule = self._first(table, normal)
+        # The app may route on the path as sent, or on a normalised one (decoded, "\" as
+        # "/", ";parameters" dropped, dot segments resolved), and the bridge cannot know
+        # which: a path that the two readings send to different rules is refused. A path
+        # as browsers send it reads the same both ways.
+        if normal != path and self._first(table, path) is not rule:
+            raise BadRequest(
+                "the path is ambiguous: as sent and normalised (decoded, dot segments "
+                "resolved) it falls under different rules"
+            )
+        return rule
+
+    def _first(self, table: _PathTable, path: str) -> Rule:
         if table.regex is None:
             return table.rules[0] if table.rules else self._default
         matched = table.regex.fullmatch(path)
@@ -341,7 +357,7 @@ class Rules:
                 table = _PathTable(None, rules)
             else:
                 regex = "|".join(f"({branch or '.*'})" for branch in branches)
-                table = _PathTable(re.compile(regex, re.DOTALL), rules)
+                table = _PathTable(re.compile(regex, re.DOTALL | self._path_flags), rules)
             table = self._tables.setdefault(key, table)
         return table
 
@@ -361,7 +377,10 @@ class Rules:
             found, rule = _rule(item, index, labels_by_id)
             rules.append((found, rule))
             hosts.update(dict.fromkeys(found.hosts))
-        return cls(tuple(rules), default, tuple(hosts), configured=True)
+        case_sensitive = document.get("case_sensitive_paths", True)
+        if not isinstance(case_sensitive, bool):
+            _fail("case_sensitive_paths", "must be true or false")
+        return cls(tuple(rules), default, tuple(hosts), True, case_sensitive)
 
 
 def normalise_path(raw: str) -> str:
@@ -372,8 +391,8 @@ def normalise_path(raw: str) -> str:
     byte sent (Latin-1, as the bridge reads headers).
     """
     # The app, or a proxy in front of it, may decode or normalise the path before it
-    # routes: judging the decoded, normalised path means `/public/..%2Fadmin` is judged
-    # as `/admin`, the page it may well serve. At worst the bridge is stricter than the app.
+    # routes, or may not: `Rules.match` judges both readings and refuses a path they
+    # disagree on, so `/public/..%2Fadmin` reaches neither `/public/` nor `/admin`.
     path = raw
     if "?" in path:
         path = path.partition("?")[0]

@@ -6,9 +6,13 @@ plain headers. ES256 only, with keys from a directory (``BRIDGE_JWT_KEYS_DIR``):
 - every ``*.pem`` file there is an EC P-256 private key (PKCS#8 or SEC1 PEM), and all
   of them are published; the ``kid`` is the key's RFC 7638 thumbprint, so every replica
   names a key the same way;
-- the key whose file name sorts last signs. Name files by date (``kratos-bridge
+- the key whose file name sorts last signs, once its file is ``publish_before_signing_s``
+  old (by its modification time, the same for every replica): until then it is only
+  published, so that apps holding a cached JWKS (served with ``max-age=60``) know it
+  before the first token it signs reaches them. Name files by date (``kratos-bridge
   jwt-keygen DIR`` writes ``YYYYmmddTHHMMSSZ.pem``): adding ``20261201.pem`` beside
-  ``20261101.pem`` rotates to it at the next rescan, without a restart;
+  ``20261101.pem`` rotates to it about two minutes later, without a restart. A directory
+  whose every key is that new (a first start) signs with the last one at once;
 - a removed key stays published until the last token this process signed with it has
   expired. Replicas rescan at their own moments, so remove an old key no sooner than
   one rescan interval plus one token lifetime after its successor was added: until then
@@ -51,6 +55,9 @@ ALGORITHM = "ES256"
 REFRESH_AT = 0.8
 """Share of a token's lifetime after which a new one is minted for the session."""
 MAX_CACHED_TOKENS = 50_000
+PUBLISH_BEFORE_SIGNING_S = 90.0
+"""How long a new key is only published before it signs: the JWKS's max-age (60 s) and
+a rescan interval (30 s), so every replica and every app's cached JWKS has it first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,7 @@ class SigningKey:
     file_name: str
     private_key: ec.EllipticCurvePrivateKey
     public_jwk: dict[str, str]
+    modified_at: float = 0.0  # the file's mtime: when the key was put there
 
 
 class KeyRing:
@@ -76,6 +84,7 @@ class KeyRing:
         directory: Path,
         rescan_after_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        publish_before_signing_s: float = PUBLISH_BEFORE_SIGNING_S,
     ) -> None:
         try:
             keys = _load_keys(directory)
@@ -83,6 +92,7 @@ class KeyRing:
             raise ConfigError(KEYS_DIR, str(problem)) from None
         self._directory = directory
         self._rescan_after_s = rescan_after_s
+        self._publish_before_signing_s = publish_before_signing_s
         self._clock = clock
         self._lock = threading.Lock()  # guards the key sets below and the document
         self._rescanning = threading.Lock()  # one thread reads the directory at a time
@@ -160,7 +170,9 @@ class KeyRing:
         for kid in list(self._last_exp):
             if kid not in current and kid not in self._retired:
                 del self._last_exp[kid]
-        self._keys, self._current, self._signing = keys, current, keys[-1]
+        self._keys, self._current = keys, current
+        settled = [k for k in keys if k.modified_at <= now - self._publish_before_signing_s]
+        self._signing = settled[-1] if settled else keys[-1]
         self._drop_at = min((self._last_exp[kid] for kid in self._retired), default=math.inf)
         self._publish()
 
@@ -333,6 +345,7 @@ def _load_key(path: Path) -> SigningKey:
     # Messages name the file and the kind of key, never anything read from it.
     try:
         pem = path.read_bytes()
+        modified_at = path.stat().st_mtime
     except OSError as error:
         raise ValueError(f"cannot read {path} ({error.strerror})") from None
     try:
@@ -357,6 +370,7 @@ def _load_key(path: Path) -> SigningKey:
         file_name=path.name,
         private_key=key,
         public_jwk={**members, "kid": kid, "alg": ALGORITHM, "use": "sig"},
+        modified_at=modified_at,
     )
 
 

@@ -13,8 +13,9 @@ headers of the auth answer overwrites whatever copy the client sent.
 A value is sent as is when it is visible ASCII without ``%``; anything else (spaces,
 non-ASCII letters, ``%``) is UTF-8 percent-encoded, so no value can hold CR or LF and
 every value decodes back exactly (``urllib.parse.unquote``, ``decodeURIComponent``). A
-list of scalars is sent comma separated; an object, or a value longer than
-``MAX_VALUE`` once encoded, is sent empty.
+list of scalars is sent comma separated, a comma inside an item encoded (``%2C``), so it
+splits back exactly; an object, or a value longer than ``MAX_VALUE`` once encoded, is
+sent empty.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MAX_VALUE = 4096
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _PLAIN = re.compile(r"[\x21\x22\x23\x24\x26-\x7e]*")
 _SAFE = "".join(c for c in string.punctuation if c != "%")
+_SAFE_IN_LIST = _SAFE.replace(",", "")
 _PATH_PART = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Headers that would change how the proxy or the browser treats the answer.
 RESERVED = frozenset(
@@ -70,7 +72,6 @@ _FIELDS: dict[str, Source] = {
     "session.id": lambda s: s.id,
     "session.aal": lambda s: s.aal,
     "session.amr": lambda s: _methods(s),
-
     "session.authenticated_at": lambda s: s.kratos.get("authenticated_at"),
     "session.expires_at": lambda s: s.kratos.get("expires_at"),
 }
@@ -137,12 +138,17 @@ def header_value(value: Any) -> str:
     if isinstance(value, list):
         if any(isinstance(item, dict | list) or item is None for item in value):
             return ""
-        text = ",".join(_scalar(item) for item in value)
+        # A comma inside an item is encoded, so that the items split back exactly.
+        text = ",".join(_encoded(_scalar(item), in_list=True) for item in value)
     else:
-        text = _scalar(value)
-    if not _PLAIN.fullmatch(text):
-        text = quote(text, safe=_SAFE)
+        text = _encoded(_scalar(value), in_list=False)
     return text if len(text) <= MAX_VALUE else ""
+
+
+def _encoded(text: str, *, in_list: bool) -> str:
+    if _PLAIN.fullmatch(text) and not (in_list and "," in text):
+        return text
+    return quote(text, safe=_SAFE_IN_LIST if in_list else _SAFE)
 
 
 def _scalar(value: Any) -> str:

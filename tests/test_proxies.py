@@ -146,10 +146,16 @@ def test_deny_rule_is_403_for_everyone(stack, kratos):
     assert stack.get("/internal/x", headers=BROWSER).status_code == 403
     denied = stack.get("/internal/x", headers={"X-Session-Token": user.token})
     assert denied.status_code == 403
-    # Not around it by path tricks either.
+    # Not around it by path tricks either: denied, or refused as ambiguous (400; 403
+    # through nginx, which can carry no 400 from an auth server); never let through, never
+    # a 500. (Traefik decodes %69 itself, so the bridge sees /internal/x and denies it.)
     for path in ("/public/..%2Finternal", "/%69nternal/x", "/public/..;/internal"):
         response = stack.get(path, headers={"X-Session-Token": user.token})
-        assert response.status_code in (400, 403), (path, response.status_code)
+        allowed = (403,) if stack.proxy.kind == "nginx" else (400, 403)
+        assert response.status_code in allowed, (path, response.status_code)
+    # A query of the app's own is not the bridge's: ?aal= means nothing to it.
+    public = stack.get("/public/page?aal=bogus", headers=BROWSER)
+    assert public.status_code == 200
 
 
 def test_aal2_route_steps_an_aal1_session_up_then_lets_it_in(stack, kratos):

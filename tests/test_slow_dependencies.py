@@ -145,3 +145,47 @@ def test_redis_trickling_its_answers(kratos, workdir, prefix):
         bridge.stop()
         link.close()
         redis_server.stop()
+
+
+def test_public_route_goes_without_a_session_when_kratos_is_paused(own_kratos, workdir):
+    """A public route needs no session: with Kratos stuck and every thread waiting on it,
+    requests carrying a token still reach the app, anonymously, within the bound."""
+    rules = workdir / "public-rules.yml"
+    rules.write_text("rules:\n  - {match: {path: /public/}, access: public}\n")
+    bridge = _bridge(
+        workdir,
+        own_kratos.public_url,
+        own_kratos.admin_url,
+        BRIDGE_RULES_FILE=str(rules),
+        BRIDGE_THREADS="1",  # most requests wait for the thread, past the bound
+    )
+    users = [flows.register(own_kratos) for _ in range(6)]
+    results = []
+
+    def ask(user):
+        headers = {
+            "X-Session-Token": user.token,
+            "X-Forwarded-Method": "GET",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "app.test",
+            "X-Forwarded-Uri": "/public/page",
+        }
+        started = time.monotonic()
+        response = httpx.get(bridge.url + "/forward-auth", headers=headers, timeout=60)
+        took = time.monotonic() - started
+        results.append((response.status_code, response.headers.get("X-User-Id"), took))
+
+    os.kill(own_kratos.process.pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=ask, args=(user,)) for user in users]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(results) == len(users)
+        for status, user_id, took in results:
+            assert (status, user_id) == (200, "")
+            assert took < BOUND + MARGIN, took
+    finally:
+        os.kill(own_kratos.process.pid, signal.SIGCONT)
+        bridge.stop()

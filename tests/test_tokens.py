@@ -537,3 +537,35 @@ def test_generate_key_never_overwrites_a_key(tmp_path, clock):
 
     assert path.read_bytes() == first
     assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_new_key_is_published_before_it_signs(tmp_path):
+    """An app holding a JWKS cached before the new key appeared must not meet a token
+    signed by it: the key signs only once its file is old enough (its mtime, the same for
+    every replica), and is in the JWKS from the first rescan."""
+    directory = tmp_path / "jwt"
+    directory.mkdir()
+    write_key(directory, "20261101.pem")
+    now = os.stat(directory / "20261101.pem").st_mtime
+    os.utime(directory / "20261101.pem", (now - 3600, now - 3600))
+    clock = Clock(now)
+    ring = KeyRing(directory, rescan_after_s=30.0, clock=clock, publish_before_signing_s=90.0)
+    old = ring.signing_key().kid
+    write_key(directory, "20261201.pem")
+    os.utime(directory / "20261201.pem", (now, now))
+
+    clock.advance(31)  # rescanned: published, not signing
+    assert ring.signing_key().kid == old
+    assert len(kids(ring)) == 2
+    clock.advance(60)  # 91 s: the next rescan finds it settled
+    new = ring.signing_key().kid
+    assert new != old
+    assert new in kids(ring) and old in kids(ring)
+
+
+def test_a_first_key_signs_at_once_however_new(tmp_path):
+    directory = tmp_path / "jwt"
+    generate_key(directory)
+    now = os.stat(next(directory.glob("*.pem"))).st_mtime
+    ring = KeyRing(directory, clock=Clock(now), publish_before_signing_s=90.0)
+    assert ring.signing_key().kid in kids(ring)
