@@ -18,14 +18,15 @@ from urllib.parse import quote
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import responses
+from bridge import app_data, responses
 from bridge.config import Settings
 from bridge.credentials import extract
+from bridge.devices import DeviceChange, DeviceWatch
 from bridge.dialects import Dialects
 from bridge.errors import BridgeError, StoreUnavailable
 from bridge.forward_auth import ForwardAuth
 from bridge.kratos import KratosClient
-from bridge.mirror import SessionMirror
+from bridge.mirror import SessionMirror, now_ms
 from bridge.redirects import BrowserRedirects, Origin, host_origin
 from bridge.request import HeaderView
 from bridge.responses import Reply
@@ -59,11 +60,11 @@ class Bridge:
 
 
 def build_store(settings: Settings) -> SessionStore:
-    keys = Keys(settings.key_prefix, settings.aal2_stream)
+    keys = Keys(settings.key_prefix, settings.aal2_stream, settings.device_stream)
     if settings.redis_url is None:
         from bridge.store.memory import MemoryStore
 
-        return MemoryStore(keys, settings.aal2_stream_maxlen)
+        return MemoryStore(keys, settings.aal2_stream_maxlen, settings.device_stream_maxlen)
     from bridge.store.connect import RedisTarget, redis_target
     from bridge.store.redis import RedisStore
 
@@ -72,7 +73,13 @@ def build_store(settings: Settings) -> SessionStore:
             settings.redis_url, settings.redis_timeout, settings.redis_sentinel_password
         )
 
-    return RedisStore(connect, keys, settings.redis_timeout, settings.aal2_stream_maxlen)
+    return RedisStore(
+        connect,
+        keys,
+        settings.redis_timeout,
+        settings.aal2_stream_maxlen,
+        settings.device_stream_maxlen,
+    )
 
 
 def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridge:
@@ -107,9 +114,21 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
             settings.jwt_traits,
         )
     upstream = UpstreamHeaders(settings.identity_headers, minter, settings.jwt_header)
-    forward_auth = ForwardAuth(mirror, settings.session_cookie, rules, redirects, upstream)
+    devices = DeviceWatch(
+        settings.on_device_change, settings.trusted_proxies, device_recorder(store)
+    )
+    forward_auth = ForwardAuth(mirror, settings.session_cookie, rules, redirects, upstream, devices)
     dialects = Dialects(url_required=rules.configured)
     return Bridge(settings, store, kratos, mirror, forward_auth, dialects, redirects, keyring)
+
+
+def device_recorder(store: SessionStore) -> Callable[[DeviceChange], None]:
+    def record(change: DeviceChange) -> None:
+        store.record_device_change(
+            change.change_id, change.fields(now_ms()), max(change.expires_at_ms, now_ms())
+        )
+
+    return record
 
 
 def load_rules(settings: Settings) -> Rules:
@@ -142,6 +161,21 @@ def create_flask_app(bridge: Bridge) -> Flask:
         credential = extract(_headers(request.environ), settings.session_cookie)
         resolved = mirror.resolve(credential, with_app=True)
         return as_flask(responses.session_json(resolved.session, resolved.set_cookies))
+
+    @app.patch("/whoami/app", provide_automatic_options=False)
+    def patch_app() -> Response:
+        """JSON merge patch (RFC 7396) of the session's app section, at the top level: each
+        field named is replaced whole, ``null`` deletes it."""
+        if request.mimetype not in ("application/merge-patch+json", "application/json"):
+            return as_flask(responses.http_error(415, "Unsupported Media Type"))
+        values, delete = app_data.merge_patch(request.get_data())
+        credential = extract(_headers(request.environ), settings.session_cookie)
+        resolved = mirror.resolve(credential)
+        app_fields = bridge.store.update_app(
+            resolved.session.id, values, delete, settings.app_data_max_bytes
+        )
+        body = {"session_id": resolved.session.id, "app": app_data.decoded(app_fields)}
+        return as_flask(responses.json_reply(200, body))
 
     @app.get("/health/alive", provide_automatic_options=False)
     def alive() -> Response:

@@ -87,7 +87,7 @@ class Front:
     async def _auth(self, scope: dict[str, Any], dialect: Dialect, raw_path: str) -> Reply:
         step = self._forward_auth.begin(
             dialect,
-            HeaderView.from_asgi(scope["headers"]),
+            HeaderView.from_asgi(scope["headers"], _peer(scope)),
             scope["method"],
             raw_path,
             scope["query_string"].decode("latin-1"),
@@ -133,6 +133,11 @@ class Front:
                 self._bridge.store.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _peer(scope: dict[str, Any]) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
 
 
 def _not_allowed() -> Reply:
@@ -184,7 +189,7 @@ def _environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         # The headers as sent, repeats apart, for the routes that read credentials.
-        HEADER_VIEW_KEY: HeaderView.from_asgi(scope["headers"]),
+        HEADER_VIEW_KEY: HeaderView.from_asgi(scope["headers"], _peer(scope)),
     }
     for raw_name, raw_value in scope["headers"]:
         name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")

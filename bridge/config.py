@@ -399,6 +399,20 @@ def _stream_key(value: str) -> str:
     return value
 
 
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or network") from None
+    if not networks:
+        raise ValueError("names no address")
+    return tuple(networks)
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value.lower() not in choices:
@@ -632,6 +646,41 @@ OPTIONS: tuple[Option, ...] = (
         "Approximate cap on the AAL2 stream's length (`XADD MAXLEN ~`).",
     ),
     Option(
+        "app_data_max_bytes",
+        _number(256, 16 * 1024 * 1024, integer=True),
+        65536,
+        "Cap on one session's app-owned data (field names and JSON values, in bytes); a "
+        "write past it is refused (`413`, `AppDataTooLarge`) and writes nothing.",
+    ),
+    Option(
+        "trusted_proxies",
+        _networks,
+        None,
+        "Comma-separated addresses or networks (`10.0.0.0/8,127.0.0.1`) of proxies whose "
+        "`X-Forwarded-For` names the client; unset = the client address is not known, and "
+        "device changes are judged by user agent alone.",
+    ),
+    Option(
+        "on_device_change",
+        _one_of("off", "record", "deny"),
+        "record",
+        "When a session is used from another IP address (with `trusted_proxies`) or user "
+        "agent than Kratos recorded: `record` a device-change signal (once per session and "
+        "change), `deny` records it and refuses the request (`403`), `off` ignores it.",
+    ),
+    Option(
+        "device_stream",
+        _stream_key,
+        None,
+        "Redis Stream of device-change signals; default `<key_prefix>events:device`.",
+    ),
+    Option(
+        "device_stream_maxlen",
+        _number(1, 10**9, integer=True),
+        100_000,
+        "Approximate cap on the device-change stream's length (`XADD MAXLEN ~`).",
+    ),
+    Option(
         "workers",
         _number(0, 64, integer=True),
         0,
@@ -686,6 +735,11 @@ class Settings:
     secret_is_random: bool
     aal2_stream: str
     aal2_stream_maxlen: int
+    app_data_max_bytes: int
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None
+    on_device_change: str
+    device_stream: str
+    device_stream_maxlen: int
     workers: int
     threads: int
     log_level: str
@@ -817,6 +871,8 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
         values["login_url"] = values["kratos_public_url"] + "/self-service/login/browser"
     if values["aal2_stream"] is None:
         values["aal2_stream"] = values["key_prefix"] + "events:aal2"
+    if values["device_stream"] is None:
+        values["device_stream"] = values["key_prefix"] + "events:device"
     return Settings(**values)
 
 

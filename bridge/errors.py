@@ -49,6 +49,11 @@ class Forbidden(BridgeError):
     that the identity does not meet."""
 
 
+class DeviceChanged(Forbidden):
+    """The session is used from another device than Kratos recorded, and
+    ``BRIDGE_ON_DEVICE_CHANGE=deny``."""
+
+
 class KratosUnavailable(BridgeError):
     """Kratos could not be asked, or answered something we cannot trust."""
 
@@ -63,3 +68,21 @@ class KratosRateLimited(KratosUnavailable):
     def __init__(self, retry_after: str) -> None:
         super().__init__("Kratos is rate limiting the bridge")
         self.retry_after = retry_after
+
+
+class SessionEnded(BridgeError):
+    """The session's mirror is gone: it expired, was revoked or logged out."""
+
+    def __init__(self) -> None:
+        super().__init__("the session has ended (expired, revoked or logged out)")
+
+
+class AppDataTooLarge(BridgeError):
+    """A write would take a session's app data past its cap; nothing was written."""
+
+    def __init__(self, max_bytes: int, size: int) -> None:
+        super().__init__(
+            f"app data is capped at {max_bytes} bytes per session; this write would make it {size}"
+        )
+        self.max_bytes = max_bytes
+        self.size = size

@@ -5,7 +5,8 @@
 - ``bridge.rules`` says what the route needs (public, authenticated, aal2, deny, and
   ``max_age`` / ``when``);
 - ``bridge.credentials`` and ``bridge.mirror`` find the session;
-- ``bridge.decision`` says whether it may pass;
+- ``bridge.decision`` says whether it may pass, and ``bridge.devices`` whether it comes
+  from the device its session began on;
 - ``bridge.upstream_headers`` and ``bridge.responses`` build the answer.
 
 It runs in two steps so that the server can answer most requests without leaving its
@@ -22,8 +23,16 @@ from dataclasses import dataclass
 from bridge import decision, responses
 from bridge.bounded import BoundedMap
 from bridge.credentials import Credential, extract
+from bridge.devices import DeviceWatch
 from bridge.dialects import Dialect
-from bridge.errors import BadRequest, BridgeError, CredentialMissing, Forbidden, SessionInvalid
+from bridge.errors import (
+    BadRequest,
+    BridgeError,
+    CredentialMissing,
+    DeviceChanged,
+    Forbidden,
+    SessionInvalid,
+)
 from bridge.mirror import Resolved, SessionMirror, now_ms
 from bridge.redirects import BrowserRedirects
 from bridge.request import HeaderView, OriginalRequest
@@ -60,12 +69,14 @@ class ForwardAuth:
         rules: Rules,
         redirects: BrowserRedirects,
         upstream: UpstreamHeaders,
+        devices: DeviceWatch | None = None,
     ) -> None:
         self._mirror = mirror
         self._cookie_name = cookie_name
         self._rules = rules
         self._redirects = redirects
         self._upstream = upstream
+        self._devices = devices if devices is not None and devices.enabled else None
         self._anonymous = responses.allow(upstream.anonymous, ())
         # The allow for a copy, built once per validation (a copy is one object from one
         # Kratos answer to the next) and reused until its JWT is due to be re-minted.
@@ -110,6 +121,8 @@ class ForwardAuth:
         if known is not None:
             problem = decision.refusal(rule, aal, known.session, started)
             if problem is None:
+                problem = self._device_refusal(known.session, headers)
+            if problem is None:
                 return self._allow(known, started)
             if not decision.worth_asking_again(problem):
                 return self._refuse(dialect, problem, headers, original)
@@ -126,6 +139,8 @@ class ForwardAuth:
                 # Kratos, not the copy (unless Kratos was just asked, for this very request).
                 resolved = self._mirror.resolve(pending.credential, refresh=True)
                 problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
+            if problem is None:
+                problem = self._device_refusal(resolved.session, pending.headers)
             if problem is not None:
                 raise problem
         except BridgeError as error:
@@ -133,6 +148,11 @@ class ForwardAuth:
                 return self._anonymous  # a public route needs no session, nor Kratos
             return self._refuse(pending.dialect, error, pending.headers, pending.original)
         return self._allow(resolved, now_ms())
+
+    def _device_refusal(self, session: MirroredSession, headers: HeaderView) -> BridgeError | None:
+        if self._devices is not None and self._devices.refuses(session, headers):
+            return DeviceChanged("this session is used from another device than it began on")
+        return None
 
     def _may_ask_again(self, session: MirroredSession, started_ms: int) -> bool:
         if session.validated_at_ms >= started_ms:

@@ -276,6 +276,8 @@ class SessionMirror:
         saved = self._store.save(fingerprint, session, aal2_event(session, seen_at), seen_at, lock)
         if saved.aal2_event_id is not None:
             log.info("aal2 event %s for session %s", saved.aal2_event_id, session.id)
+        if saved.cached:
+            session = replace(session, csrf_token=saved.csrf_token)
         return Resolved(session, answer.set_cookies, cacheable=saved.cached)
 
     def _let_go(self, lock: Lock | None) -> None:

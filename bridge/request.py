@@ -25,22 +25,23 @@ ORIGIN_HEADERS = (
     "x-forwarded-host",
     "x-forwarded-uri",
 )
-CALLER_HEADERS = ("accept", "x-requested-with", "sec-fetch-mode")
+CALLER_HEADERS = ("accept", "x-requested-with", "sec-fetch-mode", "user-agent", "x-forwarded-for")
 _WANTED = frozenset(CREDENTIAL_HEADERS + ORIGIN_HEADERS + CALLER_HEADERS)
 
 
 class HeaderView:
     """The wanted headers of one request: ``get`` gives the first value, ``get_all``
-    every value in order."""
+    every value in order; ``peer`` is the address the request came from, when known."""
 
-    __slots__ = ("_values",)
+    __slots__ = ("_values", "peer")
 
-    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, pairs: Iterable[tuple[str, str]], peer: str | None = None) -> None:
         values: dict[str, list[str]] = {}
         for name, value in pairs:
             if name in _WANTED:
                 values.setdefault(name, []).append(value)
         self._values = values
+        self.peer = peer
 
     def get(self, name: str) -> str | None:
         found = self._values.get(name.lower())
@@ -50,16 +51,20 @@ class HeaderView:
         return self._values.get(name.lower(), [])
 
     @classmethod
-    def from_asgi(cls, raw: Iterable[tuple[bytes, bytes]]) -> HeaderView:
-        return cls((name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw)
+    def from_asgi(cls, raw: Iterable[tuple[bytes, bytes]], peer: str | None = None) -> HeaderView:
+        pairs = ((name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw)
+        return cls(pairs, peer)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, Any]) -> HeaderView:
         """WSGI has merged repeated headers already; each name has one value here."""
         return cls(
-            (key[5:].replace("_", "-").lower(), value)
-            for key, value in environ.items()
-            if key.startswith("HTTP_") and isinstance(value, str)
+            (
+                (key[5:].replace("_", "-").lower(), value)
+                for key, value in environ.items()
+                if key.startswith("HTTP_") and isinstance(value, str)
+            ),
+            environ.get("REMOTE_ADDR") or None,
         )
 
 

@@ -14,14 +14,18 @@ from typing import Any
 
 import orjson
 
+from bridge import app_data
 from bridge.errors import (
+    AppDataTooLarge,
     BadRequest,
     BridgeError,
     CredentialMissing,
+    DeviceChanged,
     Forbidden,
     KratosRateLimited,
     KratosUnavailable,
     ReauthenticationRequired,
+    SessionEnded,
     SessionInvalid,
     StepUpRequired,
     StoreUnavailable,
@@ -64,8 +68,14 @@ def allow(headers: tuple[tuple[str, str], ...], set_cookies: tuple[str, ...]) ->
 
 
 def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Reply:
+    """``/whoami``: the unified session, its app section decoded, and its CSRF token."""
     headers = (_JSON, _NO_STORE, *(("Set-Cookie", cookie) for cookie in set_cookies))
-    return Reply(200, headers, _encode(session.to_json()))
+    body = {
+        **session.to_json(),
+        "app": app_data.decoded(session.app),
+        "csrf_token": session.csrf_token or None,
+    }
+    return Reply(200, headers, _encode(body))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +114,14 @@ def refusal(
     if isinstance(error, ReauthenticationRequired):
         target = redirects.reauthenticate(original)
         return Refusal(401, "reauthentication_required", str(error), target)
+    if isinstance(error, DeviceChanged):
+        return Refusal(403, "device_changed", str(error))
     if isinstance(error, Forbidden):
         return Refusal(403, "forbidden", str(error))
+    if isinstance(error, SessionEnded):
+        return Refusal(401, "session_ended", str(error), redirects.login(original))
+    if isinstance(error, AppDataTooLarge):
+        return Refusal(413, "app_data_too_large", str(error))
     if isinstance(error, BadRequest):
         return Refusal(400, "bad_request", str(error))
     if isinstance(error, KratosRateLimited):

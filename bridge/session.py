@@ -7,6 +7,7 @@ Kratos adds fields, plus when the bridge last validated it.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ class MirroredSession:
     validated_at_ms: int
     expires_at_ms: int
     app: dict[str, str] = field(default_factory=dict)
+    # Created by the store with the mirror; a secret, so in no repr, log or encoding.
+    csrf_token: str = field(default="", repr=False)
 
     @property
     def id(self) -> str:
@@ -47,7 +50,8 @@ class MirroredSession:
         return now_ms < self.expires_at_ms and now_ms - self.validated_at_ms < revalidate_after_ms
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.kratos, "validated_at": _iso(self.validated_at_ms), "app": self.app}
+        """What ``/whoami`` shows, without the CSRF token (added where it is meant to be)."""
+        return {**self.kratos, "validated_at": iso(self.validated_at_ms), "app": self.app}
 
     def encode(self) -> bytes:
         return orjson.dumps(self.kratos, option=orjson.OPT_SORT_KEYS)
@@ -59,6 +63,12 @@ def mirror(session: KratosSession, validated_at_ms: int) -> MirroredSession:
         validated_at_ms=validated_at_ms,
         expires_at_ms=session.expires_at_ms,
     )
+
+
+def new_csrf_token() -> str:
+    """A session's CSRF token: 32 random bytes, base64url. The store keeps the first one
+    made for a session and hands it to everyone who reads the session."""
+    return secrets.token_urlsafe(32)
 
 
 def aal2_event(session: MirroredSession, seen_at_ms: int) -> dict[str, str] | None:
@@ -74,7 +84,7 @@ def aal2_event(session: MirroredSession, seen_at_ms: int) -> dict[str, str] | No
         "identity_id": session.identity_id,
         "methods": ",".join(dict.fromkeys(str(m["method"]) for m in second)),
         "completed_at": completed_at,
-        "seen_at": _iso(seen_at_ms),
+        "seen_at": iso(seen_at_ms),
         "ip_address": device.get("ip_address") or "",
         "user_agent": device.get("user_agent") or "",
     }
@@ -90,7 +100,7 @@ def upgrade_id(session_id: str, completed_at: str) -> str:
 _UPGRADES = uuid.UUID("6f2a1c1e-9a43-5d0b-8a7e-2f1f4c1b7d3e")
 
 
-def _iso(ms: int) -> str:
+def iso(ms: int) -> str:
     return (
         datetime.fromtimestamp(ms / 1000, UTC)
         .isoformat(timespec="milliseconds")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 from urllib.parse import unquote
 
+import httpx
+import orjson
+import pytest
+
 from bridge.forward_auth import ASK_AGAIN_EVERY_MS
 from bridge.kratos import parse_timestamp_ms
 from tests import kratos_flows as flows
@@ -91,12 +95,17 @@ def test_warm_requests_do_not_ask_kratos(client, kratos):
 
 
 def test_app_data_is_returned_by_whoami(client, kratos, store):
+    import pytest
+
+    from bridge.errors import SessionEnded
+
     user = flows.register(kratos)
     headers = {"X-Session-Token": user.token}
     session_id = client.get("/whoami", headers=headers).get_json()["session_id"]
-    assert store.set_app_data(session_id, {"cart": "3 items"})
+    assert store.update_app(session_id, {"cart": "3 items"}, (), 65536) == {"cart": "3 items"}
     assert client.get("/whoami", headers=headers).get_json()["app"] == {"cart": "3 items"}
-    assert not store.set_app_data("no-such-session", {"cart": "x"})
+    with pytest.raises(SessionEnded):
+        store.update_app("no-such-session", {"cart": "x"}, (), 65536)
 
 
 def test_ext_authz_answers_any_method_and_path_the_same(client, kratos):
@@ -171,3 +180,66 @@ def test_ready_says_what_the_store_runs_on(client, store_kind, redis_server):
         else {"kind": "embedded"}
     )
     assert response.get_json() == {"status": "ok", "redis": expected}
+
+
+def _patch(client, token, body, content_type="application/merge-patch+json"):
+    return client.patch(
+        "/whoami/app",
+        data=body if isinstance(body, bytes) else orjson.dumps(body),
+        headers={"X-Session-Token": token, "Content-Type": content_type},
+    )
+
+
+def test_patch_app_merges_typed_fields_and_null_deletes(client, kratos):
+    user = flows.register(kratos)
+    first = _patch(client, user.token, {"cart": ["book", 2], "theme": "dark", "beta": True})
+    assert first.status_code == 200
+    assert first.get_json()["app"] == {"cart": ["book", 2], "theme": "dark", "beta": True}
+    second = _patch(client, user.token, {"theme": None, "visits": 3}, "application/json")
+    assert second.get_json()["app"] == {"cart": ["book", 2], "beta": True, "visits": 3}
+    whoami = client.get("/whoami", headers={"X-Session-Token": user.token}).get_json()
+    assert whoami["app"] == {"cart": ["book", 2], "beta": True, "visits": 3}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "error"),
+    [
+        ({"cart": 1}, "text/plain", 415, "unsupported_media_type"),
+        (b"{not json", "application/json", 400, "bad_request"),
+        ([1, 2], "application/json", 400, "bad_request"),
+        ({}, "application/json", 400, "bad_request"),
+        ({"bad name": 1}, "application/json", 400, "bad_request"),
+        ({"big": "x" * 70_000}, "application/json", 413, "app_data_too_large"),
+    ],
+)
+def test_patch_app_refuses_bad_writes_and_writes_nothing(
+    client, kratos, body, content_type, status, error
+):
+    user = flows.register(kratos)
+    assert _patch(client, user.token, {"kept": 1}).status_code == 200
+    response = _patch(client, user.token, body, content_type)
+    assert response.status_code == status
+    assert response.get_json()["error"] == error
+    app = client.get("/whoami", headers={"X-Session-Token": user.token}).get_json()["app"]
+    assert app == {"kept": 1}
+
+
+def test_patch_app_needs_a_live_session(make_client, kratos):
+    """A revoked session is refused within BRIDGE_REVALIDATE_AFTER (0 here: at once), and
+    its app data went with its mirror: a write cannot bring it back."""
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER="0")
+    assert _patch(client, "ory_st_" + "n" * 32, {"x": 1}).status_code == 401
+    user = flows.register(kratos)
+    session_id = _patch(client, user.token, {"x": 1}).get_json()["session_id"]
+    assert httpx.delete(f"{kratos.admin_url}/admin/sessions/{session_id}").status_code == 204
+    assert _patch(client, user.token, {"x": 2}).status_code == 401
+
+
+def test_whoami_gives_a_csrf_token_per_session(client, kratos):
+    first, second = flows.register(kratos), flows.register(kratos)
+    token_a = client.get("/whoami", headers={"X-Session-Token": first.token}).get_json()
+    again = client.get("/whoami", headers={"X-Session-Token": first.token}).get_json()
+    token_b = client.get("/whoami", headers={"X-Session-Token": second.token}).get_json()
+    assert token_a["csrf_token"] and len(token_a["csrf_token"]) >= 40
+    assert again["csrf_token"] == token_a["csrf_token"]
+    assert token_b["csrf_token"] != token_a["csrf_token"]

@@ -63,14 +63,14 @@ def test_demo_app_links_the_rule_pages_and_shows_the_headers():
     port = free_port()
     demo = subprocess.Popen(
         [sys.executable, str(ROOT / "compose" / "demo" / "app.py")],
-        env={"DEMO_PORT": str(port), "DEMO_WHOAMI_URL": "http://127.0.0.1:9/whoami"},
+        env={"DEMO_PORT": str(port)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(url).status_code == 200, 10, "demo")
-        page = httpx.get(url + "/aal2", headers={"X-User-Id": "<u-1>"}).text
+        page = httpx.get(url + "/", headers={"X-User-Id": "<u-1>"}).text
         for href in ('href="/aal2"', 'href="/recent"', 'href="/public/"'):
             assert href in page
         assert "&lt;u-1&gt;" in page and "<u-1>" not in page

@@ -4,7 +4,9 @@ keep to one hash slot, or the cluster runs fail with CROSSSLOT."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -17,12 +19,14 @@ from redis.crc import key_slot
 import bridge.store.memory
 import bridge.store.redis
 from bridge.app import build_store
+from bridge.errors import AppDataTooLarge, SessionEnded
 from bridge.session import MirroredSession, aal2_event, upgrade_id
 from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Lock, Lookup, Rejection
 from tests.conftest import bridge_settings
 from tests.harness import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
+CAP = 65536
 
 
 @pytest.fixture(params=["embedded", "standalone", "sentinel", "cluster"])
@@ -78,6 +82,12 @@ def drop(store, key):
         store._delete(key)
 
 
+def exists(store, key):
+    if hasattr(store, "_redis"):
+        return bool(store._redis.exists(key))
+    return store._get(key) is not None
+
+
 def expiry_of(store, key):
     """When the store drops a key: Redis's own PEXPIRETIME, or the embedded store's clock."""
     if hasattr(store, "_redis"):
@@ -102,7 +112,7 @@ def test_expiry_is_absolute_and_moves_with_kratos(store):
     save(store, "fp1", first)
     assert expiry_of(store, store.keys.session("s1")) == first.expires_at_ms
     assert expiry_of(store, store.keys.credential("fp1")) == first.expires_at_ms
-    store.set_app_data("s1", {"theme": "dark"})
+    store.update_app("s1", {"theme": "dark"}, (), CAP)
     extended = session(expires_in_ms=120_000)
     save(store, "fp1", extended)
     assert expiry_of(store, store.keys.session("s1")) == extended.expires_at_ms
@@ -110,22 +120,155 @@ def test_expiry_is_absolute_and_moves_with_kratos(store):
 
 
 def test_mirror_and_app_data_are_gone_at_expires_at(store):
-    save(store, "fp1", session(expires_in_ms=300))
-    store.set_app_data("s1", {"k": "v"})
+    first_token = save(store, "fp1", session(expires_in_ms=300)).csrf_token
+    store.update_app("s1", {"k": "v"}, (), CAP)
     assert store.load("s1", with_app=True).app == {"k": "v"}
     time.sleep(0.4)
     assert store.load("s1") is None
     assert store.find_credential("fp1") is None
     assert store.identity_session_ids("i1", now_ms()) == []
-    save(store, "fp1", session(expires_in_ms=60_000))  # Kratos revived it (admin extend)
+    with pytest.raises(SessionEnded):
+        store.load_app("s1")
+    revived = save(store, "fp1", session(expires_in_ms=60_000))  # Kratos revived it
     assert store.load("s1", with_app=True).app == {}
+    assert revived.csrf_token not in ("", first_token)  # a mirror made anew: a new token
 
 
-def test_app_data_needs_a_live_session_and_fields(store):
-    assert not store.set_app_data("nope", {"k": "v"})
+def test_app_fields_are_set_and_deleted_one_by_one(store):
     save(store, "fp1", session())
-    with pytest.raises(ValueError):
-        store.set_app_data("s1", {})
+    assert store.update_app("s1", {"a": "1", "b": "2"}, (), CAP) == {"a": "1", "b": "2"}
+    assert store.update_app("s1", {"c": "3"}, ["a", "absent"], CAP) == {"b": "2", "c": "3"}
+    assert store.update_app("s1", {"b": "zwéi"}, (), CAP) == {"b": "zwéi", "c": "3"}
+    assert store.load_app("s1") == {"b": "zwéi", "c": "3"}
+    assert store.load("s1", with_app=True).app == {"b": "zwéi", "c": "3"}
+    assert store.update_app("s1", {}, (), CAP) == {"b": "zwéi", "c": "3"}
+    assert store.update_app("s1", {"d": "x"}, ["d", "c"], CAP) == {"b": "zwéi"}  # set, then delete
+    assert store.update_app("s1", {}, ["b"], CAP) == {}
+    assert store.load_app("s1") == {}
+    assert not exists(store, store.keys.app("s1"))
+
+
+def test_app_data_expires_with_the_session_to_the_millisecond(store):
+    first = session(expires_in_ms=60_000)
+    save(store, "fp1", first)
+    store.update_app("s1", {"k": "v"}, (), CAP)
+    assert expiry_of(store, store.keys.app("s1")) == first.expires_at_ms
+    extended = session(expires_in_ms=120_000)
+    save(store, "fp1", extended)
+    store.update_app("s1", {"k2": "v"}, ["k"], CAP)
+    assert expiry_of(store, store.keys.app("s1")) == extended.expires_at_ms
+    assert expiry_of(store, store.keys.session("s1")) == extended.expires_at_ms
+
+
+def test_app_data_of_an_unknown_or_ended_session_is_refused_and_nothing_written(store):
+    with pytest.raises(SessionEnded):
+        store.update_app("nope", {"k": "v"}, (), CAP)
+    with pytest.raises(SessionEnded):
+        store.load_app("nope")
+    assert not exists(store, store.keys.app("nope"))
+
+    save(store, "fp1", session())
+    store.update_app("s1", {"k": "v"}, (), CAP)
+    store.forget("fp1", session(), Rejection(now_ms(), keep_ms=10_000))
+    with pytest.raises(SessionEnded):
+        store.update_app("s1", {"k2": "v"}, (), CAP)
+    with pytest.raises(SessionEnded):
+        store.load_app("s1")
+    assert not exists(store, store.keys.app("s1"))
+
+
+def test_forgetting_a_session_deletes_its_app_data_on_every_path(store):
+    """Kratos turned a credential down: the app data goes with the mirror, whether the
+    session was seen with the credential, found through its pointer, or reached by a
+    save that lost the race to the rejection."""
+    for n, how in enumerate(["seen", "pointer", "late save"]):
+        sid = f"s{n}"
+        save(store, f"{sid}-fp", session(sid=sid, validated_at=now_ms() - 100))
+        store.update_app(sid, {"k": "v"}, (), CAP)
+        rejection = Rejection(now_ms(), keep_ms=10_000)
+        if how == "seen":
+            store.forget(f"{sid}-fp", session(sid=sid), rejection)
+        elif how == "pointer":
+            store.forget(f"{sid}-fp", None, rejection)
+        else:  # a credential never seen is rejected, then an answer from before lands
+            store.forget(f"{sid}-new", None, rejection)
+            assert store.load_app(sid) == {"k": "v"}
+            assert not save(
+                store, f"{sid}-new", session(sid=sid, validated_at=now_ms() - 50)
+            ).cached
+        assert not exists(store, store.keys.app(sid)), how
+        assert store.load(sid) is None, how
+        save(store, f"{sid}-again", session(sid=sid, validated_at=now_ms() + 1))
+        assert store.load_app(sid) == {}, how
+
+
+def test_app_data_cap_counts_utf8_bytes_and_a_refused_write_writes_nothing(store):
+    save(store, "fp1", session())
+    assert store.update_app("s1", {"name": "ééé"}, (), 10) == {"name": "ééé"}  # 4 + 6 bytes
+    with pytest.raises(AppDataTooLarge) as refused:
+        store.update_app("s1", {"x": "1", "name": "éééé"}, (), 10)
+    assert (refused.value.max_bytes, refused.value.size) == (10, 14)
+    assert "10 bytes" in str(refused.value) and "14" in str(refused.value)
+    with pytest.raises(AppDataTooLarge):
+        store.update_app("s1", {"y": ""}, ["absent"], 10)  # 11: one byte too many
+    assert store.load_app("s1") == {"name": "ééé"}
+    assert store.update_app("s1", {"a": "b"}, ["name"], 10) == {"a": "b"}
+
+    # Past a cap that was lowered: what shrinks the data goes through, nothing else.
+    store.update_app("s1", {"name": "ééé"}, ["a"], 10)
+    assert store.update_app("s1", {"name": "é"}, (), 4) == {"name": "é"}  # 10 -> 6
+    with pytest.raises(AppDataTooLarge):
+        store.update_app("s1", {"name": "éé"}, (), 4)  # 6 -> 8
+    assert store.load_app("s1") == {"name": "é"}
+
+
+def test_concurrent_writers_of_different_fields_lose_nothing(store):
+    """Each writer sets fields of its own and deletes some of them again, all at once:
+    a write that replaced the hash as a whole would lose or revive others' fields."""
+    save(store, "fp1", session())
+    writers, rounds = 8, 40
+    start = threading.Barrier(writers)
+
+    def write(i: int) -> None:
+        start.wait()
+        for r in range(rounds):
+            gone = [f"w{i}.{r - 1}"] if r % 2 else []
+            store.update_app("s1", {f"w{i}.{r}": "x", f"last.{i}": str(r)}, gone, CAP)
+
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(write, range(writers)))
+    expected = {f"w{i}.{r}": "x" for i in range(writers) for r in range(rounds) if r % 2 == 1}
+    expected |= {f"last.{i}": str(rounds - 1) for i in range(writers)}
+    assert store.load_app("s1") == expected
+
+
+def test_a_session_gets_a_csrf_token_with_its_mirror_and_keeps_it(store):
+    token = save(store, "fp1", session()).csrf_token
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)  # 32 random bytes, base64url
+    assert store.load("s1").csrf_token == token
+    assert store.lookup("fp1", now_ms(), 5000, 0, with_app=False).session.csrf_token == token
+    assert save(store, "fp1", session(expires_in_ms=120_000)).csrf_token == token  # extended
+    assert save(store, "fp2", session()).csrf_token == token  # another credential
+    older = session(validated_at=now_ms() - 10_000)  # an answer a newer one has overtaken
+    assert save(store, "fp3", older).csrf_token == token
+    assert store.load("s1").csrf_token == token
+
+    other = save(store, "fp9", session(sid="s2")).csrf_token
+    assert other not in ("", token)
+    store.forget("fp1", session(), Rejection(now_ms(), keep_ms=10_000))
+    renewed = save(store, "fp4", session(validated_at=now_ms() + 1)).csrf_token
+    assert renewed not in ("", token, other)
+    assert store.load("s1").csrf_token == renewed
+
+
+def test_the_csrf_token_is_in_no_repr_encoding_or_json_view(store):
+    result = save(store, "fp1", session())
+    loaded = store.lookup("fp1", now_ms(), 5000, 0, with_app=True).session
+    assert loaded.csrf_token == result.csrf_token
+    assert result.csrf_token not in repr(result)
+    for shown in (repr(loaded), loaded.encode().decode(), str(loaded.to_json())):
+        assert result.csrf_token not in shown
+    assert "csrf" not in loaded.to_json()
 
 
 def test_aal2_event_is_appended_once(store):
@@ -268,7 +411,7 @@ def test_keys_of_one_session_share_a_cluster_slot(store):
 def test_lookup_reads_entry_session_and_app_in_one_step(store):
     mirrored = session(validated_at=now_ms() - 1000)
     save(store, "fp1", mirrored)
-    store.set_app_data("s1", {"cart": "3"})
+    store.update_app("s1", {"cart": "3"}, (), CAP)
     assert store.lookup("nobody", now_ms(), 5000, 100, with_app=False) == Lookup(None)
 
     found = store.lookup("fp1", now_ms(), 5000, 100, with_app=True)

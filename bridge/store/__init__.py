@@ -11,9 +11,11 @@ standalone Redis, Sentinel and Cluster:
 
 Slot of ``{<sid>}``, everything about one session:
 
-- ``p{sid}:session``      hash: ``kratos`` (JSON view), ``validated_at``, ``expires_at`` (ms);
+- ``p{sid}:session``      hash: ``kratos`` (JSON view), ``validated_at``, ``expires_at`` (ms),
+  ``csrf`` (the session's CSRF token, made when the key is created and kept until it goes);
   expires at Kratos's ``expires_at`` (PEXPIREAT, moves on extend).
-- ``p{sid}:app``          hash: data apps add to the session; expiry follows the session.
+- ``p{sid}:app``          hash: data apps add to the session, one field per name; expires at
+  the same instant as the session key, and is deleted with it when the session is forgotten.
 - ``p{sid}:credentials``  hash: per credential fingerprint, ``<validated_at ms>`` when Kratos
   accepted it or ``-<rejected_at ms>``; field ``!ended`` = the newest rejection of any
   of the session's credentials. Lives as long as the session or the rejection.
@@ -26,6 +28,9 @@ credential Kratos accepted, or ``-<rejected_at ms>`` when it rejected it. A cred
 belongs to one session for good, so a process keeps this pointer in memory once read.
 
 Slot of the identity: ``pidentity:{<identity id>}:sessions``, session ids scored by expiry.
+
+Slot of the device stream: ``<device_stream>`` (default ``pevents:device``) and, per session
+and change, ``{<device_stream>}:change:<change id>`` (kept until the session's expiry).
 
 Slot of the stream: ``<aal2_stream>`` (default ``pevents:aal2``) and, per upgrade,
 ``{<aal2_stream>}:upgrade:<upgrade id>`` = the stream entry id (a stream name that has a
@@ -57,12 +62,19 @@ the marker. The invariants, and why they hold:
    session's slot together with the mirror it answers with; nothing else makes a
    credential fresh.
 
+4. App data never outlives its session. A write to ``p{sid}:app`` and the check that
+   ``p{sid}:session`` exists are one script, which sets the app hash's expiry to the
+   session key's; every step that drops the session key deletes the app hash in the same
+   script. A write changes single fields (HSET, HDEL), so writers of different fields of
+   one session never undo each other.
+
 The identity index is written by its own step and may, for a moment after a rejection
 raced a save, name a session that ended; readers check the session key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -93,6 +105,7 @@ class CredentialEntry:
 class SaveResult:
     cached: bool  # False when a newer rejection of this credential won the race
     aal2_event_id: str | None
+    csrf_token: str = field(default="", repr=False)  # the session's, when ``cached``
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +138,11 @@ class Rejection:
 class Keys:
     prefix: str
     aal2_stream: str
+    device_stream: str = ""  # default: ``<prefix>events:device``
+
+    def __post_init__(self) -> None:
+        if not self.device_stream:
+            object.__setattr__(self, "device_stream", self.prefix + "events:device")
 
     def session(self, sid: str) -> str:
         return f"{self.prefix}{{{sid}}}:session"
@@ -153,6 +171,14 @@ class Keys:
             f"{self.aal2_stream}:upgrade:{upgrade_id}"
             if has_hash_tag(self.aal2_stream)
             else (f"{{{self.aal2_stream}}}:upgrade:{upgrade_id}")
+        )
+
+    def device_change(self, change_id: str) -> str:
+        """The key that makes the device stream hold one signal per session and change."""
+        return (
+            f"{self.device_stream}:change:{change_id}"
+            if has_hash_tag(self.device_stream)
+            else (f"{{{self.device_stream}}}:change:{change_id}")
         )
 
 
@@ -192,10 +218,11 @@ class SessionStore(Protocol):
     ) -> SaveResult:
         """Record that Kratos accepted the credential at ``session.validated_at_ms`` (when
         the check started), write the mirror with expiry ``session.expires_at_ms`` unless a
-        newer one is there, index it under its identity, and append ``aal2_event`` unless
-        this session already has one; release ``release``. Writes nothing but the release
-        (``cached=False``) when a rejection of the credential arrived after this check
-        started."""
+        newer one is there (a mirror written where there was none gets a new CSRF token,
+        returned in ``csrf_token``), index it under its identity, and append ``aal2_event``
+        unless this session already has one; release ``release``. Writes nothing but the
+        release (``cached=False``) when a rejection of the credential arrived after this
+        check started."""
 
     def forget(
         self,
@@ -205,10 +232,21 @@ class SessionStore(Protocol):
         release: Lock | None = None,
     ) -> None:
         """Kratos rejected a credential: drop the mirror of the session it was last seen
-        with, remember the rejection for ``rejection.keep_ms``, and release ``release``."""
+        with and its app data, remember the rejection for ``rejection.keep_ms``, and
+        release ``release``."""
 
-    def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
-        """Merge app-owned fields into a live session (same expiry); ``False`` if none."""
+    def update_app(
+        self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
+    ) -> dict[str, str]:
+        """Set ``values`` then delete ``delete`` in the session's app hash, in one step, and
+        return the whole hash after the change. ``SessionEnded`` (nothing written) when the
+        session's mirror is gone; ``AppDataTooLarge`` (nothing written) when the hash would
+        hold more than ``max_bytes`` (UTF-8 bytes of every field's name and value) and more
+        than it holds now, so a change that shrinks it always goes through. The hash
+        expires with the session."""
+
+    def load_app(self, session_id: str) -> dict[str, str]:
+        """The session's app hash; ``SessionEnded`` when the session's mirror is gone."""
 
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> str | None:
         """Take the short lock that lets one process re-validate a session: its token, or
@@ -224,6 +262,16 @@ class SessionStore(Protocol):
 
     def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         """The oldest ``count`` AAL2 events as ``(event id, fields)``."""
+
+    def record_device_change(
+        self, change_id: str, fields: dict[str, str], keep_until_ms: int
+    ) -> bool:
+        """Append a device-change signal to the device stream unless ``change_id`` was
+        recorded before (remembered until ``keep_until_ms``, the session's expiry), in one
+        step in the stream's slot; ``True`` when appended."""
+
+    def device_changes(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        """The oldest ``count`` device-change signals as ``(entry id, fields)``."""
 
     def ping(self) -> None: ...
 

@@ -12,10 +12,12 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from bridge.session import MirroredSession
+from bridge.errors import AppDataTooLarge, SessionEnded
+from bridge.session import MirroredSession, new_csrf_token
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     ENDED,
@@ -32,13 +34,19 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _size(app: dict[str, str]) -> int:
+    """What an app hash counts against its cap: UTF-8 bytes of names and values."""
+    return sum(len(name.encode()) + len(value.encode()) for name, value in app.items())
+
+
 class MemoryStore:
     """In-process session store with expiring keys."""
 
     _SWEEP_EVERY = 1024
 
-    def __init__(self, keys: Keys, stream_maxlen: int) -> None:
+    def __init__(self, keys: Keys, stream_maxlen: int, device_stream_maxlen: int = 100_000) -> None:
         self.keys = keys
+        self._devices: deque[tuple[str, dict[str, str]]] = deque(maxlen=device_stream_maxlen)
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {}
         self._expires: dict[str, int] = {}
@@ -115,13 +123,13 @@ class MemoryStore:
                 return SaveResult(False, None)
             if state == "ended":
                 return SaveResult(False, None)
+            stored = self._get(self.keys.session(sid)) or {"expires_at": 0, "csrf": ""}
             if state == "recorded" or aal2_event is None:
-                return SaveResult(True, None)
+                return SaveResult(True, None, stored["csrf"])
             # The session's expiry, which a newer answer may have moved past this one's.
-            stored_expires_at = self._get(self.keys.session(sid))["expires_at"]
-            return SaveResult(
-                True, self._record_upgrade(sid, aal2_event, max(expires_at, stored_expires_at))
-            )
+            keep_until = max(expires_at, stored["expires_at"])
+            event_id = self._record_upgrade(sid, aal2_event, keep_until)
+            return SaveResult(True, event_id, stored["csrf"])
 
     def forget(
         self,
@@ -174,17 +182,47 @@ class MemoryStore:
         with self._lock:
             return [(eid, dict(fields)) for eid, fields in itertools.islice(self._stream, count)]
 
-    def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
-        if not data:
-            raise ValueError("no fields to set")
+    def record_device_change(
+        self, change_id: str, fields: dict[str, str], keep_until_ms: int
+    ) -> bool:
         with self._lock:
-            key = self.keys.session(session_id)
-            if self._get(key) is None:
+            key = self.keys.device_change(change_id)
+            if self._get(key) is not None:
                 return False
-            app = self._get(self.keys.app(session_id)) or {}
-            app.update(data)
-            self._set(self.keys.app(session_id), app, self._expires[key])
+            self._set(key, True, keep_until_ms)
+            self._devices.append((f"{len(self._devices)}-0", dict(fields)))
             return True
+
+    def device_changes(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        with self._lock:
+            return [(eid, dict(fields)) for eid, fields in itertools.islice(self._devices, count)]
+
+    def update_app(
+        self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
+    ) -> dict[str, str]:
+        with self._lock:
+            self._maybe_sweep()
+            session_key, app_key = self.keys.session(session_id), self.keys.app(session_id)
+            if self._get(session_key) is None:
+                raise SessionEnded()
+            stored = self._get(app_key) or {}
+            app = {**stored, **values}
+            for name in delete:
+                app.pop(name, None)
+            size = _size(app)
+            if size > max_bytes and size > _size(stored):
+                raise AppDataTooLarge(max_bytes, size)
+            if app:
+                self._set(app_key, app, self._expires[session_key])
+            else:
+                self._delete(app_key)  # as Redis drops a hash without fields
+            return dict(app)
+
+    def load_app(self, session_id: str) -> dict[str, str]:
+        with self._lock:
+            if self._get(self.keys.session(session_id)) is None:
+                raise SessionEnded()
+            return dict(self._get(self.keys.app(session_id)) or {})
 
     def ping(self) -> None:
         return None
@@ -221,7 +259,8 @@ class MemoryStore:
         moved = False
         if stored is None or stored["validated_at"] <= validated_at:
             moved = stored is not None and stored["expires_at"] < expires_at
-            record = {"kratos": session.kratos, "validated_at": validated_at}
+            csrf = stored["csrf"] if stored is not None else new_csrf_token()
+            record = {"kratos": session.kratos, "validated_at": validated_at, "csrf": csrf}
             self._set(self.keys.session(sid), {**record, "expires_at": expires_at}, expires_at)
             self._expire_at(self.keys.app(sid), expires_at)
         marker = self.keys.aal2_marker(sid)
@@ -262,6 +301,7 @@ class MemoryStore:
         expires = max(self._expires.get(credentials_key, 0), keep_until)
         self._set(credentials_key, credentials, expires)
         self._delete(self.keys.session(sid))
+        self._delete(self.keys.app(sid))
 
     def _load(self, session_id: str, with_app: bool) -> MirroredSession | None:
         record = self._get(self.keys.session(session_id))
@@ -272,6 +312,7 @@ class MemoryStore:
             validated_at_ms=record["validated_at"],
             expires_at_ms=record["expires_at"],
             app=dict(self._get(self.keys.app(session_id)) or {}) if with_app else {},
+            csrf_token=record["csrf"],
         )
 
     def _claim(self, session_id: str, ttl_ms: int) -> Lock | None:

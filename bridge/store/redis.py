@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -22,9 +22,9 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, RedisClusterException
 
 from bridge.bounded import BoundedMap
-from bridge.errors import StoreUnavailable
+from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable
 from bridge.logs import Throttled
-from bridge.session import MirroredSession
+from bridge.session import MirroredSession, new_csrf_token
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     ENDED,
@@ -74,11 +74,12 @@ return 0
 
 # Session slot. KEYS: session, app, credentials, aal2 marker, lock to release
 # ARGV: kratos json, validated_at, expires_at, fingerprint, lock token,
-#       aal2 marker expires_at, "1" when the session is at aal2
-# Returns {state, keys in other slots that must now live as long, the session's expiry}:
-# state -1 (a newer rejection: nothing written), 0, or 1 (the AAL2 event is not
-# recorded). When the expiry moved later (Kratos extended the session), the other
-# credentials' fingerprints and the upgrade id follow, so their keys can be kept as long.
+#       aal2 marker expires_at, "1" when the session is at aal2, a new CSRF token
+# Returns {state, keys in other slots that must now live as long, the session's expiry,
+# its CSRF token}: state -1 (a newer rejection: nothing written), 0, or 1 (the AAL2
+# event is not recorded). When the expiry moved later (Kratos extended the session), the
+# other credentials' fingerprints and the upgrade id follow, so their keys can be kept as
+# long. The CSRF token is the new one only when this save created the session key.
 _SESSION_SAVE = (
     _RELEASE_FIRST.format(lock=5, token=5)
     + _EXPIRE_NOT_BEFORE
@@ -87,7 +88,7 @@ local validated_at = tonumber(ARGV[2])
 local ended = tonumber(redis.call('HGET', KEYS[3], '"""
     + ENDED
     + """'))
-if ended and validated_at < ended then return {-1, {}, 0} end
+if ended and validated_at < ended then return {-1, {}, 0, ''} end
 local known = redis.call('HGET', KEYS[3], ARGV[4])
 if not known or string.sub(known, 1, 1) == '-' or tonumber(known) <= validated_at then
   redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
@@ -98,6 +99,7 @@ local moved = stored[2] and tonumber(stored[2]) < tonumber(ARGV[3])
 if not stored[1] or tonumber(stored[1]) <= validated_at then
   redis.call('HSET', KEYS[1], 'kratos', ARGV[1], 'validated_at', ARGV[2],
              'expires_at', ARGV[3])
+  redis.call('HSETNX', KEYS[1], 'csrf', ARGV[8])
   redis.call('PEXPIREAT', KEYS[1], ARGV[3])
   redis.call('PEXPIREAT', KEYS[2], ARGV[3])
 else
@@ -112,14 +114,15 @@ if moved then
   end
 end
 local expires_at = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
+local csrf = redis.call('HGET', KEYS[1], 'csrf') or ''
 local marker = redis.call('GET', KEYS[4])
 if marker then
   redis.call('PEXPIREAT', KEYS[4], ARGV[6], 'GT')
   if moved then table.insert(follow, '=' .. marker) end
-  return {0, follow, expires_at}
+  return {0, follow, expires_at, csrf}
 end
-if ARGV[7] ~= '1' then return {0, follow, expires_at} end
-return {1, follow, expires_at}
+if ARGV[7] ~= '1' then return {0, follow, expires_at, csrf} end
+return {1, follow, expires_at, csrf}
 """
 )
 
@@ -167,28 +170,29 @@ redis.call('SET', KEYS[1], '-' .. ARGV[1], 'PX', ARGV[2])
 return {1, sid}
 """
 
-# Session slot. KEYS: session, credentials, lock to release
+# Session slot. KEYS: session, app, credentials, lock to release
 # ARGV: fingerprint, rejected_at, remember until (ms), lock token
+# The app data goes with the mirror: a session Kratos turned down keeps none.
 _SESSION_FORGET = (
-    _RELEASE_FIRST.format(lock=3, token=4)
+    _RELEASE_FIRST.format(lock=4, token=4)
     + _EXPIRE_NOT_BEFORE
     + """
 local rejected_at = tonumber(ARGV[2])
-local known = redis.call('HGET', KEYS[2], ARGV[1])
+local known = redis.call('HGET', KEYS[3], ARGV[1])
 if known and string.sub(known, 1, 1) ~= '-' and tonumber(known) > rejected_at then
   return 0
 end
-redis.call('HSET', KEYS[2], ARGV[1], '-' .. ARGV[2])
-local ended = tonumber(redis.call('HGET', KEYS[2], '"""
+redis.call('HSET', KEYS[3], ARGV[1], '-' .. ARGV[2])
+local ended = tonumber(redis.call('HGET', KEYS[3], '"""
     + ENDED
     + """'))
 if not ended or ended < rejected_at then
-  redis.call('HSET', KEYS[2], '"""
+  redis.call('HSET', KEYS[3], '"""
     + ENDED
     + """', ARGV[2])
 end
-redis.call('DEL', KEYS[1])
-expire_not_before(KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[1], KEYS[2])
+expire_not_before(KEYS[3], ARGV[3])
 return 1
 """
 )
@@ -214,17 +218,46 @@ end
 return {entry, fields, app, 0}
 """
 
-# Session slot. KEYS: session, app; ARGV: field, value, ...
-_SET_APP = """
+# Session slot. KEYS: session, app
+# ARGV: max bytes, number of fields to set n, n names and values in turn, names to delete
+# Returns {0} (no session), {-1, the size it would have had}, or {1, the app hash after}.
+# Field by field, never the hash as a whole: writers of other fields lose nothing.
+_UPDATE_APP = """
 local expires_at = redis.call('PEXPIRETIME', KEYS[1])
-if expires_at < 0 then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV))
+if expires_at < 0 then return {0} end
+local app, before = {}, 0
+local stored = redis.call('HGETALL', KEYS[2])
+for i = 1, #stored, 2 do
+  app[stored[i]] = stored[i + 1]
+  before = before + #stored[i] + #stored[i + 1]
+end
+local last_set = 2 + 2 * tonumber(ARGV[2])
+for i = 3, last_set, 2 do app[ARGV[i]] = ARGV[i + 1] end
+for i = last_set + 1, #ARGV do app[ARGV[i]] = nil end
+local after = 0
+for name, value in pairs(app) do after = after + #name + #value end
+if after > tonumber(ARGV[1]) and after > before then return {-1, after} end
+for i = 3, last_set, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = last_set + 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 redis.call('PEXPIREAT', KEYS[2], expires_at)
-return 1
+return {1, redis.call('HGETALL', KEYS[2])}
+"""
+
+# Session slot. KEYS: session, app. Returns false (no session) or the app hash.
+_LOAD_APP = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('HGETALL', KEYS[2])
 """
 
 # KEYS: lock; ARGV: token
 _RELEASE = _RELEASE_FIRST.format(lock=1, token=1)
+
+# Device stream slot. KEYS: change key, stream; ARGV: keep until, maxlen, field, value, ...
+_DEVICE_CHANGE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PXAT', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return 1
+"""
 
 # Session slot. KEYS: aal2 marker; ARGV: upgrade id, keep until (at least)
 _MARK = """
@@ -261,10 +294,16 @@ class RedisStore:
     """Session mirror in Redis 7.0+: standalone, behind Sentinel, or a Cluster."""
 
     def __init__(
-        self, connect: Callable[[], RedisTarget], keys: Keys, timeout: float, stream_maxlen: int
+        self,
+        connect: Callable[[], RedisTarget],
+        keys: Keys,
+        timeout: float,
+        stream_maxlen: int,
+        device_stream_maxlen: int = 100_000,
     ) -> None:
         self.keys = keys
         self._stream_maxlen = stream_maxlen
+        self._device_stream_maxlen = device_stream_maxlen
         # WAIT must answer before the socket times out.
         self._wait_ms = max(1, int(timeout * 1000 / 2))
         # Which session a credential belongs to never changes: read once per process.
@@ -296,8 +335,10 @@ class RedisStore:
             self._pointer_forget = register(_POINTER_FORGET)
             self._session_forget = register(_SESSION_FORGET)
             self._release = register(_RELEASE)
-            self._set_app = register(_SET_APP)
+            self._update_app = register(_UPDATE_APP)
+            self._load_app = register(_LOAD_APP)
             self._mark = register(_MARK)
+            self._device_change = register(_DEVICE_CHANGE)
             self._target = target
 
     @_unavailable_on_error
@@ -385,6 +426,7 @@ class RedisStore:
                     release.token if release is not None and own_lock else "",
                     expires_at + AAL2_MARKER_GRACE_MS,
                     "1" if aal2_event else "0",
+                    new_csrf_token(),
                 ],
             ),
             _Call(
@@ -395,7 +437,7 @@ class RedisStore:
         ]
         if release is not None and not own_lock:
             calls.append(self._release_call(release))
-        pointer, (state, follow, session_expires_at), *_ = self._pipeline(calls)
+        pointer, (state, follow, session_expires_at, csrf_token), *_ = self._pipeline(calls)
         self._pointers.put(fingerprint, sid)
         if pointer != 0:
             # A newer rejection of this credential that the session's slot may not know
@@ -414,7 +456,7 @@ class RedisStore:
             # The session's expiry, which a newer answer may have moved past this one's.
             keep_until = max(expires_at, session_expires_at) + AAL2_MARKER_GRACE_MS
             event_id = self._record_upgrade(sid, aal2_event, keep_until)
-        return SaveResult(True, event_id)
+        return SaveResult(True, event_id, csrf_token.decode())
 
     def _follow_expiry(self, names: list[bytes], expires_at: int) -> None:
         """Kratos extended a session: its other credentials' pointers (a re-issued cookie
@@ -542,7 +584,12 @@ class RedisStore:
     def _session_forget_call(
         self, sid: str, fingerprint: str, rejected_at: int, keep_until: int, token: str = ""
     ) -> _Call:
-        keys = [self.keys.session(sid), self.keys.credentials(sid), self.keys.revalidating(sid)]
+        keys = [
+            self.keys.session(sid),
+            self.keys.app(sid),
+            self.keys.credentials(sid),
+            self.keys.revalidating(sid),
+        ]
         return _Call(self._session_forget, keys, [fingerprint, rejected_at, keep_until, token])
 
     def _release_call(self, lock: Lock) -> _Call:
@@ -573,12 +620,25 @@ class RedisStore:
         raise AssertionError("unreachable")
 
     @_unavailable_on_error
-    def set_app_data(self, session_id: str, data: dict[str, str]) -> bool:
-        if not data:
-            raise ValueError("no fields to set")
+    def update_app(
+        self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
+    ) -> dict[str, str]:
         keys = [self.keys.session(session_id), self.keys.app(session_id)]
-        args = [part for item in data.items() for part in item]
-        return bool(self._set_app(keys=keys, args=args))
+        args = [max_bytes, len(values), *(part for item in values.items() for part in item)]
+        state, *rest = self._update_app(keys=keys, args=[*args, *delete])
+        if state == 0:
+            raise SessionEnded()
+        if state == -1:
+            raise AppDataTooLarge(max_bytes, rest[0])
+        return _text_pairs(rest[0])
+
+    @_unavailable_on_error
+    def load_app(self, session_id: str) -> dict[str, str]:
+        keys = [self.keys.session(session_id), self.keys.app(session_id)]
+        app = self._load_app(keys=keys)
+        if app is None:
+            raise SessionEnded()
+        return _text_pairs(app)
 
     @_unavailable_on_error
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
@@ -608,6 +668,23 @@ class RedisStore:
     @_unavailable_on_error
     def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         entries = self._redis.xrange(self.keys.aal2_stream, count=count)
+        return [
+            (eid.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+            for eid, fields in entries
+        ]
+
+    @_unavailable_on_error
+    def record_device_change(
+        self, change_id: str, fields: dict[str, str], keep_until_ms: int
+    ) -> bool:
+        keys = [self.keys.device_change(change_id), self.keys.device_stream]
+        args: list[Any] = [keep_until_ms, self._device_stream_maxlen]
+        args += [part for item in fields.items() for part in item]
+        return bool(self._device_change(keys=keys, args=args))
+
+    @_unavailable_on_error
+    def device_changes(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        entries = self._redis.xrange(self.keys.device_stream, count=count)
         return [
             (eid.decode(), {k.decode(): v.decode() for k, v in fields.items()})
             for eid, fields in entries
@@ -673,10 +750,20 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _text_pairs(flat: list[bytes]) -> dict[str, str]:
+    """An app hash as a Lua script returns it, as text."""
+    return _text(_pairs(flat))
+
+
+def _text(app: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in app.items()}
+
+
 def _session(fields: dict[bytes, bytes], app: dict[bytes, bytes]) -> MirroredSession:
     return MirroredSession(
         kratos=orjson.loads(fields[b"kratos"]),
         validated_at_ms=int(fields[b"validated_at"]),
         expires_at_ms=int(fields[b"expires_at"]),
-        app={k.decode(errors="replace"): v.decode(errors="replace") for k, v in app.items()},
+        app=_text(app),
+        csrf_token=fields.get(b"csrf", b"").decode(),
     )

@@ -1,104 +1,151 @@
-"""Demo upstream: shows what the proxy and the bridge tell an app about its user.
+"""Demo upstream: a small Flask app on bridge.flask, behind the proxy and the bridge.
 
-Every path answers with the same page; the rules file (config/rules.yml) decides who may
-see which: /aal2 needs a second factor, /recent a login in the last 5 minutes, /public/
-no session, and /internal nobody. Standard library only, so the image needs no
-dependencies. Everything printed comes from the request or the bridge and is HTML-escaped.
+``flask.session`` here is the app's part of the user's Kratos session, in the bridge's
+Redis; who the user is comes from the bridge's signed JWT, checked against its JWKS.
+Pages: ``/`` (who am I, the identity headers the proxy set, a counter kept in the session
+with a CSRF-protected form), ``/aal2`` (``require_aal2``), ``/recent``
+(``require_recent_login``, 5 minutes), ``/public/`` (no session needed) and ``/internal``
+(shown only if the proxy lets it through: the rules file denies it). The rules file
+(config/rules.yml) guards the same paths at the bridge, which asks Kratos again after a
+step-up or a new login; the decorators are the app's own check of the same thing.
+
+Settings are the ``KRATOS_SESSION_*`` environment variables (see ``bridge/flask.py``);
+the defaults are the compose stack's. ``DEMO_PORT`` is the port (5000).
 """
 
-import json
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
-from html import escape
-from http.client import HTTPResponse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from datetime import timedelta
+
+from flask import Flask, redirect, render_template_string, request, session
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from bridge.flask import (
+    KratosSession,
+    csrf_protect,
+    current_identity,
+    require_aal2,
+    require_recent_login,
+)
 
 PORT = int(os.environ.get("DEMO_PORT", "5000"))
-WHOAMI_URL = os.environ.get("DEMO_WHOAMI_URL", "http://bridge:4480/whoami")
 IDENTITY_HEADERS = ("X-User-Id", "X-Session-Id", "X-User-Aal", "X-User-Email", "X-Bridge-Jwt")
 LINKS = (
     ("/", "who am I (any session)"),
-    ("/aal2", "a second-factor page (rule: aal2)"),
-    ("/recent", "a recent-login page (rule: max_age 5m)"),
+    ("/aal2", "a second-factor page (rule: aal2; require_aal2)"),
+    ("/recent", "a recent-login page (rule: max_age 5m; require_recent_login)"),
     ("/public/", "a public page (rule: public)"),
     ("/internal", "a closed page (rule: deny)"),
 )
-if urllib.parse.urlsplit(WHOAMI_URL).scheme not in ("http", "https"):
-    raise SystemExit(f"DEMO_WHOAMI_URL must be http(s), got {WHOAMI_URL!r}")
 
 PAGE = """<!doctype html>
 <html lang="en">
 <head><meta charset="utf-8"><title>kratos-session-bridge demo</title>
-<style>body{{font-family:sans-serif;max-width:50rem;margin:2rem auto}}
-th{{text-align:left;padding-right:1rem}}pre{{background:#f4f4f4;padding:1rem;overflow:auto}}</style>
+<style>body{font-family:sans-serif;max-width:50rem;margin:2rem auto}
+th{text-align:left;padding-right:1rem}td{word-break:break-all}
+form{display:inline}</style>
 </head>
 <body>
-<h1>kratos-session-bridge demo: {path}</h1>
-<ul>{links}</ul>
+<h1>kratos-session-bridge demo: {{ request.path }}</h1>
+<ul>{% for href, text in links %}<li><a href="{{ href }}">{{ text }}</a></li>{% endfor %}</ul>
+{% if identity %}
+<h2>Who am I (the bridge's JWT, the session in Redis)</h2>
+<table>
+<tr><th>identity</th><td>{{ identity.id }}</td></tr>
+<tr><th>traits</th><td>{{ identity.traits | tojson }}</td></tr>
+<tr><th>schema</th><td>{{ identity.schema_id }}</td></tr>
+<tr><th>AAL</th><td>{{ identity.aal }}</td></tr>
+<tr><th>methods</th><td>{{ identity.authentication_methods | join(", ") }}</td></tr>
+<tr><th>logged in at</th><td>{{ identity.authenticated_at }}</td></tr>
+<tr><th>session</th><td>{{ identity.session_id }}</td></tr>
+</table>
+<h2>Counter: {{ counter }}</h2>
+<p>Kept in the Kratos session: the same in every tab and every replica of this app, gone
+when you log out.</p>
+<form method="post" action="/counter">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<button>count</button></form>
+<form method="post" action="/forget">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<button>forget this app's data</button></form>
+{% else %}
+<p>No Kratos session on this request (a public page, or no hand-off from the proxy).</p>
+{% endif %}
 <h2>Identity headers set by the proxy</h2>
-<table>{rows}</table>
-<h2>GET {whoami_url} &rarr; {status}</h2>
-<pre>{body}</pre>
+<table>{% for name, value in headers %}<tr><th>{{ name }}</th><td>{{ value }}</td></tr>{% endfor %}
+</table>
 </body>
 </html>
 """
 
-
-def call_whoami(cookie: str | None) -> tuple[str, str]:
-    """Ask the bridge who this is, as the browser; return (status line, body)."""
-    headers = {"Accept": "application/json"}
-    if cookie:
-        headers["Cookie"] = cookie
-    # The scheme was checked at start-up, so urlopen cannot be steered to file: URLs.
-    request = urllib.request.Request(WHOAMI_URL, headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=3) as response:  # noqa: S310
-            return f"{response.status} {response.reason}", read_text(response)
-    except urllib.error.HTTPError as error:
-        return f"{error.code} {error.reason}", read_text(error)
-    except (urllib.error.URLError, TimeoutError) as error:
-        return "unreachable", str(error)
+app = Flask(__name__)
+# Behind Traefik, X-Forwarded-Proto and -Host make request.url (a login's return_to) the
+# URL the browser asked for.
+app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)
+app.config.update(
+    KRATOS_SESSION_REDIS_URL="redis://redis:6379/0",
+    KRATOS_SESSION_TRUST="jwt",
+    KRATOS_SESSION_JWKS_URL="http://bridge:4480/.well-known/jwks.json",
+    KRATOS_SESSION_LOGIN_URL="http://127.0.0.1:4433/self-service/login/browser",
+)
+app.config.update({k: v for k, v in os.environ.items() if k.startswith("KRATOS_SESSION_")})
+KratosSession(app)
 
 
-def read_text(response: HTTPResponse | urllib.error.HTTPError) -> str:
-    return response.read().decode("utf-8", "replace")
-
-
-def pretty(body: str) -> str:
-    try:
-        return json.dumps(json.loads(body), indent=2, sort_keys=True)
-    except ValueError:
-        return body
-
-
-class DemoHandler(BaseHTTPRequestHandler):
-    server_version = "bridge-demo"
-
-    def do_GET(self) -> None:
-        rows = "".join(
-            f"<tr><th>{escape(name)}</th><td>{escape(self.headers.get(name, '(absent)'))}</td></tr>"
-            for name in IDENTITY_HEADERS
+def page():
+    headers = [(name, request.headers.get(name, "(absent)")) for name in IDENTITY_HEADERS]
+    response = app.make_response(
+        render_template_string(
+            PAGE,
+            links=LINKS,
+            identity=current_identity._get_current_object(),
+            counter=session.get("counter", 0),
+            headers=headers,
         )
-        status, body = call_whoami(self.headers.get("Cookie"))
-        links = "".join(f'<li><a href="{href}">{escape(text)}</a></li>' for href, text in LINKS)
-        page = PAGE.format(
-            path=escape(self.path),
-            links=links,
-            rows=rows,
-            whoami_url=escape(WHOAMI_URL),
-            status=escape(status),
-            body=escape(pretty(body)),
-        ).encode("utf-8")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        # The page shows personal data; no shared cache may keep it.
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
+    )
+    # The page shows personal data; no shared cache may keep it.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@app.get("/")
+@app.get("/public/")
+@app.get("/public/<path:rest>")
+@app.get("/internal")
+def show(rest: str = ""):
+    return page()
+
+
+@app.get("/aal2")
+@require_aal2
+def second_factor():
+    return page()
+
+
+@app.get("/recent")
+@require_recent_login(timedelta(minutes=5))
+def recent_login():
+    return page()
+
+
+@app.post("/counter")
+@csrf_protect
+def count():
+    session["counter"] = session.get("counter", 0) + 1
+    return redirect("/", 303)
+
+
+@app.post("/forget")
+@csrf_protect
+def forget():
+    session.clear()
+    return redirect("/", 303)
+
+
+@app.get("/healthz")
+def healthz():
+    return {"status": "ok"}
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("0.0.0.0", PORT), DemoHandler).serve_forever()  # noqa: S104 (container)
+    # Werkzeug's threaded server: enough for a demo (it warns that it is not for production).
+    app.run(host="0.0.0.0", port=PORT, threaded=True)  # noqa: S104 (container)

@@ -1,0 +1,187 @@
+"""Device-change signals: a known session used from another IP address or user agent than
+the one Kratos recorded when it was created.
+
+The client address is the request's peer, unless the peer is a trusted proxy
+(``BRIDGE_TRUSTED_PROXIES``): then it is the last address in ``X-Forwarded-For`` that is
+not itself a trusted proxy (the proxies append, so everything left of the first untrusted
+address is the client's own claim). Without trusted proxies the address is not known
+and only the user agent is compared.
+
+A change is recorded once per session and change (``record``), and, with ``deny``, the
+request is refused too. The check costs a string comparison on the hot path; recording
+happens on a background thread, at most once per process per change (and once in all,
+through the store), so a session hammering the bridge from a new device costs one write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from bridge.bounded import BoundedMap
+from bridge.logs import Throttled
+from bridge.request import HeaderView
+from bridge.session import MirroredSession, iso
+
+log = logging.getLogger(__name__)
+_failures = Throttled(log)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_PENDING = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChange:
+    """What differs between Kratos's record of the session and this request."""
+
+    change_id: str  # the same for the same session and the same new device, everywhere
+    session_id: str
+    identity_id: str
+    expires_at_ms: int
+    old_ip: str
+    new_ip: str
+    old_user_agent: str
+    new_user_agent: str
+
+    def fields(self, seen_at_ms: int) -> dict[str, str]:
+        return {
+            "change_id": self.change_id,
+            "session_id": self.session_id,
+            "identity_id": self.identity_id,
+            "old_ip": self.old_ip,
+            "new_ip": self.new_ip,
+            "old_user_agent": self.old_user_agent,
+            "new_user_agent": self.new_user_agent,
+            "seen_at": iso(seen_at_ms),
+        }
+
+
+def client_address(headers: HeaderView, trusted: tuple[Network, ...] | None) -> str | None:
+    """The client's address, or ``None`` when it cannot be known (see the module)."""
+    peer = headers.peer
+    if not trusted or peer is None:
+        return None
+    if not _is_trusted(peer, trusted):
+        return peer
+    chain = [
+        hop.strip() for value in headers.get_all("x-forwarded-for") for hop in value.split(",")
+    ]
+    for hop in reversed(chain):
+        if not _is_trusted(hop, trusted):
+            return hop if _is_address(hop) else None
+    return None
+
+
+def detect(session: MirroredSession, user_agent: str | None, ip: str | None) -> DeviceChange | None:
+    """The change, when this request's user agent or address differs from Kratos's record
+    (an unknown value on either side is no change)."""
+    device = session.kratos.get("device") or {}
+    old_ua = device.get("user_agent") or ""
+    old_ip = _without_port(device.get("ip_address") or "")
+    ua_changed = bool(user_agent and old_ua and user_agent != old_ua)
+    ip_changed = bool(ip and old_ip and ip != old_ip)
+    if not (ua_changed or ip_changed):
+        return None
+    new_ua = user_agent if ua_changed and user_agent else old_ua
+    new_ip = ip if ip_changed and ip else old_ip
+    digest = hashlib.sha256(f"{session.id}\x00{new_ip}\x00{new_ua}".encode()).hexdigest()
+    return DeviceChange(
+        digest[:32],
+        session.id,
+        session.identity_id,
+        session.expires_at_ms,
+        old_ip,
+        new_ip,
+        old_ua,
+        new_ua,
+    )
+
+
+class DeviceWatch:
+    """Checks each allowed session; hands new changes to ``record`` on a background thread."""
+
+    def __init__(
+        self,
+        mode: str,
+        trusted: tuple[Network, ...] | None,
+        record: Callable[[DeviceChange], None],
+    ) -> None:
+        self.mode = mode
+        self._trusted = trusted
+        self._record = record
+        self._seen: BoundedMap[str, bool] = BoundedMap(50_000)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="device-signals")
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def refuses(self, session: MirroredSession, headers: HeaderView) -> bool:
+        """Whether the request came from another device than Kratos recorded and the mode
+        says to refuse it; a new change is recorded either way."""
+        user_agent = headers.get("user-agent")
+        ip = client_address(headers, self._trusted) if self._trusted else None
+        if user_agent is None and ip is None:
+            return False
+        change = detect(session, user_agent, ip)
+        if change is None:
+            return False
+        if self._seen.get(change.change_id) is None:
+            self._seen.put(change.change_id, True)
+            self._submit(change)
+        return self.mode == "deny"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, change: DeviceChange) -> None:
+        with self._lock:
+            if self._pending >= MAX_PENDING:
+                _failures.warning("device-change signals are backing up: one dropped")
+                self._seen.pop(change.change_id)
+                return
+            self._pending += 1
+        self._pool.submit(self._write, change)
+
+    def _write(self, change: DeviceChange) -> None:
+        try:
+            self._record(change)
+        except Exception as error:  # the store is down: the next request tries again
+            self._seen.pop(change.change_id)
+            _failures.warning("a device-change signal was not recorded: %s", error)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+
+def _without_port(value: str) -> str:
+    """Kratos records the address it saw, with the port when it saw a bare connection
+    (``127.0.0.1:45418``, ``[::1]:45418``)."""
+    if _is_address(value):
+        return value
+    host, colon, port = value.rpartition(":")
+    host = host.strip("[]")
+    return host if colon and port.isdigit() and _is_address(host) else value
+
+
+def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def _is_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
