@@ -48,7 +48,7 @@ def _host_and_port(parts: SplitResult) -> None:
     host = parts.hostname
     if not host:
         raise ValueError("has no host")
-    if not _is_ip(host) and not _HOST_NAME.fullmatch(host):
+    if not is_ip(host) and not _HOST_NAME.fullmatch(host):
         raise ValueError(f"host {host!r} is not a host name or IP address")
     try:
         port = parts.port
@@ -58,7 +58,7 @@ def _host_and_port(parts: SplitResult) -> None:
         raise ValueError("port is not a number from 1 to 65535")
 
 
-def _is_ip(value: str) -> bool:
+def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -256,7 +256,7 @@ def _node(item: str, default_port: int, value: str) -> tuple[str, int]:
         port_text = port_text if colon else None
         if not host:
             raise ValueError(f"host {_quoted(item, value)} has no host name")
-        if not _is_ip(host) and not _HOST_NAME.fullmatch(host):
+        if not is_ip(host) and not _HOST_NAME.fullmatch(host):
             raise ValueError(f"host {_quoted(host, value)} is not a host name or IP address")
     if port_text is None:
         return host, default_port
@@ -351,7 +351,7 @@ def _trait_list(value: str) -> tuple[str, ...]:
 
 def _listen_host(value: str) -> str:
     """An IP address, or a host name resolved now to the address ``serve`` binds."""
-    if _is_ip(value):
+    if is_ip(value):
         return value
     if not _HOST_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a host name or IP address")

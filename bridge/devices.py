@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bridge.bounded import BoundedMap
+from bridge.config import is_ip
 from bridge.logs import Throttled
 from bridge.request import HeaderView
 from bridge.session import MirroredSession, iso
@@ -73,7 +74,7 @@ def client_address(headers: HeaderView, trusted: tuple[Network, ...] | None) -> 
     ]
     for hop in reversed(chain):
         if not _is_trusted(hop, trusted):
-            return hop if _is_address(hop) else None
+            return hop if is_ip(hop) else None
     return None
 
 
@@ -164,11 +165,11 @@ class DeviceWatch:
 def _without_port(value: str) -> str:
     """Kratos records the address it saw, with the port when it saw a bare connection
     (``127.0.0.1:45418``, ``[::1]:45418``)."""
-    if _is_address(value):
+    if is_ip(value):
         return value
     host, colon, port = value.rpartition(":")
     host = host.strip("[]")
-    return host if colon and port.isdigit() and _is_address(host) else value
+    return host if colon and port.isdigit() and is_ip(host) else value
 
 
 def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
@@ -177,11 +178,3 @@ def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     except ValueError:
         return False
     return any(ip in network for network in trusted)
-
-
-def _is_address(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True

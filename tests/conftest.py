@@ -64,6 +64,16 @@ def redis_topology(request: pytest.FixtureRequest) -> SharedStandalone | Sentine
     return request.getfixturevalue(f"{request.param}_set")
 
 
+def topology_url(kind: str, request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL of a store kind: none (embedded), the shared redis-server, or a
+    Sentinel or Cluster set, started when first asked for."""
+    if kind == "embedded":
+        return None
+    if kind == "standalone":
+        return request.getfixturevalue("redis_server").url
+    return request.getfixturevalue(f"{kind}_set").url
+
+
 @pytest.fixture(scope="session")
 def kratos(workdir: Path) -> Iterator[Kratos]:
     """Kratos with ``required_aal: aal1``: whoami answers aal1 sessions of 2FA users too."""

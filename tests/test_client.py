@@ -22,7 +22,7 @@ from bridge.session import MirroredSession
 from bridge.store import Keys
 from bridge.store.memory import MemoryStore
 from tests import kratos_flows as flows
-from tests.conftest import bridge_settings
+from tests.conftest import bridge_settings, topology_url
 from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +35,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
-    if store_kind == "embedded":
-        return None
-    if store_kind == "standalone":
-        return request.getfixturevalue("redis_server").url
-    return request.getfixturevalue(f"{store_kind}_set").url
+    return topology_url(store_kind, request)
 
 
 @pytest.fixture

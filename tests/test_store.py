@@ -22,7 +22,7 @@ from bridge.app import build_store
 from bridge.errors import AppDataTooLarge, SessionEnded
 from bridge.session import MirroredSession, aal2_event, upgrade_id
 from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Lock, Lookup, Rejection
-from tests.conftest import bridge_settings
+from tests.conftest import bridge_settings, topology_url
 from tests.harness import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +36,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
-    if store_kind == "embedded":
-        return None
-    if store_kind == "standalone":
-        return request.getfixturevalue("redis_server").url
-    return request.getfixturevalue(f"{store_kind}_set").url
+    return topology_url(store_kind, request)
 
 
 @pytest.fixture
