@@ -139,6 +139,36 @@ def main() -> None:
             args.requests * 10,
             warm=True,
         )
+        # Device-change check: the user agent Kratos recorded, or another one (a change,
+        # recorded once, then compared on every request).
+        recorded_ua = flows.session_of(kratos, token=users[0].token).json()["devices"][0][
+            "user_agent"
+        ]
+        same_device = [
+            HeaderView([("x-session-token", u.token), ("user-agent", recorded_ua), *FORWARDED])
+            for u in users
+        ]
+        new_device = [
+            HeaderView([("x-session-token", u.token), ("user-agent", "Other/1.0"), *FORWARDED])
+            for u in users
+        ]
+        for name, env, views in (
+            (
+                "warm hit, /forward-auth, device check off",
+                {"BRIDGE_ON_DEVICE_CHANGE": "off"},
+                same_device,
+            ),
+            ("warm hit, /forward-auth, same device", {}, same_device),
+            ("warm hit, /forward-auth, changed device", {}, new_device),
+        ):
+            measure(
+                name,
+                bridge("3600", **env),
+                views,
+                args.requests * 10,
+                warm=True,
+                path="/forward-auth",
+            )
         for name, env in (
             ("warm hit, /forward-auth", {}),
             ("warm hit, /forward-auth, 20 rules", rules),

@@ -15,6 +15,7 @@ through the store), so a session hammering the bridge from a new device costs on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -83,9 +84,11 @@ def detect(session: MirroredSession, user_agent: str | None, ip: str | None) -> 
     (an unknown value on either side is no change)."""
     device = session.kratos.get("device") or {}
     old_ua = device.get("user_agent") or ""
-    old_ip = _without_port(device.get("ip_address") or "")
     ua_changed = bool(user_agent and old_ua and user_agent != old_ua)
-    ip_changed = bool(ip and old_ip and ip != old_ip)
+    ip_changed = False
+    if ip or ua_changed:
+        old_ip = _without_port(device.get("ip_address") or "")
+        ip_changed = bool(ip and old_ip and ip != old_ip)
     if not (ua_changed or ip_changed):
         return None
     new_ua = user_agent if ua_changed and user_agent else old_ua
@@ -115,7 +118,8 @@ class DeviceWatch:
         self.mode = mode
         self._trusted = trusted
         self._record = record
-        self._seen: BoundedMap[str, bool] = BoundedMap(50_000)
+        # Per (session, user agent, address): whether it is a change (already handed on).
+        self._known: BoundedMap[tuple[str, str | None, str | None], bool] = BoundedMap(50_000)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="device-signals")
         self._pending = 0
         self._lock = threading.Lock()
@@ -131,37 +135,40 @@ class DeviceWatch:
         ip = client_address(headers, self._trusted) if self._trusted else None
         if user_agent is None and ip is None:
             return False
-        change = detect(session, user_agent, ip)
-        if change is None:
-            return False
-        if self._seen.get(change.change_id) is None:
-            self._seen.put(change.change_id, True)
-            self._submit(change)
-        return self.mode == "deny"
+        key = (session.id, user_agent, ip)
+        changed = self._known.get(key)
+        if changed is None:
+            change = detect(session, user_agent, ip)
+            changed = change is not None
+            self._known.put(key, changed)
+            if change is not None:
+                self._submit(change, key)
+        return changed and self.mode == "deny"
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _submit(self, change: DeviceChange) -> None:
+    def _submit(self, change: DeviceChange, key: tuple[str, str | None, str | None]) -> None:
         with self._lock:
             if self._pending >= MAX_PENDING:
                 _failures.warning("device-change signals are backing up: one dropped")
-                self._seen.pop(change.change_id)
+                self._known.pop(key)
                 return
             self._pending += 1
-        self._pool.submit(self._write, change)
+        self._pool.submit(self._write, change, key)
 
-    def _write(self, change: DeviceChange) -> None:
+    def _write(self, change: DeviceChange, key: tuple[str, str | None, str | None]) -> None:
         try:
             self._record(change)
         except Exception as error:  # the store is down: the next request tries again
-            self._seen.pop(change.change_id)
+            self._known.pop(key)
             _failures.warning("a device-change signal was not recorded: %s", error)
         finally:
             with self._lock:
                 self._pending -= 1
 
 
+@functools.lru_cache(maxsize=4096)
 def _without_port(value: str) -> str:
     """Kratos records the address it saw, with the port when it saw a bare connection
     (``127.0.0.1:45418``, ``[::1]:45418``)."""
