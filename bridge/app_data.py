@@ -7,6 +7,7 @@ other's. A value some other writer stored as plain text reads back as that text.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -70,13 +71,25 @@ def _value(raw: str) -> Any:
         return raw  # written as plain text by some other writer
 
 
+def _exact_int(text: str) -> int:
+    number = int(text)
+    if not -(2**63) <= number < 2**64:
+        raise ValueError(f"{text[:40]} does not fit in 64 bits")
+    return number
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 def merge_patch(body: bytes) -> tuple[dict[str, str], list[str]]:
     """A JSON merge patch of the app section: the fields to set (encoded) and the ones to
     delete (``null``). ``BadRequest`` naming what is wrong."""
     try:
-        patch = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not JSON") from None
+        # The standard parser, unlike orjson, says when a number cannot be kept exactly.
+        patch = json.loads(body, parse_int=_exact_int, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as error:
+        raise BadRequest(f"the body is not JSON the app section can keep ({error})") from None
     if not isinstance(patch, dict) or not patch:
         raise BadRequest("the body must be a JSON object of app fields")
     values: dict[str, str] = {}

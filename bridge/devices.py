@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bridge.bounded import BoundedMap
-from bridge.config import is_ip
 from bridge.logs import Throttled
 from bridge.request import HeaderView
 from bridge.session import MirroredSession, iso
@@ -35,6 +34,7 @@ _failures = Throttled(log)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_PENDING = 1000
+MAX_USER_AGENT = 256  # compared, stored and remembered: one session cannot make it costly
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +64,9 @@ class DeviceChange:
 
 
 def client_address(headers: HeaderView, trusted: tuple[Network, ...] | None) -> str | None:
-    """The client's address, or ``None`` when it cannot be known (see the module)."""
-    peer = headers.peer
+    """The client's address, or ``None`` when it cannot be known (see the module); in one
+    spelling (``normal_ip``), so that equal addresses compare equal."""
+    peer = normal_ip(headers.peer or "")
     if not trusted or peer is None:
         return None
     if not _is_trusted(peer, trusted):
@@ -74,8 +75,11 @@ def client_address(headers: HeaderView, trusted: tuple[Network, ...] | None) -> 
         hop.strip() for value in headers.get_all("x-forwarded-for") for hop in value.split(",")
     ]
     for hop in reversed(chain):
-        if not _is_trusted(hop, trusted):
-            return hop if is_ip(hop) else None
+        address = normal_ip(hop)
+        if address is None:
+            return None  # not an address: the chain cannot be read
+        if not _is_trusted(address, trusted):
+            return address
     return None
 
 
@@ -83,11 +87,13 @@ def detect(session: MirroredSession, user_agent: str | None, ip: str | None) -> 
     """The change, when this request's user agent or address differs from Kratos's record
     (an unknown value on either side is no change)."""
     device = session.kratos.get("device") or {}
-    old_ua = device.get("user_agent") or ""
+    old_ua = (device.get("user_agent") or "")[:MAX_USER_AGENT]
     ua_changed = bool(user_agent and old_ua and user_agent != old_ua)
     ip_changed = False
+    old_ip = ""
     if ip or ua_changed:
-        old_ip = _without_port(device.get("ip_address") or "")
+        recorded = device.get("ip_address") or ""
+        old_ip = normal_ip(recorded) or recorded
         ip_changed = bool(ip and old_ip and ip != old_ip)
     if not (ua_changed or ip_changed):
         return None
@@ -132,6 +138,8 @@ class DeviceWatch:
         """Whether the request came from another device than Kratos recorded and the mode
         says to refuse it; a new change is recorded either way."""
         user_agent = headers.get("user-agent")
+        if user_agent is not None:
+            user_agent = user_agent[:MAX_USER_AGENT]
         ip = client_address(headers, self._trusted) if self._trusted else None
         if user_agent is None and ip is None:
             return False
@@ -169,14 +177,23 @@ class DeviceWatch:
 
 
 @functools.lru_cache(maxsize=4096)
-def _without_port(value: str) -> str:
-    """Kratos records the address it saw, with the port when it saw a bare connection
-    (``127.0.0.1:45418``, ``[::1]:45418``)."""
-    if is_ip(value):
-        return value
-    host, colon, port = value.rpartition(":")
-    host = host.strip("[]")
-    return host if colon and port.isdigit() and is_ip(host) else value
+def normal_ip(value: str) -> str | None:
+    """An address in one spelling, or ``None`` for what is not one: without a port (Kratos
+    records a bare connection's as ``127.0.0.1:45418`` or ``[::1]:45418``), an IPv4 address
+    mapped into IPv6 (``::ffff:1.2.3.4``, a dual-stack socket's peer) as IPv4, and IPv6 in
+    its compressed lower-case form."""
+    value = value.strip()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
 
 
 def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:

@@ -86,3 +86,17 @@ class AppDataTooLarge(BridgeError):
         )
         self.max_bytes = max_bytes
         self.size = size
+
+
+class TooManyAppFields(AppDataTooLarge):
+    """A write would give a session more app fields than ``MAX_APP_FIELDS``; nothing was
+    written. (Many tiny fields would make every write of the session slow for Redis.)"""
+
+    def __init__(self, max_fields: int, count: int) -> None:
+        BridgeError.__init__(
+            self,
+            f"app data is capped at {max_fields} fields per session; this write would make "
+            f"it {count}",
+        )
+        self.max_bytes = 0
+        self.size = count

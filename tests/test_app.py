@@ -210,6 +210,9 @@ def test_patch_app_merges_typed_fields_and_null_deletes(client, kratos):
         ({}, "application/json", 400, "bad_request"),
         ({"bad name": 1}, "application/json", 400, "bad_request"),
         ({"big": "x" * 70_000}, "application/json", 413, "app_data_too_large"),
+        (b'{"n": 123456789012345678901234567890}', "application/json", 400, "bad_request"),
+        (b'{"n": NaN}', "application/json", 400, "bad_request"),
+        (b'{"n": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400, "bad_request"),
     ],
 )
 def test_patch_app_refuses_bad_writes_and_writes_nothing(

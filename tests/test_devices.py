@@ -92,6 +92,10 @@ def test_the_address_counts_only_through_trusted_proxies(make_client, kratos):
         ("10.0.0.2", "not-an-address", "10.0.0.0/8", None),
         ("10.0.0.2", "10.0.0.4", "10.0.0.0/8", None),  # only proxies: no client known
         ("10.0.0.2", "198.51.100.7", None, None),  # no trusted proxies: unknown
+        ("::ffff:10.0.0.2", "198.51.100.7", "10.0.0.0/8", "198.51.100.7"),  # dual-stack peer
+        ("10.0.0.2", "198.51.100.7:555", "10.0.0.0/8", "198.51.100.7"),  # a hop with a port
+        ("10.0.0.2", "[2001:DB8::1]:80", "10.0.0.0/8", "2001:db8::1"),
+        ("10.0.0.2", "::ffff:198.51.100.7", "10.0.0.0/8", "198.51.100.7"),
     ],
 )
 def test_client_address_is_the_last_untrusted_hop(peer, forwarded_for, trusted, client):

@@ -19,9 +19,17 @@ from redis.crc import key_slot
 import bridge.store.memory
 import bridge.store.redis
 from bridge.app import build_store
-from bridge.errors import AppDataTooLarge, SessionEnded
+from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
 from bridge.session import MirroredSession, aal2_event, upgrade_id
-from bridge.store import AAL2_MARKER_GRACE_MS, CredentialEntry, Lock, Lookup, Rejection
+from bridge.store import (
+    AAL2_MARKER_GRACE_MS,
+    MAX_APP_FIELDS,
+    MAX_DEVICE_CHANGES_PER_SESSION,
+    CredentialEntry,
+    Lock,
+    Lookup,
+    Rejection,
+)
 from tests.conftest import bridge_settings, topology_url
 from tests.harness import free_port, stop_process, wait_until
 
@@ -216,6 +224,31 @@ def test_app_data_cap_counts_utf8_bytes_and_a_refused_write_writes_nothing(store
     with pytest.raises(AppDataTooLarge):
         store.update_app("s1", {"name": "éé"}, (), 4)  # 6 -> 8
     assert store.load_app("s1") == {"name": "é"}
+
+
+def test_app_data_field_count_is_capped_and_updates_still_go_through(store):
+    """Many tiny fields would make every write of the session slow for Redis."""
+    save(store, "fp1", session())
+    full = {f"f{i}": "1" for i in range(MAX_APP_FIELDS)}
+    assert len(store.update_app("s1", full, (), CAP)) == MAX_APP_FIELDS
+    with pytest.raises(TooManyAppFields) as refused:
+        store.update_app("s1", {"one.more": "1"}, (), CAP)
+    assert str(MAX_APP_FIELDS) in str(refused.value)
+    assert "one.more" not in store.load_app("s1")
+    assert store.update_app("s1", {"f0": "2"}, ["f1"], CAP)["f0"] == "2"  # no new field
+    assert "again" in store.update_app("s1", {"again": "1"}, (), CAP)  # f1's place
+
+
+def test_device_changes_are_recorded_once_each_and_capped_per_session(store):
+    keep = now_ms() + 60_000
+    fields = {"session_id": "s1", "new_user_agent": "A"}
+    assert store.record_device_change("c1", fields, keep)
+    assert not store.record_device_change("c1", fields, keep)
+    for n in range(2, MAX_DEVICE_CHANGES_PER_SESSION + 5):
+        store.record_device_change(f"c{n}", {**fields, "new_user_agent": str(n)}, keep)
+    mine = [f for _, f in store.device_changes(1000) if f["session_id"] == "s1"]
+    assert len(mine) == MAX_DEVICE_CHANGES_PER_SESSION
+    assert store.record_device_change("d1", {"session_id": "s2"}, keep)  # others unaffected
 
 
 def test_concurrent_writers_of_different_fields_lose_nothing(store):

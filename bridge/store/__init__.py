@@ -30,7 +30,8 @@ belongs to one session for good, so a process keeps this pointer in memory once 
 Slot of the identity: ``pidentity:{<identity id>}:sessions``, session ids scored by expiry.
 
 Slot of the device stream: ``<device_stream>`` (default ``pevents:device``) and, per session
-and change, ``{<device_stream>}:change:<change id>`` (kept until the session's expiry).
+and change, ``{<device_stream>}:change:<change id>``, and per session the number of signals
+it added, ``{<device_stream>}:session:<sid>`` (both kept until the session's expiry).
 
 Slot of the stream: ``<aal2_stream>`` (default ``pevents:aal2``) and, per upgrade,
 ``{<aal2_stream>}:upgrade:<upgrade id>`` = the stream entry id (a stream name that has a
@@ -81,6 +82,11 @@ from typing import Protocol
 from bridge.session import MirroredSession
 
 AAL2_MARKER_GRACE_MS = 7 * 24 * 3600 * 1000
+MAX_DEVICE_CHANGES_PER_SESSION = 16
+"""Device-change signals one session may add to the stream: more would let one session
+(a stolen one, say) push everyone else's signals out of the capped stream."""
+MAX_APP_FIELDS = 256
+"""Fields one session's app data may hold, beside its byte cap: every write reads them all."""
 ENDED = "!ended"  # the field of ``p{sid}:credentials`` no fingerprint can be (base64url)
 """How long past a session's expiry its "AAL2 recorded" marker stays: Kratos can revive
 an expired session (admin extend), and that must not record the same upgrade twice."""
@@ -173,13 +179,18 @@ class Keys:
             else (f"{{{self.aal2_stream}}}:upgrade:{upgrade_id}")
         )
 
+    def device_session_count(self, session_id: str) -> str:
+        """How many device-change signals a session has added: in the device stream's slot."""
+        return self._in_device_slot(f"session:{session_id}")
+
     def device_change(self, change_id: str) -> str:
         """The key that makes the device stream hold one signal per session and change."""
-        return (
-            f"{self.device_stream}:change:{change_id}"
-            if has_hash_tag(self.device_stream)
-            else (f"{{{self.device_stream}}}:change:{change_id}")
-        )
+        return self._in_device_slot(f"change:{change_id}")
+
+    def _in_device_slot(self, suffix: str) -> str:
+        if has_hash_tag(self.device_stream):
+            return f"{self.device_stream}:{suffix}"
+        return f"{{{self.device_stream}}}:{suffix}"
 
 
 def has_hash_tag(key: str) -> bool:

@@ -16,11 +16,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from bridge.errors import AppDataTooLarge, SessionEnded
+from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
 from bridge.session import MirroredSession, new_csrf_token
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     ENDED,
+    MAX_APP_FIELDS,
+    MAX_DEVICE_CHANGES_PER_SESSION,
     CredentialEntry,
     Keys,
     Lock,
@@ -189,8 +191,16 @@ class MemoryStore:
             key = self.keys.device_change(change_id)
             if self._get(key) is not None:
                 return False
+            counter = self.keys.device_session_count(fields.get("session_id", ""))
+            if (self._get(counter) or 0) >= MAX_DEVICE_CHANGES_PER_SESSION:
+                return False
             self._set(key, True, keep_until_ms)
-            self._devices.append((f"{len(self._devices)}-0", dict(fields)))
+            counter = self.keys.device_session_count(fields.get("session_id", ""))
+            count = self._get(counter) or 0
+            if count >= MAX_DEVICE_CHANGES_PER_SESSION:
+                return False
+            self._set(counter, count + 1, keep_until_ms)
+            self._devices.append((self._next_event_id(), dict(fields)))
             return True
 
     def device_changes(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
@@ -206,6 +216,9 @@ class MemoryStore:
             if self._get(session_key) is None:
                 raise SessionEnded()
             stored = self._get(app_key) or {}
+            adds = sum(1 for name in values if name not in stored)
+            if adds and len(stored) + adds > MAX_APP_FIELDS:
+                raise TooManyAppFields(MAX_APP_FIELDS, len(stored) + adds)
             app = {**stored, **values}
             for name in delete:
                 app.pop(name, None)

@@ -22,12 +22,14 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, RedisClusterException
 
 from bridge.bounded import BoundedMap
-from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable
+from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable, TooManyAppFields
 from bridge.logs import Throttled
 from bridge.session import MirroredSession, new_csrf_token
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     ENDED,
+    MAX_APP_FIELDS,
+    MAX_DEVICE_CHANGES_PER_SESSION,
     CredentialEntry,
     Keys,
     Lock,
@@ -225,19 +227,24 @@ return {entry, fields, app, 0}
 _UPDATE_APP = """
 local expires_at = redis.call('PEXPIRETIME', KEYS[1])
 if expires_at < 0 then return {0} end
+local last_set = 3 + 2 * tonumber(ARGV[2])
+local count, adds = redis.call('HLEN', KEYS[2]), 0
+for i = 4, last_set, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then adds = adds + 1 end
+end
+if adds > 0 and count + adds > tonumber(ARGV[3]) then return {-2, count + adds} end
 local app, before = {}, 0
 local stored = redis.call('HGETALL', KEYS[2])
 for i = 1, #stored, 2 do
   app[stored[i]] = stored[i + 1]
   before = before + #stored[i] + #stored[i + 1]
 end
-local last_set = 2 + 2 * tonumber(ARGV[2])
-for i = 3, last_set, 2 do app[ARGV[i]] = ARGV[i + 1] end
+for i = 4, last_set, 2 do app[ARGV[i]] = ARGV[i + 1] end
 for i = last_set + 1, #ARGV do app[ARGV[i]] = nil end
 local after = 0
 for name, value in pairs(app) do after = after + #name + #value end
 if after > tonumber(ARGV[1]) and after > before then return {-1, after} end
-for i = 3, last_set, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 4, last_set, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 for i = last_set + 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 redis.call('PEXPIREAT', KEYS[2], expires_at)
 return {1, redis.call('HGETALL', KEYS[2])}
@@ -252,10 +259,13 @@ return redis.call('HGETALL', KEYS[2])
 # KEYS: lock; ARGV: token
 _RELEASE = _RELEASE_FIRST.format(lock=1, token=1)
 
-# Device stream slot. KEYS: change key, stream; ARGV: keep until, maxlen, field, value, ...
+# Device stream slot. KEYS: change key, stream, the session's count; ARGV: keep until,
+# maxlen, most per session, field, value, ...
 _DEVICE_CHANGE = """
+if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[3]) then return 0 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PXAT', ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+if redis.call('INCR', KEYS[3]) == 1 then redis.call('PEXPIREAT', KEYS[3], ARGV[1]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
 return 1
 """
 
@@ -624,12 +634,19 @@ class RedisStore:
         self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
     ) -> dict[str, str]:
         keys = [self.keys.session(session_id), self.keys.app(session_id)]
-        args = [max_bytes, len(values), *(part for item in values.items() for part in item)]
+        args = [
+            max_bytes,
+            len(values),
+            MAX_APP_FIELDS,
+            *(part for item in values.items() for part in item),
+        ]
         state, *rest = self._update_app(keys=keys, args=[*args, *delete])
         if state == 0:
             raise SessionEnded()
         if state == -1:
             raise AppDataTooLarge(max_bytes, rest[0])
+        if state == -2:
+            raise TooManyAppFields(MAX_APP_FIELDS, rest[0])
         return _text_pairs(rest[0])
 
     @_unavailable_on_error
@@ -677,8 +694,16 @@ class RedisStore:
     def record_device_change(
         self, change_id: str, fields: dict[str, str], keep_until_ms: int
     ) -> bool:
-        keys = [self.keys.device_change(change_id), self.keys.device_stream]
-        args: list[Any] = [keep_until_ms, self._device_stream_maxlen]
+        keys = [
+            self.keys.device_change(change_id),
+            self.keys.device_stream,
+            self.keys.device_session_count(fields.get("session_id", "")),
+        ]
+        args: list[Any] = [
+            keep_until_ms,
+            self._device_stream_maxlen,
+            MAX_DEVICE_CHANGES_PER_SESSION,
+        ]
         args += [part for item in fields.items() for part in item]
         return bool(self._device_change(keys=keys, args=args))
 
