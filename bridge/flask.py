@@ -116,6 +116,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -152,6 +153,8 @@ JWKS_TIMEOUT_S = 2.0
 JWKS_REFETCH_COOLDOWN_S = 10.0
 """At most one fetch per this many seconds for a ``kid`` the cached JWKS lacks, so that
 tokens with made-up ``kid`` values cannot turn into a stream of JWKS fetches."""
+JWKS_STALE_S = 600.0  # how long a fetched key is trusted while the bridge cannot be asked
+JWKS_RETRY_S = 5.0  # between attempts to fetch the JWKS once it failed
 JWT_LEEWAY_S = 5.0
 """Clock difference allowed between the bridge's host and the app's (``exp``, ``iat``)."""
 MIN_SECRET_LENGTH = 16
@@ -347,6 +350,9 @@ class JwtHandOff:
             timeout=JWKS_TIMEOUT_S,
             cooldown_duration=JWKS_REFETCH_COOLDOWN_S,
         )
+        # Keys fetched before, by kid, with when: used while the bridge cannot be asked.
+        self._known: dict[str, tuple[Any, float]] = {}
+        self._retry_fetch_at = 0.0
 
     def claim(self, headers: Mapping[str, str]) -> Claim | None:
         token = headers.get(self._header) or ""
@@ -363,10 +369,7 @@ class JwtHandOff:
         if header.get("alg") != JWT_ALGORITHM or not isinstance(kid, str):
             return _refused(f"a JWT that is not {JWT_ALGORITHM} with a kid")
         try:
-            key = self._keys.get_signing_key(kid)
-        except jwt.PyJWKClientConnectionError as error:
-            _refusals.warning("the bridge's JWKS could not be fetched (%s)", type(error).__name__)
-            raise HandOffUnverifiable("the bridge's JWKS could not be fetched") from None
+            key = self._signing_key(kid)
         except (jwt.PyJWKClientError, jwt.PyJWKSetError):
             return _refused("a JWT signed by a key the bridge does not publish")
         try:
@@ -387,6 +390,26 @@ class JwtHandOff:
         if not isinstance(subject, str):
             return _refused("a JWT whose sub is not an identity id")
         return Claim(session_id, subject)
+
+    def _signing_key(self, kid: str) -> Any:
+        """The key from the bridge's JWKS; while the JWKS cannot be fetched, a key fetched
+        in the last ``JWKS_STALE_S`` (and no new attempt for ``JWKS_RETRY_S``, so that
+        requests do not each wait for a bridge that is down)."""
+        now = time.monotonic()
+        known = self._known.get(kid)
+        usable = known is not None and now - known[1] < JWKS_STALE_S
+        if usable and now < self._retry_fetch_at:
+            return known[0]
+        try:
+            key = self._keys.get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError as error:
+            self._retry_fetch_at = now + JWKS_RETRY_S
+            if usable:
+                return known[0]
+            _refusals.warning("the bridge's JWKS could not be fetched (%s)", type(error).__name__)
+            raise HandOffUnverifiable("the bridge's JWKS could not be fetched") from None
+        self._known[kid] = (key, now)
+        return key
 
 
 class HeaderHandOff:

@@ -13,11 +13,13 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html import unescape
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,6 +30,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from werkzeug.test import EnvironBuilder
 
+import bridge.flask as bridge_flask
 from bridge.flask import (
     KratosSession,
     SessionMissing,
@@ -740,3 +743,36 @@ def test_demo_behind_nginx_reads_the_identity_and_keeps_a_counter(nginx_demo, kr
     aal2 = httpx.get(nginx_demo + "/aal2", headers={**headers, **API})
     assert aal2.status_code == 401
     assert aal2.json()["error"] == "aal2_required"
+
+
+def test_keys_fetched_before_serve_while_the_bridge_cannot_be_asked(bridge, kratos, monkeypatch):
+    """A bridge restart must not make every app request a 503: the keys fetched before
+    stay usable (for JWKS_STALE_S) while the JWKS cannot be fetched."""
+    monkeypatch.setattr(bridge_flask, "JWKS_LIFESPAN_S", 0.2)
+    jwks = httpx.get(bridge.jwks_url).content
+
+    class Relay(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(jwks)))
+            self.end_headers()
+            self.wfile.write(jwks)
+
+        def log_message(self, *args):
+            pass
+
+    relay = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    app = build_app(
+        bridge, KRATOS_SESSION_JWKS_URL=f"http://127.0.0.1:{relay.server_port}/jwks.json"
+    )
+    hand_off = bridge.hand_off(flows.register(kratos).token)
+    try:
+        assert get(app, "/me", hand_off).status_code == 200
+        relay.shutdown()
+        relay.server_close()
+        time.sleep(0.3)  # the cached JWKS is stale now, and cannot be fetched again
+        assert get(app, "/me", hand_off).status_code == 200
+    finally:
+        app.extensions["kratos_session"].client.close()
