@@ -25,6 +25,7 @@ from bridge.devices import DeviceChange, DeviceWatch
 from bridge.dialects import Dialects
 from bridge.errors import BridgeError, StoreUnavailable
 from bridge.forward_auth import ForwardAuth
+from bridge.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
 from bridge.kratos import KratosClient
 from bridge.mirror import SessionMirror, now_ms
 from bridge.redirects import BrowserRedirects, Origin, host_origin
@@ -177,6 +178,16 @@ def create_flask_app(bridge: Bridge) -> Flask:
         body = {"session_id": resolved.session.id, "app": app_data.decoded(app_fields)}
         return as_flask(responses.json_reply(200, body))
 
+    hooks = kratos_hooks(bridge)
+
+    @app.post("/hooks/kratos/<flow>", provide_automatic_options=False)
+    def kratos_hook(flow: str) -> Response:
+        if hooks is None or flow not in FLOWS:
+            return as_flask(responses.http_error(404, "Not Found"))
+        if not hooks.authentic(request.headers.get(HOOK_KEY_HEADER)):
+            return as_flask(responses.http_error(401, "Unauthorized"))
+        return as_flask(hooks.handle(flow, request.get_data()))
+
     @app.get("/health/alive", provide_automatic_options=False)
     def alive() -> Response:
         return as_flask(responses.json_reply(200, {"status": "ok"}))
@@ -221,6 +232,16 @@ def create_flask_app(bridge: Bridge) -> Flask:
         return as_flask(responses.internal_error())
 
     return app
+
+
+def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
+    """The web hook endpoint's handler, when ``BRIDGE_HOOK_SECRET`` turns it on."""
+    settings = bridge.settings
+    if settings.hook_secret is None:
+        return None
+    return KratosHooks(
+        settings.hook_secret, bridge.store, settings.kratos_admin_url, settings.kratos_timeout
+    )
 
 
 def _headers(environ: dict[str, Any]) -> HeaderView:

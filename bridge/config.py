@@ -634,6 +634,21 @@ OPTIONS: tuple[Option, ...] = (
         "File holding `secret` (trailing newline ignored); wins over `BRIDGE_SECRET`.",
     ),
     Option(
+        "hook_secret",
+        _secret,
+        None,
+        "Shared secret Kratos's `web_hook` sends in the `X-Bridge-Hook-Key` header "
+        "(`auth.type: api_key`) to `POST /hooks/kratos/<flow>`; unset = that endpoint "
+        'answers 404 (README, "Kratos webhooks"). Never printed. Prefer '
+        "`BRIDGE_HOOK_SECRET_FILE`.",
+    ),
+    Option(
+        "hook_secret_file",
+        str,
+        None,
+        "File holding `hook_secret` (trailing newline ignored); wins over `BRIDGE_HOOK_SECRET`.",
+    ),
+    Option(
         "aal2_stream",
         _stream_key,
         None,
@@ -733,6 +748,7 @@ class Settings:
     negative_cache_ttl: float
     secret: bytes = field(repr=False)
     secret_is_random: bool
+    hook_secret: str | None = field(repr=False)
     aal2_stream: str
     aal2_stream_maxlen: int
     app_data_max_bytes: int
@@ -835,6 +851,18 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
             _secret(secret_text)
         except ValueError as error:
             raise ConfigError(key_of("secret_file"), f"secret {error}") from None
+
+    hook_secret = values.pop("hook_secret")
+    hook_secret_file = values.pop("hook_secret_file")
+    if hook_secret_file is not None:
+        try:
+            hook_secret = Path(hook_secret_file).read_text(encoding="utf-8").rstrip("\r\n")
+            _secret(hook_secret)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(key_of("hook_secret_file"), f"cannot be read ({error})") from None
+        except ValueError as error:
+            raise ConfigError(key_of("hook_secret_file"), f"secret {error}") from None
+    values["hook_secret"] = hook_secret
 
     values["redis_sentinel_password"] = _sentinel_password(
         values.pop("redis_sentinel_password"),

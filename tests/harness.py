@@ -86,7 +86,15 @@ class RedisServer:
 class Kratos:
     """One Kratos process with its own ports and in-memory database."""
 
-    def __init__(self, workdir: Path, required_aal: str = "aal1", lifespan: str = "1h") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        required_aal: str = "aal1",
+        lifespan: str = "1h",
+        extra_config: dict | None = None,
+    ) -> None:
+        """``extra_config`` is merged over the test config (mappings key by key, anything
+        else replaced), after the ports and the rest are filled in."""
         if not KRATOS_BIN.exists():
             subprocess.run(
                 ["bash", str(TESTS / "tools" / "build-kratos.sh"), str(KRATOS_BIN), KRATOS_VERSION],
@@ -103,6 +111,8 @@ class Kratos:
         ).as_uri()
         config["session"]["whoami"]["required_aal"] = required_aal
         config["session"]["lifespan"] = lifespan
+        if extra_config:
+            _merge(config, extra_config)
         self.config_path = workdir / f"kratos-{self.public_port}.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"kratos-{self.public_port}.log"
@@ -137,6 +147,14 @@ class Kratos:
         return sum(int(n) for n in pattern.findall(text))
 
 
+def _merge(into: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 class BridgeServer:
     """``kratos-bridge serve`` as a real process."""
 
@@ -160,6 +178,15 @@ class BridgeServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def shut_down(*ends: socket.socket) -> None:
+    """Both ways of each socket, whatever state it is in (a relay's ends)."""
+    for end in ends:
+        try:
+            end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class SlowLink:
@@ -207,11 +234,7 @@ class SlowLink:
         except OSError:
             pass
         finally:
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down(source, sink)
 
     def close(self) -> None:
         self._open = False
