@@ -118,7 +118,15 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
     devices = DeviceWatch(
         settings.on_device_change, settings.trusted_proxies, device_recorder(store)
     )
-    forward_auth = ForwardAuth(mirror, settings.session_cookie, rules, redirects, upstream, devices)
+    forward_auth = ForwardAuth(
+        mirror,
+        settings.session_cookie,
+        rules,
+        redirects,
+        upstream,
+        devices,
+        log_decisions=settings.log_decisions,
+    )
     dialects = Dialects(url_required=rules.configured)
     return Bridge(settings, store, kratos, mirror, forward_auth, dialects, redirects, keyring)
 

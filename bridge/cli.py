@@ -21,6 +21,7 @@ from bridge.config import (
     reference_table,
 )
 from bridge.errors import BridgeError, ConfigError, StoreUnavailable
+from bridge.logs import JsonFormatter
 from bridge.responses import Reply
 
 EXIT_CONFIG = 2
@@ -85,10 +86,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler()
+    as_json = settings.log_format == "json" or (
+        settings.log_format == "auto" and not sys.stderr.isatty()
     )
+    handler.setFormatter(
+        JsonFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
 def check_command(settings: Settings) -> int:

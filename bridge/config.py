@@ -399,6 +399,12 @@ def _stream_key(value: str) -> str:
     return value
 
 
+def _boolean(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(f"{value!r} is not true or false")
+    return value.lower() == "true"
+
+
 def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     networks = []
     for entry in (part.strip() for part in value.split(",")):
@@ -715,6 +721,21 @@ OPTIONS: tuple[Option, ...] = (
         "info",
         "Log level; logs never contain cookies or tokens.",
     ),
+    Option(
+        "log_format",
+        _one_of("auto", "text", "json"),
+        "auto",
+        "`text` (human-readable lines), `json` (one JSON object per line, with a decision's "
+        "fields), or `auto`: text on a terminal, JSON otherwise.",
+    ),
+    Option(
+        "log_decisions",
+        _boolean,
+        False,
+        "One log line per forward-auth decision (`bridge.decisions`, level info): request id "
+        "(`X-Request-Id`), dialect, method, decision, status, rule, identity and session id, "
+        "tier (process, redis, kratos), latency. Never a credential, host or path.",
+    ),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -759,6 +780,8 @@ class Settings:
     workers: int
     threads: int
     log_level: str
+    log_format: str
+    log_decisions: bool
 
     def with_overrides(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -18,11 +18,13 @@ the requests that need them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from bridge import decision, responses
+from bridge import decision, decision_log, responses
 from bridge.bounded import BoundedMap
 from bridge.credentials import Credential, extract
+from bridge.decision_log import Trace
 from bridge.devices import DeviceWatch
 from bridge.dialects import Dialect
 from bridge.errors import (
@@ -55,6 +57,7 @@ class Pending:
     aal: str | None
     credential: Credential
     started_ms: int
+    trace: Trace | None = None  # with BRIDGE_LOG_DECISIONS
 
     @property
     def public(self) -> bool:
@@ -70,7 +73,9 @@ class ForwardAuth:
         redirects: BrowserRedirects,
         upstream: UpstreamHeaders,
         devices: DeviceWatch | None = None,
+        log_decisions: bool = False,
     ) -> None:
+        self._log_decisions = log_decisions
         self._mirror = mirror
         self._cookie_name = cookie_name
         self._rules = rules
@@ -100,10 +105,36 @@ class ForwardAuth:
     def begin(
         self, dialect: Dialect, headers: HeaderView, method: str, path: str, query: str
     ) -> Reply | Pending:
+        if not self._log_decisions:
+            return self._begin(dialect, headers, method, path, query, None)
+        trace = Trace(time.perf_counter_ns())
+        step = self._begin(dialect, headers, method, path, query, trace)
+        if isinstance(step, Reply):
+            decision_log.record(dialect.name, method, headers, step, trace)
+        return step
+
+    def finish(self, pending: Pending) -> Reply:
+        reply = self._finish(pending)
+        if pending.trace is not None:
+            method = pending.original.method if pending.original is not None else "GET"
+            decision_log.record(pending.dialect.name, method, pending.headers, reply, pending.trace)
+        return reply
+
+    def _begin(
+        self,
+        dialect: Dialect,
+        headers: HeaderView,
+        method: str,
+        path: str,
+        query: str,
+        trace: Trace | None,
+    ) -> Reply | Pending:
         original = None
         try:
             original = dialect.original(headers, method, path, query)
             rule = self._rule(original)
+            if trace is not None:
+                trace.rule = rule.label
             aal = decision.required_aal(rule, dialect.asked_aal(query))
             if rule.access is Access.DENY:
                 raise Forbidden(f"{rule.label} denies this request")
@@ -119,6 +150,8 @@ class ForwardAuth:
             return self._refuse(dialect, error, headers, original)
         started = now_ms()
         if known is not None:
+            if trace is not None:
+                trace.session, trace.tier = known.session, "process"
             problem = decision.refusal(rule, aal, known.session, started)
             if problem is None:
                 problem = self._device_refusal(known.session, headers)
@@ -126,11 +159,15 @@ class ForwardAuth:
                 return self._allow(known, started)
             if not decision.worth_asking_again(problem):
                 return self._refuse(dialect, problem, headers, original)
-        return Pending(dialect, headers, original, rule, aal, credential, started)
+        return Pending(dialect, headers, original, rule, aal, credential, started, trace)
 
-    def finish(self, pending: Pending) -> Reply:
+    def _finish(self, pending: Pending) -> Reply:
         try:
             resolved = self._mirror.resolve(pending.credential)
+            if pending.trace is not None:
+                asked = resolved.session.validated_at_ms >= pending.started_ms
+                pending.trace.session = resolved.session
+                pending.trace.tier = "kratos" if asked else "redis"
             problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
             if decision.worth_asking_again(problem) and self._may_ask_again(
                 resolved.session, pending.started_ms
@@ -138,6 +175,8 @@ class ForwardAuth:
                 # The user may have just added a second factor or logged in again: ask
                 # Kratos, not the copy (unless Kratos was just asked, for this very request).
                 resolved = self._mirror.resolve(pending.credential, refresh=True)
+                if pending.trace is not None:
+                    pending.trace.session, pending.trace.tier = resolved.session, "kratos"
                 problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
             if problem is None:
                 problem = self._device_refusal(resolved.session, pending.headers)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime
+
+import orjson
 
 
 class Throttled:
@@ -33,3 +36,22 @@ class Throttled:
             message += " (and %d more like it since the last such line)"
             args = (*args, left_out)
         self._log.warning(message, *args)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a record's ``fields``
+    (a decision's, see ``bridge.decision_log``); an exception as its formatted text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()

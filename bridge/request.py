@@ -25,7 +25,14 @@ ORIGIN_HEADERS = (
     "x-forwarded-host",
     "x-forwarded-uri",
 )
-CALLER_HEADERS = ("accept", "x-requested-with", "sec-fetch-mode", "user-agent", "x-forwarded-for")
+CALLER_HEADERS = (
+    "accept",
+    "x-requested-with",
+    "sec-fetch-mode",
+    "user-agent",
+    "x-forwarded-for",
+    "x-request-id",
+)
 _WANTED = frozenset(CREDENTIAL_HEADERS + ORIGIN_HEADERS + CALLER_HEADERS)
 
 

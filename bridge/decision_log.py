@@ -1,0 +1,70 @@
+"""One log line per forward-auth decision (``BRIDGE_LOG_DECISIONS``), for operators.
+
+Each line says which request it was (``X-Request-Id``, when the proxy sends one), the
+dialect and method, the answer (``allow``, or the refusal's error code) and its status,
+the rule, the identity and session, how long the decision took and which tier knew the
+session: this process's copy (``process``), Redis (``redis``) or Kratos (``kratos``).
+Never a cookie, token or secret, nor the host or path (a path may hold a reset token).
+With ``BRIDGE_LOG_FORMAT=json`` each is one JSON object.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from bridge.request import HeaderView
+from bridge.responses import Reply
+from bridge.session import MirroredSession
+
+log = logging.getLogger("bridge.decisions")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one decision learned on its way, for its log line."""
+
+    started_ns: int
+    rule: str | None = None
+    session: MirroredSession | None = None
+    tier: str | None = None
+
+
+def record(dialect: str, method: str, headers: HeaderView, reply: Reply, trace: Trace) -> None:
+    request_id = headers.get("x-request-id")
+    session = trace.session
+    fields = {
+        "request_id": request_id if request_id and _REQUEST_ID.fullmatch(request_id) else None,
+        "dialect": dialect,
+        "method": method,
+        "decision": "allow" if reply.status == 200 else _error_code(reply),
+        "status": reply.status,
+        "rule": trace.rule,
+        "identity_id": session.identity_id if session is not None else None,
+        "session_id": session.id if session is not None else None,
+        "tier": trace.tier,
+        "latency_ms": round((time.perf_counter_ns() - trace.started_ns) / 1e6, 3),
+    }
+    log.info(
+        "decision %s %s (%s) rule=%s identity=%s tier=%s %.3f ms",
+        fields["decision"],
+        fields["status"],
+        dialect,
+        fields["rule"],
+        fields["identity_id"],
+        fields["tier"],
+        fields["latency_ms"],
+        extra={"fields": fields},
+    )
+
+
+def _error_code(reply: Reply) -> str:
+    try:
+        return str(orjson.loads(reply.body).get("error"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return "refused"
