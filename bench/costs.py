@@ -160,25 +160,15 @@ def main() -> None:
             ),
             ("warm hit, /forward-auth, same device", {}, same_device),
             ("warm hit, /forward-auth, changed device", {}, new_device),
+            ("warm hit, /forward-auth", {}, forwarded),
+            ("warm hit, /forward-auth, 20 rules", rules, forwarded),
+            ("warm hit, /forward-auth, JWT", jwt, forwarded),
+            ("warm hit, /forward-auth, 20 rules + JWT", {**rules, **jwt}, forwarded),
         ):
             measure(
                 name,
                 bridge("3600", **env),
                 views,
-                args.requests * 10,
-                warm=True,
-                path="/forward-auth",
-            )
-        for name, env in (
-            ("warm hit, /forward-auth", {}),
-            ("warm hit, /forward-auth, 20 rules", rules),
-            ("warm hit, /forward-auth, JWT", jwt),
-            ("warm hit, /forward-auth, 20 rules + JWT", {**rules, **jwt}),
-        ):
-            measure(
-                name,
-                bridge("3600", **env),
-                forwarded,
                 args.requests * 10,
                 warm=True,
                 path="/forward-auth",
