@@ -54,6 +54,7 @@ import yaml
 
 from bridge.bounded import BoundedMap
 from bridge.errors import BadRequest, ConfigError
+from bridge.session import dig
 
 SETTING = "BRIDGE_RULES_FILE"
 MAX_PATH_LENGTH = 8192
@@ -122,11 +123,7 @@ class TraitIs:
     allowed: frozenset[tuple[str, Any]]
 
     def holds(self, view: Mapping[str, Any]) -> bool:
-        value: Any = _identity(view).get("traits")
-        for key in self.path:
-            if not isinstance(value, dict) or key not in value:
-                return False
-            value = value[key]
+        value = dig(_identity(view).get("traits"), self.path)  # missing: None, never allowed
         if isinstance(value, list):  # a trait that is a list: one of its items will do
             return any(self._allows(item) for item in value)
         return self._allows(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -63,6 +64,16 @@ def mirror(session: KratosSession, validated_at_ms: int) -> MirroredSession:
         validated_at_ms=validated_at_ms,
         expires_at_ms=session.expires_at_ms,
     )
+
+
+def dig(value: Any, parts: Iterable[str], missing: Any = None) -> Any:
+    """``value[parts[0]][parts[1]]...`` (a dotted path into traits, say), or ``missing``
+    where the path leads nowhere."""
+    for part in parts:
+        if not isinstance(value, dict) or part not in value:
+            return missing
+        value = value[part]
+    return value
 
 
 def new_csrf_token() -> str:

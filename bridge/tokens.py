@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from bridge.bounded import BoundedMap
 from bridge.errors import ConfigError
 from bridge.kratos import parse_timestamp_ms
-from bridge.session import MirroredSession
+from bridge.session import MirroredSession, dig
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class TokenMinter:
         view = session.kratos
         amr = tuple(dict.fromkeys(m["method"] for m in view["authentication_methods"]))
         traits = view["identity"].get("traits") or {}
-        trait_values = tuple(_lookup(traits, path) for path in self._trait_paths)
+        trait_values = tuple(dig(traits, path, _MISSING) for path in self._trait_paths)
         fingerprint = (
             session.identity_id,
             session.aal,
@@ -394,15 +394,6 @@ def _trait_paths(traits: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
 
 
 _MISSING = object()
-
-
-def _lookup(traits: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    value: Any = traits
-    for part in path:
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 def _nest(paths: tuple[tuple[str, ...], ...], values: tuple[Any, ...]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from bridge.session import MirroredSession
+from bridge.session import MirroredSession, dig
 
 if TYPE_CHECKING:
     from bridge.tokens import TokenMinter
@@ -120,15 +120,6 @@ def _source(source: str) -> Source:
     if not all(_PATH_PART.fullmatch(part) for part in parts):
         raise ValueError(f"source {source!r}: each part of the path is 1-64 of A-Z a-z 0-9 _ -")
     return lambda session: dig(session.kratos["identity"].get(root), parts)
-
-
-def dig(value: Any, parts: list[str] | tuple[str, ...]) -> Any:
-    """``value[parts[0]][parts[1]]...``, or ``None`` where the path leads nowhere."""
-    for part in parts:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
 
 
 def header_value(value: Any) -> str:
