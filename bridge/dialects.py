@@ -31,6 +31,7 @@ from bridge.bounded import BoundedMap
 from bridge.errors import BadRequest
 from bridge.request import HeaderView, OriginalRequest
 from bridge.responses import Refusal, Reply
+from bridge.rules import normalise_host
 
 MAX_TARGET = 8192
 # Methods are case-sensitive (RFC 9110) and every registered one is upper case; a proxy
@@ -108,7 +109,7 @@ class NginxAuthRequest(Dialect):
         host, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
         host = _host(host, "X-Original-URL header")
         routed = _single(headers, "x-forwarded-host")
-        if routed is not None and _bare_host(routed) != _bare_host(host):
+        if routed is not None and normalise_host(routed) != normalise_host(host):
             # nginx picks the server, and the app's Host, from an absolute-form request
             # line ($host), not from the Host header the URL was built from ($http_host).
             raise BadRequest("the X-Original-URL header names another host than X-Forwarded-Host")
@@ -267,14 +268,6 @@ def _target(value: str, source: str) -> str:
     if not _TARGET.fullmatch(value):
         raise BadRequest(f"the {source} is not a path of visible ASCII starting with /")
     return value
-
-
-def _bare_host(host: str) -> str:
-    """A host without port, trailing dot or case, to compare two spellings of one host."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    return host.partition(":")[0].rstrip(".")
 
 
 def _title(name: str) -> str:
