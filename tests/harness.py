@@ -31,6 +31,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def forwarded(
+    uri: str = "/", host: str = "app.test", method: str = "GET", proto: str = "https"
+) -> dict[str, str]:
+    """The original request as Traefik and Caddy tell /forward-auth about it."""
+    return {
+        "X-Forwarded-Method": method,
+        "X-Forwarded-Proto": proto,
+        "X-Forwarded-Host": host,
+        "X-Forwarded-Uri": uri,
+    }
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

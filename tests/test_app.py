@@ -12,6 +12,7 @@ import pytest
 from bridge.forward_auth import ASK_AGAIN_EVERY_MS
 from bridge.kratos import parse_timestamp_ms
 from tests import kratos_flows as flows
+from tests.harness import forwarded
 
 
 def test_session_token_is_allowed_with_identity_headers(client, kratos):
@@ -150,14 +151,8 @@ def test_route_asking_for_aal2_steps_up_an_aal1_session(make_client, kratos):
 def test_unknown_aal_value_is_refused_naming_it(client, kratos):
     """400 where the proxy passes it on; 403 on nginx's /auth, which can carry no 400."""
     user = flows.register(kratos)
-    forwarded = {
-        "X-Forwarded-Method": "GET",
-        "X-Forwarded-Proto": "https",
-        "X-Forwarded-Host": "app.test",
-        "X-Forwarded-Uri": "/",
-    }
     for path, headers, status in (
-        ("/forward-auth?aal=aal9", forwarded, 400),
+        ("/forward-auth?aal=aal9", forwarded(), 400),
         ("/auth?aal=aal9", {}, 403),
     ):
         response = client.get(path, headers={**headers, "X-Session-Token": user.token})

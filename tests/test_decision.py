@@ -10,6 +10,7 @@ import pytest
 
 from bridge.forward_auth import ASK_AGAIN_EVERY_MS
 from tests import kratos_flows as flows
+from tests.harness import forwarded
 
 RULES = """
 rules:
@@ -47,10 +48,7 @@ def bridge(make_client, kratos, tmp_path):
 
 def ask(bridge, uri, method="GET", host="app.example.test", token=None, browser=False):
     headers = {
-        "X-Forwarded-Method": method,
-        "X-Forwarded-Proto": "https",
-        "X-Forwarded-Host": host,
-        "X-Forwarded-Uri": uri,
+        **forwarded(uri, host=host, method=method),
         **(BROWSER if browser else {"Accept": "application/json"}),
     }
     if token is not None:

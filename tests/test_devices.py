@@ -11,14 +11,9 @@ from bridge.devices import client_address
 from bridge.request import HeaderView
 from tests import kratos_flows as flows
 from tests.conftest import store_of
-from tests.harness import wait_until
+from tests.harness import forwarded, wait_until
 
-FORWARDED = {
-    "X-Forwarded-Method": "GET",
-    "X-Forwarded-Proto": "https",
-    "X-Forwarded-Host": "app.test",
-    "X-Forwarded-Uri": "/",
-}
+FORWARDED = forwarded()
 
 
 def ask(client, token, user_agent, **headers):

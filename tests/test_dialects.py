@@ -8,18 +8,14 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from tests import kratos_flows as flows
+from tests.harness import forwarded
 
 ORIGIN = "https://app.example.test"
 BROWSER = {
     "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
     "Sec-Fetch-Mode": "navigate",
 }
-FORWARDED = {
-    "X-Forwarded-Method": "GET",
-    "X-Forwarded-Proto": "https",
-    "X-Forwarded-Host": "app.example.test",
-    "X-Forwarded-Uri": "/reports?year=2026&q=a",
-}
+FORWARDED = forwarded("/reports?year=2026&q=a", host="app.example.test")
 RETURN_TO = "https://app.example.test/reports?year=2026&q=a"
 
 

@@ -43,7 +43,15 @@ from bridge.flask import (
 from bridge.tokens import KeyRing, generate_key
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
-from tests.harness import BridgeServer, Kratos, RedisServer, free_port, stop_process, wait_until
+from tests.harness import (
+    BridgeServer,
+    Kratos,
+    RedisServer,
+    forwarded,
+    free_port,
+    stop_process,
+    wait_until,
+)
 from tests.proxies import ROOT, Addresses, start_proxy
 
 PREFIX = "flaskext:"
@@ -77,13 +85,7 @@ class Bridge:
         }
 
     def forward_auth(self, token: str, query: str = "") -> httpx.Response:
-        headers = {
-            "X-Forwarded-Method": "GET",
-            "X-Forwarded-Proto": "http",
-            "X-Forwarded-Host": "app.test",
-            "X-Forwarded-Uri": "/",
-            "X-Session-Token": token,
-        }
+        headers = {**forwarded(proto="http"), "X-Session-Token": token}
         return httpx.get(f"{self.server.url}/forward-auth{query}", headers=headers)
 
 

@@ -14,6 +14,7 @@ import pytest
 from bridge.app import create_app
 from tests import kratos_flows as flows
 from tests.conftest import bridge_settings
+from tests.harness import forwarded
 
 
 class StandInKratos:
@@ -152,14 +153,8 @@ def test_kratos_429_passes_retry_after_on_and_is_not_a_login(stand_in, redis_ser
 
     # Traefik, Caddy and Envoy pass the auth answer to the client as it is: a 429 fits.
     browser = {"X-Session-Token": token, "Accept": "text/html"}
-    forwarded = {
-        "X-Forwarded-Method": "GET",
-        "X-Forwarded-Proto": "https",
-        "X-Forwarded-Host": "app.test",
-        "X-Forwarded-Uri": "/",
-    }
     envoy = {"Host": "app.test", "X-Forwarded-Proto": "https"}
-    for path, headers in (("/forward-auth", forwarded), ("/ext-authz/page", envoy)):
+    for path, headers in (("/forward-auth", forwarded()), ("/ext-authz/page", envoy)):
         response = client.get(path, headers={**browser, **headers})
         assert response.status_code == 429, path
         assert response.headers["Retry-After"] == "7"

@@ -18,7 +18,7 @@ import httpx
 
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
-from tests.harness import BridgeServer, RedisServer, SlowLink
+from tests.harness import BridgeServer, RedisServer, SlowLink, forwarded
 
 KRATOS_TIMEOUT = 1.0
 REDIS_TIMEOUT = 0.5
@@ -163,13 +163,7 @@ def test_public_route_goes_without_a_session_when_kratos_is_paused(own_kratos, w
     results = []
 
     def ask(user):
-        headers = {
-            "X-Session-Token": user.token,
-            "X-Forwarded-Method": "GET",
-            "X-Forwarded-Proto": "https",
-            "X-Forwarded-Host": "app.test",
-            "X-Forwarded-Uri": "/public/page",
-        }
+        headers = {"X-Session-Token": user.token, **forwarded("/public/page")}
         started = time.monotonic()
         response = httpx.get(bridge.url + "/forward-auth", headers=headers, timeout=60)
         took = time.monotonic() - started
