@@ -18,16 +18,16 @@ from urllib.parse import quote
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import app_data, responses
+from bridge import app_data, decision_log, responses
 from bridge.config import Settings
 from bridge.credentials import extract
 from bridge.devices import DeviceChange, DeviceWatch
 from bridge.dialects import Dialects
 from bridge.errors import BridgeError, StoreUnavailable
-from bridge.forward_auth import ForwardAuth
+from bridge.forward_auth import DecisionWatcher, ForwardAuth
 from bridge.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
 from bridge.kratos import KratosClient
-from bridge.mirror import SessionMirror, now_ms
+from bridge.mirror import AllOf, SessionMirror, now_ms
 from bridge.redirects import BrowserRedirects, Origin, host_origin
 from bridge.request import HeaderView
 from bridge.responses import Reply
@@ -36,6 +36,7 @@ from bridge.store import Keys, SessionStore
 from bridge.upstream_headers import UpstreamHeaders
 
 if TYPE_CHECKING:
+    from bridge.admin.analytics import Recorder
     from bridge.tokens import KeyRing
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,14 @@ class Bridge:
     dialects: Dialects
     redirects: BrowserRedirects
     keyring: KeyRing | None  # when JWTs are on: the keys behind /.well-known/jwks.json
+    recorder: Recorder | None = None  # when analytics are on
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+        self.mirror.close()
+        self.kratos.close()
+        self.store.close()
 
 
 def build_store(settings: Settings) -> SessionStore:
@@ -65,7 +74,12 @@ def build_store(settings: Settings) -> SessionStore:
     if settings.redis_url is None:
         from bridge.store.memory import MemoryStore
 
-        return MemoryStore(keys, settings.aal2_stream_maxlen, settings.device_stream_maxlen)
+        return MemoryStore(
+            keys,
+            settings.aal2_stream_maxlen,
+            settings.device_stream_maxlen,
+            settings.analytics_retention_days,
+        )
     from bridge.store.connect import RedisTarget, redis_target
     from bridge.store.redis import RedisStore
 
@@ -80,6 +94,7 @@ def build_store(settings: Settings) -> SessionStore:
         settings.redis_timeout,
         settings.aal2_stream_maxlen,
         settings.device_stream_maxlen,
+        settings.analytics_retention_days,
     )
 
 
@@ -91,6 +106,12 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         settings.session_cookie,
         settings.kratos_timeout,
     )
+    recorder = None
+    if settings.analytics:
+        from bridge.admin.analytics import Recorder
+
+        recorder = Recorder(store.registry)
+    events = AllOf([w for w in (recorder,) if w is not None])
     mirror = SessionMirror(
         store,
         kratos,
@@ -99,6 +120,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         settings.negative_cache_ttl,
         settings.kratos_timeout,
         settings.redis_timeout,
+        events=events,
     )
     rules = load_rules(settings)
     redirects = BrowserRedirects(settings.login_url, return_to_origins(settings, rules))
@@ -125,10 +147,21 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         redirects,
         upstream,
         devices,
-        log_decisions=settings.log_decisions,
+        watchers=decision_watchers(settings, recorder),
     )
     dialects = Dialects(url_required=rules.configured)
-    return Bridge(settings, store, kratos, mirror, forward_auth, dialects, redirects, keyring)
+    return Bridge(
+        settings, store, kratos, mirror, forward_auth, dialects, redirects, keyring, recorder
+    )
+
+
+def decision_watchers(settings: Settings, recorder: Recorder | None) -> list[DecisionWatcher]:
+    watchers: list[DecisionWatcher] = []
+    if settings.log_decisions:
+        watchers.append(decision_log.record)
+    if recorder is not None:
+        watchers.append(recorder.watch)
+    return watchers
 
 
 def device_recorder(store: SessionStore) -> Callable[[DeviceChange], None]:
@@ -247,8 +280,14 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
     settings = bridge.settings
     if settings.hook_secret is None:
         return None
+    recorder = bridge.recorder
     return KratosHooks(
-        settings.hook_secret, bridge.store, settings.kratos_admin_url, settings.kratos_timeout
+        settings.hook_secret,
+        bridge.store,
+        settings.kratos_admin_url,
+        settings.kratos_timeout,
+        events=recorder,
+        seen=recorder.session_seen if recorder is not None else None,
     )
 
 

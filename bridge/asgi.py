@@ -128,9 +128,7 @@ class Front:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._pool.shutdown(wait=False, cancel_futures=True)
-                self._bridge.mirror.close()
-                self._bridge.kratos.close()
-                self._bridge.store.close()
+                self._bridge.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

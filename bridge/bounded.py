@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -26,3 +27,12 @@ class BoundedMap(Generic[K, T]):
 
     def pop(self, key: K) -> None:
         self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def drop_values(self, doomed: Callable[[T], bool]) -> None:
+        """Remove every entry whose value is ``doomed``; a scan, for rare events."""
+        for key, value in list(self._items.items()):
+            if doomed(value):
+                self._items.pop(key, None)

@@ -729,6 +729,52 @@ OPTIONS: tuple[Option, ...] = (
         "fields), or `auto`: text on a terminal, JSON otherwise.",
     ),
     Option(
+        "admin_host",
+        _listen_host,
+        "127.0.0.1",
+        "Address of the admin listener (admin API, `/metrics`, OpenAPI); an address that is "
+        "not loopback needs `BRIDGE_ADMIN_TOKEN`.",
+    ),
+    Option(
+        "admin_port",
+        _number(0, 65535, integer=True),
+        4481,
+        "Port of the admin listener; `0` = no admin listener.",
+    ),
+    Option(
+        "admin_token",
+        _secret,
+        None,
+        "Bearer token the admin listener requires (`Authorization: Bearer ...`, compared in "
+        "constant time); unset = open to local callers, and only allowed on loopback. Never "
+        "printed. Prefer `BRIDGE_ADMIN_TOKEN_FILE`.",
+    ),
+    Option(
+        "admin_token_file",
+        str,
+        None,
+        "File holding `admin_token` (trailing newline ignored); wins over `BRIDGE_ADMIN_TOKEN`.",
+    ),
+    Option(
+        "analytics",
+        _boolean,
+        True,
+        "Session analytics that outlive the sessions (README, \"Analytics\"): who was seen "
+        "when, requests per session, how sessions ended; served by `/admin/stats`.",
+    ),
+    Option(
+        "analytics_retention_days",
+        _number(1, 3650, integer=True),
+        90,
+        "Days the per-day analytics (counters, unique identities) are kept.",
+    ),
+    Option(
+        "metrics",
+        _boolean,
+        True,
+        "Prometheus metrics at `/metrics` on the admin listener.",
+    ),
+    Option(
         "log_decisions",
         _boolean,
         False,
@@ -782,6 +828,12 @@ class Settings:
     log_level: str
     log_format: str
     log_decisions: bool
+    admin_host: str
+    admin_port: int
+    admin_token: str | None = field(repr=False)
+    analytics: bool
+    analytics_retention_days: int
+    metrics: bool
 
     def with_overrides(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -863,29 +915,17 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     def key_of(name: str) -> str:
         return keys.get(name, _BY_NAME[name].env)
 
-    secret_text = values.pop("secret")
-    secret_file = values.pop("secret_file")
-    if secret_file is not None:
-        try:
-            secret_text = Path(secret_file).read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(key_of("secret_file"), f"cannot be read ({error})") from None
-        try:
-            _secret(secret_text)
-        except ValueError as error:
-            raise ConfigError(key_of("secret_file"), f"secret {error}") from None
-
-    hook_secret = values.pop("hook_secret")
-    hook_secret_file = values.pop("hook_secret_file")
-    if hook_secret_file is not None:
-        try:
-            hook_secret = Path(hook_secret_file).read_text(encoding="utf-8").rstrip("\r\n")
-            _secret(hook_secret)
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(key_of("hook_secret_file"), f"cannot be read ({error})") from None
-        except ValueError as error:
-            raise ConfigError(key_of("hook_secret_file"), f"secret {error}") from None
-    values["hook_secret"] = hook_secret
+    secret_text = _secret_or_file(values, "secret", key_of)
+    values["hook_secret"] = _secret_or_file(values, "hook_secret", key_of)
+    values["admin_token"] = _secret_or_file(values, "admin_token", key_of)
+    if values["admin_token"] is None and values["admin_port"] and not _loopback(
+        values["admin_host"]
+    ):
+        raise ConfigError(
+            key_of("admin_token"),
+            f"required: the admin listener is on {values['admin_host']}, not a loopback "
+            "address (set BRIDGE_ADMIN_TOKEN or BRIDGE_ADMIN_TOKEN_FILE, or BRIDGE_ADMIN_PORT=0)",
+        )
 
     values["redis_sentinel_password"] = _sentinel_password(
         values.pop("redis_sentinel_password"),
@@ -925,6 +965,26 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     if values["device_stream"] is None:
         values["device_stream"] = values["key_prefix"] + "events:device"
     return Settings(**values)
+
+
+def _secret_or_file(
+    values: dict[str, Any], name: str, key_of: Callable[[str], str]
+) -> str | None:
+    """A secret option, or the content of its ``<name>_file`` twin, which wins."""
+    secret, secret_file = values.pop(name), values.pop(name + "_file")
+    if secret_file is None:
+        return secret
+    try:
+        secret = Path(secret_file).read_text(encoding="utf-8").rstrip("\r\n")
+        return _secret(secret)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(key_of(name + "_file"), f"cannot be read ({error})") from None
+    except ValueError as error:
+        raise ConfigError(key_of(name + "_file"), f"secret {error}") from None
+
+
+def _loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
 
 
 def _sentinel_password(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass
 
 import orjson
@@ -30,9 +29,15 @@ class Trace:
     """What one decision learned on its way, for its log line."""
 
     started_ns: int
+    finished_ns: int = 0
     rule: str | None = None
     session: MirroredSession | None = None
     tier: str | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return (self.finished_ns - self.started_ns) / 1e9
+
 
 
 def record(dialect: str, method: str, headers: HeaderView, reply: Reply, trace: Trace) -> None:
@@ -42,13 +47,13 @@ def record(dialect: str, method: str, headers: HeaderView, reply: Reply, trace: 
         "request_id": request_id if request_id and _REQUEST_ID.fullmatch(request_id) else None,
         "dialect": dialect,
         "method": method,
-        "decision": "allow" if reply.status == 200 else _error_code(reply),
+        "decision": outcome(reply),
         "status": reply.status,
         "rule": trace.rule,
         "identity_id": session.identity_id if session is not None else None,
         "session_id": session.id if session is not None else None,
         "tier": trace.tier,
-        "latency_ms": round((time.perf_counter_ns() - trace.started_ns) / 1e6, 3),
+        "latency_ms": round(trace.latency_s * 1000, 3),
     }
     log.info(
         "decision %s %s (%s) rule=%s identity=%s tier=%s %.3f ms",
@@ -63,7 +68,10 @@ def record(dialect: str, method: str, headers: HeaderView, reply: Reply, trace: 
     )
 
 
-def _error_code(reply: Reply) -> str:
+def outcome(reply: Reply) -> str:
+    """``allow``, or the refusal's error code."""
+    if reply.status == 200:
+        return "allow"
     try:
         return str(orjson.loads(reply.body).get("error"))
     except (orjson.JSONDecodeError, AttributeError):

@@ -19,9 +19,10 @@ the requests that need them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge import decision, decision_log, responses
+from bridge import decision, responses
 from bridge.bounded import BoundedMap
 from bridge.credentials import Credential, extract
 from bridge.decision_log import Trace
@@ -45,6 +46,11 @@ from bridge.upstream_headers import UpstreamHeaders
 
 ASK_AGAIN_EVERY_MS = 1000
 
+DecisionWatcher = Callable[[str, str, HeaderView, Reply, Trace], None]
+"""Told of every decision once it is made: ``(dialect, method, headers, reply, trace)``.
+The decision log, the metrics and the analytics are watchers; with none, no trace is
+kept and the path does no extra work."""
+
 
 @dataclass(frozen=True, slots=True)
 class Pending:
@@ -57,7 +63,7 @@ class Pending:
     aal: str | None
     credential: Credential
     started_ms: int
-    trace: Trace | None = None  # with BRIDGE_LOG_DECISIONS
+    trace: Trace | None = None  # when someone watches decisions
 
     @property
     def public(self) -> bool:
@@ -73,9 +79,9 @@ class ForwardAuth:
         redirects: BrowserRedirects,
         upstream: UpstreamHeaders,
         devices: DeviceWatch | None = None,
-        log_decisions: bool = False,
+        watchers: Sequence[DecisionWatcher] = (),
     ) -> None:
-        self._log_decisions = log_decisions
+        self._watchers = tuple(watchers)
         self._mirror = mirror
         self._cookie_name = cookie_name
         self._rules = rules
@@ -105,20 +111,27 @@ class ForwardAuth:
     def begin(
         self, dialect: Dialect, headers: HeaderView, method: str, path: str, query: str
     ) -> Reply | Pending:
-        if not self._log_decisions:
+        if not self._watchers:
             return self._begin(dialect, headers, method, path, query, None)
         trace = Trace(time.perf_counter_ns())
         step = self._begin(dialect, headers, method, path, query, trace)
         if isinstance(step, Reply):
-            decision_log.record(dialect.name, method, headers, step, trace)
+            self._tell(dialect.name, method, headers, step, trace)
         return step
 
     def finish(self, pending: Pending) -> Reply:
         reply = self._finish(pending)
         if pending.trace is not None:
             method = pending.original.method if pending.original is not None else "GET"
-            decision_log.record(pending.dialect.name, method, pending.headers, reply, pending.trace)
+            self._tell(pending.dialect.name, method, pending.headers, reply, pending.trace)
         return reply
+
+    def _tell(
+        self, dialect: str, method: str, headers: HeaderView, reply: Reply, trace: Trace
+    ) -> None:
+        trace.finished_ns = time.perf_counter_ns()
+        for watcher in self._watchers:
+            watcher(dialect, method, headers, reply, trace)
 
     def _begin(
         self,

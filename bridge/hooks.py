@@ -27,6 +27,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from bridge import responses
 from bridge.errors import KratosUnavailable
 from bridge.http_client import HTTPClient, RequestFailed
 from bridge.kratos import KratosSession, parse_session
-from bridge.mirror import now_ms
+from bridge.mirror import SessionEvents, now_ms
 from bridge.responses import Reply
 from bridge.session import MirroredSession, aal2_event, mirror
 from bridge.store import SessionStore
@@ -69,10 +70,18 @@ class KratosHooks:
     """Checks and handles Kratos's web hook calls; one per process."""
 
     def __init__(
-        self, secret: str, store: SessionStore, kratos_admin_url: str, kratos_timeout: float
+        self,
+        secret: str,
+        store: SessionStore,
+        kratos_admin_url: str,
+        kratos_timeout: float,
+        events: SessionEvents | None = None,
+        seen: Callable[[MirroredSession], None] | None = None,
     ) -> None:
         self._secret = secret.encode()
         self._store = store
+        self._events = events if events is not None else SessionEvents()
+        self._seen = seen
         self._admin = HTTPClient(kratos_admin_url)
         self._timeout = kratos_timeout
 
@@ -95,12 +104,14 @@ class KratosHooks:
             log.info("kratos %s hook: session %s not found", flow, announced.session_id)
             return Reply(204, (), b"")
         seen_at = now_ms()
-        saved = self._store.save(
-            _HOOK_POINTER + session.id, session, aal2_event(session, seen_at), seen_at
-        )
+        event = aal2_event(session, seen_at)
+        saved = self._store.save(_HOOK_POINTER + session.id, session, event, seen_at)
         log.info("kratos %s hook: mirrored session %s (%s)", flow, session.id, session.aal)
-        if saved.aal2_event_id is not None:
+        if saved.aal2_event_id is not None and event is not None:
             log.info("aal2 event %s for session %s (kratos hook)", saved.aal2_event_id, session.id)
+            self._events.aal2_recorded(session, event)
+        if self._seen is not None:
+            self._seen(session)
         body_out = {
             "session_id": session.id,
             "aal": session.aal,

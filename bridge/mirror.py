@@ -48,6 +48,32 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class SessionEvents:
+    """What the mirror tells those who watch sessions (analytics, metrics): an AAL2 event
+    recorded (once per upgrade, by the process that appended it) and a session whose
+    credential Kratos refused (logged out). These do nothing; watchers override them and
+    must not block (the calls are on the request path)."""
+
+    def aal2_recorded(self, session: MirroredSession, event: dict[str, str]) -> None:
+        return None
+
+    def logged_out(self, session_id: str, at_ms: int) -> None:
+        return None
+
+
+class AllOf(SessionEvents):
+    def __init__(self, watchers: list[SessionEvents]) -> None:
+        self._watchers = tuple(watchers)
+
+    def aal2_recorded(self, session: MirroredSession, event: dict[str, str]) -> None:
+        for watcher in self._watchers:
+            watcher.aal2_recorded(session, event)
+
+    def logged_out(self, session_id: str, at_ms: int) -> None:
+        for watcher in self._watchers:
+            watcher.logged_out(session_id, at_ms)
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """A session the bridge may answer from, and cookies Kratos re-issued on the way."""
@@ -71,8 +97,10 @@ class SessionMirror:
         kratos_timeout: float,
         redis_timeout: float,
         recent_max: int = 50_000,
+        events: SessionEvents | None = None,
     ) -> None:
         self._store = store
+        self._events = events if events is not None else SessionEvents()
         self._kratos = kratos
         self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
@@ -95,6 +123,11 @@ class SessionMirror:
         self._refreshed_cookies: BoundedMap[str, tuple[str, ...]] = BoundedMap(recent_max)
         # Waiting for a peer never outlasts what a request may wait in all.
         self._peer_wait_s = kratos_timeout + 2 * redis_timeout
+        # Sessions ended elsewhere (an admin revoked them), announced through the store:
+        # their copies go at once, and no acceptance asked before the end is kept again.
+        self._ended: BoundedMap[str, int] = BoundedMap(recent_max)
+        self._copies_lock = threading.Lock()
+        store.follow_ended(self._session_ended)
 
     def from_memory(self, credential: Credential) -> Resolved | None:
         """What this process alone can say, with no I/O (so the server may call it on its
@@ -156,7 +189,21 @@ class SessionMirror:
         rejected_at = self._rejected.get(fingerprint)
         if rejected_at is not None and rejected_at >= session.validated_at_ms:
             return
-        self._recent.put(fingerprint, replace(session, app={}) if session.app else session)
+        with self._copies_lock:
+            ended_at = self._ended.get(session.id)
+            if ended_at is not None and ended_at >= session.validated_at_ms:
+                return
+            self._recent.put(fingerprint, replace(session, app={}) if session.app else session)
+
+    def _session_ended(self, session_id: str | None, ended_at_ms: int) -> None:
+        """The store announced an ended session (``None``: announcements may have been
+        missed, so every copy goes)."""
+        with self._copies_lock:
+            if session_id is None:
+                self._recent.clear()
+                return
+            self._ended.put(session_id, ended_at_ms)
+            self._recent.drop_values(lambda copy: copy.id == session_id)
 
     def _busy(self, fingerprint: str, recent: MirroredSession) -> bool:
         """Asked for at least twice since its copy entered the refresh zone: likely to be
@@ -267,15 +314,19 @@ class SessionMirror:
             self._recent.pop(fingerprint)
             self._rejected.put(fingerprint, rejected_at)
             self._store.forget(fingerprint, seen, Rejection(rejected_at, keep_ms), lock)
+            if seen is not None:
+                self._events.logged_out(seen.id, rejected_at)
             raise
         except BaseException:
             self._let_go(lock)
             raise
         session = mirror(answer, asked_at)
         seen_at = now_ms()
-        saved = self._store.save(fingerprint, session, aal2_event(session, seen_at), seen_at, lock)
-        if saved.aal2_event_id is not None:
+        event = aal2_event(session, seen_at)
+        saved = self._store.save(fingerprint, session, event, seen_at, lock)
+        if saved.aal2_event_id is not None and event is not None:
             log.info("aal2 event %s for session %s", saved.aal2_event_id, session.id)
+            self._events.aal2_recorded(session, event)
         if saved.cached:
             session = replace(session, csrf_token=saved.csrf_token)
         return Resolved(session, answer.set_cookies, cacheable=saved.cached)

@@ -18,10 +18,25 @@ from granian.constants import Interfaces
 from granian.log import LogLevels
 
 from bridge.config import Settings
+from bridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL = 0.001
+
+
+def _check_admin_port(settings: Settings) -> None:
+    """Fail now, naming the key, when the admin port is taken (by another bridge, say):
+    the server processes would otherwise wait for it forever."""
+    from bridge.admin.listener import bind
+
+    try:
+        bind(settings.admin_host, settings.admin_port).close()
+    except OSError as error:
+        raise ConfigError(
+            "BRIDGE_ADMIN_PORT",
+            f"cannot listen on {settings.admin_host}:{settings.admin_port} ({error.strerror})",
+        ) from None
 
 
 def worker_count(settings: Settings) -> int:
@@ -42,10 +57,17 @@ def _load_app(settings: Settings, *_: Any) -> Any:
     # loop from waiting behind them. Measured with bench/peers.py (README, Benchmark).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     bridge = build_bridge(settings)
+    if settings.admin_port:
+        from bridge.admin.api import create_admin_app
+        from bridge.admin.listener import AdminListener
+
+        AdminListener(create_admin_app(bridge), settings.admin_host, settings.admin_port)
     return Front(bridge, create_flask_app(bridge))
 
 
 def serve(settings: Settings) -> None:
+    if settings.admin_port:
+        _check_admin_port(settings)
     if settings.redis_url is None:
         log.warning(
             "BRIDGE_REDIS_URL is not set: using the embedded in-process store "

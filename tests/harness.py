@@ -175,6 +175,10 @@ class BridgeServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"bridge-{self.port}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        # Each bridge its own admin port, unless the test chose one (0: none).
+        self.admin_port = int(env.get("BRIDGE_ADMIN_PORT") or free_port())
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        full_env["BRIDGE_ADMIN_PORT"] = str(self.admin_port)
         full_env.update(env)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -184,6 +188,12 @@ class BridgeServer:
                 stderr=subprocess.STDOUT,
             )
         wait_until(lambda: httpx.get(self.url + "/health/alive").status_code == 200, 30, "bridge")
+        if self.admin_port:
+            wait_until(
+                lambda: httpx.get(self.admin_url + "/health/alive").status_code in (200, 401),
+                30,
+                "bridge admin listener",
+            )
 
     def stop(self) -> None:
         stop_process(self.process)

@@ -75,11 +75,16 @@ raced a save, name a session that ended; readers check the session key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from bridge.session import MirroredSession
+from bridge.store.registry import SessionRegistry
+
+EndedListener = Callable[[str | None, int], None]
+"""Told ``(session id, ended at ms)`` when a session was ended in any process, and
+``(None, 0)`` when announcements may have been missed (a new subscription)."""
 
 AAL2_MARKER_GRACE_MS = 7 * 24 * 3600 * 1000
 MAX_DEVICE_CHANGES_PER_SESSION = 16
@@ -168,6 +173,11 @@ class Keys:
     def credential(self, fingerprint: str) -> str:
         return f"{self.prefix}credential:{fingerprint}"
 
+    @property
+    def ended_channel(self) -> str:
+        """Pub/sub channel on which ended (revoked) sessions are announced."""
+        return f"{self.prefix}sessions:ended"
+
     def identity_sessions(self, identity_id: str) -> str:
         return f"{self.prefix}identity:{{{identity_id}}}:sessions"
 
@@ -203,6 +213,7 @@ class SessionStore(Protocol):
     """What the session mirror needs from storage. Failures raise ``StoreUnavailable``."""
 
     keys: Keys
+    registry: SessionRegistry
 
     def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
         """When Kratos last accepted this credential and for which session, when it last
@@ -246,6 +257,16 @@ class SessionStore(Protocol):
         with and its app data, remember the rejection for ``rejection.keep_ms``, and
         release ``release``."""
 
+    def end_session(self, session_id: str, ended_at_ms: int, keep_ms: int) -> bool:
+        """A session ended outside the bridge (an admin revoked it in Kratos): drop its
+        mirror and app data, refuse for ``keep_ms`` every save of it asked of Kratos before
+        ``ended_at_ms``, and announce it to every process following ended sessions.
+        ``True`` when there was a mirror."""
+
+    def follow_ended(self, listener: EndedListener) -> None:
+        """Call ``listener`` for each ended session announced from now on, from any
+        process, until the store is closed."""
+
     def update_app(
         self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
     ) -> dict[str, str]:
@@ -273,6 +294,12 @@ class SessionStore(Protocol):
 
     def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         """The oldest ``count`` AAL2 events as ``(event id, fields)``."""
+
+    def aal2_event_range(
+        self, after_id: str | None, since_ms: int, until_ms: int, count: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``count`` AAL2 events, oldest first, recorded from ``since_ms`` to
+        ``until_ms`` (inclusive) and after the entry ``after_id`` when given."""
 
     def record_device_change(
         self, change_id: str, fields: dict[str, str], keep_until_ms: int

@@ -24,16 +24,23 @@ from bridge.store import (
     MAX_APP_FIELDS,
     MAX_DEVICE_CHANGES_PER_SESSION,
     CredentialEntry,
+    EndedListener,
     Keys,
     Lock,
     Lookup,
     Rejection,
     SaveResult,
 )
+from bridge.store.memory_registry import MemoryRegistry
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _size(app: dict[str, str]) -> int:
@@ -46,8 +53,16 @@ class MemoryStore:
 
     _SWEEP_EVERY = 1024
 
-    def __init__(self, keys: Keys, stream_maxlen: int, device_stream_maxlen: int = 100_000) -> None:
+    def __init__(
+        self,
+        keys: Keys,
+        stream_maxlen: int,
+        device_stream_maxlen: int = 100_000,
+        retention_days: int = 90,
+    ) -> None:
         self.keys = keys
+        self.registry = MemoryRegistry(retention_days)
+        self._followers: list[EndedListener] = []
         self._devices: deque[tuple[str, dict[str, str]]] = deque(maxlen=device_stream_maxlen)
         self._lock = threading.Lock()
         self._values: dict[str, Any] = {}
@@ -161,6 +176,19 @@ class MemoryStore:
             if sid is not None:
                 self._forget_session(sid, fingerprint, rejected_at, keep_until)
 
+    def end_session(self, session_id: str, ended_at_ms: int, keep_ms: int) -> bool:
+        with self._lock:
+            existed = self._get(self.keys.session(session_id)) is not None
+            self._mark_ended(session_id, ended_at_ms, ended_at_ms + keep_ms)
+            followers = list(self._followers)
+        for listener in followers:
+            listener(session_id, ended_at_ms)
+        return existed
+
+    def follow_ended(self, listener: EndedListener) -> None:
+        with self._lock:
+            self._followers.append(listener)
+
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
         with self._lock:
             self._maybe_sweep()
@@ -183,6 +211,18 @@ class MemoryStore:
     def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         with self._lock:
             return [(eid, dict(fields)) for eid, fields in itertools.islice(self._stream, count)]
+
+    def aal2_event_range(
+        self, after_id: str | None, since_ms: int, until_ms: int, count: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        after = _entry_order(after_id) if after_id is not None else (since_ms, -1)
+        with self._lock:
+            found = [
+                (eid, dict(fields))
+                for eid, fields in self._stream
+                if after < _entry_order(eid) and _entry_order(eid)[0] <= until_ms
+            ]
+        return found[:count]
 
     def record_device_change(
         self, change_id: str, fields: dict[str, str], keep_until_ms: int
@@ -244,7 +284,8 @@ class MemoryStore:
         return {"kind": "embedded"}
 
     def close(self) -> None:
-        return None
+        with self._lock:
+            self._followers.clear()
 
     # The helpers below run with the lock held.
 
@@ -310,7 +351,15 @@ class MemoryStore:
         if isinstance(known, int) and known > rejected_at:
             return
         credentials[fingerprint] = Rejection(rejected_at)
-        credentials[ENDED] = max(credentials.get(ENDED, 0), rejected_at)
+        self._set(credentials_key, credentials, self._expires.get(credentials_key, keep_until))
+        self._mark_ended(sid, rejected_at, keep_until)
+
+    def _mark_ended(self, sid: str, ended_at: int, keep_until: int) -> None:
+        """No save asked before ``ended_at`` may write the session again; its mirror and
+        app data go."""
+        credentials_key = self.keys.credentials(sid)
+        credentials = self._get(credentials_key) or {}
+        credentials[ENDED] = max(credentials.get(ENDED, 0), ended_at)
         expires = max(self._expires.get(credentials_key, 0), keep_until)
         self._set(credentials_key, credentials, expires)
         self._delete(self.keys.session(sid))

@@ -8,10 +8,12 @@ client pipelines no scripts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -31,6 +33,7 @@ from bridge.store import (
     MAX_APP_FIELDS,
     MAX_DEVICE_CHANGES_PER_SESSION,
     CredentialEntry,
+    EndedListener,
     Keys,
     Lock,
     Lookup,
@@ -38,10 +41,13 @@ from bridge.store import (
     SaveResult,
 )
 from bridge.store.connect import RedisTarget
+from bridge.store.redis_registry import RedisRegistry
 
 T = TypeVar("T")
 _failures = Throttled(logging.getLogger(__name__))
 MIN_REDIS_MAJOR = 7
+_PUBSUB_PING_SECONDS = 5.0
+_PUBSUB_RETRY_SECONDS = 0.5
 
 # Releasing a lock the caller holds (KEYS[n] = the lock, ARGV[m] = its token, '' for none).
 _RELEASE_FIRST = """
@@ -199,6 +205,24 @@ return 1
 """
 )
 
+# Session slot. KEYS: session, app, credentials; ARGV: ended_at, remember until (ms)
+# Returns 1 when there was a mirror to drop.
+_SESSION_END = (
+    _EXPIRE_NOT_BEFORE
+    + """
+local ended = tonumber(redis.call('HGET', KEYS[3], '"""
+    + ENDED
+    + """'))
+if not ended or ended < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[3], '"""
+    + ENDED
+    + """', ARGV[1])
+end
+expire_not_before(KEYS[3], ARGV[2])
+return redis.call('DEL', KEYS[1], KEYS[2]) > 0 and 1 or 0
+"""
+)
+
 # Session slot: one round trip for a request this process's copy cannot answer.
 # KEYS: session, app, credentials, lock
 # ARGV: fingerprint, now ms, fresh-for ms, lock ms (0: take none), lock token, "1" for app
@@ -286,6 +310,8 @@ def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
             return method(self, *args, **kwargs)
         except redis.RedisError as error:
             _failures.warning("redis %s failed: %s", method.__name__, type(error).__name__)
+            if self.error_observer is not None:
+                self.error_observer(method.__name__)
             raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
 
     return wrapper
@@ -303,6 +329,9 @@ class _Call:
 class RedisStore:
     """Session mirror in Redis 7.0+: standalone, behind Sentinel, or a Cluster."""
 
+    error_observer: Callable[[str], None] | None = None
+    """Told the name of each operation Redis failed (``bridge.admin.metrics``)."""
+
     def __init__(
         self,
         connect: Callable[[], RedisTarget],
@@ -310,8 +339,11 @@ class RedisStore:
         timeout: float,
         stream_maxlen: int,
         device_stream_maxlen: int = 100_000,
+        retention_days: int = 90,
     ) -> None:
         self.keys = keys
+        self.registry = RedisRegistry(self, retention_days)
+        self._closed = threading.Event()
         self._stream_maxlen = stream_maxlen
         self._device_stream_maxlen = device_stream_maxlen
         # WAIT must answer before the socket times out.
@@ -344,12 +376,23 @@ class RedisStore:
             self._publish = register(_PUBLISH)
             self._pointer_forget = register(_POINTER_FORGET)
             self._session_forget = register(_SESSION_FORGET)
+            self._session_end = register(_SESSION_END)
             self._release = register(_RELEASE)
             self._update_app = register(_UPDATE_APP)
             self._load_app = register(_LOAD_APP)
             self._mark = register(_MARK)
             self._device_change = register(_DEVICE_CHANGE)
             self._target = target
+
+    def client(self) -> Any:
+        """The connected client, for the session registry beside this store."""
+        if self._target is None:
+            self._connect()
+        return self._redis
+
+    @property
+    def clustered(self) -> bool:
+        return self._target is not None and self._target.kind == "cluster"
 
     @_unavailable_on_error
     def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
@@ -591,6 +634,55 @@ class RedisStore:
         if calls:
             self._pipeline(calls)
 
+    @_unavailable_on_error
+    def end_session(self, session_id: str, ended_at_ms: int, keep_ms: int) -> bool:
+        keys = [
+            self.keys.session(session_id),
+            self.keys.app(session_id),
+            self.keys.credentials(session_id),
+        ]
+        existed = self._session_end(keys=keys, args=[ended_at_ms, ended_at_ms + keep_ms])
+        self._redis.publish(self.keys.ended_channel, f"{session_id} {ended_at_ms}")
+        return bool(existed)
+
+    def follow_ended(self, listener: EndedListener) -> None:
+        threading.Thread(
+            target=self._follow, args=(listener,), name="redis-ended", daemon=True
+        ).start()
+
+    def _follow(self, listener: EndedListener) -> None:
+        """Listen for ended sessions for as long as the store is open; after each
+        (re)subscription, tell the listener it may have missed some."""
+        while not self._closed.is_set():
+            pubsub = None
+            try:
+                pubsub = self.client().pubsub()
+                pubsub.subscribe(self.keys.ended_channel)
+                quiet_since = time.monotonic()
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        if time.monotonic() - quiet_since > _PUBSUB_PING_SECONDS:
+                            pubsub.ping()  # a dead connection shows up as an error
+                            quiet_since = time.monotonic()
+                        continue
+                    quiet_since = time.monotonic()
+                    if message["type"] == "subscribe":
+                        listener(None, 0)
+                    elif message["type"] == "message":
+                        sid, _, ended_at = message["data"].decode().partition(" ")
+                        if ended_at.isdigit():
+                            listener(sid, int(ended_at))
+            except Exception as error:  # whatever breaks, the listener must come back
+                if self._closed.is_set():
+                    return  # closed under it: its connection went away
+                _failures.warning("redis subscription lost: %s", type(error).__name__)
+                self._closed.wait(_PUBSUB_RETRY_SECONDS)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+
     def _session_forget_call(
         self, sid: str, fingerprint: str, rejected_at: int, keep_until: int, token: str = ""
     ) -> _Call:
@@ -691,6 +783,17 @@ class RedisStore:
         ]
 
     @_unavailable_on_error
+    def aal2_event_range(
+        self, after_id: str | None, since_ms: int, until_ms: int, count: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        start = f"({after_id}" if after_id is not None else str(since_ms)
+        entries = self._redis.xrange(self.keys.aal2_stream, start, str(until_ms), count=count)
+        return [
+            (eid.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+            for eid, fields in entries
+        ]
+
+    @_unavailable_on_error
     def record_device_change(
         self, change_id: str, fields: dict[str, str], keep_until_ms: int
     ) -> bool:
@@ -732,6 +835,7 @@ class RedisStore:
         return self._target.topology()
 
     def close(self) -> None:
+        self._closed.set()
         if self._target is not None:
             self._target.close()
 

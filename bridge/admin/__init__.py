@@ -1,0 +1,1 @@
+"""The admin side: the admin HTTP API, its command-line client, analytics."""

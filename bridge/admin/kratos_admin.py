@@ -1,0 +1,104 @@
+"""Kratos's admin API for the session admin, through the Ory SDK (``ory-kratos-client``).
+
+One SDK client per process, shared by the admin requests: it holds a connection pool and
+the admin URL, and nothing that belongs to a request (no default header is ever set).
+Every failure other than "Kratos does not know it" is ``KratosUnavailable``, so the
+caller reports it and never goes on as if the session were gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from ory_kratos_client import ApiClient, Configuration, IdentityApi
+from ory_kratos_client.exceptions import NotFoundException, OpenApiException
+from urllib3.exceptions import HTTPError
+
+from bridge.errors import KratosUnavailable
+
+_PAGE_SIZE = 500
+_MAX_PAGES = 20
+
+
+class KratosAdmin:
+    def __init__(self, admin_url: str, timeout: float) -> None:
+        self._client = ApiClient(Configuration(host=admin_url))
+        self._identities = IdentityApi(self._client)
+        self._timeout = timeout
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        """Kratos's session (with identity and devices), or ``None`` if it knows none."""
+        try:
+            found = self._identities.get_session(
+                session_id, expand=["identity", "devices"], _request_timeout=self._timeout
+            )
+        except NotFoundException:
+            return None
+        except (OpenApiException, HTTPError, ValueError) as error:
+            raise _unavailable(error) from None
+        return found.to_dict()
+
+    def revoke(self, session_id: str) -> bool:
+        """Revoke one session; ``False`` when Kratos knows no such session."""
+        try:
+            self._identities.disable_session(session_id, _request_timeout=self._timeout)
+        except NotFoundException:
+            return False
+        except (OpenApiException, HTTPError, ValueError) as error:
+            raise _unavailable(error) from None
+        return True
+
+    def active_session_ids(self, identity_id: str) -> list[str] | None:
+        """The identity's active sessions, or ``None`` if Kratos knows no such identity."""
+        ids: list[str] = []
+        token: str | None = None
+        try:
+            for _ in range(_MAX_PAGES):
+                answer = self._identities.list_identity_sessions_with_http_info(
+                    identity_id,
+                    page_size=_PAGE_SIZE,
+                    page_token=token,
+                    active=True,
+                    _request_timeout=self._timeout,
+                )
+                ids += [session.id for session in answer.data or []]
+                token = _next_page_token(answer.headers or {})
+                if token is None:
+                    return ids
+        except NotFoundException:
+            return None
+        except (OpenApiException, HTTPError, ValueError) as error:
+            raise _unavailable(error) from None
+        raise KratosUnavailable("Kratos listed more sessions for this identity than expected")
+
+    def revoke_identity(self, identity_id: str) -> None:
+        try:
+            self._identities.delete_identity_sessions(identity_id, _request_timeout=self._timeout)
+        except NotFoundException:
+            return  # nothing to revoke (Kratos answers 404 for an identity without sessions)
+        except (OpenApiException, HTTPError, ValueError) as error:
+            raise _unavailable(error) from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _next_page_token(headers: Any) -> str | None:
+    """The ``page_token`` of the ``rel="next"`` link Kratos sends, if any."""
+    link = headers.get("Link") or headers.get("link") or ""
+    for part in link.split(","):
+        if 'rel="next"' not in part:
+            continue
+        target = part.split(";", 1)[0].strip().strip("<>")
+        for pair in target.partition("?")[2].split("&"):
+            name, _, value = pair.partition("=")
+            if name == "page_token" and value:
+                return unquote(value)
+    return None
+
+
+def _unavailable(error: Exception) -> KratosUnavailable:
+    status = getattr(error, "status", None)
+    detail = f"answered {status}" if status else f"unreachable ({type(error).__name__})"
+    return KratosUnavailable(f"Kratos admin API {detail}")
