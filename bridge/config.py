@@ -759,7 +759,7 @@ OPTIONS: tuple[Option, ...] = (
         "analytics",
         _boolean,
         True,
-        "Session analytics that outlive the sessions (README, \"Analytics\"): who was seen "
+        'Session analytics that outlive the sessions (README, "Analytics"): who was seen '
         "when, requests per session, how sessions ended; served by `/admin/stats`.",
     ),
     Option(
@@ -918,8 +918,10 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     secret_text = _secret_or_file(values, "secret", key_of)
     values["hook_secret"] = _secret_or_file(values, "hook_secret", key_of)
     values["admin_token"] = _secret_or_file(values, "admin_token", key_of)
-    if values["admin_token"] is None and values["admin_port"] and not _loopback(
-        values["admin_host"]
+    if (
+        values["admin_token"] is None
+        and values["admin_port"]
+        and not _loopback(values["admin_host"])
     ):
         raise ConfigError(
             key_of("admin_token"),
@@ -967,9 +969,7 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     return Settings(**values)
 
 
-def _secret_or_file(
-    values: dict[str, Any], name: str, key_of: Callable[[str], str]
-) -> str | None:
+def _secret_or_file(values: dict[str, Any], name: str, key_of: Callable[[str], str]) -> str | None:
     """A secret option, or the content of its ``<name>_file`` twin, which wins."""
     secret, secret_file = values.pop(name), values.pop(name + "_file")
     if secret_file is None:

@@ -39,7 +39,6 @@ class Trace:
         return (self.finished_ns - self.started_ns) / 1e9
 
 
-
 def record(dialect: str, method: str, headers: HeaderView, reply: Reply, trace: Trace) -> None:
     request_id = headers.get("x-request-id")
     session = trace.session
