@@ -213,23 +213,29 @@ class Recorder(SessionEvents):
 
     def _report(self, *, force: bool) -> None:
         now = self._clock()
+        with self._outbox_lock:
+            outbox, self._outbox = self._outbox, _Outbox()
+        ending = {session_id for session_id, _, _ in outbox.ended}
         due: list[tuple[_Seen, int]] = []
         for sid, seen in list(self._seen.items()):
-            if seen.reported_at_ms and now - seen.reported_at_ms < SEEN_AGAIN_EVERY_MS:
-                if not force:
-                    continue
+            # A session that ends is reported one last time, so its requests count.
+            final = sid in ending or seen.session.expires_at_ms <= now
+            waited = now - seen.reported_at_ms >= SEEN_AGAIN_EVERY_MS
             if seen.reported_at_ms and seen.requests == 0:
-                self._seen.pop(sid, None)  # not seen since its last report
+                if final or waited:
+                    self._seen.pop(sid, None)  # not seen since its last report
+                continue
+            if seen.reported_at_ms and not (force or final or waited):
                 continue
             due.append((seen, seen.requests))
+            if final:
+                self._seen.pop(sid, None)
         sightings = [sighting(seen.session, requests, now) for seen, requests in due]
         if sightings:
             self._registry.report(sightings, now)
         for seen, requests in due:
             seen.requests -= requests  # what arrived meanwhile counts next time
             seen.reported_at_ms = now
-        with self._outbox_lock:
-            outbox, self._outbox = self._outbox, _Outbox()
         for method, at in outbox.aal2:
             self._registry.count_aal2(method, at)
         for session_id, reason, at in outbox.ended:

@@ -194,6 +194,7 @@ def create_admin_app(
             )
         if recorder is not None:
             recorder.flush()  # this process's own counts, up to now
+        store.registry.sweep(now)  # sessions that expired are counted as ended by now
         return _json(statistics(store.registry, since, now, settings.analytics_retention_days))
 
     @app.get("/metrics", provide_automatic_options=False)

@@ -39,10 +39,12 @@ class MemoryRegistry:
             self._drop_old_days(now_ms)
             for seen in sightings:
                 gone = self._gone.get(seen.session_id)
-                if seen.expires_at_ms <= now_ms or (gone is not None and gone > now_ms):
-                    continue
-                record = seen.record()
                 before = self._records.get(seen.session_id)
+                if (gone is not None and gone > now_ms) or (
+                    before is None and seen.expires_at_ms <= now_ms
+                ):
+                    continue  # an expired session is not registered; a registered one is
+                record = seen.record()
                 if before is None:
                     day = self._days[day_of(seen.started_at_ms)]
                     for counter in (

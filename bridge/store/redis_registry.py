@@ -51,10 +51,12 @@ _SWEEP_BATCH = 200
 #       identity id, now
 _REPORT = """
 local sid, now = ARGV[1], tonumber(ARGV[14])
-if tonumber(ARGV[5]) <= now or redis.call('ZSCORE', KEYS[5], sid) then return 0 end
+if redis.call('ZSCORE', KEYS[5], sid) then return 0 end
+local old = redis.call('HGET', KEYS[3], sid)
+-- An expired session is not registered; a registered one still gets its last requests.
+if not old and tonumber(ARGV[5]) <= now then return 0 end
 local record = cjson.decode(ARGV[2])
 local requests = tonumber(ARGV[3])
-local old = redis.call('HGET', KEYS[3], sid)
 if old then
   local before = cjson.decode(old)
   record.first_seen = before.first_seen
