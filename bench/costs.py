@@ -81,7 +81,7 @@ def measure(name, bridge, views, requests, *, warm=False, path="/auth"):
         reply = one(i)
     cpu_us = (time.process_time() - started) / requests * 1e6
     per_request = (RoundTrips.count - trips) / requests
-    print(f"{name:<42}{reply.status:>7}{cpu_us:>12.1f}{per_request:>16.2f}")
+    print(f"{name:<52}{reply.status:>7}{cpu_us:>12.1f}{per_request:>16.2f}")
 
 
 def main() -> None:
@@ -131,14 +131,13 @@ def main() -> None:
         rules = {"BRIDGE_RULES_FILE": str(ROOT / "bench" / "peers" / "rules-20.yml")}
         jwt = {"BRIDGE_JWT_HEADER": "X-Bridge-Jwt", "BRIDGE_JWT_KEYS_DIR": str(work / "jwt")}
 
-        print(f"{'path':<42}{'status':>7}{'CPU us/req':>12}{'Redis trips/req':>16}")
-        measure(
-            "warm hit (process copy)",
-            bridge("3600"),
-            valid,
-            args.requests * 10,
-            warm=True,
-        )
+        print(f"{'path':<52}{'status':>7}{'CPU us/req':>12}{'Redis trips/req':>16}")
+        off = {"BRIDGE_ANALYTICS": "false", "BRIDGE_METRICS": "false"}
+        for name, env in (
+            ("warm hit (process copy)", {}),
+            ("warm hit, analytics and metrics off", off),
+        ):
+            measure(name, bridge("3600", **env), valid, args.requests * 10, warm=True)
         # Device-change check: the user agent Kratos recorded, or another one (a change,
         # recorded once, then compared on every request).
         recorded_ua = flows.session_of(kratos, token=users[0].token).json()["devices"][0][
@@ -161,6 +160,7 @@ def main() -> None:
             ("warm hit, /forward-auth, same device", {}, same_device),
             ("warm hit, /forward-auth, changed device", {}, new_device),
             ("warm hit, /forward-auth", {}, forwarded),
+            ("warm hit, /forward-auth, analytics and metrics off", off, forwarded),
             ("warm hit, /forward-auth, 20 rules", rules, forwarded),
             ("warm hit, /forward-auth, JWT", jwt, forwarded),
             ("warm hit, /forward-auth, 20 rules + JWT", {**rules, **jwt}, forwarded),

@@ -26,7 +26,18 @@ def _compose_settings(tmp_path):
     env["BRIDGE_RULES_FILE"] = str(ROOT / "config" / "rules.yml")
     env["BRIDGE_SECRET_FILE"] = str(ROOT / "compose" / "secrets" / "bridge_secret.example")
     env["BRIDGE_JWT_KEYS_DIR"] = str(tmp_path / "jwt")
+    secrets_dir = ROOT / "compose" / "secrets"
+    env["BRIDGE_ADMIN_TOKEN_FILE"] = str(secrets_dir / "bridge_admin_token.example")
     return load_settings(env)
+
+
+def test_compose_admin_listener_needs_its_token_and_is_published_on_loopback(tmp_path):
+    settings = _compose_settings(tmp_path)
+    assert settings.admin_host == "0.0.0.0"
+    assert settings.admin_token is not None and len(settings.admin_token) >= 32
+    bridge = COMPOSE["services"]["bridge"]
+    assert bridge["ports"] == [f"127.0.0.1:{settings.admin_port}:{settings.admin_port}"]
+    assert "bridge_admin_token" in bridge["secrets"]
 
 
 def test_compose_bridge_settings_load_with_the_shipped_rules(tmp_path):
