@@ -5,7 +5,7 @@ Not a test: it prints figures and writes them to JSON and a PNG chart.
     .venv/bin/python bench/peers.py [--duration 10] [--connections 64]
         [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
         [--systems bridge,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
-                   [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt]]
+                   [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare]]
         [--no-unpinned-round]
         [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
 
@@ -19,7 +19,8 @@ sentinels: `bridge-sentinel`) or Redis Cluster (three masters, three replicas:
 process counted as the bridge's own; and, asked for by name, the bridge on /forward-auth
 with Traefik's X-Forwarded-* headers: plain (`bridge-forward`), with the 20-rule file
 bench/peers/rules-20.yml (`bridge-rules`, the request matching none of the first 19),
-with the JWT on (`bridge-jwt`) and with both (`bridge-rules-jwt`). Every one of them is
+with the JWT on (`bridge-jwt`), with both (`bridge-rules-jwt`), and with analytics and
+metrics off (`bridge-bare`, to see what they cost). Every one of them is
 started pinned to CPU 0; wrk is pinned to CPU 1. Missing binaries are built first (Kratos,
 heimdall, Oathkeeper: minutes, once per machine).
 
@@ -142,6 +143,7 @@ BRIDGE_FEATURES = {
     "bridge-rules": {"rules": True},
     "bridge-jwt": {"jwt": True},
     "bridge-rules-jwt": {"rules": True, "jwt": True},
+    "bridge-bare": {"bare": True},  # analytics and metrics off: what they cost
 }
 ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES)
 SESSION_LIFESPAN = "720h"
@@ -511,10 +513,13 @@ class Stack:
             BRIDGE_KRATOS_PUBLIC_URL=self.kratos.public_url,
             BRIDGE_KRATOS_ADMIN_URL=self.kratos.admin_url,
             BRIDGE_LOG_LEVEL="warning",
+            BRIDGE_ADMIN_PORT=str(free_port()),
         )
         features = BRIDGE_FEATURES.get(name)
         if features is not None:
             env["BRIDGE_KEY_PREFIX"] = f"bench-{name}:"
+            if features.get("bare"):
+                env.update(BRIDGE_ANALYTICS="false", BRIDGE_METRICS="false")
             if features.get("rules"):
                 env["BRIDGE_RULES_FILE"] = str(PEERS / "rules-20.yml")
             if features.get("jwt"):

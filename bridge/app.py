@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from bridge.errors import BridgeError, StoreUnavailable
 from bridge.forward_auth import DecisionWatcher, ForwardAuth
 from bridge.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
 from bridge.kratos import KratosClient
-from bridge.mirror import AllOf, SessionMirror, now_ms
+from bridge.mirror import AllOf, SessionEvents, SessionMirror, now_ms
 from bridge.redirects import BrowserRedirects, Origin, host_origin
 from bridge.request import HeaderView
 from bridge.responses import Reply
@@ -37,6 +37,7 @@ from bridge.upstream_headers import UpstreamHeaders
 
 if TYPE_CHECKING:
     from bridge.admin.analytics import Recorder
+    from bridge.admin.metrics import Metrics
     from bridge.tokens import KeyRing
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,14 @@ class Bridge:
     redirects: BrowserRedirects
     keyring: KeyRing | None  # when JWTs are on: the keys behind /.well-known/jwks.json
     recorder: Recorder | None = None  # when analytics are on
+    metrics: Metrics | None = None  # when metrics are on
+    events: SessionEvents = field(default_factory=SessionEvents)  # what watches sessions
 
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.mirror.close()
         self.kratos.close()
         self.store.close()
@@ -100,18 +105,26 @@ def build_store(settings: Settings) -> SessionStore:
 
 def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridge:
     store = store if store is not None else build_store(settings)
+    metrics = None
+    if settings.metrics:
+        from bridge.admin.metrics import Metrics
+
+        metrics = Metrics()
+        if hasattr(store, "error_observer"):
+            store.error_observer = metrics.redis_error
     kratos = KratosClient(
         settings.kratos_public_url,
         settings.kratos_admin_url,
         settings.session_cookie,
         settings.kratos_timeout,
+        observe=metrics.kratos_call if metrics is not None else None,
     )
     recorder = None
     if settings.analytics:
         from bridge.admin.analytics import Recorder
 
         recorder = Recorder(store.registry)
-    events = AllOf([w for w in (recorder,) if w is not None])
+    events = AllOf([w for w in (recorder, metrics and metrics.session_events()) if w is not None])
     mirror = SessionMirror(
         store,
         kratos,
@@ -147,20 +160,34 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         redirects,
         upstream,
         devices,
-        watchers=decision_watchers(settings, recorder),
+        watchers=decision_watchers(settings, recorder, metrics),
     )
     dialects = Dialects(url_required=rules.configured)
     return Bridge(
-        settings, store, kratos, mirror, forward_auth, dialects, redirects, keyring, recorder
+        settings,
+        store,
+        kratos,
+        mirror,
+        forward_auth,
+        dialects,
+        redirects,
+        keyring,
+        recorder,
+        metrics,
+        events,
     )
 
 
-def decision_watchers(settings: Settings, recorder: Recorder | None) -> list[DecisionWatcher]:
+def decision_watchers(
+    settings: Settings, recorder: Recorder | None, metrics: Metrics | None
+) -> list[DecisionWatcher]:
     watchers: list[DecisionWatcher] = []
     if settings.log_decisions:
         watchers.append(decision_log.record)
     if recorder is not None:
         watchers.append(recorder.watch)
+    if metrics is not None:
+        watchers.append(metrics.decision_watcher())
     return watchers
 
 
@@ -286,7 +313,7 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
         bridge.store,
         settings.kratos_admin_url,
         settings.kratos_timeout,
-        events=recorder,
+        events=bridge.events,
         seen=recorder.session_seen if recorder is not None else None,
     )
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -44,6 +46,10 @@ _ACCEPT_JSON = ("Accept", "application/json")
 # Kratos's step-up URL becomes a response header: visible ASCII only.
 _BROWSER_URL = re.compile(r"https?://[\x21-\x7e]{1,2048}")
 
+KratosCallObserver = Callable[[int | str, float], None]
+"""Told of each whoami call: Kratos's HTTP status (``"error"`` when Kratos could not be
+reached) and the seconds it took (``bridge.admin.metrics``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class KratosSession:
@@ -62,19 +68,33 @@ class KratosSession:
 class KratosClient:
     """Asks Kratos about credentials; one per process, holding nothing but idle sockets."""
 
-    def __init__(self, public_url: str, admin_url: str, cookie_name: str, timeout: float) -> None:
+    def __init__(
+        self,
+        public_url: str,
+        admin_url: str,
+        cookie_name: str,
+        timeout: float,
+        observe: KratosCallObserver | None = None,
+    ) -> None:
         self._admin_url = admin_url
         self._cookie_name = cookie_name
         self._timeout = timeout
         self._public = HTTPClient(public_url)
+        self._observe = observe
 
     def whoami(self, credential: Credential) -> KratosSession:
         headers = [_ACCEPT_JSON, *credential.headers(self._cookie_name).items()]
+        observe = self._observe
+        started = time.perf_counter() if observe is not None else 0.0
         try:
             answer = self._public.get("/sessions/whoami", headers, self._timeout)
         except RequestFailed as error:
+            if observe is not None:
+                observe("error", time.perf_counter() - started)
             _failures.warning("kratos whoami failed: %s", error)
             raise KratosUnavailable(f"Kratos could not be reached ({error})") from None
+        if observe is not None:
+            observe(answer.status, time.perf_counter() - started)
 
         if answer.status == 200:
             view, expires_at_ms = parse_session(answer.body)

@@ -66,6 +66,10 @@ def _load_app(settings: Settings, *_: Any) -> Any:
 
 
 def serve(settings: Settings) -> None:
+    if settings.metrics:
+        from bridge.admin.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir()  # before the workers start: they inherit where to write
     if settings.admin_port:
         _check_admin_port(settings)
     if settings.redis_url is None:

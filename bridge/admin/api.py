@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import re
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
@@ -31,7 +30,7 @@ from bridge.kratos import parse_timestamp_ms
 from bridge.mirror import now_ms
 from bridge.responses import Reply
 from bridge.session import iso
-from bridge.store.registry import after_token, page_token, read_page_token
+from bridge.store.registry import after_token, days_between, page_token, read_page_token
 
 if TYPE_CHECKING:
     from bridge.admin.analytics import Recorder
@@ -53,11 +52,7 @@ class AdminError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def create_admin_app(
-    bridge: Bridge,
-    kratos_admin: KratosAdmin | None = None,
-    metrics: Callable[[], tuple[bytes, str]] | None = None,
-) -> Flask:
+def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) -> Flask:
     settings, store = bridge.settings, bridge.store
     recorder: Recorder | None = bridge.recorder
     kratos = kratos_admin or KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout)
@@ -197,11 +192,17 @@ def create_admin_app(
         store.registry.sweep(now)  # sessions that expired are counted as ended by now
         return _json(statistics(store.registry, since, now, settings.analytics_retention_days))
 
+    def active_sessions() -> int:
+        now = now_ms()
+        return store.registry.counts(days_between(now, now), now, now).active
+
     @app.get("/metrics", provide_automatic_options=False)
     def metrics_route() -> Response:
-        if metrics is None:
+        if bridge.metrics is None:
             raise AdminError(404, "not_found", "metrics are off (BRIDGE_METRICS=false)")
-        body, content_type = metrics()
+        # The registry knows the active sessions only when analytics are on.
+        active = active_sessions if bridge.recorder is not None else None
+        body, content_type = bridge.metrics.exposition(active)
         return Response(body, status=200, content_type=content_type)
 
     @app.get("/health/alive", provide_automatic_options=False)
