@@ -18,7 +18,7 @@ from urllib.parse import quote
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import app_data, decision_log, responses
+from bridge import app_data, decision_log, openapi, responses
 from bridge.config import Settings
 from bridge.credentials import extract
 from bridge.devices import DeviceChange, DeviceWatch
@@ -277,6 +277,8 @@ def create_flask_app(bridge: Bridge) -> Flask:
                 responses.json_reply(503, {"status": "unavailable", "errors": problems})
             )
         return as_flask(responses.json_reply(200, {"status": "ok", "redis": topology}))
+
+    openapi.add_routes(app)
 
     @app.get("/.well-known/jwks.json", provide_automatic_options=False)
     def jwks() -> Response:

@@ -1,5 +1,5 @@
-"""``kratos-bridge``: serve, check, config-reference, jwt-keygen. Exit 2 on a configuration
-error."""
+"""``kratos-bridge``: serve, check, config-reference, jwt-keygen; sessions, events and stats
+(the admin API's client, ``bridge.admin.cli``). Exit 2 on a configuration error."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from bridge.admin import cli as admin_cli
 from bridge.config import (
     Settings,
     host_port,
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("config-reference", help="print the settings table (Markdown)")
     keygen = commands.add_parser("jwt-keygen", help="write a new JWT signing key into DIR")
     keygen.add_argument("directory")
+    admin_cli.add_commands(commands)
     args = parser.parse_args(argv)
 
     if args.command == "config-reference":
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"kratos-bridge: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command in admin_cli.COMMANDS:
+        return admin_cli.run(args, settings)
 
     configure_logging(settings)
     if args.command == "check" and args.url is not None:

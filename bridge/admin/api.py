@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import responses
+from bridge import openapi, responses
 from bridge.admin.analytics import statistics
 from bridge.admin.kratos_admin import KratosAdmin
 from bridge.errors import BadRequest, BridgeError, KratosUnavailable, StoreUnavailable
@@ -35,6 +35,7 @@ from bridge.store.registry import after_token, days_between, page_token, read_pa
 if TYPE_CHECKING:
     from bridge.admin.analytics import Recorder
     from bridge.app import Bridge
+
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -208,6 +209,8 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
     @app.get("/health/alive", provide_automatic_options=False)
     def alive() -> Response:
         return _json({"status": "ok"})
+
+    openapi.add_routes(app)
 
     @app.errorhandler(AdminError)
     def admin_error(error: AdminError) -> Response:
