@@ -10,6 +10,7 @@ saying why; the token is never printed.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 return events_tail(client, args, output)
             return stats(client, args, output)
     except AdminCommandFailed as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -226,6 +227,14 @@ class AdminClient:
         return body
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(thing: Any) -> Any:
+    """Text a terminal shows as it is: control characters (escapes) replaced."""
+    return _CONTROL.sub("\ufffd", thing) if isinstance(thing, str) else thing
+
+
 class Output:
     """Tables for people, the API's JSON for scripts; always to stdout."""
 
@@ -256,10 +265,13 @@ class Output:
         for name in columns:
             width = _WHOLE_COLUMNS.get(name)
             table.add_column(name, overflow="fold", no_wrap=width is not None, min_width=width)
+        add_row = table.add_row
+        # Labels, user agents and locations come from users: never markup, never controls.
+        table.add_row = lambda *cells, **kw: add_row(*map(printable, cells), **kw)  # type: ignore[method-assign]
         return table
 
     def print(self, *things: Any) -> None:
-        self.console.print(*things)
+        self.console.print(*map(printable, things))
 
     @property
     def console(self) -> Console:
@@ -268,7 +280,9 @@ class Output:
 
             # Piped output (grep, a script, a pager) is not cut at 80 columns: a row is a line.
             width = None if sys.stdout.isatty() else PIPED_WIDTH
-            self._console = Console(width=width, highlight=False, soft_wrap=False)
+            self._console = Console(
+                width=width, highlight=False, soft_wrap=False, markup=False, emoji=False
+            )
         return self._console
 
 
