@@ -110,8 +110,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         from bridge.admin.metrics import Metrics
 
         metrics = Metrics()
-        if hasattr(store, "error_observer"):
-            store.error_observer = metrics.redis_error
+        store.error_observer = metrics.redis_error
     kratos = KratosClient(
         settings.kratos_public_url,
         settings.kratos_admin_url,

@@ -746,8 +746,9 @@ OPTIONS: tuple[Option, ...] = (
         _secret,
         None,
         "Bearer token the admin listener requires (`Authorization: Bearer ...`, compared in "
-        "constant time); unset = open to local callers, and only allowed on loopback. Never "
-        "printed. Prefer `BRIDGE_ADMIN_TOKEN_FILE`.",
+        "constant time); unset = only loopback requests from no other site are answered, "
+        "and only a loopback `BRIDGE_ADMIN_HOST` is allowed. Never printed. Prefer "
+        "`BRIDGE_ADMIN_TOKEN_FILE`.",
     ),
     Option(
         "admin_token_file",

@@ -57,7 +57,7 @@ class SessionEvents:
     def aal2_recorded(self, session: MirroredSession, event: dict[str, str]) -> None:
         return None
 
-    def logged_out(self, session_id: str, at_ms: int) -> None:
+    def logged_out(self, session: MirroredSession, at_ms: int) -> None:
         return None
 
 
@@ -69,9 +69,9 @@ class AllOf(SessionEvents):
         for watcher in self._watchers:
             watcher.aal2_recorded(session, event)
 
-    def logged_out(self, session_id: str, at_ms: int) -> None:
+    def logged_out(self, session: MirroredSession, at_ms: int) -> None:
         for watcher in self._watchers:
-            watcher.logged_out(session_id, at_ms)
+            watcher.logged_out(session, at_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +127,7 @@ class SessionMirror:
         # their copies go at once, and no acceptance asked before the end is kept again.
         self._ended: BoundedMap[str, int] = BoundedMap(recent_max)
         self._copies_lock = threading.Lock()
+        self._announcements_lost_at = 0
         store.follow_ended(self._session_ended)
 
     def from_memory(self, credential: Credential) -> Resolved | None:
@@ -177,6 +178,10 @@ class SessionMirror:
         resolved = self._in_flight.do(key, fetch)
         if resolved.session.validated_at_ms < started - fresh_for_ms:
             resolved = self._in_flight.do(key, fetch)
+        ended_at = self._ended.get(resolved.session.id)
+        if ended_at is not None and ended_at >= resolved.session.validated_at_ms:
+            # Revoked after Kratos was asked (a call this request joined, say).
+            raise SessionInvalid("the session was revoked")
         if resolved.cacheable:
             self._remember(fingerprint, resolved.session)
         return resolved
@@ -190,16 +195,24 @@ class SessionMirror:
         if rejected_at is not None and rejected_at >= session.validated_at_ms:
             return
         with self._copies_lock:
-            ended_at = self._ended.get(session.id)
-            if ended_at is not None and ended_at >= session.validated_at_ms:
+            if self._ended_since(session):
                 return
             self._recent.put(fingerprint, replace(session, app={}) if session.app else session)
 
+    def _ended_since(self, session: MirroredSession) -> bool:
+        """Whether an announcement (of this session's end, or of a gap in them) came after
+        Kratos was asked for this copy: then it is not kept."""
+        if session.validated_at_ms <= self._announcements_lost_at:
+            return True
+        ended_at = self._ended.get(session.id)
+        return ended_at is not None and ended_at >= session.validated_at_ms
+
     def _session_ended(self, session_id: str | None, ended_at_ms: int) -> None:
         """The store announced an ended session (``None``: announcements may have been
-        missed, so every copy goes)."""
+        missed, so every copy goes, and none asked before now is kept)."""
         with self._copies_lock:
             if session_id is None:
+                self._announcements_lost_at = now_ms()
                 self._recent.clear()
                 return
             self._ended.put(session_id, ended_at_ms)
@@ -315,7 +328,7 @@ class SessionMirror:
             self._rejected.put(fingerprint, rejected_at)
             self._store.forget(fingerprint, seen, Rejection(rejected_at, keep_ms), lock)
             if seen is not None:
-                self._events.logged_out(seen.id, rejected_at)
+                self._events.logged_out(seen, rejected_at)
             raise
         except BaseException:
             self._let_go(lock)

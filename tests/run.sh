@@ -24,6 +24,8 @@ command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 # Any go will do: Debian's (1.19) is older than Kratos, Caddy and Traefik need, so each build
 # fetches the toolchain its module asks for from the Go module proxy (tests/tools/go-toolchain.sh).
 command -v go >/dev/null || missing+=(golang-go)
+# The dashboard's browser tests drive Debian's Chromium (Playwright's own download is not used).
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -76,4 +78,8 @@ for name in "${failed[@]}"; do
 done
 [ ${#failed[@]} -eq 0 ] || { echo "run.sh: could not build ${failed[*]} (log above)" >&2; exit 1; }
 
+# Screenshots of every dashboard page, desktop and phone width (not committed).
+export BRIDGE_SCREENSHOTS_DIR="${BRIDGE_SCREENSHOTS_DIR:-$PWD/.screenshots}"
+# Without a browser the dashboard tests would be skipped: here they must run.
+export CI_REQUIRE_BROWSER=1
 .venv/bin/python -m pytest "$@"

@@ -42,6 +42,7 @@ def start_bridge(
         }
         if not embedded:
             values["BRIDGE_REDIS_URL"] = redis_server.url
+        values = {k: v for k, v in values.items() if v != ""}  # "": leave the setting out
         server = BridgeServer(values, workdir)
         started.append(server)
         return server
@@ -103,6 +104,10 @@ BAD_REQUESTS = [
     ("/admin/events/aal2?since=yesterday", 400),
     ("/admin/events/aal2?page_token=nope", 400),
     ("/admin/stats?since=9999d", 400),
+    ("/admin/stats?since=2999-01-01T00:00:00Z", 400),
+    ("/admin/events/aal2?since=999999d", 400),
+    ("/admin/events/aal2?since=1h&until=2h", 400),
+    ("/admin/sessions?page_size=%C2%B2", 400),
     ("/admin/nothing-here", 404),
 ]
 
@@ -257,3 +262,22 @@ def test_aal2_events_filtered_and_paged(kratos: Kratos, start_bridge) -> None:
     ).json()
     assert first["events"][0]["id"] not in [e["id"] for e in after["events"]]
     assert len(after["events"]) == len(everyone["events"]) - 1
+
+
+def test_without_a_token_only_local_same_site_requests_are_answered(start_bridge) -> None:
+    bridge = start_bridge(BRIDGE_ADMIN_TOKEN="")
+    url = bridge.admin_url + "/admin/sessions"
+    assert httpx.get(url).status_code == 200
+    assert httpx.get(url, headers={"Host": f"localhost:{bridge.admin_port}"}).status_code == 200
+    for headers in (
+        {"Host": "evil.example"},  # a page on a rebound DNS name
+        {"Origin": "https://evil.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+    ):
+        response = httpx.get(url, headers=headers)
+        assert response.status_code == 403, headers
+        assert response.json()["error"] == "forbidden"
+    revoke = httpx.delete(
+        f"{bridge.admin_url}/admin/sessions/{uuid.uuid4()}", headers={"Host": "evil.example"}
+    )
+    assert revoke.status_code == 403

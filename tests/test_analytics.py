@@ -94,6 +94,15 @@ def test_an_ended_session_ends_once_and_is_not_registered_again(registry) -> Non
     assert counts.ended[0]["duration_ms"] == "5000"
 
 
+def test_a_session_ended_before_it_was_registered_is_not_registered_later(registry) -> None:
+    now = int(time.time() * 1000)
+    (sid,) = ids(1)
+    assert registry.end(sid, "revoked", now) is False
+    registry.report([seen(sid, started=now - 5000, expires=now + 60_000, at=now)], now + 1)
+    assert registry.records([sid]) == []
+    assert registry.active(now + 1) == 0
+
+
 def test_the_sweep_ends_expired_sessions_at_their_expiry(registry) -> None:
     now = int(time.time() * 1000)
     short, long = ids(2)

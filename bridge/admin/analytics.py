@@ -47,6 +47,14 @@ REPORT_EVERY_SECONDS = 1.0
 SEEN_AGAIN_EVERY_MS = 60_000  # at most one last-seen write per session per minute
 SWEEP_EVERY_SECONDS = 10.0
 TOP_USER_AGENTS = 10
+DURATION_BUCKETS = (  # the session-duration histogram: label, upper bound in seconds
+    ("< 1 min", 60),
+    ("1-10 min", 600),
+    ("10-60 min", 3600),
+    ("1-8 h", 8 * 3600),
+    ("8-24 h", 24 * 3600),
+    ("> 1 day", math.inf),
+)
 
 _FAMILIES = tuple(
     (name, re.compile(pattern))
@@ -151,6 +159,7 @@ class Recorder(SessionEvents):
         self._seen: dict[str, _Seen] = {}
         self._outbox = _Outbox()
         self._outbox_lock = threading.Lock()
+        self._reporting = threading.Lock()  # one report at a time: the thread, flush, end_now
         self._stop = threading.Event()
         self._last_sweep = 0.0
         self._thread = threading.Thread(target=self._run, name="analytics", daemon=True)
@@ -180,15 +189,20 @@ class Recorder(SessionEvents):
         with self._outbox_lock:
             self._outbox.aal2.append((method, self._clock()))
 
-    def logged_out(self, session_id: str, at_ms: int) -> None:
-        self.ended(session_id, "logged_out", at_ms)
+    def logged_out(self, session: MirroredSession, at_ms: int) -> None:
+        reason = "expired" if session.expires_at_ms <= at_ms else "logged_out"
+        with self._outbox_lock:
+            self._outbox.ended.append((session.id, reason, at_ms))
 
-    def ended(self, session_id: str, reason: str, at_ms: int) -> None:
+    def end_now(self, session_id: str, reason: str, at_ms: int) -> None:
+        """A session ended here and now (an admin revoked it): its last requests and its
+        end are reported before this returns."""
         with self._outbox_lock:
             self._outbox.ended.append((session_id, reason, at_ms))
+        self.flush()
 
     def flush(self) -> None:
-        """Report everything now, due or not (at shutdown, and for tests)."""
+        """Report everything now, due or not (at shutdown, for the statistics, in tests)."""
         self._report(force=True)
 
     def close(self) -> None:
@@ -212,9 +226,20 @@ class Recorder(SessionEvents):
                 log.exception("analytics report failed")
 
     def _report(self, *, force: bool) -> None:
+        with self._reporting:
+            with self._outbox_lock:
+                outbox, self._outbox = self._outbox, _Outbox()
+            try:
+                self._report_seen(outbox, force=force)
+                self._send(outbox)
+            except BaseException:
+                with self._outbox_lock:  # sent again next time; each step is idempotent
+                    self._outbox.ended[:0] = outbox.ended
+                    self._outbox.aal2[:0] = outbox.aal2
+                raise
+
+    def _report_seen(self, outbox: _Outbox, *, force: bool) -> None:
         now = self._clock()
-        with self._outbox_lock:
-            outbox, self._outbox = self._outbox, _Outbox()
         ending = {session_id for session_id, _, _ in outbox.ended}
         due: list[tuple[_Seen, int]] = []
         for sid, seen in list(self._seen.items()):
@@ -236,10 +261,16 @@ class Recorder(SessionEvents):
         for seen, requests in due:
             seen.requests -= requests  # what arrived meanwhile counts next time
             seen.reported_at_ms = now
-        for method, at in outbox.aal2:
+
+    def _send(self, outbox: _Outbox) -> None:
+        while outbox.aal2:
+            method, at = outbox.aal2[0]
             self._registry.count_aal2(method, at)
-        for session_id, reason, at in outbox.ended:
+            outbox.aal2.pop(0)
+        while outbox.ended:
+            session_id, reason, at = outbox.ended[0]
             self._registry.end(session_id, reason, at)
+            outbox.ended.pop(0)
 
 
 def statistics(
@@ -289,6 +320,7 @@ def statistics(
         "sessions_started_by_hour": by_hour,
         "aal2_events_by_method": by_method,
         "session_duration_seconds": _summary(durations, mean=False),
+        "session_duration_histogram": _histogram(durations),
         "requests_per_session": _summary(requests, mean=True),
         "user_agents": [
             {"family": name, "sessions": count}
@@ -300,6 +332,15 @@ def statistics(
         ],
         "ended_sample_limit": ENDED_STREAM_MAXLEN,
     }
+
+
+def _histogram(durations: list[float]) -> list[int]:
+    """How many of ``durations`` (seconds, sorted) fall in each of ``DURATION_BUCKETS``."""
+    counts = [0] * len(DURATION_BUCKETS)
+    bounds = [bound for _, bound in DURATION_BUCKETS]
+    for duration in durations:
+        counts[next(i for i, bound in enumerate(bounds) if duration < bound)] += 1
+    return counts
 
 
 def _prefixed(counters: dict[str, int], prefix: str) -> dict[str, int]:

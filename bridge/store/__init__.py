@@ -214,6 +214,8 @@ class SessionStore(Protocol):
 
     keys: Keys
     registry: SessionRegistry
+    # Told the name of each operation that failed for want of the store (metrics).
+    error_observer: Callable[[str], None] | None
 
     def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
         """When Kratos last accepted this credential and for which session, when it last

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -62,6 +62,7 @@ class MemoryStore:
     ) -> None:
         self.keys = keys
         self.registry = MemoryRegistry(retention_days)
+        self.error_observer: Callable[[str], None] | None = None  # nothing here fails so
         self._followers: list[EndedListener] = []
         self._devices: deque[tuple[str, dict[str, str]]] = deque(maxlen=device_stream_maxlen)
         self._lock = threading.Lock()

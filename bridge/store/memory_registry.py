@@ -10,6 +10,7 @@ from typing import Any
 
 from bridge.store.registry import (
     ENDED_STREAM_MAXLEN,
+    GONE_UNKNOWN_MS,
     Counts,
     Page,
     Sighting,
@@ -20,8 +21,6 @@ from bridge.store.registry import (
     page_token,
     read_page_token,
 )
-
-_SWEEP_BATCH = 200
 
 
 class MemoryRegistry:
@@ -76,12 +75,18 @@ class MemoryRegistry:
                 (r["expires_at"], sid)
                 for sid, r in self._records.items()
                 if r["expires_at"] <= now_ms
-            )[:_SWEEP_BATCH]
+            )
             return sum(self._finish(sid, "expired", at, now_ms) for at, sid in due)
+
+    def active(self, now_ms: int) -> int:
+        with self._lock:
+            return sum(1 for r in self._records.values() if r["expires_at"] > now_ms)
 
     def _finish(self, session_id: str, reason: str, at_ms: int, now_ms: int) -> bool:
         record = self._records.pop(session_id, None)
         if record is None:
+            until = now_ms + GONE_UNKNOWN_MS
+            self._gone[session_id] = max(self._gone.get(session_id, 0), until)
             return False
         self._gone[session_id] = record["expires_at"]
         self._ended.append(

@@ -41,12 +41,12 @@ from bridge.store import (
     SaveResult,
 )
 from bridge.store.connect import RedisTarget
-from bridge.store.redis_registry import RedisRegistry
 
 T = TypeVar("T")
 _failures = Throttled(logging.getLogger(__name__))
 MIN_REDIS_MAJOR = 7
-_PUBSUB_PING_SECONDS = 5.0
+_PUBSUB_PING_SECONDS = 5.0  # a quiet subscription is pinged this often
+_PUBSUB_PONG_SECONDS = 3.0  # and dropped when the answer takes longer
 _PUBSUB_RETRY_SECONDS = 0.5
 
 # Releasing a lock the caller holds (KEYS[n] = the lock, ARGV[m] = its token, '' for none).
@@ -302,16 +302,20 @@ return 1
 
 
 def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
+    """Connect first if need be; a Redis error becomes ``StoreUnavailable``, logged and
+    told to the error observer. For the store's methods and its registry's."""
+
     @functools.wraps(method)
-    def wrapper(self: RedisStore, *args: Any, **kwargs: Any) -> T:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
+        store: RedisStore = getattr(self, "store", self)
         try:
-            if self._target is None:
-                self._connect()
+            if store._target is None:
+                store._connect()
             return method(self, *args, **kwargs)
         except redis.RedisError as error:
             _failures.warning("redis %s failed: %s", method.__name__, type(error).__name__)
-            if self.error_observer is not None:
-                self.error_observer(method.__name__)
+            if store.error_observer is not None:
+                store.error_observer(method.__name__)
             raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
 
     return wrapper
@@ -341,6 +345,8 @@ class RedisStore:
         device_stream_maxlen: int = 100_000,
         retention_days: int = 90,
     ) -> None:
+        from bridge.store.redis_registry import RedisRegistry  # it uses this module's helpers
+
         self.keys = keys
         self.registry = RedisRegistry(self, retention_days)
         self._closed = threading.Event()
@@ -658,15 +664,19 @@ class RedisStore:
             try:
                 pubsub = self.client().pubsub()
                 pubsub.subscribe(self.keys.ended_channel)
-                quiet_since = time.monotonic()
+                quiet_since, ping_sent = time.monotonic(), 0.0
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
+                    now = time.monotonic()
                     if message is None:
-                        if time.monotonic() - quiet_since > _PUBSUB_PING_SECONDS:
-                            pubsub.ping()  # a dead connection shows up as an error
-                            quiet_since = time.monotonic()
+                        if ping_sent and now - ping_sent > _PUBSUB_PONG_SECONDS:
+                            # No answer: a connection dropped without a word (a NAT, say).
+                            raise redis.ConnectionError("no pong on the subscription")
+                        if not ping_sent and now - quiet_since > _PUBSUB_PING_SECONDS:
+                            pubsub.ping()
+                            ping_sent = now
                         continue
-                    quiet_since = time.monotonic()
+                    quiet_since, ping_sent = now, 0.0
                     if message["type"] == "subscribe":
                         listener(None, 0)
                     elif message["type"] == "message":

@@ -15,18 +15,15 @@ Keys (``r`` = ``<prefix>{registry}:``):
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
-import redis
 
-from bridge.errors import StoreUnavailable
-from bridge.logs import Throttled
+from bridge.store.redis import RedisStore, _unavailable_on_error
 from bridge.store.registry import (
     ENDED_STREAM_MAXLEN,
+    GONE_UNKNOWN_MS,
     Counts,
     Page,
     Sighting,
@@ -38,12 +35,8 @@ from bridge.store.registry import (
     read_page_token,
 )
 
-if TYPE_CHECKING:
-    from bridge.store.redis import RedisStore
-
-T = TypeVar("T")
-_failures = Throttled(logging.getLogger(__name__))
-_SWEEP_BATCH = 200
+_SWEEP_BATCH = 500
+_SWEEP_ROUNDS = 20
 
 # KEYS: live, started, records, aal2, gone, start day, seen-day identities, seen day
 # ARGV: session id, record JSON, requests, last seen, expires_at, started_at, start hour,
@@ -88,13 +81,17 @@ return 1
 """
 
 # KEYS: live, started, records, aal2, gone, ended stream, today
-# ARGV: stream max length, today keep until, now, batch, reason, session id (none: sweep)
+# ARGV: stream max length, today keep until, now, batch, reason, how long an unknown
+#       session stays gone, session id (none: sweep)
 # Ends the one session named, or the expired ones (at their expiry); returns how many.
 _END = """
 local now = tonumber(ARGV[3])
 local function finish(sid, reason, at)
   local stored = redis.call('HGET', KEYS[3], sid)
-  if not stored then return 0 end
+  if not stored then
+    redis.call('ZADD', KEYS[5], 'GT', now + tonumber(ARGV[6]), sid)
+    return 0
+  end
   local record = cjson.decode(stored)
   redis.call('HDEL', KEYS[3], sid)
   redis.call('ZREM', KEYS[1], sid)
@@ -112,7 +109,7 @@ local function finish(sid, reason, at)
   return 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-if ARGV[6] then return finish(ARGV[6], ARGV[5], now) end
+if ARGV[7] then return finish(ARGV[7], ARGV[5], now) end
 local ended = 0
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[4])
 for i = 1, #due, 2 do ended = ended + finish(due[i], 'expired', tonumber(due[i + 1])) end
@@ -120,21 +117,9 @@ return ended
 """
 
 
-def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
-    @functools.wraps(method)
-    def wrapper(self: RedisRegistry, *args: Any, **kwargs: Any) -> T:
-        try:
-            return method(self, *args, **kwargs)
-        except redis.RedisError as error:
-            _failures.warning("redis %s failed: %s", method.__name__, type(error).__name__)
-            raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
-
-    return wrapper
-
-
 class RedisRegistry:
     def __init__(self, store: RedisStore, retention_days: int) -> None:
-        self._store = store
+        self.store = store
         self._retention_days = retention_days
         prefix = store.keys.prefix + "{registry}:"
         self._prefix = prefix
@@ -147,7 +132,7 @@ class RedisRegistry:
         return f"{self._prefix}day:{day}"
 
     def _client(self) -> Any:
-        client = self._store.client()
+        client = self.store.client()
         if self._scripts is None:
             self._scripts = (client.register_script(_REPORT), client.register_script(_END))
         return client
@@ -157,7 +142,7 @@ class RedisRegistry:
         client = self._client()
         report = self._scripts[0]  # type: ignore[index]
         # A cluster client pipelines no scripts: one call each, all to the registry's node.
-        pipe = client if self._store.clustered else client.pipeline(transaction=False)
+        pipe = client if self.store.clustered else client.pipeline(transaction=False)
         for seen in sightings:
             start_day, seen_day = day_of(seen.started_at_ms), day_of(seen.last_seen_ms)
             keys = [
@@ -192,7 +177,17 @@ class RedisRegistry:
 
     @_unavailable_on_error
     def sweep(self, now_ms: int) -> int:
-        return int(self._end(now_ms, "expired", None))
+        ended = 0
+        for _ in range(_SWEEP_ROUNDS):  # a backlog goes in a few batches, not one long script
+            batch = int(self._end(now_ms, "expired", None))
+            ended += batch
+            if batch < _SWEEP_BATCH:
+                break
+        return ended
+
+    @_unavailable_on_error
+    def active(self, now_ms: int) -> int:
+        return int(self._client().zcount(self._fixed[0], f"({now_ms}", "+inf"))
 
     def _end(self, now_ms: int, reason: str, session_id: str | None) -> Any:
         client = self._client()
@@ -204,6 +199,7 @@ class RedisRegistry:
             now_ms,
             _SWEEP_BATCH,
             reason,
+            GONE_UNKNOWN_MS,
         ]
         if session_id is not None:
             args.append(session_id)
@@ -251,7 +247,10 @@ class RedisRegistry:
             pipe.hgetall(self._day(day))
         for day in days:
             pipe.pfcount(f"{self._prefix}ids:{day}")
-        pipe.pfcount(*[f"{self._prefix}ids:{day}" for day in days])
+        if days:  # PFCOUNT of no key is an error
+            pipe.pfcount(*[f"{self._prefix}ids:{day}" for day in days])
+        else:
+            pipe.echo(0)
         pipe.zcount(self._fixed[0], f"({now_ms}", "+inf")
         pipe.zcount(self._fixed[3], f"({now_ms}", "+inf")
         pipe.xrange(self._ended, min=str(since_ms), count=ENDED_STREAM_MAXLEN)
@@ -269,7 +268,7 @@ class RedisRegistry:
         return Counts(
             per_day,
             uniques,
-            results[2 * count],
+            int(results[2 * count]),
             results[2 * count + 1],
             results[2 * count + 2],
             ended,

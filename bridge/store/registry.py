@@ -33,6 +33,9 @@ from bridge.errors import BadRequest
 
 ENDED_STREAM_MAXLEN = 10_000
 REASONS = ("expired", "revoked", "logged_out")
+GONE_UNKNOWN_MS = 7 * 24 * 3600 * 1000
+"""How long a session that ended before it was registered stays unregistrable (its
+expiry is not known): a process still reporting it must not start it then."""
 DAY_MS = 24 * 3600 * 1000
 _PAGE_TOKEN = re.compile(r"([0-9]{1,15})\.([0-9a-fA-F-]{36})")
 
@@ -98,6 +101,9 @@ class SessionRegistry(Protocol):
 
     def sweep(self, now_ms: int) -> int:
         """End the registered sessions whose expiry has passed; how many."""
+
+    def active(self, now_ms: int) -> int:
+        """How many registered sessions have not expired."""
 
     def count_aal2(self, method: str, at_ms: int) -> None: ...
 

@@ -1,0 +1,256 @@
+"""What the admin API and the dashboard do with sessions, in one place: list, find, show
+and revoke them, read the AAL2 events and the statistics.
+
+A revocation is Kratos's first: the session is disabled through Kratos's admin API, and
+only once Kratos said so is the mirror dropped, with an announcement that makes every
+bridge process drop its own copy at once (``SessionStore.end_session``). A Kratos failure
+raises ``KratosUnavailable`` and changes nothing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bridge.admin.analytics import statistics
+from bridge.admin.kratos_admin import KratosAdmin
+from bridge.errors import StoreUnavailable
+from bridge.mirror import now_ms
+from bridge.session import iso
+from bridge.store.registry import after_token, page_token, read_page_token
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+SEARCH_SCAN_LIMIT = 10_000  # registry records a search reads at most
+EVENT_SCAN_LIMIT = 50_000  # stream entries one events call reads at most
+_SEARCH_PAGE = 500
+
+
+class NotFound(Exception):
+    """The bridge and Kratos know no such session or identity."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    sessions: list[dict[str, Any]]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True)
+class Events:
+    events: list[dict[str, str]]
+    next_page_token: str | None
+
+
+class SessionAdmin:
+    def __init__(self, bridge: Bridge, kratos: KratosAdmin | None = None) -> None:
+        settings = bridge.settings
+        self._bridge = bridge
+        self._store = bridge.store
+        self.kratos = kratos or KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout)
+        # A save asked of Kratos before the revocation may still be under way this long.
+        self._keep_ms = int((settings.kratos_timeout + 2 * settings.redis_timeout) * 1000) + 60_000
+
+    def page(self, size: int, token: str | None) -> Listing:
+        """Live sessions, newest first."""
+        page = self._store.registry.page(size, token)
+        return Listing([summary(r) for r in page.records], page.next_token)
+
+    def of_identity(self, identity_id: str, size: int, token: str | None) -> Listing:
+        ids = self._store.identity_session_ids(identity_id, now_ms())
+        records = sorted(
+            self._store.registry.records(ids),
+            key=lambda r: (r["started_at"], r["session_id"]),
+            reverse=True,
+        )
+        if token is not None:
+            ranked = [(r["session_id"], r["started_at"]) for r in records]
+            keep = set(after_token(ranked, read_page_token(token)))
+            records = [r for r in records if r["session_id"] in keep]
+        page, more = records[:size], len(records) > size
+        return Listing([summary(r) for r in page], page_token(page[-1]) if more and page else None)
+
+    def search(self, text: str, size: int) -> list[dict[str, Any]]:
+        """Live sessions whose label (email) contains ``text`` (case-insensitive), or whose
+        session or identity id is ``text``; newest first, reading at most
+        ``SEARCH_SCAN_LIMIT`` records."""
+        needle = text.strip().lower()
+        found: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(SEARCH_SCAN_LIMIT // _SEARCH_PAGE):
+            page = self._store.registry.page(_SEARCH_PAGE, token)
+            for record in page.records:
+                label = (record.get("label") or "").lower()
+                ids = (record["session_id"], record["identity_id"])
+                if needle in ids or (needle and needle in label):
+                    found.append(summary(record))
+                    if len(found) == size:
+                        return found
+            token = page.next_token
+            if token is None:
+                break
+        return found
+
+    def show(self, session_id: str) -> dict[str, Any]:
+        found = self._store.registry.records([session_id])
+        in_kratos = self.kratos.session(session_id)
+        if not found and in_kratos is None:
+            raise NotFound("neither the bridge nor Kratos knows this session")
+        mirrored = self._store.load(session_id, with_app=True)
+        unified = None
+        if mirrored is not None:  # the app data's names only, not its values
+            unified = {k: v for k, v in mirrored.to_json().items() if k != "app"}
+        return {
+            "session": summary(found[0]) if found else from_kratos(in_kratos or {}),
+            "active_in_kratos": bool(in_kratos and in_kratos.get("active")),
+            "unified": unified,
+            "app_keys": sorted(mirrored.app) if mirrored is not None else [],
+        }
+
+    def app_values(self, session_id: str) -> dict[str, str]:
+        """The session's app data as stored (for an operator who asked to see it)."""
+        mirrored = self._store.load(session_id, with_app=True)
+        return dict(mirrored.app) if mirrored is not None else {}
+
+    def revoke(self, session_id: str) -> list[str]:
+        known = self.kratos.revoke(session_id)
+        self._end(session_id)  # also when Kratos knows none: nor should the bridge
+        if not known:
+            raise NotFound("Kratos knows no such session")
+        return [session_id]
+
+    def revoke_identity(self, identity_id: str, spared: str | None = None) -> list[str]:
+        in_kratos = self.kratos.active_session_ids(identity_id)
+        if in_kratos is None:
+            raise NotFound("Kratos knows no such identity")
+        known = self._store.identity_session_ids(identity_id, now_ms())
+        doomed = [sid for sid in dict.fromkeys([*in_kratos, *known]) if sid != spared]
+        if spared is None:
+            self.kratos.revoke_identity(identity_id)
+            for sid in doomed:
+                self._end(sid)
+            return doomed
+        for sid in doomed:  # each ended here as soon as Kratos has, should a later one fail
+            if sid in in_kratos:
+                self.kratos.revoke(sid)
+            self._end(sid)
+        return doomed
+
+    def _end(self, session_id: str) -> None:
+        at = now_ms()
+        try:
+            self._store.end_session(session_id, at, self._keep_ms)
+        except StoreUnavailable as error:
+            raise StoreUnavailable(
+                f"session {session_id} is revoked in Kratos, but the bridge could not record "
+                f"it ({error}): bridge processes refuse it within BRIDGE_REVALIDATE_AFTER"
+            ) from None
+        if self._bridge.recorder is not None:
+            self._bridge.recorder.end_now(session_id, "revoked", at)
+
+    def aal2_events(
+        self,
+        since_ms: int,
+        until_ms: int,
+        size: int,
+        after: str | None = None,
+        identity_id: str | None = None,
+        method: str | None = None,
+        session_id: str | None = None,
+    ) -> Events:
+        """AAL2 events oldest first, filtered; ``next_page_token`` when there may be more."""
+        events: list[dict[str, str]] = []
+        last = after
+        scanned = 0
+        while len(events) < size:
+            if scanned >= EVENT_SCAN_LIMIT:  # a rare filter: the caller pages on from here
+                return Events(events, last)
+            batch = self._store.aal2_event_range(last, since_ms, until_ms, max(size, 1000))
+            scanned += len(batch)
+            for entry_id, fields in batch:
+                last = entry_id
+                if _wanted(fields, identity_id, method, session_id):
+                    at = iso(int(entry_id.split("-")[0]))
+                    events.append({"id": entry_id, "at": at, **fields})
+                    if len(events) == size:
+                        break
+            if len(batch) < max(size, 1000):
+                break
+        return Events(events, last if len(events) == size else None)
+
+    def device_changes(self, session_id: str, limit: int = 100) -> list[dict[str, str]]:
+        """The session's device-change signals (from the capped stream), oldest first."""
+        return [
+            {"id": entry_id, "at": iso(int(entry_id.split("-")[0])), **fields}
+            for entry_id, fields in self._store.device_changes(10_000)
+            if fields.get("session_id") == session_id
+        ][:limit]
+
+    def stats(self, since_ms: int, now: int) -> dict[str, Any]:
+        recorder = self._bridge.recorder
+        if recorder is not None:
+            recorder.flush()  # this process's own counts, up to now
+        self._store.registry.sweep(now)  # sessions that expired are counted as ended by now
+        retention = self._bridge.settings.analytics_retention_days
+        return statistics(self._store.registry, since_ms, now, retention)
+
+    def active_sessions(self) -> int:
+        return self._store.registry.active(now_ms())
+
+
+def _wanted(
+    fields: dict[str, str], identity_id: str | None, method: str | None, session_id: str | None
+) -> bool:
+    if identity_id is not None and fields.get("identity_id") != identity_id:
+        return False
+    if session_id is not None and fields.get("session_id") != session_id:
+        return False
+    return method is None or method in (fields.get("methods") or "").split(",")
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """A registry record as the admin API shows a session."""
+    return {
+        "session_id": record["session_id"],
+        "identity_id": record["identity_id"],
+        "label": record.get("label"),
+        "aal": record["aal"],
+        "methods": record["methods"],
+        "device": record["device"],
+        "started_at": iso(record["started_at"]),
+        "expires_at": iso(record["expires_at"]),
+        "first_seen_at": iso(record["first_seen"]),
+        "last_seen_at": iso(record["last_seen"]),
+        "requests": record["requests"],
+    }
+
+
+def from_kratos(found: dict[str, Any]) -> dict[str, Any]:
+    """A session the bridge never saw, as Kratos describes it."""
+    identity = found.get("identity") or {}
+    traits = identity.get("traits") or {}
+    device = (found.get("devices") or [{}])[0] or {}
+    return {
+        "session_id": found.get("id"),
+        "identity_id": identity.get("id"),
+        "label": traits.get("email") if isinstance(traits.get("email"), str) else None,
+        "aal": found.get("authenticator_assurance_level"),
+        "methods": [m.get("method") for m in found.get("authentication_methods") or []],
+        "device": {
+            "ip_address": device.get("ip_address") or "",
+            "user_agent": device.get("user_agent") or "",
+            "location": device.get("location") or "",
+        },
+        "started_at": _text_time(found.get("issued_at")),
+        "expires_at": _text_time(found.get("expires_at")),
+        "first_seen_at": None,
+        "last_seen_at": None,
+        "requests": 0,
+    }
+
+
+def _text_time(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat().replace("+00:00", "Z") if hasattr(value, "isoformat") else str(value)
