@@ -224,6 +224,20 @@ def test_the_aal2_timeline_filters_and_exports(page, scene: Scene, shots: Path) 
     assert len(lines) == 2 and grace.identity_id in lines[1]
 
 
+def test_the_sessions_page_refreshes_itself(page, scene: Scene) -> None:
+    sign_in(page, scene)
+    page.goto(scene.bridge.admin_url + "/admin/ui/sessions", wait_until="load")
+    page.evaluate("window.notReloaded = true")
+    newcomer = flows.register(scene.kratos, "newcomer")
+    token = flows.login_api(scene.kratos, newcomer)
+    headers = {"X-Session-Token": token, **forwarded("/")}
+    assert httpx.get(scene.bridge.url + "/forward-auth", headers=headers).status_code == 200
+    sid = flows.session_of(scene.kratos, token=token).json()["id"]
+    row = page.locator(f'tr[data-session-id="{sid}"]')
+    playwright_api.expect(row).to_have_count(1, timeout=40_000)  # one or two 15 s rounds
+    assert page.evaluate("window.notReloaded") is True
+
+
 def test_keyboard_first_stop_is_the_skip_link(page, scene: Scene) -> None:
     sign_in(page, scene)
     page.goto(scene.bridge.admin_url + "/admin/ui/sessions", wait_until="load")
