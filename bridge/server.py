@@ -7,8 +7,11 @@ Kratos connections, Redis pool and fresh-session copy.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import signal
 import sys
 from functools import partial
 from typing import Any
@@ -23,6 +26,7 @@ from bridge.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL = 0.001
+_PR_SET_PDEATHSIG = 1
 
 
 def _check_admin_port(settings: Settings) -> None:
@@ -46,11 +50,26 @@ def worker_count(settings: Settings) -> int:
     return settings.workers or len(os.sched_getaffinity(0))
 
 
+def _die_with_parent() -> None:
+    """A worker ends when the server process does, however that ends: a worker that
+    finished starting while the server was stopping would otherwise live on, orphaned,
+    holding the admin port (Linux: PR_SET_PDEATHSIG; elsewhere nothing)."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the server ended before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _load_app(settings: Settings, *_: Any) -> Any:
     from bridge.app import build_bridge, create_flask_app
     from bridge.asgi import Front
     from bridge.cli import configure_logging
 
+    _die_with_parent()
     configure_logging(settings)
     # The event loop answers warm requests while worker and refresh threads do Python
     # work between their I/O; a shorter GIL switch interval (default 5 ms) keeps the

@@ -165,3 +165,42 @@ def test_check_fails_when_kratos_is_down(redis_server):
     assert result.returncode == 1
     assert "kratos:          FAILED (unreachable" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_end_when_the_server_process_is_killed(kratos, redis_server, workdir, prefix):
+    server = BridgeServer(
+        _env(
+            kratos,
+            BRIDGE_REDIS_URL=redis_server.url,
+            BRIDGE_SECRET=SECRET,
+            BRIDGE_KEY_PREFIX=prefix,
+            BRIDGE_WORKERS="2",
+        ),
+        workdir,
+    )
+    try:
+        found = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        workers = [int(pid) for pid in found]
+        assert len(workers) == 2
+        time.sleep(1)  # both workers have loaded the app (and asked for the signal)
+        server.process.kill()
+        server.process.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "a worker outlived the server process"
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                subprocess.run(["kill", "-9", str(pid)], check=False)
+        server.stop()
