@@ -5,7 +5,7 @@ Not a test: it prints figures and writes them to JSON and a PNG chart.
     .venv/bin/python bench/peers.py [--duration 10] [--connections 64]
         [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
         [--systems bridge,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
-                   [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare]]
+                   [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare,bridge-analytics]]
         [--no-unpinned-round]
         [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
 
@@ -19,8 +19,9 @@ sentinels: `bridge-sentinel`) or Redis Cluster (three masters, three replicas:
 process counted as the bridge's own; and, asked for by name, the bridge on /forward-auth
 with Traefik's X-Forwarded-* headers: plain (`bridge-forward`), with the 20-rule file
 bench/peers/rules-20.yml (`bridge-rules`, the request matching none of the first 19),
-with the JWT on (`bridge-jwt`), with both (`bridge-rules-jwt`), and with analytics and
-metrics off (`bridge-bare`, to see what they cost). Every one of them is
+with the JWT on (`bridge-jwt`), with both (`bridge-rules-jwt`), with analytics and
+metrics off (`bridge-bare`, to see what they cost) and with metrics alone off
+(`bridge-analytics`). Every one of them is
 started pinned to CPU 0; wrk is pinned to CPU 1. Missing binaries are built first (Kratos,
 heimdall, Oathkeeper: minutes, once per machine).
 
@@ -144,6 +145,7 @@ BRIDGE_FEATURES = {
     "bridge-jwt": {"jwt": True},
     "bridge-rules-jwt": {"rules": True, "jwt": True},
     "bridge-bare": {"bare": True},  # analytics and metrics off: what they cost
+    "bridge-analytics": {"analytics_only": True},  # metrics off, analytics on
 }
 ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES)
 SESSION_LIFESPAN = "720h"
@@ -520,6 +522,8 @@ class Stack:
             env["BRIDGE_KEY_PREFIX"] = f"bench-{name}:"
             if features.get("bare"):
                 env.update(BRIDGE_ANALYTICS="false", BRIDGE_METRICS="false")
+            if features.get("analytics_only"):
+                env.update(BRIDGE_METRICS="false")
             if features.get("rules"):
                 env["BRIDGE_RULES_FILE"] = str(PEERS / "rules-20.yml")
             if features.get("jwt"):
