@@ -3,7 +3,6 @@ processes add up (real ``Metrics``, replies, Kratos, Redis and processes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
 import secrets
@@ -341,9 +340,6 @@ def test_prepare_multiprocess_dir_makes_one_or_empties_the_named_one(monkeypatch
     assert named_dir.is_dir()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("bridge.admin.api") is None, reason="admin listener not wired yet"
-)
 def test_metrics_of_a_real_bridge_with_two_workers(kratos, redis_server, workdir, prefix, tmp_path):
     admin_port = free_port()
     multiproc_dir = tmp_path / "prometheus"
