@@ -101,6 +101,11 @@ def aal2_event(session: MirroredSession, seen_at_ms: int) -> dict[str, str] | No
     }
 
 
+def first_method(event: dict[str, str]) -> str:
+    """The method an AAL2 event is counted under: the first second factor it names."""
+    return (event.get("methods") or "unknown").split(",")[0]
+
+
 def upgrade_id(session_id: str, completed_at: str) -> str:
     """The same id for one session upgrade wherever and however often it is seen: made
     from Kratos's data alone (the session and when its first second factor completed), so

@@ -238,6 +238,83 @@ def test_the_sessions_page_refreshes_itself(page, scene: Scene) -> None:
     assert page.evaluate("window.notReloaded") is True
 
 
+HOSTILE_AGENT = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+
+
+def test_what_users_control_is_shown_as_text(page, scene: Scene) -> None:
+    user = flows.register(scene.kratos, "hostile")
+    flow = httpx.get(scene.kratos.public_url + "/self-service/login/api").json()
+    token = httpx.post(
+        flow["ui"]["action"],
+        json={"method": "password", "identifier": user.email, "password": user.password},
+        headers={"User-Agent": HOSTILE_AGENT},
+    ).json()["session_token"]
+    headers = {"X-Session-Token": token, **forwarded("/")}
+    assert httpx.get(scene.bridge.url + "/forward-auth", headers=headers).status_code == 200
+    sid = flows.session_of(scene.kratos, token=token).json()["id"]
+    sign_in(page, scene)
+    page.goto(f"{scene.bridge.admin_url}/admin/ui/sessions/{sid}")
+    assert HOSTILE_AGENT in page.locator("dl.facts").inner_text()
+    assert page.locator("main script, main img").count() == 0
+    assert page.evaluate("window.pwned") is None
+
+
+def test_signing_out_drops_the_cookie(page, scene: Scene) -> None:
+    sign_in(page, scene)
+    assert any(c["name"] == "bridge_admin_ui" for c in page.context.cookies())
+    cookie = next(c for c in page.context.cookies() if c["name"] == "bridge_admin_ui")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/admin/ui"
+    assert cookie["value"] != TOKEN and TOKEN not in cookie["value"]
+    page.get_by_role("button", name="Sign out").click()
+    assert page.url.endswith("/admin/ui/login")
+    assert not any(c["name"] == "bridge_admin_ui" for c in page.context.cookies())
+    page.goto(scene.bridge.admin_url + "/admin/ui/sessions")
+    assert page.url.endswith("/admin/ui/login")
+
+
+def test_a_forged_or_expired_cookie_is_refused(scene: Scene) -> None:
+    url = scene.bridge.admin_url + "/admin/ui/"
+    for value in ("", "1.abc", f"{2**40}.00", "123", "9999999999." + "0" * 64):
+        answer = httpx.get(url, cookies={"bridge_admin_ui": value}, follow_redirects=False)
+        assert answer.status_code == 303, value
+    old = httpx.post(
+        scene.bridge.admin_url + "/admin/ui/login", data={"token": TOKEN}, follow_redirects=False
+    ).cookies["bridge_admin_ui"]
+    issued, _, mac = old.partition(".")
+    earlier = f"{int(issued) - 13 * 3600}.{mac}"  # a real MAC moved to another time
+    answer = httpx.get(url, cookies={"bridge_admin_ui": earlier}, follow_redirects=False)
+    assert answer.status_code == 303
+    assert httpx.get(url, cookies={"bridge_admin_ui": old}).status_code == 200
+
+
+def test_the_dashboard_without_a_token(
+    browser, kratos: Kratos, redis_server: RedisServer, workdir: Path
+) -> None:
+    bridge = BridgeServer(
+        {
+            "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
+            "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
+            "BRIDGE_REDIS_URL": redis_server.url,
+            "BRIDGE_KEY_PREFIX": f"ui{uuid.uuid4().hex[:8]}:",
+            "BRIDGE_SECRET": SECRET,
+        },
+        workdir,
+    )
+    try:
+        context = browser.new_context(viewport=SIZES["desktop"])
+        opened = context.new_page()
+        opened.goto(bridge.admin_url + "/admin/ui/")
+        assert opened.get_by_role("heading", name="Overview").count() == 1
+        assert opened.get_by_role("button", name="Sign out").count() == 0
+        url = f"{bridge.admin_url}/admin/ui/sessions/{uuid.uuid4()}/revoke"
+        assert opened.request.post(url, form={}).status == 403  # no CSRF token
+        rebound = httpx.get(bridge.admin_url + "/admin/ui/", headers={"Host": "evil.example"})
+        assert rebound.status_code == 403
+        context.close()
+    finally:
+        bridge.stop()
+
+
 def test_keyboard_first_stop_is_the_skip_link(page, scene: Scene) -> None:
     sign_in(page, scene)
     page.goto(scene.bridge.admin_url + "/admin/ui/sessions", wait_until="load")

@@ -32,7 +32,7 @@ from bridge.kratos import parse_timestamp_ms
 from bridge.mirror import SessionEvents, now_ms
 from bridge.request import HeaderView
 from bridge.responses import Reply
-from bridge.session import MirroredSession, iso
+from bridge.session import MirroredSession, first_method, iso
 from bridge.store.registry import (
     ENDED_STREAM_MAXLEN,
     REASONS,
@@ -185,7 +185,7 @@ class Recorder(SessionEvents):
             self._seen[session.id] = _Seen(session)
 
     def aal2_recorded(self, session: MirroredSession, event: dict[str, str]) -> None:
-        method = (event.get("methods") or "unknown").split(",")[0]
+        method = first_method(event)
         with self._outbox_lock:
             self._outbox.aal2.append((method, self._clock()))
 

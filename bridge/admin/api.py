@@ -12,16 +12,14 @@ errors are JSON (``{"error", "message"}``); lists are paged by ``page_size`` and
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import re
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from bridge import openapi, responses
+from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
 from bridge.admin.kratos_admin import KratosAdmin
 from bridge.admin.sessions import NotFound, SessionAdmin
 from bridge.errors import BadRequest, BridgeError, KratosUnavailable, StoreUnavailable
@@ -38,12 +36,10 @@ MAX_PAGE_SIZE = 500
 DEFAULT_EVENTS_WINDOW = "24h"
 DEFAULT_STATS_WINDOW = "7d"
 MAX_WINDOW_DAYS = 366
-UI_PREFIX = "/admin/ui"
 _DURATION = re.compile(r"([1-9][0-9]{0,5})([mhd])")
 _UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _STREAM_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,10}")
 _PAGE_SIZE = re.compile(r"[0-9]{1,3}")
-_LOOPBACK_NAMES = frozenset(("localhost",))
 
 
 class AdminError(Exception):
@@ -57,14 +53,14 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
 
     settings = bridge.settings
     admin = SessionAdmin(bridge, kratos_admin)
-    token = settings.admin_token.encode() if settings.admin_token is not None else None
-    app = Flask("bridge.admin")
+    gate = Gate(settings.admin_token, settings.secret)
+    app = Flask("bridge.admin", static_folder=None)
     app.extensions["session_admin"] = admin
-    app.register_blueprint(create_ui(bridge, admin))
+    app.register_blueprint(create_ui(bridge, admin, gate))
 
     @app.before_request
     def authenticate() -> Response | None:
-        if token is None:
+        if not gate.token_required:
             if local_and_same_site():
                 return None
             reply = _error(
@@ -74,11 +70,9 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
                 "loopback host name that come from no other site",
             )
             return _flask(reply)
-        if request.path == UI_PREFIX or request.path.startswith(UI_PREFIX + "/"):
-            return None  # the dashboard signs in with a form and a cookie (bridge.admin.ui)
-        scheme, _, presented = (request.headers.get("Authorization") or "").partition(" ")
-        given = presented.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given, token):
+        if request.blueprint == "ui":
+            return None  # the dashboard's own gate: a login form and a cookie (bridge.admin.ui)
+        if gate.bearer_ok():
             return None
         reply = _error(401, "unauthorized", "a valid admin bearer token is required")
         return _flask(reply, extra=(("WWW-Authenticate", 'Bearer realm="kratos-bridge admin"'),))
@@ -190,23 +184,6 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
     return app
 
 
-def local_and_same_site() -> bool:
-    """A request naming a loopback host, not sent by a page of another site."""
-    if request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin"):
-        return False
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != request.host_url.rstrip("/"):
-        return False
-    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _page_size() -> int:
     text = request.args.get("page_size")
     if text is None:
@@ -221,13 +198,10 @@ def _page_token() -> str | None:
 
 
 def _uuid(value: str, name: str) -> str:
-    try:
-        parsed = uuid.UUID(value) if len(value) == 36 else None
-    except ValueError:
-        parsed = None
-    if parsed is None:
+    canonical = canonical_uuid(value)
+    if canonical is None:
         raise AdminError(400, "bad_request", f"{name} is not a UUID")
-    return str(parsed)
+    return canonical
 
 
 def _moment(text: str | None, now: int, name: str) -> int:

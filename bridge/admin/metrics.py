@@ -67,7 +67,7 @@ from bridge.logs import Throttled
 from bridge.mirror import SessionEvents
 from bridge.request import HeaderView
 from bridge.responses import Reply
-from bridge.session import MirroredSession
+from bridge.session import MirroredSession, first_method
 
 if TYPE_CHECKING:
     from prometheus_client.mmap_dict import MmapedDict
@@ -388,7 +388,7 @@ class _AAL2Counter(SessionEvents):
 
     def aal2_recorded(self, session: MirroredSession, event: dict[str, str]) -> None:
         # The first second factor is what took the session to AAL2 (as the analytics count).
-        self._metrics.aal2_event((event.get("methods") or "unknown").split(",")[0])
+        self._metrics.aal2_event(first_method(event))
 
 
 class _ScrapeTimeGauges:

@@ -9,6 +9,7 @@ raises ``KratosUnavailable`` and changes nothing here.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from bridge.admin.analytics import statistics
 from bridge.admin.kratos_admin import KratosAdmin
 from bridge.errors import StoreUnavailable
 from bridge.mirror import now_ms
-from bridge.session import iso
+from bridge.session import first_method, iso
 from bridge.store.registry import after_token, page_token, read_page_token
 
 if TYPE_CHECKING:
@@ -41,6 +42,16 @@ class Listing:
 class Events:
     events: list[dict[str, str]]
     next_page_token: str | None
+
+
+@dataclass(frozen=True)
+class Latest:
+    """The newest matching events, and what all of them add up to."""
+
+    events: list[dict[str, str]]  # newest first
+    total: int
+    per_day: dict[str, dict[str, int]]  # day -> first method -> events
+    scan_limited: bool  # the window held more than EVENT_SCAN_LIMIT entries
 
 
 class SessionAdmin:
@@ -178,6 +189,30 @@ class SessionAdmin:
             if len(batch) < max(size, 1000):
                 break
         return Events(events, last if len(events) == size else None)
+
+    def latest_aal2_events(
+        self,
+        since_ms: int,
+        until_ms: int,
+        limit: int,
+        identity_id: str | None = None,
+        method: str | None = None,
+    ) -> Latest:
+        newest: deque[dict[str, str]] = deque(maxlen=limit)
+        per_day: dict[str, dict[str, int]] = {}
+        total, token = 0, None
+        for _ in range(EVENT_SCAN_LIMIT // 1000):
+            found = self.aal2_events(since_ms, until_ms, 1000, token, identity_id, method)
+            for event in found.events:
+                total += 1
+                newest.append(event)
+                counts = per_day.setdefault(event["at"][:10], {})
+                first = first_method(event)
+                counts[first] = counts.get(first, 0) + 1
+            token = found.next_page_token
+            if token is None:
+                return Latest(list(reversed(newest)), total, per_day, scan_limited=False)
+        return Latest(list(reversed(newest)), total, per_day, scan_limited=True)
 
     def device_changes(self, session_id: str, limit: int = 100) -> list[dict[str, str]]:
         """The session's device-change signals (from the capped stream), oldest first."""

@@ -21,13 +21,11 @@ Security:
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import io
+import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +34,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.admin.analytics import DURATION_BUCKETS
 from bridge.admin.charts import bar_chart
-from bridge.admin.sessions import NotFound, SessionAdmin
+from bridge.admin.gate import COOKIE, SIGNED_IN_FOR, Gate, canonical_uuid
+from bridge.admin.sessions import Latest, NotFound, SessionAdmin
 from bridge.errors import BadRequest, KratosUnavailable, StoreUnavailable
 from bridge.kratos import parse_timestamp_ms
 from bridge.mirror import now_ms
 from bridge.session import iso
+from bridge.store.registry import days_between
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -48,10 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "/admin/ui"
-COOKIE = "bridge_admin_ui"
-SIGNED_IN_FOR = 12 * 3600
 REFRESH_SECONDS = 15
-MAX_EVENTS = 1000
+MAX_EVENTS = 1000  # shown on the timeline: the newest
+CSV_MAX_EVENTS = 50_000
 PAGE_SIZE = 50
 AAL2_METHODS = ("totp", "webauthn", "passkey", "lookup_secret", "code")
 SECURITY_HEADERS = (
@@ -68,53 +67,6 @@ SECURITY_HEADERS = (
 NOTHING = "\N{EN DASH}"  # a figure not known (yet)
 _METHOD = re.compile(r"[a-z_]{1,32}")
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
-
-
-class Gate:
-    """Who may see the dashboard, and the CSRF token of their session."""
-
-    def __init__(self, token: str | None, fallback_key: bytes) -> None:
-        self.token_required = token is not None
-        self._token = token.encode() if token is not None else None
-        self._key = self._token if self._token is not None else fallback_key
-
-    def check_token(self, presented: str) -> bool:
-        given = presented.encode("utf-8", "surrogateescape")
-        return self._token is not None and hmac.compare_digest(given, self._token)
-
-    def new_cookie(self) -> str:
-        issued = str(int(time.time()))
-        return f"{issued}.{self._mac('signed-in|' + issued)}"
-
-    def signed_in(self) -> bool:
-        if not self.token_required:
-            return True
-        scheme, _, presented = (request.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() == "bearer" and self.check_token(presented.strip()):
-            return True
-        issued, _, mac = (request.cookies.get(COOKIE) or "").partition(".")
-        if not issued.isdigit() or time.time() - int(issued) > SIGNED_IN_FOR:
-            return False
-        return hmac.compare_digest(mac.encode(), self._mac("signed-in|" + issued).encode())
-
-    def csrf_token(self) -> str:
-        return self._mac("csrf|" + (request.cookies.get(COOKIE) or ""))
-
-    def csrf_problem(self) -> str | None:
-        """Why a state-changing request may not go ahead, or ``None``."""
-        site = request.headers.get("Sec-Fetch-Site", "same-origin")
-        if site not in ("same-origin", "none"):
-            return f"sent from another site (Sec-Fetch-Site: {site})"
-        origin = request.headers.get("Origin")
-        if origin is not None and origin != request.host_url.rstrip("/"):
-            return "sent from another origin"
-        given = (request.form.get("csrf_token") or "").encode()
-        if not hmac.compare_digest(given, self.csrf_token().encode()):
-            return "CSRF token missing or wrong"
-        return None
-
-    def _mac(self, text: str) -> str:
-        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
 
 
 class DecisionRate:
@@ -152,13 +104,13 @@ def _quantile(buckets: dict[float, float], share: float) -> str:
         return NOTHING
     for bound, cumulative in ordered:
         if cumulative >= share * count:
-            return "> 10 s" if bound == float("inf") else f"≤ {bound * 1000:g} ms"
+            if bound == float("inf"):
+                return f"> {ordered[-2][0]:g} s" if len(ordered) > 1 else NOTHING
+            return f"≤ {bound * 1000:g} ms"
     return NOTHING
 
 
-def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
-    settings = bridge.settings
-    gate = Gate(settings.admin_token, settings.secret)
+def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
     rate = DecisionRate()
     ui = Blueprint(
         "ui",
@@ -168,6 +120,11 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
         static_folder="static",
         static_url_path="/static",
     )
+
+    @ui.app_template_filter("pretty")
+    def pretty(value: Any) -> str:
+        """Indented JSON, escaped by the template like any text."""
+        return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
 
     @ui.app_template_filter("short")
     def short(value: str | None) -> str:
@@ -201,6 +158,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
 
     def page(status: int, template: str, **context: Any) -> Response:
         context.setdefault("refresh", None)
+        context.setdefault("problem", None)
         body = render_template(
             template,
             signed_in=gate.signed_in(),
@@ -217,7 +175,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
             return redirect(url_for("ui.overview"), 303)
         if request.method == "GET":
             return page(200, "login.html", error=None)
-        if not gate.check_token(request.form.get("token") or ""):
+        if not gate.is_token(request.form.get("token") or ""):
             return page(401, "login.html", error="That is not the admin token.")
         response = redirect(url_for("ui.overview"), 303)
         response.set_cookie(
@@ -227,7 +185,8 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
             path=PREFIX,
             httponly=True,
             samesite="Strict",
-            secure=request.is_secure,
+            # Behind a proxy that ends TLS the listener sees plain HTTP: the proxy says so.
+            secure=request.is_secure or request.headers.get("X-Forwarded-Proto") == "https",
         )
         return response
 
@@ -241,13 +200,24 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
     def overview() -> Response:
         days = 30 if request.args.get("days") == "30" else 7
         now = now_ms()
-        since = now - (days - 1) * 86_400_000
-        stats = admin.stats(since, now)
-        labels = [d["day"][5:] for d in stats["days"]]
-        methods = sorted(stats["aal2_events_by_method"]) or ["aal2 events"]
+        status = health(bridge)  # first: shown also when the statistics cannot be read
         metrics = bridge.metrics
         active = admin.active_sessions if bridge.recorder is not None else None
-        decisions = rate((lambda: metrics.exposition(active)) if metrics is not None else None)
+        try:
+            decisions = rate((lambda: metrics.exposition(active)) if metrics is not None else None)
+            stats = admin.stats(first_of_days(now, days), now)
+        except StoreUnavailable as error:
+            return page(
+                503,
+                "overview.html",
+                refresh=REFRESH_SECONDS,
+                days=days,
+                stats=None,
+                health=status,
+                problem=str(error),
+            )
+        labels = [d["day"][5:] for d in stats["days"]]
+        methods = sorted(stats["aal2_events_by_method"]) or ["aal2 events"]
         return page(
             200,
             "overview.html",
@@ -257,7 +227,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
             today=stats["days"][-1],
             approximate=bridge.settings.redis_url is not None,
             decisions=decisions,
-            health=health(bridge),
+            health=status,
             started_chart=bar_chart(
                 "Sessions started per day",
                 labels,
@@ -286,7 +256,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
         next_token = None
         if query:
             rows = admin.search(query, PAGE_SIZE)
-            if _is_uuid(query):
+            if canonical_uuid(query) is not None:
                 known = {r["session_id"] for r in rows}
                 rows += [
                     r
@@ -294,6 +264,8 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
                     if r["session_id"] not in known
                 ]
             caption = f"{len(rows)} session{'s' if len(rows) != 1 else ''} matching “{query}”"
+            if len(rows) >= PAGE_SIZE:
+                caption += f" (the newest {PAGE_SIZE}: be more precise)"
         else:
             listing = admin.page(PAGE_SIZE, request.args.get("page_token") or None)
             rows, next_token = listing.sessions, listing.next_page_token
@@ -358,55 +330,57 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
     def revoke_identity(identity_id: str) -> Response:
         return page(200, "done.html", revoked=admin.revoke_identity(_uuid_or_404(identity_id)))
 
-    def event_filters() -> tuple[dict[str, Any], list[dict[str, str]], bool]:
+    def event_filters() -> tuple[dict[str, Any], int]:
         identity_id = (request.args.get("identity_id") or "").strip() or None
-        if identity_id is not None and not _is_uuid(identity_id):
+        canonical = canonical_uuid(identity_id) if identity_id is not None else None
+        if identity_id is not None and canonical is None:
             raise BadRequest("identity_id is not a UUID")
         method = request.args.get("method") or None
         if method is not None and not _METHOD.fullmatch(method):
             raise BadRequest("method is not a method name")
         days = {"1": 1, "30": 30}.get(request.args.get("days", ""), 7)
-        now = now_ms()
-        found = admin.aal2_events(
-            now - days * 86_400_000,
-            now,
-            MAX_EVENTS,
-            identity_id=identity_id.lower() if identity_id else None,
-            method=method,
+        filters = {"identity_id": canonical or "", "method": method or "", "days": days}
+        return filters, first_of_days(now_ms(), days)
+
+    def matching(filters: dict[str, Any], since: int, limit: int) -> Latest:
+        return admin.latest_aal2_events(
+            since,
+            now_ms(),
+            limit,
+            identity_id=filters["identity_id"] or None,
+            method=filters["method"] or None,
         )
-        filters = {"identity_id": identity_id or "", "method": method or "", "days": days}
-        return filters, found.events, found.next_page_token is not None
 
     @ui.get("/events", provide_automatic_options=False)
     def events() -> Response:
-        filters, found, truncated = event_filters()
-        days = filters["days"]
-        now = now_ms()
-        labels = [iso(now - (days - 1 - i) * 86_400_000)[:10] for i in range(days)]
-        methods = sorted({m for e in found for m in (e.get("methods") or "").split(",") if m})
-        per_day = {m: [0] * days for m in methods or ["events"]}
-        for event in found:
-            day = event["at"][:10]
-            if day in labels:
-                for m in (event.get("methods") or "events").split(",")[:1]:
-                    per_day.setdefault(m, [0] * days)[labels.index(day)] += 1
+        filters, since = event_filters()
+        found = matching(filters, since, MAX_EVENTS)
+        labels = days_between(since, now_ms())
+        per_day: dict[str, list[int]] = {}
+        for day, methods in found.per_day.items():
+            for name, count in methods.items():
+                per_day.setdefault(name, [0] * len(labels))[labels.index(day)] += count
         return page(
             200,
             "events.html",
             refresh=REFRESH_SECONDS,
-            events=found,
-            truncated=truncated,
+            events=found.events,
+            total=found.total,
+            scan_limited=found.scan_limited,
             filters=filters,
             identity_id=filters["identity_id"],
             method=filters["method"],
-            days=days,
-            methods=sorted({*AAL2_METHODS, *methods}),
-            events_chart=bar_chart("AAL2 events per day", [d[5:] for d in labels], per_day),
+            days=filters["days"],
+            methods=sorted({*AAL2_METHODS, *per_day}),
+            events_chart=bar_chart(
+                "AAL2 events per day", [d[5:] for d in labels], per_day or {"events": []}
+            ),
         )
 
     @ui.get("/events.csv", provide_automatic_options=False)
     def events_csv() -> Response:
-        _, found, _ = event_filters()
+        filters, since = event_filters()
+        found = matching(filters, since, CSV_MAX_EVENTS)
         columns = (
             "at",
             "id",
@@ -420,10 +394,12 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(columns)
-        for event in found:
+        for event in reversed(found.events):  # oldest first, as a log reads
             writer.writerow([_cell(event.get(column, "")) for column in columns])
         response = Response(out.getvalue(), content_type="text/csv; charset=utf-8")
         response.headers["Content-Disposition"] = 'attachment; filename="aal2-events.csv"'
+        if found.total > len(found.events) or found.scan_limited:
+            response.headers["X-Bridge-Truncated"] = "true"  # the newest ones are in it
         return response
 
     @ui.errorhandler(NotFound)
@@ -445,6 +421,11 @@ def create_ui(bridge: Bridge, admin: SessionAdmin) -> Blueprint:
     return ui
 
 
+def first_of_days(now: int, days: int) -> int:
+    """The start (UTC) of the first of the last ``days`` days, today included."""
+    return now - now % 86_400_000 - (days - 1) * 86_400_000
+
+
 def health(bridge: Bridge) -> dict[str, str]:
     try:
         bridge.store.ping()
@@ -459,14 +440,8 @@ def _cell(value: str) -> str:
     return "'" + value if value.startswith(_FORMULA) else value
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        return len(value) == 36 and bool(uuid.UUID(value))
-    except ValueError:
-        return False
-
-
 def _uuid_or_404(value: str) -> str:
-    if not _is_uuid(value):
+    canonical = canonical_uuid(value)
+    if canonical is None:
         raise NotFound("no such id")
-    return value.lower()
+    return canonical

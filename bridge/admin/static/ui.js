@@ -1,34 +1,54 @@
 // kratos-session-bridge admin dashboard: live refresh without reloading the page.
-// Every `data-refresh` seconds the page fetches itself and swaps in the new <main>,
-// unless the tab is hidden or the operator is typing in a form.
+// `data-refresh` seconds after each round the page fetches itself and swaps in the new
+// <main>, unless the tab is hidden or the operator is using the page (focus in it, an
+// open table of figures). When a round fails, the footer says since when nothing is new.
 (function () {
   "use strict";
   var seconds = Number(document.body.getAttribute("data-refresh"));
   if (!seconds || !window.fetch || !window.DOMParser) return;
+  var content = document.getElementById("content");
 
   function busy() {
     var active = document.activeElement;
-    return active && active.closest && active.closest("form, details[open]") !== null;
+    if (active && active !== document.body && active !== content && content.contains(active)) {
+      return true;
+    }
+    return content.querySelector("details[open]") !== null;
   }
 
-  function refresh() {
-    if (document.visibilityState !== "visible" || busy()) return;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "fetch" } })
+  function stale() {
+    var footer = document.getElementById("updated");
+    if (footer && !footer.hasAttribute("data-stale")) {
+      footer.setAttribute("data-stale", "");
+      footer.textContent = "Not updated since " + footer.getAttribute("data-at") +
+        ": the bridge did not answer, or you were signed out. Reload to try again.";
+    }
+  }
+
+  function round() {
+    if (document.visibilityState !== "visible" || busy()) return Promise.resolve();
+    return fetch(window.location.href, {
+      credentials: "same-origin",
+      headers: { "X-Requested-With": "fetch" },
+      redirect: "manual"
+    })
       .then(function (response) {
-        if (!response.ok || response.redirected) throw new Error("refresh: " + response.status);
+        if (!response.ok) throw new Error("refresh: " + response.status);
         return response.text();
       })
       .then(function (html) {
         var fresh = new DOMParser().parseFromString(html, "text/html");
         var main = fresh.getElementById("content");
         var updated = fresh.getElementById("updated");
-        if (!main) return;
-        document.getElementById("content").replaceChildren.apply(
-          document.getElementById("content"), Array.prototype.slice.call(main.childNodes));
+        if (!main || busy()) return;
+        content.replaceChildren.apply(content, Array.prototype.slice.call(main.childNodes));
         if (updated) document.getElementById("updated").replaceWith(updated);
       })
-      .catch(function () { /* keep what is shown; the next round tries again */ });
+      .catch(stale);
   }
 
-  window.setInterval(refresh, seconds * 1000);
+  function next() {
+    window.setTimeout(function () { round().then(next, next); }, seconds * 1000);
+  }
+  next();
 })();
