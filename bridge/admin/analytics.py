@@ -29,6 +29,7 @@ from typing import Any
 from bridge.decision_log import Trace
 from bridge.errors import BridgeError
 from bridge.kratos import parse_timestamp_ms
+from bridge.logs import Throttled
 from bridge.mirror import SessionEvents, now_ms
 from bridge.request import HeaderView
 from bridge.responses import Reply
@@ -42,6 +43,7 @@ from bridge.store.registry import (
 )
 
 log = logging.getLogger(__name__)
+_failures = Throttled(log, interval=60.0)  # a Redis outage: one line a minute per process
 
 REPORT_EVERY_SECONDS = 1.0
 SEEN_AGAIN_EVERY_MS = 60_000  # at most one last-seen write per session per minute
@@ -221,7 +223,7 @@ class Recorder(SessionEvents):
                     self._registry.sweep(self._clock())
                     self._last_sweep = time.monotonic()
             except BridgeError as error:
-                log.warning("analytics not reported: %s", error)
+                _failures.warning("analytics not reported: %s", error)
             except Exception:
                 log.exception("analytics report failed")
 
