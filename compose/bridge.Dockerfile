@@ -18,6 +18,6 @@ RUN pip install --no-cache-dir . \
 
 USER bridge
 WORKDIR /
-EXPOSE 4480
+EXPOSE 4480 4481
 ENTRYPOINT ["kratos-bridge"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "4480"]
