@@ -60,19 +60,27 @@ class Scene:
         return [s["session_id"] for s in self.api("/admin/sessions?page_size=500")["sessions"]]
 
 
+def start_bridge(kratos: Kratos, redis_server: RedisServer, workdir: Path, **env: str):
+    """A bridge on its own key prefix, with the admin listener on a free port."""
+    values = {
+        "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
+        "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
+        "BRIDGE_REDIS_URL": redis_server.url,
+        "BRIDGE_KEY_PREFIX": f"ui{uuid.uuid4().hex[:8]}:",
+        "BRIDGE_SECRET": SECRET,
+        **env,
+    }
+    return BridgeServer(values, workdir)
+
+
 @pytest.fixture(scope="module")
 def scene(kratos: Kratos, redis_server: RedisServer, workdir: Path) -> Iterator[Scene]:
-    bridge = BridgeServer(
-        {
-            "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
-            "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
-            "BRIDGE_REDIS_URL": redis_server.url,
-            "BRIDGE_KEY_PREFIX": f"ui{uuid.uuid4().hex[:8]}:",
-            "BRIDGE_SECRET": SECRET,
-            "BRIDGE_ADMIN_TOKEN": TOKEN,
-            "BRIDGE_REVALIDATE_AFTER": "300",
-        },
+    bridge = start_bridge(
+        kratos,
+        redis_server,
         workdir,
+        BRIDGE_ADMIN_TOKEN=TOKEN,
+        BRIDGE_REVALIDATE_AFTER="300",
     )
     try:
         yield Scene(kratos, bridge)
@@ -290,16 +298,7 @@ def test_a_forged_or_expired_cookie_is_refused(scene: Scene) -> None:
 def test_the_dashboard_without_a_token(
     browser, kratos: Kratos, redis_server: RedisServer, workdir: Path
 ) -> None:
-    bridge = BridgeServer(
-        {
-            "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
-            "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
-            "BRIDGE_REDIS_URL": redis_server.url,
-            "BRIDGE_KEY_PREFIX": f"ui{uuid.uuid4().hex[:8]}:",
-            "BRIDGE_SECRET": SECRET,
-        },
-        workdir,
-    )
+    bridge = start_bridge(kratos, redis_server, workdir)
     try:
         context = browser.new_context(viewport=SIZES["desktop"])
         opened = context.new_page()

@@ -296,17 +296,21 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
             changes=admin.device_changes(sid),
         )
 
+    def confirm(heading: str, question: str, action: str, back: str) -> Response:
+        """The page that asks before a revocation; its form posts to ``action``."""
+        return page(
+            200, "confirm.html", heading=heading, question=question, action=action, back=back
+        )
+
     @ui.get("/sessions/<session_id>/revoke", provide_automatic_options=False)
     def confirm_revoke(session_id: str) -> Response:
         sid = _uuid_or_404(session_id)
-        return page(
-            200,
-            "confirm.html",
-            heading="Revoke this session?",
-            question=f"Session {sid} will be revoked in Kratos and refused by every bridge "
-            "process at once. The user has to log in again.",
-            action=url_for("ui.revoke", session_id=sid),
-            back=url_for("ui.session", session_id=sid),
+        return confirm(
+            "Revoke this session?",
+            f"Session {sid} will be revoked in Kratos and refused by every bridge process at "
+            "once. The user has to log in again.",
+            url_for("ui.revoke", session_id=sid),
+            url_for("ui.session", session_id=sid),
         )
 
     @ui.post("/sessions/<session_id>/revoke", provide_automatic_options=False)
@@ -316,14 +320,12 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
     @ui.get("/identities/<identity_id>/revoke", provide_automatic_options=False)
     def confirm_revoke_identity(identity_id: str) -> Response:
         iid = _uuid_or_404(identity_id)
-        return page(
-            200,
-            "confirm.html",
-            heading="Revoke every session of this identity?",
-            question=f"Every session of identity {iid} will be revoked in Kratos and refused "
-            "by every bridge process at once.",
-            action=url_for("ui.revoke_identity", identity_id=iid),
-            back=url_for("ui.sessions", q=iid),
+        return confirm(
+            "Revoke every session of this identity?",
+            f"Every session of identity {iid} will be revoked in Kratos and refused by every "
+            "bridge process at once.",
+            url_for("ui.revoke_identity", identity_id=iid),
+            url_for("ui.sessions", q=iid),
         )
 
     @ui.post("/identities/<identity_id>/revoke", provide_automatic_options=False)
