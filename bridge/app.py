@@ -308,14 +308,12 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
     settings = bridge.settings
     if settings.hook_secret is None:
         return None
-    recorder = bridge.recorder
     return KratosHooks(
         settings.hook_secret,
         bridge.store,
         settings.kratos_admin_url,
         settings.kratos_timeout,
         events=bridge.events,
-        seen=recorder.session_seen if recorder is not None else None,
     )
 
 

@@ -27,7 +27,6 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +75,10 @@ class KratosHooks:
         kratos_admin_url: str,
         kratos_timeout: float,
         events: SessionEvents | None = None,
-        seen: Callable[[MirroredSession], None] | None = None,
     ) -> None:
         self._secret = secret.encode()
         self._store = store
         self._events = events if events is not None else SessionEvents()
-        self._seen = seen
         self._admin = HTTPClient(kratos_admin_url)
         self._timeout = kratos_timeout
 
@@ -110,8 +107,7 @@ class KratosHooks:
         if saved.aal2_event_id is not None and event is not None:
             log.info("aal2 event %s for session %s (kratos hook)", saved.aal2_event_id, session.id)
             self._events.aal2_recorded(session, event)
-        if self._seen is not None:
-            self._seen(session)
+        self._events.session_seen(session)
         body_out = {
             "session_id": session.id,
             "aal": session.aal,

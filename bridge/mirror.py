@@ -49,15 +49,20 @@ def now_ms() -> int:
 
 
 class SessionEvents:
-    """What the mirror tells those who watch sessions (analytics, metrics): an AAL2 event
-    recorded (once per upgrade, by the process that appended it) and a session whose
-    credential Kratos refused (logged out). These do nothing; watchers override them and
+    """What the mirror and the web hooks tell those who watch sessions (analytics,
+    metrics): an AAL2 event recorded (once per upgrade, by the process that appended it),
+    a session whose credential Kratos refused (logged out), a session mirrored without a
+    request (a hook). These do nothing; watchers override them and
     must not block (the calls are on the request path)."""
 
     def aal2_recorded(self, session: MirroredSession, event: dict[str, str]) -> None:
         return None
 
     def logged_out(self, session: MirroredSession, at_ms: int) -> None:
+        return None
+
+    def session_seen(self, session: MirroredSession) -> None:
+        """Seen without a request of its own (a Kratos web hook mirrored it)."""
         return None
 
 
@@ -72,6 +77,10 @@ class AllOf(SessionEvents):
     def logged_out(self, session: MirroredSession, at_ms: int) -> None:
         for watcher in self._watchers:
             watcher.logged_out(session, at_ms)
+
+    def session_seen(self, session: MirroredSession) -> None:
+        for watcher in self._watchers:
+            watcher.session_seen(session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +187,7 @@ class SessionMirror:
         resolved = self._in_flight.do(key, fetch)
         if resolved.session.validated_at_ms < started - fresh_for_ms:
             resolved = self._in_flight.do(key, fetch)
-        ended_at = self._ended.get(resolved.session.id)
-        if ended_at is not None and ended_at >= resolved.session.validated_at_ms:
+        if self._revoked_since(resolved.session):
             # Revoked after Kratos was asked (a call this request joined, say).
             raise SessionInvalid("the session was revoked")
         if resolved.cacheable:
@@ -202,8 +210,12 @@ class SessionMirror:
     def _ended_since(self, session: MirroredSession) -> bool:
         """Whether an announcement (of this session's end, or of a gap in them) came after
         Kratos was asked for this copy: then it is not kept."""
-        if session.validated_at_ms <= self._announcements_lost_at:
-            return True
+        return session.validated_at_ms <= self._announcements_lost_at or self._revoked_since(
+            session
+        )
+
+    def _revoked_since(self, session: MirroredSession) -> bool:
+        """Whether the session's end was announced after Kratos was asked for this copy."""
         ended_at = self._ended.get(session.id)
         return ended_at is not None and ended_at >= session.validated_at_ms
 

@@ -55,7 +55,7 @@ import tempfile
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,8 @@ from bridge.responses import Reply
 from bridge.session import MirroredSession, first_method
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
     from prometheus_client.mmap_dict import MmapedDict
 
     from bridge.forward_auth import DecisionWatcher
@@ -255,7 +257,17 @@ class Metrics:
         """The text exposition of every process's metrics, this one's up to now, and the
         gauges computed now (``active_sessions`` omitted when ``None`` or unknown):
         ``(body, content type)``."""
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self._registry(active_sessions)), CONTENT_TYPE_LATEST
+
+    def families(self) -> Iterable[Metric]:
+        """Every process's metrics, this one's up to now, as metric families (the
+        dashboard reads them without a text round trip)."""
+        return self._registry(None).collect()
+
+    def _registry(self, active_sessions: Callable[[], int] | None) -> CollectorRegistry:
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         self.flush()
@@ -263,7 +275,7 @@ class Metrics:
         MultiProcessCollector(registry, path=self.directory)
         if active_sessions is not None:
             registry.register(_ScrapeTimeGauges(active_sessions))
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return registry
 
     def flush(self) -> None:
         """Write this process's running totals to its files."""

@@ -18,7 +18,7 @@ from bridge.admin.kratos_admin import KratosAdmin
 from bridge.errors import StoreUnavailable
 from bridge.mirror import now_ms
 from bridge.session import first_method, iso
-from bridge.store.registry import after_token, page_token, read_page_token
+from bridge.store.registry import paged
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -70,17 +70,8 @@ class SessionAdmin:
 
     def of_identity(self, identity_id: str, size: int, token: str | None) -> Listing:
         ids = self._store.identity_session_ids(identity_id, now_ms())
-        records = sorted(
-            self._store.registry.records(ids),
-            key=lambda r: (r["started_at"], r["session_id"]),
-            reverse=True,
-        )
-        if token is not None:
-            ranked = [(r["session_id"], r["started_at"]) for r in records]
-            keep = set(after_token(ranked, read_page_token(token)))
-            records = [r for r in records if r["session_id"] in keep]
-        page, more = records[:size], len(records) > size
-        return Listing([summary(r) for r in page], page_token(page[-1]) if more and page else None)
+        page = paged(self._store.registry.records(ids), size, token)
+        return Listing([summary(r) for r in page.records], page.next_token)
 
     def search(self, text: str, size: int) -> list[dict[str, Any]]:
         """Live sessions whose label (email) contains ``text`` (case-insensitive), or whose
@@ -103,7 +94,9 @@ class SessionAdmin:
                 break
         return found
 
-    def show(self, session_id: str) -> dict[str, Any]:
+    def show(self, session_id: str, *, app_values: bool = False) -> dict[str, Any]:
+        """The session as the bridge and Kratos know it; with ``app_values`` (an operator
+        asked to see them), also its app data as stored, under ``app``."""
         found = self._store.registry.records([session_id])
         in_kratos = self.kratos.session(session_id)
         if not found and in_kratos is None:
@@ -112,17 +105,15 @@ class SessionAdmin:
         unified = None
         if mirrored is not None:  # the app data's names only, not its values
             unified = {k: v for k, v in mirrored.to_json().items() if k != "app"}
-        return {
+        shown = {
             "session": summary(found[0]) if found else from_kratos(in_kratos or {}),
             "active_in_kratos": bool(in_kratos and in_kratos.get("active")),
             "unified": unified,
             "app_keys": sorted(mirrored.app) if mirrored is not None else [],
         }
-
-    def app_values(self, session_id: str) -> dict[str, str]:
-        """The session's app data as stored (for an operator who asked to see it)."""
-        mirrored = self._store.load(session_id, with_app=True)
-        return dict(mirrored.app) if mirrored is not None else {}
+        if app_values:
+            shown["app"] = dict(mirrored.app) if mirrored is not None else {}
+        return shown
 
     def revoke(self, session_id: str) -> list[str]:
         known = self.kratos.revoke(session_id)

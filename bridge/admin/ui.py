@@ -26,11 +26,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
-from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.admin.analytics import DURATION_BUCKETS
 from bridge.admin.charts import bar_chart
@@ -43,6 +41,7 @@ from bridge.session import iso
 from bridge.store.registry import days_between
 
 if TYPE_CHECKING:
+    from bridge.admin.metrics import Metrics
     from bridge.app import Bridge
 
 log = logging.getLogger(__name__)
@@ -76,12 +75,11 @@ class DecisionRate:
     def __init__(self) -> None:
         self._last: tuple[float, float] | None = None
 
-    def __call__(self, exposition: Callable[[], tuple[bytes, str]] | None) -> dict[str, str]:
-        if exposition is None:
+    def __call__(self, metrics: Metrics | None) -> dict[str, str]:
+        if metrics is None:
             return {"rate": NOTHING, "p50": NOTHING, "p99": NOTHING}
-        body, _ = exposition()
         total, buckets = 0.0, {}
-        for family in text_string_to_metric_families(body.decode()):
+        for family in metrics.families():
             for sample in family.samples:
                 if sample.name == "bridge_decisions_total":
                     total += sample.value
@@ -201,10 +199,8 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
         days = 30 if request.args.get("days") == "30" else 7
         now = now_ms()
         status = health(bridge)  # first: shown also when the statistics cannot be read
-        metrics = bridge.metrics
-        active = admin.active_sessions if bridge.recorder is not None else None
+        decisions = rate(bridge.metrics)
         try:
-            decisions = rate((lambda: metrics.exposition(active)) if metrics is not None else None)
             stats = admin.stats(first_of_days(now, days), now)
         except StoreUnavailable as error:
             return page(
@@ -283,7 +279,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
     @ui.get("/sessions/<session_id>", provide_automatic_options=False)
     def session(session_id: str) -> Response:
         sid = _uuid_or_404(session_id)
-        shown = admin.show(sid)
+        shown = admin.show(sid, app_values=request.args.get("values") == "1")
         started = shown["session"].get("started_at")
         since = parse_timestamp_ms(started) - 60_000 if started else 0
         return page(
@@ -291,7 +287,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
             "session.html",
             sid=sid,
             shown=shown,
-            values=admin.app_values(sid) if request.args.get("values") == "1" else None,
+            values=shown.get("app"),
             aal2=admin.aal2_events(since, now_ms(), 10, session_id=sid).events,
             changes=admin.device_changes(sid),
         )

@@ -14,12 +14,10 @@ from bridge.store.registry import (
     Counts,
     Page,
     Sighting,
-    after_token,
     day_of,
     hour_of,
     keep_until,
-    page_token,
-    read_page_token,
+    paged,
 )
 
 
@@ -110,17 +108,9 @@ class MemoryRegistry:
             _add(self._days[day_of(at_ms)], f"aal2:{method}", 1)
 
     def page(self, size: int, token: str | None) -> Page:
-        after = read_page_token(token)
         with self._lock:
-            ranked = sorted(
-                ((sid, r["started_at"]) for sid, r in self._records.items()),
-                key=lambda item: (item[1], item[0]),
-                reverse=True,
-            )
-            found = after_token(ranked, after)
-            records = [dict(self._records[sid]) for sid in found[:size]]
-        more = len(found) > size
-        return Page(records, page_token(records[-1]) if more and records else None)
+            found = paged(self._records.values(), size, token)
+            return Page([dict(r) for r in found.records], found.next_token)
 
     def records(self, session_ids: Sequence[str]) -> list[dict[str, Any]]:
         with self._lock:

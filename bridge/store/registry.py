@@ -25,7 +25,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -147,6 +147,15 @@ def read_page_token(token: str | None) -> tuple[int, str] | None:
     if match is None:
         raise BadRequest("page_token is not one this API gave out")
     return int(match[1]), match[2].lower()
+
+
+def paged(records: Iterable[dict[str, Any]], size: int, token: str | None) -> Page:
+    """One page of ``records``: newest (started) first, then by id, after ``token``."""
+    after = read_page_token(token)
+    ranked = sorted(records, key=lambda r: (r["started_at"], r["session_id"]), reverse=True)
+    if after is not None:
+        ranked = [r for r in ranked if (r["started_at"], r["session_id"]) < after]
+    return Page(ranked[:size], page_token(ranked[size - 1]) if len(ranked) > size else None)
 
 
 def after_token(ranked: Sequence[tuple[str, int]], token: tuple[int, str] | None) -> list[str]:
