@@ -19,6 +19,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from bridge import app_data, decision_log, openapi, responses
+from bridge.app_token import APP_TOKEN_HEADER, require_app_token
 from bridge.config import Settings
 from bridge.credentials import extract
 from bridge.devices import DeviceChange, DeviceWatch
@@ -233,7 +234,9 @@ def create_flask_app(bridge: Bridge) -> Flask:
     @app.patch("/whoami/app", provide_automatic_options=False)
     def patch_app() -> Response:
         """JSON merge patch (RFC 7396) of the session's app section, at the top level: each
-        field named is replaced whole, ``null`` deletes it."""
+        field named is replaced whole, ``null`` deletes it. Only for an app: the app token
+        is checked first, before the body or Kratos (``bridge.app_token``)."""
+        require_app_token(settings.app_token, request.headers.get(APP_TOKEN_HEADER))
         if request.mimetype not in ("application/merge-patch+json", "application/json"):
             return as_flask(responses.http_error(415, "Unsupported Media Type"))
         values, delete = app_data.merge_patch(request.get_data())

@@ -655,6 +655,21 @@ OPTIONS: tuple[Option, ...] = (
         "File holding `hook_secret` (trailing newline ignored); wins over `BRIDGE_HOOK_SECRET`.",
     ),
     Option(
+        "app_token",
+        _secret,
+        None,
+        "Bearer token an app sends in `X-Bridge-App-Token` (compared in constant time) to "
+        "write a session's app section with `PATCH /whoami/app`, beside the user's own "
+        "session credential; unset = that endpoint refuses every write (`403`, "
+        "`app_writes_disabled`). Never printed. Prefer `BRIDGE_APP_TOKEN_FILE`.",
+    ),
+    Option(
+        "app_token_file",
+        str,
+        None,
+        "File holding `app_token` (trailing newline ignored); wins over `BRIDGE_APP_TOKEN`.",
+    ),
+    Option(
         "aal2_stream",
         _stream_key,
         None,
@@ -817,6 +832,7 @@ class Settings:
     secret: bytes = field(repr=False)
     secret_is_random: bool
     hook_secret: str | None = field(repr=False)
+    app_token: str | None = field(repr=False)
     aal2_stream: str
     aal2_stream_maxlen: int
     app_data_max_bytes: int
@@ -918,6 +934,7 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
 
     secret_text = _secret_or_file(values, "secret", key_of)
     values["hook_secret"] = _secret_or_file(values, "hook_secret", key_of)
+    values["app_token"] = _secret_or_file(values, "app_token", key_of)
     values["admin_token"] = _secret_or_file(values, "admin_token", key_of)
     if (
         values["admin_token"] is None

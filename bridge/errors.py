@@ -54,6 +54,14 @@ class DeviceChanged(Forbidden):
     ``BRIDGE_ON_DEVICE_CHANGE=deny``."""
 
 
+class AppTokenMissing(BridgeError):
+    """A write to the app section came without the app credential, or with a wrong one."""
+
+
+class AppWritesDisabled(BridgeError):
+    """A write to the app section, with no app credential configured to allow any."""
+
+
 class KratosUnavailable(BridgeError):
     """Kratos could not be asked, or answered something we cannot trust."""
 

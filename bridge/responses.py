@@ -17,6 +17,8 @@ import orjson
 from bridge import app_data
 from bridge.errors import (
     AppDataTooLarge,
+    AppTokenMissing,
+    AppWritesDisabled,
     BadRequest,
     BridgeError,
     CredentialMissing,
@@ -120,6 +122,10 @@ def refusal(
         return Refusal(403, "forbidden", str(error))
     if isinstance(error, SessionEnded):
         return Refusal(401, "session_ended", str(error), redirects.login(original))
+    if isinstance(error, AppTokenMissing):
+        return Refusal(401, "app_token_required", str(error))
+    if isinstance(error, AppWritesDisabled):
+        return Refusal(403, "app_writes_disabled", str(error))
     if isinstance(error, AppDataTooLarge):
         return Refusal(413, "app_data_too_large", str(error))
     if isinstance(error, BadRequest):

@@ -29,6 +29,7 @@ from tests.harness import BridgeServer, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "admin-token-" + secrets.token_hex(16)
+APP_TOKEN = "app-token-" + secrets.token_hex(16)
 PREFIX = "tadmincli" + secrets.token_hex(3) + ":"
 
 
@@ -43,6 +44,7 @@ def bridge(kratos, redis_server, workdir):
         "BRIDGE_SECRET": SECRET,
         "BRIDGE_WORKERS": "2",
         "BRIDGE_ADMIN_TOKEN": TOKEN,
+        "BRIDGE_APP_TOKEN": APP_TOKEN,
     }
     server = BridgeServer(env, workdir)  # on an admin port of its own: server.admin_url
     try:
@@ -204,7 +206,11 @@ def test_sessions_show_gives_the_bridge_and_kratos_views(bridge, kratos):
     session_id = session_id_of(kratos, token)
     patched = httpx.patch(
         bridge.url + "/whoami/app",
-        headers={"X-Session-Token": token, "Content-Type": "application/merge-patch+json"},
+        headers={
+            "X-Bridge-App-Token": APP_TOKEN,
+            "X-Session-Token": token,
+            "Content-Type": "application/merge-patch+json",
+        },
         content=b'{"cart": ["book", 2]}',
     )
     assert patched.status_code == 200, patched.text

@@ -177,23 +177,86 @@ def test_ready_says_what_the_store_runs_on(client, store_kind, redis_server):
     assert response.get_json() == {"status": "ok", "redis": expected}
 
 
-def _patch(client, token, body, content_type="application/merge-patch+json"):
+APP_TOKEN = "app-token-" + "a" * 40
+
+
+@pytest.fixture
+def app_client(make_client, kratos):
+    """The bridge with writes over HTTP turned on (``BRIDGE_APP_TOKEN``)."""
+    return make_client(kratos, BRIDGE_APP_TOKEN=APP_TOKEN)
+
+
+def _patch(client, token, body, content_type="application/merge-patch+json", app_token=APP_TOKEN):
+    headers = {"X-Session-Token": token, "Content-Type": content_type}
+    if app_token is not None:
+        headers["X-Bridge-App-Token"] = app_token
     return client.patch(
         "/whoami/app",
         data=body if isinstance(body, bytes) else orjson.dumps(body),
-        headers={"X-Session-Token": token, "Content-Type": content_type},
+        headers=headers,
     )
 
 
-def test_patch_app_merges_typed_fields_and_null_deletes(client, kratos):
+def _app_section(client, token):
+    return client.get("/whoami", headers={"X-Session-Token": token}).get_json()["app"]
+
+
+def test_patch_app_merges_typed_fields_and_null_deletes(app_client, kratos):
+    client = app_client
     user = flows.register(kratos)
     first = _patch(client, user.token, {"cart": ["book", 2], "theme": "dark", "beta": True})
     assert first.status_code == 200
     assert first.get_json()["app"] == {"cart": ["book", 2], "theme": "dark", "beta": True}
     second = _patch(client, user.token, {"theme": None, "visits": 3}, "application/json")
     assert second.get_json()["app"] == {"cart": ["book", 2], "beta": True, "visits": 3}
-    whoami = client.get("/whoami", headers={"X-Session-Token": user.token}).get_json()
-    assert whoami["app"] == {"cart": ["book", 2], "beta": True, "visits": 3}
+    assert _app_section(client, user.token) == {"cart": ["book", 2], "beta": True, "visits": 3}
+
+
+def test_a_user_with_only_their_own_session_cannot_write_their_app_section(app_client, kratos):
+    """The app section holds what the user must not choose (a role): the user's own
+    credential names the session, the app token says an app is writing."""
+    client = app_client
+    user = flows.register(kratos)
+    assert _patch(client, user.token, {"role": "reader"}).status_code == 200
+    wrong = "x" * len(APP_TOKEN)  # same length: the comparison must not stop at the length
+    for app_token in (None, "", wrong, APP_TOKEN[:-1], APP_TOKEN + "x", f"{APP_TOKEN}, x"):
+        refused = _patch(client, user.token, {"role": "admin"}, app_token=app_token)
+        assert refused.status_code == 401, app_token
+        assert refused.get_json()["error"] == "app_token_required"
+        assert "X-Bridge-App-Token" in refused.get_json()["message"]
+    # The app token where a session credential goes is not the app token either.
+    as_bearer = client.patch(
+        "/whoami/app",
+        data=b'{"role": "admin"}',
+        headers={
+            "Authorization": f"Bearer {APP_TOKEN}",
+            "X-Session-Token": user.token,
+            "Content-Type": "application/json",
+        },
+    )
+    assert as_bearer.status_code == 401
+    assert _app_section(client, user.token) == {"role": "reader"}
+    # The app token alone names no session.
+    no_session = client.patch(
+        "/whoami/app",
+        data=b'{"role": "admin"}',
+        headers={"X-Bridge-App-Token": APP_TOKEN, "Content-Type": "application/json"},
+    )
+    assert no_session.status_code == 401
+    assert no_session.get_json()["error"] == "session_missing"
+    assert _patch(client, user.token, {"role": "admin"}).status_code == 200
+    assert _app_section(client, user.token) == {"role": "admin"}
+
+
+def test_without_an_app_token_configured_no_one_writes_over_http(client, kratos):
+    user = flows.register(kratos)
+    before = _app_section(client, user.token)
+    for app_token in (None, APP_TOKEN):
+        refused = _patch(client, user.token, {"role": "admin"}, app_token=app_token)
+        assert refused.status_code == 403
+        assert refused.get_json()["error"] == "app_writes_disabled"
+        assert "BRIDGE_APP_TOKEN" in refused.get_json()["message"]
+    assert _app_section(client, user.token) == before == {}
 
 
 @pytest.mark.parametrize(
@@ -211,21 +274,21 @@ def test_patch_app_merges_typed_fields_and_null_deletes(client, kratos):
     ],
 )
 def test_patch_app_refuses_bad_writes_and_writes_nothing(
-    client, kratos, body, content_type, status, error
+    app_client, kratos, body, content_type, status, error
 ):
+    client = app_client
     user = flows.register(kratos)
     assert _patch(client, user.token, {"kept": 1}).status_code == 200
     response = _patch(client, user.token, body, content_type)
     assert response.status_code == status
     assert response.get_json()["error"] == error
-    app = client.get("/whoami", headers={"X-Session-Token": user.token}).get_json()["app"]
-    assert app == {"kept": 1}
+    assert _app_section(client, user.token) == {"kept": 1}
 
 
 def test_patch_app_needs_a_live_session(make_client, kratos):
     """A revoked session is refused within BRIDGE_REVALIDATE_AFTER (0 here: at once), and
     its app data went with its mirror: a write cannot bring it back."""
-    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER="0")
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER="0", BRIDGE_APP_TOKEN=APP_TOKEN)
     assert _patch(client, "ory_st_" + "n" * 32, {"x": 1}).status_code == 401
     user = flows.register(kratos)
     session_id = _patch(client, user.token, {"x": 1}).get_json()["session_id"]

@@ -161,6 +161,22 @@ def test_set_and_delete_change_only_the_fields_they_name(client, kratos, session
     assert sessions.app(session_id) == {}
 
 
+def test_the_client_writes_what_the_user_cannot(client, kratos, sessions):
+    """The client's credential is Redis; the user's own session alone cannot write the
+    same section through the bridge (``PATCH /whoami/app``, off without an app token)."""
+    session_id, user = signed_up(client, kratos)
+    assert sessions.set(session_id, {"role": "reader"}) == {"role": "reader"}
+    refused = client.patch(
+        "/whoami/app",
+        data=b'{"role": "admin"}',
+        headers={"X-Session-Token": user.token, "Content-Type": "application/json"},
+    )
+    assert refused.status_code == 403
+    assert sessions.app(session_id) == {"role": "reader"}
+    whoami = client.get("/whoami", headers={"X-Session-Token": user.token}).get_json()
+    assert whoami["app"] == {"role": "reader"}
+
+
 def test_a_field_written_as_plain_text_reads_as_that_text(client, kratos, sessions, store):
     session_id, _ = signed_up(client, kratos)
     store.update_app(session_id, {"note": "3 items", "count": "3", "quoted": '"x"'}, (), 1000)

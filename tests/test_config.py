@@ -176,6 +176,24 @@ def test_secret_file(tmp_path):
         load_settings({"BRIDGE_SECRET_FILE": str(tmp_path / "missing")})
 
 
+def test_app_token_from_env_or_file_never_printed(tmp_path):
+    assert load_settings({}).app_token is None  # writes over HTTP are off
+    settings = load_settings({"BRIDGE_APP_TOKEN": "t" * 40})
+    assert settings.app_token == "t" * 40
+    assert "t" * 40 not in repr(settings)
+    path = tmp_path / "app_token"
+    path.write_text("u" * 48 + "\n")
+    from_file = load_settings({"BRIDGE_APP_TOKEN_FILE": str(path), "BRIDGE_APP_TOKEN": "t" * 40})
+    assert from_file.app_token == "u" * 48
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_APP_TOKEN": "short"})
+    assert caught.value.key == "BRIDGE_APP_TOKEN"
+    path.write_text("short\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_APP_TOKEN_FILE": str(path)})
+    assert caught.value.key == "BRIDGE_APP_TOKEN_FILE"
+
+
 _NOT_A_REDIS_URL = (
     "BRIDGE_REDIS_URL: not a redis://, rediss://, unix://, redis[s]+sentinel:// or "
     "redis[s]+cluster:// URL"

@@ -293,6 +293,25 @@ def test_a_counter_persists_across_requests_and_app_instances(make_app, bridge, 
     assert get(second, "/count", other).get_json() == {"count": None}
 
 
+def test_the_app_writes_what_the_user_cannot(make_app, bridge, kratos):
+    """The extension writes through Redis (the app's credential); the user's own session
+    alone cannot write the same section through the bridge's ``PATCH /whoami/app``."""
+    app = make_app()
+    user = flows.register(kratos)
+    hand_off = bridge.hand_off(user.token)
+    assert post(app, "/count", hand_off).get_json() == {"count": 1}
+    by_the_user = httpx.patch(
+        bridge.server.url + "/whoami/app",
+        headers={"X-Session-Token": user.token, "Content-Type": "application/json"},
+        content=b'{"count": 1000}',
+    )
+    assert by_the_user.status_code == 403
+    assert by_the_user.json()["error"] == "app_writes_disabled"
+    assert get(app, "/count", hand_off).get_json() == {"count": 1}
+    whoami = httpx.get(bridge.server.url + "/whoami", headers={"X-Session-Token": user.token})
+    assert whoami.json()["app"] == {"count": 1}
+
+
 def test_only_the_fields_a_request_changed_are_written(make_app, bridge, kratos):
     app = make_app()
     hand_off = bridge.hand_off(flows.register(kratos).token)
