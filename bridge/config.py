@@ -545,7 +545,8 @@ OPTIONS: tuple[Option, ...] = (
         "jwt_audience",
         _matching(r"[\x21-\x7e]{1,256}", "1-256 visible ASCII characters"),
         None,
-        "The JWT's `aud`; unset = none.",
+        "The JWT's `aud`, for requests whose rule sets no `jwt_audience` of its own; unset "
+        "= none (which `bridge.flask` refuses: give each app an audience of its own).",
     ),
     Option(
         "jwt_ttl",
@@ -963,7 +964,15 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
 
     values["jwt_traits"] = values["jwt_traits"] or ()
     if values["rules_file"] is not None:
-        Rules.load(values["rules_file"])  # compiled again by each process; here to fail early
+        # Compiled again by each process; here to fail early.
+        rules = Rules.load(values["rules_file"])
+        if rules.jwt_audiences and values["jwt_header"] is None:
+            label = next(iter(rules.jwt_audiences))
+            raise ConfigError(
+                key_of("rules_file"),
+                f"{label} sets jwt_audience, but no JWT is minted (set BRIDGE_JWT_HEADER "
+                "and BRIDGE_JWT_KEYS_DIR)",
+            )
     if (values["jwt_header"] is None) != (values["jwt_keys_dir"] is None):
         given, missing = (
             ("jwt_header", "jwt_keys_dir")

@@ -30,10 +30,12 @@ browser.
 (``KRATOS_SESSION_TRUST``):
 
 - ``jwt``: the bridge's signed JWT (``BRIDGE_JWT_HEADER``), verified against the bridge's
-  JWKS: ES256 only, ``exp``, ``iss``, ``aud`` when configured; the session is its ``sid``
-  claim, and the mirrored session must belong to its ``sub``. The JWKS is cached for
-  60 s (the bridge serves it with ``max-age=60`` and publishes a new key 90 s before it
-  signs with it) and fetched again for an unknown ``kid``, at most once per 10 s.
+  JWKS: ES256 only, ``exp``, ``iss``, and ``aud``, which must be this app's own
+  (``KRATOS_SESSION_JWT_AUDIENCE``, required: without it a token the bridge handed to
+  any other app behind it would do here too); the session is its ``sid`` claim, and the
+  mirrored session must belong to its ``sub``. The JWKS is cached for 60 s (the bridge
+  serves it with ``max-age=60`` and publishes a new key 90 s before it signs with it) and
+  fetched again for an unknown ``kid``, at most once per 10 s.
 - ``header``: the proxy adds a shared secret header (``X-Bridge-Secret``), compared in
   constant time; then the session id is ``X-Session-Id``. The proxy must also overwrite
   a client's ``X-Session-Id`` (the shipped configs do).
@@ -98,8 +100,9 @@ falls short, so the mirror these read is current right after a step-up or a new 
 - ``KRATOS_SESSION_JWT_HEADER`` (``X-Bridge-Jwt``): ``BRIDGE_JWT_HEADER``; with
   ``Authorization``, the value is ``Bearer <jwt>``.
 - ``KRATOS_SESSION_JWT_ISSUER`` (``kratos-session-bridge``): ``BRIDGE_JWT_ISSUER``.
-- ``KRATOS_SESSION_JWT_AUDIENCE`` (unset): ``BRIDGE_JWT_AUDIENCE``; unset, a token with an
-  ``aud`` is refused.
+- ``KRATOS_SESSION_JWT_AUDIENCE`` (required for ``jwt``): this app's audience, the
+  ``jwt_audience`` of the bridge's rules for its routes (or ``BRIDGE_JWT_AUDIENCE``); a
+  token without it in ``aud`` is refused.
 - ``KRATOS_SESSION_SHARED_SECRET`` (required for ``header``): the secret the proxy sends,
   16 characters or more.
 - ``KRATOS_SESSION_SHARED_SECRET_FILE`` (unset): a file holding it (trailing newline
@@ -256,6 +259,13 @@ def read_settings(config: Mapping[str, Any], *, needs_redis: bool, trusted_env: 
         parts = urlsplit(jwks_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise RuntimeError(f"{PREFIX}JWKS_URL: {jwks_url!r} is not an http(s) URL")
+        if text("JWT_AUDIENCE") is None:
+            raise RuntimeError(
+                f"{PREFIX}JWT_AUDIENCE is not set: trust 'jwt' needs this app's own audience, "
+                "or a token the bridge handed to another app would do here too. Give this "
+                "app's routes `jwt_audience: <name>` in the bridge's rules file (or set "
+                "BRIDGE_JWT_AUDIENCE) and the same name here"
+            )
 
     secret = None
     if trust == "header":
@@ -338,7 +348,7 @@ class JwtHandOff:
     """The bridge's JWT, verified against its JWKS."""
 
     def __init__(self, settings: Settings) -> None:
-        assert settings.jwks_url is not None
+        assert settings.jwks_url is not None and settings.jwt_audience is not None
         self._header = settings.jwt_header
         self._bearer = settings.jwt_header.lower() == "authorization"
         self._issuer = settings.jwt_issuer
@@ -380,7 +390,7 @@ class JwtHandOff:
                 issuer=self._issuer,
                 audience=self._audience,
                 leeway=JWT_LEEWAY_S,
-                options={"require": ["exp", "iss", "sub", "sid"]},
+                options={"require": ["exp", "iss", "aud", "sub", "sid"]},
             )
         except jwt.PyJWTError as error:
             return _refused(f"a JWT that is not valid ({type(error).__name__})")

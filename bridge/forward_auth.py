@@ -89,10 +89,12 @@ class ForwardAuth:
         self._upstream = upstream
         self._devices = devices if devices is not None and devices.enabled else None
         self._anonymous = responses.allow(upstream.anonymous, ())
-        # The allow for a copy, built once per validation (a copy is one object from one
-        # Kratos answer to the next) and reused until its JWT is due to be re-minted.
-        # Holding the session keeps its id from being reused while the entry lives.
-        self._allows: BoundedMap[int, tuple[MirroredSession, Reply, int]] = BoundedMap(50_000)
+        # The allow for a copy and a JWT audience, built once per validation (a copy is one
+        # object from one Kratos answer to the next) and reused until its JWT is due to be
+        # re-minted. Holding the session keeps its id from being reused while the entry lives.
+        self._allows: BoundedMap[tuple[int, str | None], tuple[MirroredSession, Reply, int]] = (
+            BoundedMap(50_000)
+        )
         # When Kratos was last asked again for a session that fell short of a step-up or a
         # max_age, so that a page hammering such a route costs Kratos one call a second.
         self._asked_again_ms: BoundedMap[str, int] = BoundedMap(50_000)
@@ -169,7 +171,7 @@ class ForwardAuth:
             if problem is None:
                 problem = self._device_refusal(known.session, headers)
             if problem is None:
-                return self._allow(known, started)
+                return self._allow(known, started, rule)
             if not decision.worth_asking_again(problem):
                 return self._refuse(dialect, problem, headers, original)
         return Pending(dialect, headers, original, rule, aal, credential, started, trace)
@@ -199,7 +201,7 @@ class ForwardAuth:
             if pending.public and not isinstance(error, BadRequest):
                 return self._anonymous  # a public route needs no session, nor Kratos
             return self._refuse(pending.dialect, error, pending.headers, pending.original)
-        return self._allow(resolved, now_ms())
+        return self._allow(resolved, now_ms(), pending.rule)
 
     def _device_refusal(self, session: MirroredSession, headers: HeaderView) -> BridgeError | None:
         if self._devices is not None and self._devices.refuses(session, headers):
@@ -221,17 +223,17 @@ class ForwardAuth:
             return self._rules.default  # no rules file, and the proxy sent no URL
         return self._rules.match(original.method, original.host, original.target)
 
-    def _allow(self, resolved: Resolved, now: int) -> Reply:
-        session = resolved.session
+    def _allow(self, resolved: Resolved, now: int, rule: Rule) -> Reply:
+        session, audience = resolved.session, rule.jwt_audience
         if resolved.set_cookies:
-            headers, _ = self._upstream.for_session(session)
+            headers, _ = self._upstream.for_session(session, audience)
             return responses.allow(headers, resolved.set_cookies)
-        memo = self._allows.get(id(session))
+        memo = self._allows.get((id(session), audience))
         if memo is not None and memo[0] is session and now < memo[2]:
             return memo[1]
-        headers, valid_until = self._upstream.for_session(session)
+        headers, valid_until = self._upstream.for_session(session, audience)
         reply = responses.allow(headers, ())
-        self._allows.put(id(session), (session, reply, valid_until))
+        self._allows.put((id(session), audience), (session, reply, valid_until))
         return reply
 
     def _refuse(

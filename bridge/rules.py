@@ -21,6 +21,8 @@ first that matches wins; ``default`` applies when none does::
           traits:                 # dotted path into identity.traits: a value, or a list of them
             role: [admin, ops]
           verified_address: email # true: some address is verified; "email", "sms": one via that
+        jwt_audience: admin-app   # optional, not on deny: the JWT's `aud` for this rule's
+                                  # requests, instead of BRIDGE_JWT_AUDIENCE
 
 Hosts: ``app.example.com`` matches that host (any case, any port); ``*.example.com``
 matches one or more labels left of ``example.com``, not ``example.com`` itself.
@@ -65,7 +67,7 @@ _MEMO_MAX_KEY_LENGTH = 1024
 _HOST_MEMO_ENTRIES = 1_000
 
 _TOP_FIELDS = ("default", "rules", "case_sensitive_paths")
-_RULE_FIELDS = ("id", "match", "access", "max_age", "when")
+_RULE_FIELDS = ("id", "match", "access", "max_age", "when", "jwt_audience")
 _MATCH_FIELDS = ("host", "path", "methods")
 _WHEN_FIELDS = ("schema_id", "traits", "verified_address")
 
@@ -74,6 +76,7 @@ _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,62})"
 _HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _VIA = re.compile(r"[a-z0-9_-]{1,32}")
+_AUDIENCE = re.compile(r"[\x21-\x7e]{1,256}")  # as BRIDGE_JWT_AUDIENCE
 _DURATION = re.compile(r"([0-9]{1,9})([smhd]?)")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _ANY_PATH = "/.*"
@@ -162,13 +165,16 @@ class VerifiedAddress:
 class Rule:
     """What a matched request needs: ``access``, and for a session also ``max_age_s``
     (enforced by the decision stage) and the ``conditions`` of ``permits``. ``matches``
-    says in words which requests the rule is for (empty for the default)."""
+    says in words which requests the rule is for (empty for the default).
+    ``jwt_audience`` is the ``aud`` of the JWT an allowed request's app gets (``None``:
+    ``BRIDGE_JWT_AUDIENCE``), so that a token handed to one app is no good at another."""
 
     label: str
     access: Access
     max_age_s: float | None = None
     conditions: tuple[Condition, ...] = ()
     matches: str = ""
+    jwt_audience: str | None = None
 
     def permits(self, view: Mapping[str, Any]) -> bool:
         """Whether a session view (``MirroredSession.kratos``) meets every condition."""
@@ -184,6 +190,8 @@ class Rule:
             needs += f", a login within {self.max_age_s:g}s"
         if self.conditions:
             needs += ", when " + " and ".join(c.describe() for c in self.conditions)
+        if self.jwt_audience is not None:
+            needs += f"; JWT aud {self.jwt_audience}"
         if not self.matches:
             return f"{self.label} -> {needs}"
         return f"{self.label}: {self.matches} -> {needs}"
@@ -291,6 +299,11 @@ class Rules:
     def configured(self) -> bool:
         """Whether the rules come from a file."""
         return self._configured
+
+    @property
+    def jwt_audiences(self) -> dict[str, str]:
+        """The ``jwt_audience`` of each rule that has one, by the rule's label."""
+        return {r.label: r.jwt_audience for _, r in self._rules if r.jwt_audience is not None}
 
     def match(self, method: str, host: str, path: str) -> Rule:
         """The first rule matching the request, else the default. ``path`` is the raw
@@ -476,8 +489,19 @@ def _rule(item: Any, index: int, labels_by_id: dict[str, str]) -> tuple[_Match, 
             _fail(f"{where}.{name}", "only for access authenticated or aal2")
     max_age_s = _duration(item["max_age"], f"{where}.max_age") if "max_age" in item else None
     conditions = _conditions(item.get("when"), f"{where}.when") if "when" in item else ()
+    audience = None
+    if "jwt_audience" in item:
+        audience = _audience(item["jwt_audience"], access, f"{where}.jwt_audience")
     found = _compile_match(item.get("match"), f"{where}.match")
-    return found, Rule(label, access, max_age_s, conditions, found.text)
+    return found, Rule(label, access, max_age_s, conditions, found.text, audience)
+
+
+def _audience(value: Any, access: Access, where: str) -> str:
+    if access is Access.DENY:
+        _fail(where, "not for access deny (it lets no request through to carry a JWT)")
+    if not isinstance(value, str) or not _AUDIENCE.fullmatch(value):
+        _fail(where, f"{value!r} is not 1-256 visible ASCII characters")
+    return value
 
 
 def _compile_match(match: Any, where: str) -> _Match:

@@ -185,11 +185,14 @@ class KeyRing:
 
 
 class TokenMinter:
-    """The JWT for a session, minted once and reused while it still says the same.
+    """The JWT for a session and an audience, minted once and reused while it still says
+    the same.
 
-    ``traits`` are dotted paths into ``identity.traits`` (``email``, ``name.first``);
-    the token carries those present, nested as in the identity. Thread-safe: two
-    threads minting for one session at once both get a valid token, and one is kept."""
+    ``audience`` is the ``aud`` of a token asked for without one of its own (a rule's
+    ``jwt_audience`` wins over it). ``traits`` are dotted paths into ``identity.traits``
+    (``email``, ``name.first``); the token carries those present, nested as in the
+    identity. Thread-safe: two threads minting for one session at once both get a valid
+    token, and one is kept."""
 
     def __init__(
         self,
@@ -210,11 +213,12 @@ class TokenMinter:
         self._audience = audience
         self._trait_paths = _trait_paths(traits)
         self._clock = clock
-        self._minted: BoundedMap[str, _Minted] = BoundedMap(MAX_CACHED_TOKENS)
+        self._minted: BoundedMap[tuple[str, str | None], _Minted] = BoundedMap(MAX_CACHED_TOKENS)
 
-    def token_for(self, session: MirroredSession) -> tuple[str, int]:
-        """The session's token and ``refresh_at_ms``: when whoever holds it should ask
-        again (a fifth of its lifetime left, at the latest one second before ``exp``).
+    def token_for(self, session: MirroredSession, audience: str | None = None) -> tuple[str, int]:
+        """The session's token for ``audience`` (``None``: the minter's own), and
+        ``refresh_at_ms``: when whoever holds it should ask again (a fifth of its
+        lifetime left, at the latest one second before ``exp``).
 
         ``exp`` is never later than the session's expiry: a session with less than a
         second left gets a token that expires with it (the caller asks only for live
@@ -234,14 +238,15 @@ class TokenMinter:
             trait_values,
             key.kid,
         )
-        minted = self._minted.get(session.id)
+        audience = audience if audience is not None else self._audience
+        minted = self._minted.get((session.id, audience))
         if minted is not None and minted.fingerprint == fingerprint:
             # A token already capped at the session's expiry is kept: signing again
             # would give the same exp, so it would cost a signature per request near the end.
             if now_ms < minted.refresh_at_ms or minted.capped:
                 return minted.token, minted.refresh_at_ms
-        minted = self._mint(session, key, now_ms, amr, trait_values, fingerprint)
-        self._minted.put(session.id, minted)
+        minted = self._mint(session, key, now_ms, audience, amr, trait_values, fingerprint)
+        self._minted.put((session.id, audience), minted)
         return minted.token, minted.refresh_at_ms
 
     def _mint(
@@ -249,6 +254,7 @@ class TokenMinter:
         session: MirroredSession,
         key: SigningKey,
         now_ms: int,
+        audience: str | None,
         amr: tuple[str, ...],
         trait_values: tuple[Any, ...],
         fingerprint: tuple[Any, ...],
@@ -268,8 +274,8 @@ class TokenMinter:
         auth_time = _unix_seconds(session.kratos.get("authenticated_at"))
         if auth_time is not None:
             claims["auth_time"] = auth_time
-        if self._audience is not None:
-            claims["aud"] = self._audience
+        if audience is not None:
+            claims["aud"] = audience
         if self._trait_paths:
             claims["traits"] = _nest(self._trait_paths, trait_values)
         lifetime_ms = exp * 1000 - now_ms

@@ -166,13 +166,16 @@ class UpstreamHeaders:
         self.names: tuple[str, ...] = tuple(names)
         self.anonymous: tuple[tuple[str, str], ...] = tuple((name, "") for name in names)
 
-    def for_session(self, session: MirroredSession) -> tuple[tuple[tuple[str, str], ...], int]:
+    def for_session(
+        self, session: MirroredSession, jwt_audience: str | None = None
+    ) -> tuple[tuple[tuple[str, str], ...], int]:
         """The headers, and until when (Unix ms) they may be reused: the session's expiry,
-        or sooner, when its JWT is due to be re-minted."""
+        or sooner, when its JWT is due to be re-minted. ``jwt_audience``: the matched
+        rule's, else the bridge's (``BRIDGE_JWT_AUDIENCE``)."""
         headers = [(name, header_value(source(session))) for name, source in self._mapping]
         valid_until = session.expires_at_ms
         if self._minter is not None and self._jwt_header is not None:
-            token, refresh_at_ms = self._minter.token_for(session)
+            token, refresh_at_ms = self._minter.token_for(session, jwt_audience)
             if self._jwt_header.lower() == "authorization":
                 token = "Bearer " + token
             headers.append((self._jwt_header, token))

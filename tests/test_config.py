@@ -194,6 +194,16 @@ def test_app_token_from_env_or_file_never_printed(tmp_path):
     assert caught.value.key == "BRIDGE_APP_TOKEN_FILE"
 
 
+def test_a_rules_jwt_audience_needs_the_jwt_on(tmp_path):
+    rules = tmp_path / "rules.yml"
+    rules.write_text("rules: [{id: shop, access: authenticated, jwt_audience: shop}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_RULES_FILE": str(rules)})
+    assert caught.value.key == "BRIDGE_RULES_FILE"
+    assert "rules[0] (shop) sets jwt_audience" in caught.value.problem
+    assert "BRIDGE_JWT_HEADER" in caught.value.problem
+
+
 _NOT_A_REDIS_URL = (
     "BRIDGE_REDIS_URL: not a redis://, rediss://, unix://, redis[s]+sentinel:// or "
     "redis[s]+cluster:// URL"

@@ -62,6 +62,13 @@ BROWSER = {
     "Sec-Fetch-Mode": "navigate",
 }
 API = {"Accept": "application/json"}
+AUDIENCE = "flask-tests"  # BRIDGE_JWT_AUDIENCE: the audience of a route without its own
+# Two apps behind one bridge, each host's rule with its own JWT audience.
+RULES = """
+rules:
+  - {match: {host: app-a.test}, access: authenticated, jwt_audience: app-a}
+  - {match: {host: app-b.test}, access: authenticated, jwt_audience: app-b}
+"""
 
 
 @dataclass
@@ -75,23 +82,25 @@ class Bridge:
     def jwks_url(self) -> str:
         return self.server.url + "/.well-known/jwks.json"
 
-    def hand_off(self, token: str, query: str = "") -> dict[str, str]:
+    def hand_off(self, token: str, query: str = "", host: str = "app.test") -> dict[str, str]:
         """What a proxy passes to the app after the bridge's 200: the JWT and the session id."""
-        response = self.forward_auth(token, query)
+        response = self.forward_auth(token, query, host)
         assert response.status_code == 200, (response.status_code, response.text)
         return {
             "X-Bridge-Jwt": response.headers["X-Bridge-Jwt"],
             "X-Session-Id": response.headers["X-Session-Id"],
         }
 
-    def forward_auth(self, token: str, query: str = "") -> httpx.Response:
-        headers = {**forwarded(proto="http"), "X-Session-Token": token}
+    def forward_auth(self, token: str, query: str = "", host: str = "app.test") -> httpx.Response:
+        headers = {**forwarded(proto="http", host=host), "X-Session-Token": token}
         return httpx.get(f"{self.server.url}/forward-auth{query}", headers=headers)
 
 
 def start_bridge(kratos: Kratos, redis_url: str, home: Path, prefix: str) -> Bridge:
     keys_dir = home / "jwt"
     generate_key(keys_dir)
+    rules = home / "rules.yml"
+    rules.write_text(RULES)
     server = BridgeServer(
         {
             "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
@@ -104,6 +113,8 @@ def start_bridge(kratos: Kratos, redis_url: str, home: Path, prefix: str) -> Bri
             "BRIDGE_LOGIN_URL": LOGIN_URL,
             "BRIDGE_JWT_HEADER": "X-Bridge-Jwt",
             "BRIDGE_JWT_KEYS_DIR": str(keys_dir),
+            "BRIDGE_JWT_AUDIENCE": AUDIENCE,
+            "BRIDGE_RULES_FILE": str(rules),
         },
         home,
     )
@@ -131,6 +142,7 @@ def build_app(bridge: Bridge, trust: str = "jwt", **config: object) -> flask.Fla
     )
     if trust == "jwt":
         app.config["KRATOS_SESSION_JWKS_URL"] = bridge.jwks_url
+        app.config["KRATOS_SESSION_JWT_AUDIENCE"] = AUDIENCE
     if trust == "header":
         app.config["KRATOS_SESSION_SHARED_SECRET"] = SHARED_SECRET
     app.config.update(config)
@@ -490,16 +502,33 @@ def test_jwt_trust_believes_only_the_bridges_signature(make_app, bridge, kratos)
     assert refused.status_code == 401
 
 
-def test_jwt_audience_when_the_bridge_sets_one(make_app, bridge, kratos):
-    app = make_app(KRATOS_SESSION_JWT_AUDIENCE="shop")
-    hand_off = bridge.hand_off(flows.register(kratos).token)
-    # This bridge sets no aud: an app that expects one refuses its tokens.
-    assert get(app, "/me", hand_off).get_json() == {"identity": None}
-    real = jwt.decode(hand_off["X-Bridge-Jwt"], options={"verify_signature": False})
+def test_a_token_for_one_apps_routes_is_refused_by_another_apps_extension(make_app, bridge, kratos):
+    """Each app wants its own audience, and the bridge's rules give each app's routes
+    theirs: a token handed to app A (or a leaked one) opens no session at app B."""
+    app_a = make_app(KRATOS_SESSION_JWT_AUDIENCE="app-a")
+    app_b = make_app(KRATOS_SESSION_JWT_AUDIENCE="app-b")
+    user = flows.register(kratos)
+    for_a = bridge.hand_off(user.token, host="app-a.test")
+    for_b = bridge.hand_off(user.token, host="app-b.test")
+    elsewhere = bridge.hand_off(user.token)  # no rule of its own: BRIDGE_JWT_AUDIENCE
+
+    def aud(hand_off: dict[str, str]) -> object:
+        return jwt.decode(hand_off["X-Bridge-Jwt"], options={"verify_signature": False})["aud"]
+
+    assert (aud(for_a), aud(for_b), aud(elsewhere)) == ("app-a", "app-b", AUDIENCE)
+    assert get(app_a, "/me", for_a).get_json()["identity"]["id"] == user.identity_id
+    assert get(app_b, "/me", for_b).get_json()["identity"]["id"] == user.identity_id
+    assert get(app_b, "/me", for_a).get_json() == {"identity": None}
+    assert get(app_a, "/me", for_b).get_json() == {"identity": None}
+    for app in (app_a, app_b):
+        assert get(app, "/me", elsewhere).get_json() == {"identity": None}
+
+    # Signed by the bridge but without an aud: no app takes it.
     key = KeyRing(bridge.keys_dir).signing_key()
-    token = jwt.encode({**real, "aud": "shop"}, key.private_key, "ES256", headers={"kid": key.kid})
-    me = get(app, "/me", {"X-Bridge-Jwt": token}).get_json()
-    assert me["identity"]["session_id"] == hand_off["X-Session-Id"]
+    claims = jwt.decode(for_a["X-Bridge-Jwt"], options={"verify_signature": False})
+    del claims["aud"]
+    no_aud = jwt.encode(claims, key.private_key, "ES256", headers={"kid": key.kid})
+    assert get(app_a, "/me", {"X-Bridge-Jwt": no_aud}).get_json() == {"identity": None}
 
 
 def test_what_cannot_be_checked_is_503_not_a_missing_session(bridge, kratos):
@@ -646,6 +675,8 @@ def test_init_app_refuses_to_start_without_a_way_to_trust_the_proxy(bridge):
         start()
     with pytest.raises(RuntimeError, match="KRATOS_SESSION_JWKS_URL is not set"):
         start(KRATOS_SESSION_TRUST="jwt")
+    with pytest.raises(RuntimeError, match="KRATOS_SESSION_JWT_AUDIENCE is not set"):
+        start(KRATOS_SESSION_TRUST="jwt", KRATOS_SESSION_JWKS_URL=bridge.jwks_url)
     with pytest.raises(RuntimeError, match="KRATOS_SESSION_SHARED_SECRET"):
         start(KRATOS_SESSION_TRUST="header")
     with pytest.raises(RuntimeError, match="shorter than 16"):
@@ -658,6 +689,7 @@ def test_init_app_refuses_to_start_without_a_way_to_trust_the_proxy(bridge):
         start(
             KRATOS_SESSION_TRUST="jwt",
             KRATOS_SESSION_JWKS_URL=bridge.jwks_url,
+            KRATOS_SESSION_JWT_AUDIENCE=AUDIENCE,
             KRATOS_SESSION_REDIS_URL=None,
         )
     with pytest.raises(RuntimeError, match="KRATOS_SESSION_JWKS_URL: 'file:///etc/passwd'"):
@@ -666,12 +698,14 @@ def test_init_app_refuses_to_start_without_a_way_to_trust_the_proxy(bridge):
         start(
             KRATOS_SESSION_TRUST="jwt",
             KRATOS_SESSION_JWKS_URL=bridge.jwks_url,
+            KRATOS_SESSION_JWT_AUDIENCE=AUDIENCE,
             KRATOS_SESSION_MAX_BYTES="lots",
         )
     # What does start: each mode with what it needs, numbers from the environment as text.
     start(
         KRATOS_SESSION_TRUST="jwt",
         KRATOS_SESSION_JWKS_URL=bridge.jwks_url,
+        KRATOS_SESSION_JWT_AUDIENCE=AUDIENCE,
         KRATOS_SESSION_MAX_BYTES="4096",
     )
     start(KRATOS_SESSION_TRUST="header", KRATOS_SESSION_SHARED_SECRET=SHARED_SECRET)
@@ -723,6 +757,7 @@ def nginx_demo(bridge: Bridge, workdir: Path) -> Iterator[str]:
             "KRATOS_SESSION_KEY_PREFIX": bridge.prefix,
             "KRATOS_SESSION_TRUST": "jwt",
             "KRATOS_SESSION_JWKS_URL": bridge.jwks_url,
+            "KRATOS_SESSION_JWT_AUDIENCE": AUDIENCE,
             "KRATOS_SESSION_LOGIN_URL": LOGIN_URL,
         },
         stdout=subprocess.DEVNULL,

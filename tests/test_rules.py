@@ -658,3 +658,55 @@ def test_concurrent_callers_get_the_same_answers(tmp_path):
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+# The JWT's audience per rule
+
+
+def test_a_rule_may_name_the_jwt_audience_of_its_requests(tmp_path):
+    rules = load(
+        tmp_path,
+        """
+        rules:
+          - id: shop
+            match: {host: shop.example.com}
+            access: authenticated
+            jwt_audience: shop
+          - match: {path: /public/}
+            access: public
+            jwt_audience: "https://blog.example.com"
+          - match: {path: /other}
+            access: aal2
+        """,
+    )
+    assert rules.match("GET", "shop.example.com", "/cart").jwt_audience == "shop"
+    assert rules.match("GET", "blog", "/public/x").jwt_audience == "https://blog.example.com"
+    assert rules.match("GET", "blog", "/other").jwt_audience is None  # BRIDGE_JWT_AUDIENCE
+    assert rules.default.jwt_audience is None
+    assert rules.jwt_audiences == {
+        "rules[0] (shop)": "shop",
+        "rules[1]": "https://blog.example.com",
+    }
+    assert (
+        rules.describe()[0]
+        == "rules[0] (shop): host shop.example.com -> authenticated; JWT aud shop"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("rules: [{access: deny, jwt_audience: a}]", "not for access deny"),
+        ("rules: [{access: public, jwt_audience: ''}]", "is not 1-256 visible ASCII"),
+        ("rules: [{access: public, jwt_audience: 'a b'}]", "is not 1-256 visible ASCII"),
+        ("rules: [{access: public, jwt_audience: 42}]", "is not 1-256 visible ASCII"),
+        ("rules: [{access: public, jwt_audience: [a, b]}]", "is not 1-256 visible ASCII"),
+        (f"rules: [{{access: public, jwt_audience: {'a' * 257}}}]", "is not 1-256 visible"),
+    ],
+)
+def test_a_bad_jwt_audience_is_named(tmp_path, text, problem):
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, text)
+    assert caught.value.key == "BRIDGE_RULES_FILE"
+    assert caught.value.problem.startswith("rules[0].jwt_audience: ")
+    assert problem in caught.value.problem

@@ -51,6 +51,17 @@ def test_compose_bridge_settings_load_with_the_shipped_rules(tmp_path):
         assert any(o.port == int(origin.rsplit(":", 1)[1]) for o in settings.return_to_origins)
 
 
+def test_compose_demo_wants_the_audience_the_bridge_gives_it(tmp_path):
+    settings = _compose_settings(tmp_path)
+    demo = COMPOSE["services"]["demo"]["environment"]
+    assert settings.jwt_audience is not None
+    assert demo["KRATOS_SESSION_JWT_AUDIENCE"] == settings.jwt_audience
+    assert (
+        f'KRATOS_SESSION_JWT_AUDIENCE="{settings.jwt_audience}"'
+        in (ROOT / "compose" / "demo" / "app.py").read_text()
+    )
+
+
 @pytest.mark.parametrize(
     ("path", "pattern"),
     [

@@ -173,6 +173,26 @@ def test_claims_without_a_value_are_left_out(ring, clock):
     assert "traits" not in claims
 
 
+def test_a_rules_audience_wins_and_each_audience_has_its_own_token(ring, clock):
+    mint = minter(ring, clock, audience="everyone")
+
+    for_a, _ = mint.token_for(session(), "app-a")
+    for_b, _ = mint.token_for(session(), "app-b")
+    default, _ = mint.token_for(session())
+
+    assert verify(for_a, ring.jwks(), audience="app-a")["aud"] == "app-a"
+    assert verify(for_b, ring.jwks(), audience="app-b")["aud"] == "app-b"
+    assert verify(default, ring.jwks(), audience="everyone")["aud"] == "everyone"
+    with pytest.raises(jwt.InvalidAudienceError):
+        verify(for_a, ring.jwks(), audience="app-b")
+    # Each is kept for its audience: asking again in any order gives the same three.
+    assert [mint.token_for(session(), aud)[0] for aud in (None, "app-b", "app-a")] == [
+        default,
+        for_b,
+        for_a,
+    ]
+
+
 def test_exp_is_never_after_the_session_expires(ring, clock):
     ends_soon = session(expires_at_ms=NOW_MS + 100_500)
 

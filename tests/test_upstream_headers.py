@@ -15,6 +15,7 @@ from bridge.errors import ConfigError
 from bridge.tokens import generate_key
 from bridge.upstream_headers import header_value, parse_mapping
 from tests import kratos_flows as flows
+from tests.harness import forwarded
 
 MAPPING = (
     "X-User-Id=identity.id,X-User-Mail=traits.email,X-Nick=traits.nickname,"
@@ -95,6 +96,37 @@ def test_a_jwt_from_another_key_does_not_verify(bridge, kratos):
     )
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(forged, other.keys[0].key, algorithms=["ES256"], audience="demo-app")
+
+
+def test_each_apps_routes_get_a_jwt_for_that_app_alone(make_client, kratos, keys, tmp_path):
+    """A rule's ``jwt_audience`` wins over BRIDGE_JWT_AUDIENCE, so a token handed to app A
+    is no good at app B; one session asking for both in turn gets each its own token."""
+    rules = tmp_path / "rules.yml"
+    rules.write_text(
+        "rules:\n"
+        "  - {match: {host: a.example.test}, access: authenticated, jwt_audience: app-a}\n"
+        "  - {match: {host: b.example.test}, access: authenticated, jwt_audience: app-b}\n"
+    )
+    bridge = make_client(
+        kratos,
+        BRIDGE_RULES_FILE=str(rules),
+        BRIDGE_JWT_HEADER="X-Bridge-Jwt",
+        BRIDGE_JWT_KEYS_DIR=str(keys),
+        BRIDGE_JWT_AUDIENCE="everyone-else",
+    )
+    user = flows.register(kratos)
+
+    def audience(host: str) -> str:
+        headers = {**forwarded(host=host), "X-Session-Token": user.token}
+        response = bridge.get("/forward-auth", headers=headers)
+        assert response.status_code == 200
+        claims = jwt.decode(response.headers["X-Bridge-Jwt"], options={"verify_signature": False})
+        return claims["aud"]
+
+    for _ in range(2):  # the second round comes from the process's copy and its memo
+        assert audience("a.example.test") == "app-a"
+        assert audience("b.example.test") == "app-b"
+        assert audience("c.example.test") == "everyone-else"
 
 
 def test_without_jwt_there_is_no_jwks(make_client, kratos):

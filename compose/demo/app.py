@@ -85,6 +85,7 @@ app.config.update(
     KRATOS_SESSION_REDIS_URL="redis://redis:6379/0",
     KRATOS_SESSION_TRUST="jwt",
     KRATOS_SESSION_JWKS_URL="http://bridge:4480/.well-known/jwks.json",
+    KRATOS_SESSION_JWT_AUDIENCE="demo",  # BRIDGE_JWT_AUDIENCE in the compose stack
     KRATOS_SESSION_LOGIN_URL="http://127.0.0.1:4433/self-service/login/browser",
 )
 app.config.update({k: v for k, v in os.environ.items() if k.startswith("KRATOS_SESSION_")})
