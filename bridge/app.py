@@ -162,7 +162,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         devices,
         watchers=decision_watchers(settings, recorder, metrics),
     )
-    dialects = Dialects(url_required=rules.configured)
+    dialects = Dialects(url_required=rules.configured, host_required=bool(rules.hosts))
     return Bridge(
         settings,
         store,

@@ -6,10 +6,13 @@ does the right thing with it:
 
 - ``/auth`` (nginx ``auth_request``, ingress-nginx ``auth-url``): nginx accepts only 200,
   401 and 403 from an auth server (anything else becomes its own 500), and redirects
-  itself. A 401 says where to send a browser in ``Location`` when the request was a
-  browser navigation, else in ``X-Bridge-Redirect``: the shipped config redirects when
-  ``Location`` is set and answers 401 otherwise. A malformed request is 403 there (the
-  JSON still says ``bad_request`` and why), a Kratos 429 is 503.
+  itself. Every 401 says where to send a browser in ``X-Bridge-Redirect``, and in
+  ``Location`` too when the request was a browser navigation: the shipped config
+  redirects when ``Location`` is set and answers 401 otherwise. A malformed request is
+  403 there (the JSON still says ``bad_request`` and why), a Kratos 429 is 503. When a
+  rule names a host, the host nginx routed by (``X-Forwarded-Host``, from ``$host``) is
+  required and must be the URL's: the URL is built from the ``Host`` header, which an
+  absolute-form request line overrides.
 - ``/forward-auth`` (Traefik ``forwardAuth``, Caddy ``forward_auth``, HAProxy): the proxy
   passes a non-2xx answer to the client as it is, so a browser navigation gets the
   redirect itself (302 for GET/HEAD, 303 otherwise) and an API or XHR call gets 401 JSON.
@@ -37,7 +40,11 @@ MAX_TARGET = 8192
 # Methods are case-sensitive (RFC 9110) and every registered one is upper case; a proxy
 # passes "get" on as it is, so judging it as GET would judge another request.
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")
-_HOST = re.compile(r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{0,5})?")
+_HOST_NAME = r"(?:[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+_HOST = re.compile(_HOST_NAME + r"(?::[0-9]{0,5})?")
+# In a URL (and in what nginx sends for one) a colon must be followed by a port:
+# "http://http://admin.example.com/x" is not host "http:" with a path "//admin...".
+_STRICT_HOST = re.compile(_HOST_NAME + r"(?::[0-9]{1,5})?")
 _TARGET = re.compile(r"/[\x21-\x7e]*")
 _SCHEMES = ("http", "https")
 _READ_ONLY = frozenset(("GET", "HEAD"))
@@ -66,8 +73,10 @@ class Dialect:
         navigation = navigation and is_navigation(headers)
         if navigation and self.redirects_browsers:
             method = original.method if original is not None else "GET"
-            return refusal.reply(status=redirect_status(method), location=True)
-        return refusal.reply(status=self.substitutes.get(refusal.status), location=navigation)
+            return refusal.reply(redirect_status(method), location=True, redirect_header=False)
+        # Every 401 the proxy sees carries X-Bridge-Redirect (an nginx config reads it for
+        # every 401), and Location as well for a navigation it should redirect itself.
+        return refusal.reply(self.substitutes.get(refusal.status), location=navigation)
 
     def asked_aal(self, query: str) -> str | None:
         """The ``aal`` the proxy's route asked for in the bridge URL's query, if any."""
@@ -79,7 +88,13 @@ class Dialect:
 
 class NginxAuthRequest(Dialect):
     """``/auth``: ``X-Original-URL`` and ``X-Original-Method``. Both are required when a
-    rules file decides by URL; without one they only give the login's ``return_to``."""
+    rules file decides by URL; without one they only give the login's ``return_to``.
+
+    ``X-Forwarded-Host`` is the host nginx routed by (``$host``): an absolute-form request
+    line (``GET http://admin.example.com/x`` with ``Host: public.example.com``) picks
+    nginx's server, and the app's backend, by its own host, while the URL is built from
+    the ``Host`` header. When it is sent, the URL must name that host; when a rule names a
+    host it must be sent, since otherwise the rules would judge a host the client chose."""
 
     name = "nginx"
     redirects_browsers = False
@@ -88,8 +103,9 @@ class NginxAuthRequest(Dialect):
     # limit is the bridge being unable to decide (503, which nginx shows as 500).
     substitutes = {400: 403, 429: 503}  # noqa: RUF012 - read only
 
-    def __init__(self, url_required: bool) -> None:
+    def __init__(self, url_required: bool, host_required: bool = False) -> None:
         self._url_required = url_required
+        self._host_required = host_required
 
     def original(
         self, headers: HeaderView, method: str, path: str, query: str
@@ -107,12 +123,19 @@ class NginxAuthRequest(Dialect):
             raise BadRequest("the X-Original-URL header is not an http:// or https:// URL")
         slash = rest.find("/")
         host, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
-        host = _host(host, "X-Original-URL header")
+        host = _host(host, "X-Original-URL header", _STRICT_HOST)
         routed = _single(headers, "x-forwarded-host")
-        if routed is not None and normalise_host(routed) != normalise_host(host):
-            # nginx picks the server, and the app's Host, from an absolute-form request
-            # line ($host), not from the Host header the URL was built from ($http_host).
-            raise BadRequest("the X-Original-URL header names another host than X-Forwarded-Host")
+        if routed is None and self._host_required:
+            raise BadRequest(
+                "the X-Forwarded-Host header is missing: a rule names a host, so the host "
+                "nginx routed by is needed (proxy_set_header X-Forwarded-Host $host)"
+            )
+        if routed is not None:
+            routed = _host(routed.strip(), "X-Forwarded-Host header", _STRICT_HOST)
+            if normalise_host(routed) != normalise_host(host):
+                raise BadRequest(
+                    "the X-Original-URL header names another host than X-Forwarded-Host"
+                )
         return OriginalRequest(
             _method(original_method or "GET", "X-Original-Method header"),
             scheme,
@@ -181,8 +204,8 @@ class EnvoyExtAuthz(Dialect):
 class Dialects:
     """The dialect for a path of the bridge, or ``None`` for the bridge's own routes."""
 
-    def __init__(self, url_required: bool) -> None:
-        self.nginx = NginxAuthRequest(url_required)
+    def __init__(self, url_required: bool, host_required: bool = False) -> None:
+        self.nginx = NginxAuthRequest(url_required, host_required)
         self.forward_auth = ForwardAuth()
         self.ext_authz = EnvoyExtAuthz()
         self._exact = {"/auth": self.nginx, "/forward-auth": self.forward_auth}
@@ -256,8 +279,8 @@ def _method(value: str, source: str) -> str:
     return value
 
 
-def _host(value: str, source: str) -> str:
-    if not _HOST.fullmatch(value):
+def _host(value: str, source: str, form: re.Pattern[str] = _HOST) -> str:
+    if not form.fullmatch(value):
         raise BadRequest(f"the {source} does not name a host")
     return value.lower()
 

@@ -16,8 +16,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from bridge.request import OriginalRequest
 
 # A redirect must fit a proxy's buffer for the auth answer's headers (nginx: 4 KB by
-# default, with every other header); a longer one is sent without its return_to.
-MAX_REDIRECT = 2000
+# default) twice, with every other header: a 401 of /auth carries it in X-Bridge-Redirect
+# and, for a browser navigation, in Location too. A longer one is sent without return_to.
+MAX_REDIRECT = 1800
 _ORIGIN = re.compile(
     r"(?P<scheme>https?)://(?P<host>(?:\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
     r"(?:\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?/?"

@@ -91,14 +91,19 @@ class Refusal:
     redirect: str | None = None
     retry_after: str | None = None
 
-    def reply(self, status: int | None = None, location: bool = False) -> Reply:
+    def reply(
+        self, status: int | None = None, location: bool = False, redirect_header: bool = True
+    ) -> Reply:
         """The JSON answer; ``status`` overrides (a browser redirect, a 429 as 503). The
-        redirect goes in ``Location`` when ``location`` is set, else in ``X-Bridge-Redirect``."""
+        redirect goes in ``X-Bridge-Redirect`` unless ``redirect_header`` is unset (a 302
+        says it in ``Location``), and in ``Location`` when ``location`` is set. Both fit a
+        proxy's buffer for the auth answer's headers (``MAX_REDIRECT``)."""
         reply = _error(status or self.status, self.code, self.message, self.redirect)
         if self.redirect:
-            # One of the two, not both: the auth answer's headers must fit the proxy's buffer.
-            header = "Location" if location else REDIRECT_HEADER
-            reply = reply.with_header(header, self.redirect)
+            if location:
+                reply = reply.with_header("Location", self.redirect)
+            if redirect_header:
+                reply = reply.with_header(REDIRECT_HEADER, self.redirect)
         return reply.with_header("Retry-After", self.retry_after) if self.retry_after else reply
 
 

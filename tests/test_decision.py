@@ -152,8 +152,11 @@ def test_with_a_rules_file_nginx_must_send_the_original_url(bridge, kratos):
         "X-Session-Token": user.token,
         "X-Original-URL": "https://app.example.test/internal",
         "X-Original-Method": "GET",
+        "X-Forwarded-Host": "app.example.test",  # a rule names a host: nginx sends $host
     }
-    assert bridge.get("/auth", headers=headers).status_code == 403
+    denied = bridge.get("/auth", headers=headers)
+    assert denied.status_code == 403
+    assert denied.get_json()["error"] == "forbidden"
 
 
 def test_rules_hosts_are_the_default_return_to_origins(make_client, kratos, tmp_path):

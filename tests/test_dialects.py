@@ -109,17 +109,28 @@ def test_forward_auth_step_up_redirects_a_browser_to_the_aal2_login(bridge, krat
 # /auth: nginx auth_request
 
 
-def test_nginx_auth_answers_401_with_location_only_for_a_browser(bridge, kratos):
+def test_nginx_auth_401_always_carries_x_bridge_redirect_and_location_for_a_browser(bridge, kratos):
+    """An nginx config that reads ``$upstream_http_x_bridge_redirect`` on every 401 finds
+    the login there for browsers too; ``Location`` says the browser should be redirected."""
     original = {"X-Original-URL": RETURN_TO, "X-Original-Method": "GET"}
     browser = bridge.get("/auth", headers={**original, **BROWSER})
     assert browser.status_code == 401  # nginx turns anything but 200/401/403 into 500
-    assert "X-Bridge-Redirect" not in browser.headers  # one of the two: nginx's buffer is small
-    assert _query(browser.headers["Location"])["return_to"] == [RETURN_TO]
+    assert _query(browser.headers["X-Bridge-Redirect"])["return_to"] == [RETURN_TO]
+    assert browser.headers["Location"] == browser.headers["X-Bridge-Redirect"]
 
     api = bridge.get("/auth", headers={**original, "Accept": "application/json"})
     assert api.status_code == 401
     assert "Location" not in api.headers
     assert _query(api.headers["X-Bridge-Redirect"])["return_to"] == [RETURN_TO]
+
+    user = flows.register(kratos)
+    step_up = bridge.get(
+        "/auth?aal=aal2", headers={**original, **BROWSER, "X-Session-Token": user.token}
+    )
+    assert step_up.status_code == 401
+    assert step_up.get_json()["error"] == "aal2_required"
+    assert _query(step_up.headers["X-Bridge-Redirect"])["aal"] == ["aal2"]
+    assert step_up.headers["Location"] == step_up.headers["X-Bridge-Redirect"]
 
 
 def test_nginx_auth_without_a_rules_file_needs_no_original_url(bridge, kratos):
@@ -128,6 +139,7 @@ def test_nginx_auth_without_a_rules_file_needs_no_original_url(bridge, kratos):
     response = bridge.get("/auth", headers=BROWSER)
     assert response.status_code == 401
     assert "return_to" not in response.headers["Location"]
+    assert response.headers["X-Bridge-Redirect"] == response.headers["Location"]
 
 
 # /ext-authz/<path>: Envoy
@@ -230,6 +242,8 @@ def test_hostile_forwarded_headers_are_400_naming_the_header(bridge, kratos, hea
         "https://app.example.test/a b",
         "ftp://app.example.test/",
         "https://app.example.test/" + "a" * 8300,
+        "http://http://admin.example.test/secret",  # not host "http:" and a path "//admin..."
+        "https://app.example.test:/x",  # a colon with no port
     ],
 )
 def test_hostile_original_url_is_refused_as_nginx_can_carry_it(bridge, kratos, url):
@@ -299,3 +313,56 @@ def test_a_long_url_is_sent_to_the_login_without_return_to(bridge, kratos):
 def test_a_host_with_an_empty_port_is_a_host(bridge, kratos):
     headers = {**FORWARDED, **BROWSER, "X-Forwarded-Host": "app.example.test:"}
     assert bridge.get("/forward-auth", headers=headers).status_code == 302
+
+
+HOST_RULES = """\
+default: public
+rules:
+  - match: { host: admin.example.test }
+    access: deny
+"""
+
+
+@pytest.fixture
+def host_rules_bridge(make_client, kratos, tmp_path):
+    """A rules file that names a host: everything is public but admin.example.test."""
+    (tmp_path / "rules.yml").write_text(HOST_RULES)
+    return make_client(kratos, BRIDGE_RULES_FILE=str(tmp_path / "rules.yml"))
+
+
+def test_nginx_auth_needs_the_routed_host_when_a_rule_names_a_host(host_rules_bridge, kratos):
+    """Without X-Forwarded-Host the rules would judge the URL's host, which the client
+    chose (the Host header) and nginx did not route by (an absolute-form request line)."""
+    original = {"X-Original-URL": "http://public.example.test/secret", "X-Original-Method": "GET"}
+    missing = host_rules_bridge.get("/auth", headers=original)
+    assert missing.status_code == 403
+    assert missing.get_json()["error"] == "bad_request"
+    assert "X-Forwarded-Host" in missing.get_json()["message"]
+
+    routed = {**original, "X-Forwarded-Host": "public.example.test"}
+    assert host_rules_bridge.get("/auth", headers=routed).status_code == 200
+    confused = host_rules_bridge.get(
+        "/auth", headers={**original, "X-Forwarded-Host": "admin.example.test"}
+    )
+    assert confused.status_code == 403
+    assert confused.get_json()["error"] == "bad_request"
+
+
+@pytest.mark.parametrize("routed", ["public.example.test:", "public.example.test/x", ""])
+def test_a_malformed_routed_host_is_refused_naming_it(host_rules_bridge, kratos, routed):
+    headers = {
+        "X-Original-URL": "http://public.example.test/secret",
+        "X-Original-Method": "GET",
+        "X-Forwarded-Host": routed,
+    }
+    response = host_rules_bridge.get("/auth", headers=headers)
+    assert response.status_code == 403
+    assert response.get_json()["error"] == "bad_request"
+    assert "X-Forwarded-Host" in response.get_json()["message"]
+
+
+def test_without_a_host_rule_the_routed_host_stays_optional(make_client, kratos, tmp_path):
+    (tmp_path / "rules.yml").write_text("default: public\nrules: []\n")
+    bridge = make_client(kratos, BRIDGE_RULES_FILE=str(tmp_path / "rules.yml"))
+    headers = {"X-Original-URL": "http://public.example.test/x", "X-Original-Method": "GET"}
+    assert bridge.get("/auth", headers=headers).status_code == 200
