@@ -26,12 +26,28 @@ first that matches wins; ``default`` applies when none does::
 
 Hosts: ``app.example.com`` matches that host (any case, any port); ``*.example.com``
 matches one or more labels left of ``example.com``, not ``example.com`` itself.
-Paths match the decoded, normalised path (``normalise_path``): ``/admin`` matches
+Paths match the path as every reading of it gives it (below): ``/admin`` matches
 ``/admin`` and what lies below it (``/admin/x``), not ``/administrator``; a path
 ending in ``/`` is a plain prefix (``/`` matches every path); with ``*`` it is a
 glob over the whole path, ``*`` matching within one segment and ``**`` any number
 of whole segments (``/admin/**`` matches ``/admin`` too); a glob has at most one
 ``**`` and one ``*`` per segment, which keeps matching linear in the path's length.
+
+A path is judged by every common reading of it, and allowed only if all of them fall
+under the same rule; otherwise it is refused as ambiguous (``BadRequest``, 400), never
+judged by a guess, nor by the strictest of the rules (rules with ``when`` or ``max_age``
+are not ordered, so there is not always a strictest one). ``path_readings`` lists them: as
+sent; decoded, with or without resolving dot segments (Flask); decoded, then resolved
+(nginx, Go); resolved on the still encoded path, then decoded, so ``a%2Fb`` is one
+segment (RFC 3986 section 5.2.4, Java, Envoy); the WHATWG URL reading (Node, Deno, Bun,
+Next.js, Hono: ``%2e`` and ``.%2e`` are dot segments, ``\\`` is ``/``); ``//`` merged
+before resolving (nginx ``merge_slashes``, Go ``path.Clean``); ``;parameters`` dropped
+from each segment, before decoding (Tomcat, Jetty) or after (Spring); and these steps
+combined. Each decodes once (``%252e`` is the name ``%2e``: the app decodes once), never
+climbs above ``/``, keeps empty segments unless it merges them, and keeps a trailing
+``/``. A plain path (no ``%``, ``\\``, ``//``, ``/.`` or ``;``, as browsers send) reads
+one way only and costs a few C calls; the answer for a path is memoised either way.
+
 Trait values compare with their type: ``1`` is not ``"1"``, ``true`` is not ``1``;
 a list or object trait never equals a value.
 
@@ -327,21 +343,22 @@ class Rules:
         return [rule.describe() for _, rule in self._rules] + [self._default.describe()]
 
     def _match(self, method: str, host: str, path: str) -> Rule:
-        normal = normalise_path(path)
+        readings = path_readings(path)
         table = self._by_host.get((method, host))
         if table is None:
             table = self._table(method, host)
             self._by_host.put((method, host), table)
-        rule = self._first(table, normal)
-        # The app may route on the path as sent, or on a normalised one (decoded, "\" as
-        # "/", ";parameters" dropped, dot segments resolved), and the bridge cannot know
-        # which: a path that the two readings send to different rules is refused. A path
-        # as browsers send it reads the same both ways.
-        if normal != path and self._first(table, path) is not rule:
-            raise BadRequest(
-                "the path is ambiguous: as sent and normalised (decoded, dot segments "
-                "resolved) it falls under different rules"
-            )
+        rule = self._first(table, readings[0])
+        # The app, or a proxy in front of it, may read the path in any of the common
+        # ways, and the bridge cannot know which: a path that two readings send to
+        # different rules is refused. A path as browsers send it reads the same in all.
+        for reading in readings[1:]:
+            if self._first(table, reading) is not rule:
+                raise BadRequest(
+                    "the path is ambiguous: read as different servers and frameworks read "
+                    "paths (decoded or not, dot segments resolved before or after "
+                    "decoding, ...) it falls under different rules"
+                )
         return rule
 
     def _first(self, table: _PathTable, path: str) -> Rule:
@@ -400,9 +417,35 @@ def normalise_path(raw: str) -> str:
     escaped, not UTF-8, or holds a control character. ``raw`` holds one character per
     byte sent (Latin-1, as the bridge reads headers).
     """
-    # The app, or a proxy in front of it, may decode or normalise the path before it
-    # routes, or may not: `Rules.match` judges both readings and refuses a path they
-    # disagree on, so `/public/..%2Fadmin` reaches neither `/public/` nor `/admin`.
+    path = _without_query(raw)
+    if _plain(path):
+        return path
+    return _normalised(_decoded(path))
+
+
+def path_readings(raw: str) -> tuple[str, ...]:
+    """Every path an app or a proxy in front of it may route ``raw`` as, once each,
+    ``normalise_path``'s first (see the module's docstring): ``Rules.match`` allows a
+    path only if all of them fall under the same rule. A plain path (no ``%``, ``\\``,
+    ``//``, ``/.`` or ``;``) reads one way only. ``BadRequest`` as ``normalise_path``,
+    and for a path that does not start with ``/``.
+    """
+    sent = raw.partition("?")[0] if "?" in raw else raw
+    if len(sent) <= MAX_PATH_LENGTH and "#" not in sent and _plain(sent):
+        return (sent,)
+    path = _without_query(sent)
+    decoded = _decoded(path)
+    if path[:1] != "/":
+        raise BadRequest("path does not start with /")
+    readings = dict.fromkeys((_normalised(decoded), sent))
+    states = {(path, False)}
+    for stage in _STAGES:
+        states |= {stage(text, is_decoded) for text, is_decoded in states}
+    readings.update(dict.fromkeys(text for text, _ in states))
+    return tuple(readings)
+
+
+def _without_query(raw: str) -> str:
     path = raw
     if "?" in path:
         path = path.partition("?")[0]
@@ -410,7 +453,13 @@ def normalise_path(raw: str) -> str:
         path = path.partition("#")[0]
     if len(path) > MAX_PATH_LENGTH:
         raise BadRequest(f"path is longer than {MAX_PATH_LENGTH} characters")
-    if (  # the common case, a path that needs no work, in a few C calls
+    return path
+
+
+def _plain(path: str) -> bool:
+    """A path that needs no work and that every reading reads as it is, in a few C calls:
+    the common case."""
+    return (
         path[:1] == "/"
         and path.isascii()
         and path.isprintable()
@@ -419,8 +468,12 @@ def normalise_path(raw: str) -> str:
         and "//" not in path
         and "/." not in path
         and ";" not in path
-    ):
-        return path
+    )
+
+
+def _decoded(path: str) -> str:
+    """``path`` percent-decoded once, checked: ``BadRequest`` for a bad escape, bytes
+    that are not UTF-8, or a control character."""
     if "%" in path or not path.isascii():
         if _BAD_ESCAPE.search(path):
             raise BadRequest("path has a '%' not followed by two hex digits")
@@ -432,7 +485,13 @@ def normalise_path(raw: str) -> str:
             raise BadRequest("path is not UTF-8 once percent-decoded") from None
     if _CONTROL.search(path):
         raise BadRequest("path holds a control character")
-    path = path.replace("\\", "/")
+    return path
+
+
+def _normalised(decoded: str) -> str:
+    """The decoded path with ``\\`` as ``/``, ``;parameters`` and empty segments
+    dropped, dot segments resolved: every normalisation at once."""
+    path = decoded.replace("\\", "/")
     if path and path[0] != "/":
         raise BadRequest("path does not start with /")
     segments: list[str] = []
@@ -448,6 +507,83 @@ def normalise_path(raw: str) -> str:
     # A path ending in "/", "/." or "/.." names a directory: keep its trailing "/".
     trailing = "/" if segments and parts[-1] in ("", ".", "..") else ""
     return "/" + "/".join(segments) + trailing
+
+
+# The steps that the common readings of a path take, in this order, each of which a
+# reading takes or leaves out. A state is (the path so far, whether it is decoded); a
+# step returns it unchanged when it does not apply. The path is checked already, so
+# decoding cannot fail: a "/", ";" or backslash never splits a UTF-8 sequence of a path that
+# decodes as a whole.
+
+
+def _drop_parameters(path: str, decoded: bool) -> tuple[str, bool]:
+    """Tomcat and Jetty drop ";..." from each segment before decoding, Spring after."""
+    if ";" not in path:
+        return path, decoded
+    return "/".join(segment.partition(";")[0] for segment in path.split("/")), decoded
+
+
+def _decode(path: str, decoded: bool) -> tuple[str, bool]:
+    """Once: before resolving (nginx, Go), after it (RFC 3986, WHATWG), or never."""
+    if decoded or ("%" not in path and path.isascii()):
+        return path, True
+    return unquote_to_bytes(path.encode("latin-1")).decode("utf-8"), True
+
+
+def _backslash(path: str, decoded: bool) -> tuple[str, bool]:
+    """WHATWG reads ``\\`` as ``/`` (in http and https URLs); IIS does, after decoding."""
+    return path.replace("\\", "/"), decoded
+
+
+def _merge_slashes(path: str, decoded: bool) -> tuple[str, bool]:
+    """nginx's ``merge_slashes``, Go's ``path.Clean``: ``//`` is ``/``."""
+    if "//" not in path:
+        return path, decoded
+    return _SLASHES.sub("/", path), decoded
+
+
+def _whatwg_dots(path: str, decoded: bool) -> tuple[str, bool]:
+    """WHATWG reads ``%2e`` (any case) as ``.``, in a still encoded path: ``.%2e`` is a
+    dot segment there, one decoding (the app's) later. Decoded, ``%2e`` came from
+    ``%252e``: a name."""
+    if decoded or "%" not in path:
+        return path, decoded
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        if "%" in segment:
+            segments[index] = _WHATWG_DOTS.get(segment.lower(), segment)
+    return "/".join(segments), decoded
+
+
+def _remove_dot_segments(path: str, decoded: bool) -> tuple[str, bool]:
+    """RFC 3986 section 5.2.4: ``.`` and ``..`` resolved, never above ``/``; empty
+    segments kept; a path ending in a dot segment keeps a trailing ``/``."""
+    if "/." not in path:
+        return path, decoded
+    parts = path.split("/")[1:]
+    segments: list[str] = []
+    for part in parts:
+        if part == "..":
+            if segments:
+                segments.pop()
+        elif part != ".":
+            segments.append(part)
+    trailing = "/" if segments and parts[-1] in (".", "..") else ""
+    return "/" + "/".join(segments) + trailing, decoded
+
+
+_SLASHES = re.compile(r"//+")
+_WHATWG_DOTS = {"%2e": ".", ".%2e": "..", "%2e.": "..", "%2e%2e": ".."}
+_STAGES = (
+    _drop_parameters,
+    _decode,
+    _backslash,
+    _drop_parameters,
+    _merge_slashes,
+    _whatwg_dots,
+    _remove_dot_segments,
+    _decode,
+)
 
 
 def normalise_host(host: str) -> str:

@@ -441,17 +441,29 @@ def _wait_for_http(url: str, process: subprocess.Popen, deadline: float, what: s
         time.sleep(0.05)
 
 
-def start_upstream() -> tuple[str, Callable[[], None]]:
-    """tests/echo_upstream.py on a free port: returns its URL and a function that stops it."""
+# The apps a test can put behind a proxy: "echo" answers with what it received
+# (tests/echo_upstream.py), "route" with the route a raw and a WHATWG router would reach
+# (tests/upstreams/route.js, run by Node).
+UPSTREAMS = {"echo": "echo_upstream.py", "route": "upstreams/route.js"}
+
+
+def start_upstream(kind: str = "echo") -> tuple[str, Callable[[], None]]:
+    """The ``kind`` app of ``UPSTREAMS`` on a free port: returns its URL and a function
+    that stops it."""
+    script = TESTS / UPSTREAMS[kind]
+    if script.suffix == ".js":
+        node = shutil.which("node")
+        if node is None:
+            pytest.fail(f"node is not installed; tests/{UPSTREAMS[kind]} needs it")
+        interpreter = node
+    else:
+        interpreter = sys.executable
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(TESTS / "echo_upstream.py"), str(port)],
-        stdin=subprocess.DEVNULL,
-    )
+    process = subprocess.Popen([interpreter, str(script), str(port)], stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
 
     try:
-        _wait_for_http(url, process, time.monotonic() + 10, "tests/echo_upstream.py")
+        _wait_for_http(url, process, time.monotonic() + 10, f"tests/{UPSTREAMS[kind]}")
     except RuntimeError:
         stop_process(process)
         raise

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from bridge.errors import BadRequest, ConfigError
-from bridge.rules import Access, Rule, Rules, normalise_path
+from bridge.rules import Access, Rule, Rules, normalise_path, path_readings
 
 EXAMPLE = """
 default: deny
@@ -282,6 +282,65 @@ def test_traversal_tricks_that_change_the_rule_are_refused(example, raw):
 )
 def test_paths_whose_readings_agree_are_judged(example, raw, expected):
     assert label(example, raw) == expected
+
+
+ISSUE_18 = """
+rules:
+  - {match: {path: /public}, access: public}
+  - {match: {path: /admin}, access: aal2}
+  - {match: {path: /internal}, access: deny}
+"""
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # issue 18's table: RFC 3986 and WHATWG resolve before decoding, so "a%2Fb" is one
+        # segment there and both ".." climb out of /public
+        "/public/a%2Fb/../../internal",
+        "/public/a%2Fb/../../admin/users",
+        "/public/a%2fb/../../internal?x=1",
+        "/public/a\\b/../../admin",  # Java, Envoy: "\\" is no separator
+        "/public/a%5Cb/../../admin",  # decoded, "\\" is "/" (IIS); encoded, a name
+        "/public/x/.%2e/.%2e/admin",  # WHATWG: ".%2e" is "..", undecoded
+        "/public/a//../../admin",  # merged first (nginx), or not (RFC 3986)
+        "/;xa%2Fb/admin",  # Tomcat drops ";..." before decoding
+        "/admin%2F..",  # Flask: decoded, not resolved
+    ],
+)
+def test_a_path_that_any_common_reading_puts_under_another_rule_is_refused(tmp_path, raw):
+    rules = load(tmp_path, ISSUE_18)
+    with pytest.raises(BadRequest, match="ambiguous"):
+        rules.match("GET", "app.example.com", raw)
+
+
+def test_ambiguous_paths_are_refused_with_case_insensitive_paths_too(tmp_path):
+    rules = load(tmp_path, "case_sensitive_paths: false\n" + ISSUE_18)
+    for raw in ("/PUBLIC/a%2Fb/../../Internal", "/Public/a%2Fb/%2E%2E/%2e%2E/ADMIN/users"):
+        with pytest.raises(BadRequest, match="ambiguous"):
+            rules.match("GET", "app.example.com", raw)
+    assert rules.match("GET", "h", "/PUBLIC/a%2Fb/../c").access is Access.PUBLIC
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/public/%252e%252e/admin", Access.PUBLIC),  # decoded once: a name "%2e%2e"
+        ("/public/a%2Fb/../c", Access.PUBLIC),  # every reading stays under /public
+        ("/admin/../../../admin/x", Access.AAL2),  # nothing above the root
+        ("/admin/./x//y/", Access.AAL2),
+        ("/x;y/../z", Access.AUTHENTICATED),
+    ],
+)
+def test_paths_that_every_reading_puts_under_one_rule_are_judged(tmp_path, raw, expected):
+    assert load(tmp_path, ISSUE_18).match("GET", "h", raw).access is expected
+
+
+def test_a_plain_path_reads_one_way_and_others_every_way():
+    assert path_readings("/a/b?x=/../c") == ("/a/b",)
+    assert set(path_readings("/p/a%2Fb/..")) >= {"/p/a%2Fb/..", "/p/a/", "/p/", "/p/a/b/.."}
+    with pytest.raises(BadRequest, match="start with /"):
+        path_readings("\\admin")
 
 
 def test_case_insensitive_paths_for_apps_that_route_so(tmp_path):
@@ -611,11 +670,11 @@ def test_a_remembered_answer_is_the_answer(tmp_path):
 def test_a_repeated_request_is_answered_from_memory(example, monkeypatch):
     judged: list[str] = []
 
-    def counting(raw: str) -> str:
+    def counting(raw: str) -> tuple[str, ...]:
         judged.append(raw)
-        return normalise_path(raw)
+        return path_readings(raw)
 
-    monkeypatch.setattr("bridge.rules.normalise_path", counting)
+    monkeypatch.setattr("bridge.rules.path_readings", counting)
     for _ in range(3):
         assert label(example, "/app/x?page=1") == "rules[3]"
         assert label(example, "/app/x?page=2") == "rules[3]"
