@@ -97,7 +97,7 @@ for run, status, seconds, counts in rows:
 if failed_in:
     print(f"\n{'failed':>8}  test")
     for test, times in sorted(failed_in.items(), key=lambda item: (-item[1], item[0])):
-        print(f"{times:>3} of {runs:<2}  {test}")
+        print(f"{f'{times} of {runs}':>8}  {test}")
 total = sum(failed_in.values())
 broken = sum(1 for *_, counts in rows if counts is None)
 print(
