@@ -29,8 +29,16 @@ EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kratos-bridge", description=__doc__)
+DESCRIPTION = (
+    "Forward-auth for Ory Kratos: the server, a check of its settings and of the services "
+    "it needs, and the operators' commands. Exit 2 on a configuration error."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kratos-bridge`` command line. Its help is for people at a terminal: plain
+    words, not the docstrings' reStructuredText."""
+    parser = argparse.ArgumentParser(prog="kratos-bridge", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the forward-auth server")
     serve.add_argument("--host")
@@ -49,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("jwt-keygen", help="write a new JWT signing key into DIR")
     keygen.add_argument("directory")
     admin_cli.add_commands(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "config-reference":
         print(reference_table())
@@ -78,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in admin_cli.COMMANDS:
         return admin_cli.run(args, settings)
 
-    configure_logging(settings)
+    # check's output is the lines it prints: the log (the store's warnings, urllib3's)
+    # would repeat them or come between them, so it shows only at BRIDGE_LOG_LEVEL=debug.
+    configure_logging(settings, quiet=args.command == "check")
     if args.command == "check" and args.url is not None:
         return decide_command(settings, args.url, args.method, args.session_token)
     if args.command == "check":
@@ -89,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, quiet: bool = False) -> None:
+    """The log on stderr at ``BRIDGE_LOG_LEVEL`` in ``BRIDGE_LOG_FORMAT``; ``quiet``: no
+    log at all unless the level is ``debug``."""
     handler = logging.StreamHandler()
     as_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not sys.stderr.isatty()
@@ -99,7 +115,10 @@ def configure_logging(settings: Settings) -> None:
         if as_json
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    level = settings.log_level.upper()
+    if quiet and level != "DEBUG":
+        handler.setLevel(logging.CRITICAL + 1)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def check_command(settings: Settings) -> int:

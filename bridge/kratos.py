@@ -122,13 +122,14 @@ class KratosClient:
 
     def version(self) -> str | None:
         """The Kratos version from the admin API (via the Ory SDK), or ``None``. The SDK
-        client lives for this one call, so it shares nothing with other calls."""
+        client lives for this one call, so it shares nothing with other calls. It asks
+        once (no urllib3 retries): a check answers within the timeout, and says so."""
         from ory_kratos_client import ApiClient, Configuration, MetadataApi
         from ory_kratos_client.exceptions import OpenApiException
         from urllib3.exceptions import HTTPError
 
         try:
-            with ApiClient(Configuration(host=self._admin_url)) as client:
+            with ApiClient(Configuration(host=self._admin_url, retries=0)) as client:
                 return MetadataApi(client).get_version(_request_timeout=self._timeout).version
         except (OpenApiException, HTTPError, ValueError):
             return None

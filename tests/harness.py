@@ -215,7 +215,9 @@ class SlowLink:
     """A TCP relay that holds every chunk coming back from the server for ``delay``
     seconds: a real Kratos behind a slow network, so that races can be staged. With
     ``trickle`` set, the answer comes back one byte per ``delay`` instead: a server
-    that never stalls long enough for a per-read timeout. Both may change at any time."""
+    that never stalls long enough for a per-read timeout. Both may change at any time.
+    ``held`` counts the chunks the server has sent back so far (held or passed on): a
+    test waits on it to know that the server has answered, instead of guessing a time."""
 
     def __init__(self, target_port: int, delay: float, trickle: bool = False) -> None:
         import threading
@@ -227,6 +229,7 @@ class SlowLink:
         self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._open = True
+        self.held = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -248,6 +251,8 @@ class SlowLink:
     def _pump(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
         try:
             while chunk := source.recv(65536):
+                if slow:
+                    self.held += 1  # only ever grows: "more than before" is all tests ask
                 if not slow:
                     sink.sendall(chunk)
                 elif self.trickle:

@@ -3,16 +3,19 @@ rules-file errors, and a new JWT key."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bridge.cli import _store_label, _topology_label
+from bridge.cli import _store_label, _topology_label, build_parser, main
 from bridge.config import load_settings
 from tests import kratos_flows as flows
+from tests.harness import free_port
 
 
 @pytest.mark.parametrize(
@@ -136,3 +139,91 @@ def test_jwt_keygen_writes_a_private_key_only_its_owner_reads(tmp_path):
     assert written.parent == tmp_path / "keys"
     assert written.stat().st_mode & 0o777 == 0o600
     assert b"PRIVATE KEY" in written.read_bytes()
+
+
+def _subcommand_paths(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command line that has a help of its own: the parser's, then each subcommand's,
+    read from the parser itself (a new subcommand is covered without naming it here)."""
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommand_paths(sub, (*path, name))
+
+
+_MARKUP = re.compile(r"``|:[a-z]+:`|`[^`\s][^`]*`_?")  # literals, roles, interpreted text
+
+
+def test_every_help_is_plain_words(capsys):
+    paths = list(_subcommand_paths(build_parser()))
+    assert ("sessions", "list") in paths  # the walk reaches the nested ones
+    for path in paths:
+        with pytest.raises(SystemExit) as leaving:
+            main([*path, "--help"])
+        assert leaving.value.code == 0
+        shown = capsys.readouterr().out
+        assert "usage: kratos-bridge" in shown
+        assert not _MARKUP.search(shown), (path, _MARKUP.search(shown))
+
+
+_CHECK_LABELS = (
+    "kratos public:",
+    "kratos admin:",
+    "store:",
+    "revalidate after",
+    "redis:",
+    "topology:",
+    "kratos:",
+    "kratos version:",
+)
+_DECIDE_LABELS = ("rules:", "request:", "rule:", "api client:", "browser:")
+
+
+def _labels(stdout: str, known: tuple[str, ...]) -> list[str | None]:
+    """Which of check's own lines each printed line is (``None``: not one of them)."""
+    return [
+        next((label for label in known if line.startswith(label)), None)
+        for line in stdout.splitlines()
+    ]
+
+
+def _kratos_down() -> dict[str, str]:
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    return {
+        "BRIDGE_KRATOS_PUBLIC_URL": nobody,
+        "BRIDGE_KRATOS_ADMIN_URL": nobody,
+        "BRIDGE_KRATOS_TIMEOUT": "0.5",
+    }
+
+
+def test_check_with_kratos_down_prints_only_its_own_lines():
+    """No log between them: not the Ory SDK's retry warnings, not the store's warning that
+    repeats ``redis: FAILED``."""
+    done = _cli(_kratos_down(), "check")
+    assert done.returncode == 1
+    assert (done.stderr, _labels(done.stdout, _CHECK_LABELS)) == ("", list(_CHECK_LABELS))
+    assert "kratos:          FAILED (unreachable" in done.stdout
+
+    redis_down = {
+        "BRIDGE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "BRIDGE_SECRET": "s" * 40,
+    }
+    done = _cli(_kratos_down() | redis_down, "check")
+    assert done.returncode == 1
+    without_topology = [label for label in _CHECK_LABELS if label != "topology:"]
+    assert (done.stderr, _labels(done.stdout, _CHECK_LABELS)) == ("", without_topology)
+    assert "redis:           FAILED" in done.stdout
+
+    url = "https://app.example.test/"
+    done = _cli(_kratos_down(), "check", "--url", url, "--session-token", "ory_st_" + "x" * 32)
+    assert done.returncode == 0
+    assert (done.stderr, _labels(done.stdout, _DECIDE_LABELS)) == ("", list(_DECIDE_LABELS))
+    assert "503 kratos_unavailable" in done.stdout
+
+
+def test_check_asks_kratos_for_its_version_once():
+    """The log is there at debug; it shows one connection for ``/version`` and no retry."""
+    done = _cli(_kratos_down() | {"BRIDGE_LOG_LEVEL": "debug"}, "check")
+    assert "kratos version:  unknown (admin API not reachable)" in done.stdout
+    assert done.stderr.count("Starting new HTTP connection") == 1, done.stderr
+    assert "Retrying" not in done.stderr

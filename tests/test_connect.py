@@ -50,9 +50,10 @@ def _follows(target: RedisTarget, key: str, within: float) -> float:
 
 
 def _raises_redis_error(call: Callable[[], object]) -> None:
-    with pytest.raises(redis.RedisError) as caught:
+    """What the bridge handles (a ``503``) is any ``RedisError``: which one (a refused
+    connection, a timeout) depends on how far each node got before it was paused."""
+    with pytest.raises(redis.RedisError):
         call()
-    assert isinstance(caught.value, redis.ConnectionError), repr(caught.value)
 
 
 def own(*kinds: str) -> pytest.MarkDecorator:

@@ -42,19 +42,25 @@ def _ask_from_memory(mirror, credential, seconds: float):
 
 
 def test_a_busy_session_stays_answered_from_memory(make_client, kratos):
-    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    # A refresh has the last quarter of the window to get Kratos's answer: 0.5 s here,
+    # not 0.25 s, so that a busy machine's slow whoami still lands in time.
+    revalidate_after = 2 * REVALIDATE_AFTER
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(revalidate_after))
     mirror, user = _mirror(client), flows.register(kratos)
     credential = _credential(user)
     first = mirror.resolve(credential).session
     calls = kratos.whoami_calls()
 
-    answers = list(_ask_from_memory(mirror, credential, 4 * REVALIDATE_AFTER))
+    answers = list(_ask_from_memory(mirror, credential, 3 * revalidate_after))
     assert all(answer not in (None, "rejected") for _, answer in answers)
     for asked_at, answer in answers:
-        assert asked_at - answer.validated_at_ms < REVALIDATE_AFTER * 1000
+        assert asked_at - answer.validated_at_ms < revalidate_after * 1000
     assert answers[-1][1].validated_at_ms > first.validated_at_ms
     refreshed = kratos.whoami_calls() - calls
-    assert 3 <= refreshed <= 6  # about one per REFRESH_AT x revalidate_after, not per ask
+    # At most one per REFRESH_AT x revalidate_after (4 in the 6 s asked), not one per ask
+    # (hundreds); how many fewer depends on how fast Kratos answers, so no lower bound
+    # beyond the one refresh the line above has seen.
+    assert 1 <= refreshed <= 5, refreshed
 
 
 def test_a_session_revoked_while_in_use_is_refused_within_the_bound(make_client, kratos):
@@ -126,17 +132,20 @@ def test_only_a_session_asked_for_again_is_refreshed_ahead(make_client, kratos):
     """A copy asked for once in the last quarter of its window is left to expire (a
     rarely used session costs Kratos no call ahead of time); asked for twice, it is
     refreshed before its freshness ends."""
-    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    # The asks below must land in the last quarter of the window: 0.75 s wide here, so
+    # that a sleep overshooting on a busy machine does not carry them past its end.
+    revalidate_after = 3 * REVALIDATE_AFTER
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(revalidate_after))
     mirror = _mirror(client)
     once, twice = flows.register(kratos), flows.register(kratos)
     for user in (once, twice):
         mirror.resolve(_credential(user))
     calls = kratos.whoami_calls()
-    time.sleep(REFRESH_AT * REVALIDATE_AFTER + 0.05)
+    time.sleep(REFRESH_AT * revalidate_after + 0.05)
     assert mirror.from_memory(_credential(once)) is not None
     assert mirror.from_memory(_credential(twice)) is not None
     assert mirror.from_memory(_credential(twice)) is not None
-    time.sleep((1 - REFRESH_AT) * REVALIDATE_AFTER + 0.1)  # past the first freshness
+    time.sleep((1 - REFRESH_AT) * revalidate_after + 0.1)  # past the first freshness
     assert kratos.whoami_calls() - calls == 1
     assert mirror.from_memory(_credential(once)) is None
     assert mirror.from_memory(_credential(twice)) is not None

@@ -35,6 +35,8 @@ from tests.harness import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP = 65536
+# A lifetime (ms) that several store calls fit in on a busy machine; tests wait for its end.
+SHORT_MS = 1000
 
 
 @pytest.fixture(params=["embedded", "standalone", "sentinel", "cluster"])
@@ -124,11 +126,12 @@ def test_expiry_is_absolute_and_moves_with_kratos(store):
 
 
 def test_mirror_and_app_data_are_gone_at_expires_at(store):
-    first_token = save(store, "fp1", session(expires_in_ms=300)).csrf_token
+    # A lifetime the three calls below fit in on a busy machine (on a Cluster too); the
+    # end is waited for, not slept past.
+    first_token = save(store, "fp1", session(expires_in_ms=SHORT_MS)).csrf_token
     store.update_app("s1", {"k": "v"}, (), CAP)
     assert store.load("s1", with_app=True).app == {"k": "v"}
-    time.sleep(0.4)
-    assert store.load("s1") is None
+    wait_until(lambda: store.load("s1") is None, 10, "the session's expiry")
     assert store.find_credential("fp1") is None
     assert store.identity_session_ids("i1", now_ms()) == []
     with pytest.raises(SessionEnded):
@@ -340,14 +343,14 @@ def test_aal2_event_once_under_concurrent_saves(store):
 def test_forget_drops_mirror_keeps_event_marker_and_rejects(store):
     save(store, "fp1", session(aal="aal2"))
     rejected_at = now_ms()
-    store.forget("fp1", session(aal="aal2"), Rejection(rejected_at, keep_ms=300))
+    store.forget("fp1", session(aal="aal2"), Rejection(rejected_at, keep_ms=SHORT_MS))
     assert store.load("s1") is None
     assert store.find_credential("fp1") == Rejection(rejected_at)
     assert store.identity_session_ids("i1", now_ms()) == []
     save(store, "fp9", session(aal="aal2"))  # seen again (identity re-activated): no new event
     assert len(store.aal2_events()) == 1
-    time.sleep(0.4)
-    assert store.find_credential("fp1") is None  # the rejection is forgotten after keep_ms
+    # the rejection is forgotten after keep_ms
+    wait_until(lambda: store.find_credential("fp1") is None, 10, "the rejection's end")
 
 
 def test_an_acceptance_asked_before_a_rejection_arrived_is_not_cached(store):
@@ -387,11 +390,10 @@ def test_identity_index_score_never_moves_back(store):
 
 
 def test_identity_index_drops_expired_sessions(store):
-    save(store, "fpa", session(sid="a", expires_in_ms=200))
+    save(store, "fpa", session(sid="a", expires_in_ms=SHORT_MS))
     save(store, "fpb", session(sid="b", expires_in_ms=60_000))
     assert set(store.identity_session_ids("i1", now_ms())) == {"a", "b"}
-    time.sleep(0.3)
-    assert store.identity_session_ids("i1", now_ms()) == ["b"]
+    wait_until(lambda: store.identity_session_ids("i1", now_ms()) == ["b"], 10, "a's expiry")
     save(store, "fpc", session(sid="c", expires_in_ms=30_000))
     key = store.keys.identity_sessions("i1")
     if hasattr(store, "_redis"):
@@ -402,18 +404,17 @@ def test_identity_index_drops_expired_sessions(store):
 
 
 def test_revalidation_lock_is_exclusive_owned_and_expires(store):
-    lock = store.claim_revalidation("s1", 200)
+    lock = store.claim_revalidation("s1", SHORT_MS)
     assert lock == Lock("s1", lock.token)
     assert store.revalidation_pending("s1")
-    assert store.claim_revalidation("s1", 200) is None
+    assert store.claim_revalidation("s1", SHORT_MS) is None
     store.release_revalidation(Lock("s1", "not-the-owner"))
     assert store.revalidation_pending("s1")
     store.release_revalidation(lock)
     assert not store.revalidation_pending("s1")
-    assert store.claim_revalidation("s1", 200)
-    time.sleep(0.3)
-    assert not store.revalidation_pending("s1")
-    assert store.claim_revalidation("s1", 200)
+    assert store.claim_revalidation("s1", SHORT_MS)
+    wait_until(lambda: not store.revalidation_pending("s1"), 10, "the lock's expiry")
+    assert store.claim_revalidation("s1", SHORT_MS)
 
 
 def test_stream_length_is_capped(kratos, store_url, prefix):
