@@ -43,10 +43,13 @@ segment (RFC 3986 section 5.2.4, Java, Envoy); the WHATWG URL reading (Node, Den
 Next.js, Hono: ``%2e`` and ``.%2e`` are dot segments, ``\\`` is ``/``); ``//`` merged
 before resolving (nginx ``merge_slashes``, Go ``path.Clean``); ``;parameters`` dropped
 from each segment, before decoding (Tomcat, Jetty) or after (Spring); and these steps
-combined. Each decodes once (``%252e`` is the name ``%2e``: the app decodes once), never
-climbs above ``/``, keeps empty segments unless it merges them, and keeps a trailing
-``/``. A plain path (no ``%``, ``\\``, ``//``, ``/.`` or ``;``, as browsers send) reads
-one way only and costs a few C calls; the answer for a path is memoised either way.
+combined. Each decodes once (``%252e`` is the name ``%2e``: the app decodes once),
+never climbs above ``/``, keeps empty segments unless it merges them, and keeps a
+trailing ``/``. A path starting with ``//`` (or ``/\\``) is refused outright: apps that
+read a request as ``new URL(target, base)`` (as Node's docs do) take what follows for a
+host and route the rest, which no reading of a path gives. A plain path (no ``%``,
+``\\``, ``//``, ``/.`` or ``;``, as browsers send) reads one way only and costs a few C
+calls; the answer for a path is memoised either way.
 
 Trait values compare with their type: ``1`` is not ``"1"``, ``true`` is not ``1``;
 a list or object trait never equals a value.
@@ -428,7 +431,7 @@ def path_readings(raw: str) -> tuple[str, ...]:
     ``normalise_path``'s first (see the module's docstring): ``Rules.match`` allows a
     path only if all of them fall under the same rule. A plain path (no ``%``, ``\\``,
     ``//``, ``/.`` or ``;``) reads one way only. ``BadRequest`` as ``normalise_path``,
-    and for a path that does not start with ``/``.
+    for a path that does not start with ``/``, and for one that starts with ``//``.
     """
     sent = raw.partition("?")[0] if "?" in raw else raw
     if len(sent) <= MAX_PATH_LENGTH and "#" not in sent and _plain(sent):
@@ -437,6 +440,10 @@ def path_readings(raw: str) -> tuple[str, ...]:
     decoded = _decoded(path)
     if path[:1] != "/":
         raise BadRequest("path does not start with /")
+    if path[1:2] in ("/", "\\"):
+        # Apps that read the target as Node's docs do, new URL(req.url, base), take what
+        # follows "//" (or "/\\") for a host: "//x/internal" is "/internal" there.
+        raise BadRequest("path starts with two slashes, which some apps read as a host name")
     readings = dict.fromkeys((_normalised(decoded), sent))
     states = {(path, False)}
     for stage in _STAGES:

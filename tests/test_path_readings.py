@@ -108,6 +108,18 @@ def whatwg_pathname(path: str) -> str:
     return "".join("/" + segment for segment in segments)
 
 
+def whatwg_target_pathname(target: str) -> str:
+    """``new URL(target, base).pathname``, the way Node's own docs read ``req.url``: a
+    target starting with two slashes (``/`` or ``\\`` each) is scheme-relative there, so
+    what follows them up to the next slash is a host and the rest the path. (Node throws on
+    some of those hosts; the app then fails the request, which lets nothing through.)"""
+    if target[1:2] not in ("/", "\\"):
+        return whatwg_pathname(target)
+    rest = target.lstrip("/\\")  # the authority state skips every leading slash
+    end = min((i for i in (rest.find("/"), rest.find("\\")) if i >= 0), default=len(rest))
+    return whatwg_pathname(rest[end:] or "/")
+
+
 def merge_slashes(path: str) -> str:
     """nginx's ``merge_slashes``: a run of "/" is one "/"."""
     merged = []
@@ -132,6 +144,9 @@ READINGS: dict[str, Callable[[str], str]] = {
     "resolved, not decoded": remove_dot_segments,
     "WHATWG then decoded (Node, Deno, Bun, Next.js, Hono)": lambda p: decode(whatwg_pathname(p)),
     "WHATWG, not decoded": whatwg_pathname,
+    "new URL(target, base), then decoded (Node's docs on req.url)": lambda p: decode(
+        whatwg_target_pathname(p)
+    ),
     "decoded, slashes merged, resolved (nginx)": lambda p: remove_dot_segments(
         merge_slashes(decode(p))
     ),
@@ -310,7 +325,14 @@ climbs = st.builds(
     st.lists(st.sampled_from(["..", "%2e%2e", ".%2E", "..;", "%2e."]), min_size=1, max_size=3),
     st.sampled_from([*RULE_NAMES, "admin/users", "api/a/internal"]),
 )
-paths = st.one_of(any_pieces, climbs)
+# A target that some apps read as a host and a path (``new URL(req.url, base)``).
+hosts_first = st.builds(
+    lambda slashes, host, rest: slashes + host + rest,
+    st.sampled_from(["//", "/\\", "///", "//\\"]),
+    st.sampled_from(["a", "public", "x.example"]),
+    any_pieces,
+)
+paths = st.one_of(any_pieces, climbs, hosts_first)
 
 
 # The same examples on every run, none remembered between runs, no time limit: a test
@@ -337,9 +359,11 @@ def violations(
     than ``bridge_access``."""
     readings = dict(READINGS)
     if node is not None:
-        pathname = node.pathname(path)
+        pathname, target = node.both(path)
         readings["Node's new URL().pathname"] = lambda _: pathname
         readings["Node's new URL().pathname, decoded"] = lambda _: decode(pathname)
+        if target is not None:
+            readings["Node's new URL(target, base).pathname"] = lambda _: decode(target)
     found = []
     for name, read in readings.items():
         read_as = read(path)
@@ -366,13 +390,17 @@ def test_no_reading_sends_an_allowed_path_to_a_stronger_rule(loaded, node, name,
 
 
 class NodeURL:
-    """One Node process that answers ``new URL("http://h" + path).pathname`` per line."""
+    """One Node process that answers, per line, ``new URL("http://h" + path).pathname``
+    and ``new URL(path, "http://h").pathname`` (``null`` where Node throws)."""
 
     SCRIPT = """
     const lines = require("readline").createInterface({input: process.stdin});
     lines.on("line", (line) => {
       const path = JSON.parse(line);
-      process.stdout.write(JSON.stringify(new URL("http://h" + path).pathname) + "\\n");
+      let target = null;
+      try { target = new URL(path, "http://h").pathname; } catch (error) {}
+      const answer = [new URL("http://h" + path).pathname, target];
+      process.stdout.write(JSON.stringify(answer) + "\\n");
     });
     """
 
@@ -388,10 +416,14 @@ class NodeURL:
         )
 
     def pathname(self, path: str) -> str:
+        return self.both(path)[0]
+
+    def both(self, path: str) -> tuple[str, str | None]:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write(json.dumps(path) + "\n")
         self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())
+        concatenated, target = json.loads(self.process.stdout.readline())
+        return concatenated, target
 
     def stop(self) -> None:
         assert self.process.stdin is not None
@@ -415,12 +447,23 @@ _ADA_935 = re.compile(r"/\.[^./\\]")
 @given(path=paths)
 def test_the_whatwg_reading_is_nodes(node, path):
     assume(not _ADA_935.search(path))
-    assert whatwg_pathname(path) == node.pathname(path)
+    concatenated, target = node.both(path)
+    assert whatwg_pathname(path) == concatenated
+    if target is not None:
+        assert whatwg_target_pathname(path) == target
 
 
 def test_node_reads_the_issues_path_as_internal(node):
     assert node.pathname("/public/a%2Fb/../../internal") == "/internal"
     assert whatwg_pathname("/public/a%2Fb/../../internal") == "/internal"
+
+
+def test_node_reads_a_target_with_two_leading_slashes_as_a_host(node):
+    """``new URL(req.url, base)``, as Node's docs read a request: ``//x/internal`` is the
+    path ``/internal`` on the host ``x``, which the bridge, reading paths, cannot judge."""
+    for target in ("//x/internal", "/\\x/internal", "///x/internal"):
+        assert node.both(target)[1] == "/internal"
+        assert whatwg_target_pathname(target) == "/internal"
 
 
 # Over HTTP, through each dialect, against a real bridge

@@ -266,8 +266,9 @@ def test_paths_are_decoded_once_and_normalised(raw, normalised):
 )
 def test_traversal_tricks_that_change_the_rule_are_refused(example, raw):
     """The app may route on the path as sent or on the normalised one: when the two
-    readings fall under different rules, neither is trusted."""
-    with pytest.raises(BadRequest, match="ambiguous"):
+    readings fall under different rules, neither is trusted (and ``//`` first is a host to
+    some apps)."""
+    with pytest.raises(BadRequest, match=r"ambiguous|two slashes"):
         label(example, raw)
 
 
@@ -769,3 +770,18 @@ def test_a_bad_jwt_audience_is_named(tmp_path, text, problem):
     assert caught.value.key == "BRIDGE_RULES_FILE"
     assert caught.value.problem.startswith("rules[0].jwt_audience: ")
     assert problem in caught.value.problem
+
+
+@pytest.mark.parametrize("raw", ["//x/internal", "/\\x/internal", "///internal", "//x%2Finternal"])
+def test_a_path_starting_with_two_slashes_is_refused(tmp_path, raw):
+    """``new URL(req.url, base)`` (Node's docs) reads ``//x/internal`` as the path
+    ``/internal`` on the host ``x``: with ``/`` public, every reading of the path itself
+    would have said public."""
+    rules = load(
+        tmp_path,
+        "rules:\n  - {match: {path: /internal}, access: deny}\n"
+        "  - {match: {path: /}, access: public}\n",
+    )
+    with pytest.raises(BadRequest, match="two slashes"):
+        rules.match("GET", "app.example.com", raw)
+    assert rules.match("GET", "app.example.com", "/x//internal").access is Access.PUBLIC
