@@ -123,13 +123,17 @@ class KratosClient:
     def version(self) -> str | None:
         """The Kratos version from the admin API (via the Ory SDK), or ``None``. The SDK
         client lives for this one call, so it shares nothing with other calls. It asks
-        once (no urllib3 retries): a check answers within the timeout, and says so."""
+        once (no urllib3 retries): a check answers within the timeout, and says so. Kratos
+        answers the admin ``/version`` with a redirect to ``/admin/version``, which is
+        followed (a redirect is not a retry, but urllib3 counts it as one)."""
         from ory_kratos_client import ApiClient, Configuration, MetadataApi
         from ory_kratos_client.exceptions import OpenApiException
+        from urllib3 import Retry
         from urllib3.exceptions import HTTPError
 
+        once = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=2)
         try:
-            with ApiClient(Configuration(host=self._admin_url, retries=0)) as client:
+            with ApiClient(Configuration(host=self._admin_url, retries=once)) as client:
                 return MetadataApi(client).get_version(_request_timeout=self._timeout).version
         except (OpenApiException, HTTPError, ValueError):
             return None
