@@ -95,6 +95,35 @@ class RedisServer:
         stop_process(self.process)
 
 
+# Kratos's `memory` DSN is SQLite in shared-cache mode, where a write locks whole tables and
+# a concurrent read fails at once ("database table is locked") instead of waiting. Kratos's
+# whoami answers any error fetching the session with 401, so under load a valid session was
+# now and then refused. A file in WAL mode lets readers run beside a writer, and writers
+# wait for each other (pop's busy timeout); durability is not needed in tests.
+SQLITE_OPTIONS = "_fk=true&mode=rwc&_journal_mode=WAL&_sync=OFF"
+
+
+def _migrated_database(workdir: Path) -> Path:
+    """An empty Kratos database with every migration applied, made once per test session
+    (a migration takes seconds; copying the file, no time)."""
+    template = workdir / f"kratos-{KRATOS_VERSION}-migrated.sqlite"
+    if not template.exists():
+        partial = template.with_suffix(f".{os.getpid()}.partial")
+        subprocess.run(
+            [str(KRATOS_BIN), "migrate", "sql", "--yes", f"sqlite://{partial}?{SQLITE_OPTIONS}"],
+            check=True,
+            capture_output=True,
+        )
+        # Fold the write-ahead log into the file, so the one file is the whole database.
+        import sqlite3
+
+        with sqlite3.connect(partial) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        partial.replace(template)
+    return template
+
+
 class Kratos:
     """One Kratos process with its own ports and in-memory database."""
 
@@ -123,6 +152,9 @@ class Kratos:
         ).as_uri()
         config["session"]["whoami"]["required_aal"] = required_aal
         config["session"]["lifespan"] = lifespan
+        database = workdir / f"kratos-{self.public_port}.sqlite"
+        shutil.copyfile(_migrated_database(workdir), database)
+        config["dsn"] = f"sqlite://{database}?{SQLITE_OPTIONS}"
         if extra_config:
             _merge(config, extra_config)
         self.config_path = workdir / f"kratos-{self.public_port}.yml"

@@ -146,8 +146,8 @@ def run_failover(topology, fail, kratos, workdir, prefix, credentials) -> None:
         with httpx.Client(timeout=10) as client:
             for bridge in bridges:
                 for token in credentials.valid:
-                    headers = {"X-Session-Token": token}
-                    assert client.get(bridge.url + "/auth", headers=headers).status_code == 200
+                    answer = client.get(bridge.url + "/auth", headers={"X-Session-Token": token})
+                    assert answer.status_code == 200, (bridge.url, answer.text)
                 for _, token in credentials.upgrading:
                     answer = client.get(bridge.url + "/auth", headers={"X-Session-Token": token})
                     assert answer.headers.get("X-User-Aal") == "aal2", answer.status_code
