@@ -735,9 +735,9 @@ OPTIONS: tuple[Option, ...] = (
         "body_timeout",
         _number(0.1, 300),
         10.0,
-        "Seconds a client may take to send a request body (up to 1 MiB) to a route that "
-        "takes one (`PATCH /whoami/app`, the Kratos hooks); then it is answered `408`. "
-        "Other routes never wait for a body.",
+        "Seconds a client may take to send a request body to a route that takes one "
+        "(`PATCH /whoami/app`, the Kratos hooks, the dashboard's forms); then it is answered "
+        "`408`. Other routes never wait for a body.",
     ),
     Option(
         "log_level",

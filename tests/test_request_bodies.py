@@ -1,6 +1,6 @@
-"""Request bodies over a real socket to ``kratos-bridge serve``: only a route that takes
-a body reads one, and a client that sends its headers and then stalls or trickles the
-body is answered ``408`` within ``BRIDGE_BODY_TIMEOUT``, not held for ever."""
+"""Request bodies over a real socket to ``kratos-bridge serve``, on both listeners: only a
+route that takes a body reads one, and a client that sends its headers and then stalls or
+trickles the body is answered ``408`` within ``BRIDGE_BODY_TIMEOUT``, not held for ever."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tests.harness import BridgeServer
 
 APP_TOKEN = "app-token-for-tests-" + "a" * 24
 HOOK_SECRET = "hook-secret-for-tests-" + "h" * 24
+ADMIN_TOKEN = "admin-token-for-tests-" + "t" * 24
 BODY_TIMEOUT = 1.0
 # Guards against a hung test only: far above BODY_TIMEOUT, never what the test asserts.
 HANG_GUARD = 30.0
@@ -30,6 +31,7 @@ def bridge(kratos, workdir):
             "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
             "BRIDGE_APP_TOKEN": APP_TOKEN,
             "BRIDGE_HOOK_SECRET": HOOK_SECRET,
+            "BRIDGE_ADMIN_TOKEN": ADMIN_TOKEN,
             "BRIDGE_BODY_TIMEOUT": str(BODY_TIMEOUT),
         },
         workdir,
@@ -62,8 +64,8 @@ def _answer(sock: socket.socket) -> tuple[int, dict]:
     return int(lines[0].split()[1]), json.loads(body[:length])
 
 
-def _connect(bridge: BridgeServer) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", bridge.port))
+def _connect(bridge: BridgeServer, port: int | None = None) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port or bridge.port))
     sock.settimeout(HANG_GUARD)
     return sock
 
@@ -72,6 +74,10 @@ BODY_ROUTES = [
     ("PATCH", "/whoami/app", {"Content-Type": "application/merge-patch+json"}),
     ("POST", "/hooks/kratos/registration", {"Content-Type": "application/json"}),
 ]
+
+
+# The dashboard's sign-in form on the admin listener (werkzeug, WSGI): read by the route.
+ADMIN_FORM = ("/admin/ui/login", 1000, {"Content-Type": "application/x-www-form-urlencoded"})
 
 
 @pytest.mark.parametrize(("method", "path", "headers"), BODY_ROUTES, ids=["app", "hook"])
@@ -83,7 +89,29 @@ def test_a_body_that_stalls_is_answered_408(bridge, method, path, headers):
     assert body == {"error": "request_timeout", "message": "Request Timeout"}
 
 
-def test_a_body_that_trickles_is_answered_408_although_no_read_stalls(bridge):
+def test_a_form_that_stalls_on_the_admin_listener_is_answered_408(bridge):
+    path, length, headers = ADMIN_FORM
+    with _connect(bridge, bridge.admin_port) as sock:
+        sock.sendall(_head("POST", path, length, **headers) + b"token=adm")  # then nothing
+        status, body = _answer(sock)
+    assert status == 408
+    assert body["error"] == "request_timeout"
+
+
+def test_a_whole_form_on_the_admin_listener_is_read(bridge):
+    form = f"token={ADMIN_TOKEN}".encode()
+    path, _, headers = ADMIN_FORM
+    with _connect(bridge, bridge.admin_port) as sock:
+        sock.sendall(_head("POST", path, len(form), **headers) + form[:4])
+        sock.sendall(form[4:])
+        data = b""
+        while b"\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 303 "), data[:200]  # signed in: on to the dashboard
+
+
+@pytest.mark.parametrize("listener", ["main", "admin"])
+def test_a_body_that_trickles_is_answered_408_although_no_read_stalls(bridge, listener):
     """The deadline is for the whole body: a byte now and then does not renew it."""
     answered = threading.Event()
 
@@ -96,8 +124,12 @@ def test_a_body_that_trickles_is_answered_408_although_no_read_stalls(bridge):
                 return
             time.sleep(BODY_TIMEOUT / 10)
 
-    with _connect(bridge) as sock:
-        sock.sendall(_head("PATCH", "/whoami/app", 1000, Content_Type="application/json"))
+    if listener == "main":
+        port, head = bridge.port, _head("PATCH", "/whoami/app", 1000, **BODY_ROUTES[0][2])
+    else:
+        port, head = bridge.admin_port, _head("POST", ADMIN_FORM[0], ADMIN_FORM[1], **ADMIN_FORM[2])
+    with _connect(bridge, port) as sock:
+        sock.sendall(head)
         threading.Thread(target=trickle, args=(sock,), daemon=True).start()
         try:
             status, body = _answer(sock)
