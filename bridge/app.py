@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADER_VIEW_KEY = "bridge.headers"  # environ key: the ASGI front's view of the raw headers
+# The Flask routes that read a request body; every other route is answered without one
+# (the ASGI front reads a body only for these, within BRIDGE_BODY_TIMEOUT).
+BODY_ENDPOINTS = frozenset({"patch_app", "kratos_hook"})
 _JWKS_TYPE = ("Content-Type", "application/jwk-set+json")
 _JWKS_CACHE = ("Cache-Control", "public, max-age=60")
 
@@ -318,6 +321,16 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
         settings.kratos_timeout,
         events=bridge.events,
     )
+
+
+def takes_body(app: Flask, method: str, path: str) -> bool:
+    """Whether the route ``method path`` leads to reads a request body. A path no route
+    matches, or a method the route does not answer, takes none: it gets 404 or 405."""
+    try:
+        endpoint, _ = app.url_map.bind("bridge").match(path, method)
+    except HTTPException:
+        return False
+    return endpoint in BODY_ENDPOINTS
 
 
 def _headers(environ: dict[str, Any]) -> HeaderView:

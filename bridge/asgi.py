@@ -9,11 +9,13 @@ requests that need no I/O never wait behind the ones that do.
   ``/ext-authz/...``) that this process's fresh copy answers are answered on the loop,
   with no I/O.
 - Everything else (a forward-auth request that needs the store or Kratos, and the Flask
-  routes)
-  runs on a worker thread. A request waits for it at most
+  routes) runs on a worker thread. A request waits for it at most
   ``BRIDGE_KRATOS_TIMEOUT + 2 * BRIDGE_REDIS_TIMEOUT`` (one Kratos call and the store's
   round trips around it); then it is answered ``503`` and the thread's late result is
   dropped.
+- A Flask route is matched before any body is read: only the routes that take one
+  (``bridge.app.BODY_ENDPOINTS``) wait for it, for at most ``BRIDGE_BODY_TIMEOUT`` in
+  all (then ``408``), on the loop, so a client that stalls its body holds no thread.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from flask import Flask
 
 from bridge import responses
-from bridge.app import HEADER_VIEW_KEY, Bridge
+from bridge.app import HEADER_VIEW_KEY, Bridge, takes_body
 from bridge.dialects import Dialect
 from bridge.logs import Throttled
 from bridge.request import HeaderView
@@ -55,6 +57,7 @@ class Front:
         self._flask = flask_app
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="bridge")
         self._budget = settings.kratos_timeout + 2 * settings.redis_timeout
+        self._body_timeout = settings.body_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -73,12 +76,7 @@ class Front:
             elif path == "/health/alive":
                 reply = _ALIVE if method in _READ_ONLY else _not_allowed()
             else:
-                body = await _read_body(receive)
-                reply = (
-                    await self._off_loop(self._call_flask, scope, body)
-                    if body is not None
-                    else responses.http_error(413, "Request Entity Too Large")
-                )
+                reply = await self._flask_route(scope, receive)
         except Exception:
             log.exception("unexpected error on %r", path)
             reply = responses.internal_error()
@@ -97,6 +95,21 @@ class Front:
         # A public route needs no session: if finding one takes too long, it goes without.
         fallback = self._forward_auth.anonymous if step.public else None
         return await self._off_loop(self._forward_auth.finish, step, on_timeout=fallback)
+
+    async def _flask_route(self, scope: dict[str, Any], receive: Receive) -> Reply:
+        """Routed first: only a route that takes a body waits for one, and for at most
+        ``BRIDGE_BODY_TIMEOUT`` in all, so a client that stalls or trickles its body
+        holds nothing for long. Any other route gets an empty body."""
+        body = b""
+        if takes_body(self._flask, scope["method"], scope["path"]):
+            try:
+                read = await asyncio.wait_for(_read_body(receive), self._body_timeout)
+            except TimeoutError:
+                return responses.http_error(408, "Request Timeout")
+            if read is None:
+                return responses.http_error(413, "Request Entity Too Large")
+            body = read
+        return await self._off_loop(self._call_flask, scope, body)
 
     async def _off_loop(
         self, function: Callable[..., Reply], *args: Any, on_timeout: Reply | None = None

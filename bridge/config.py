@@ -732,6 +732,14 @@ OPTIONS: tuple[Option, ...] = (
         "from the process's fresh copy need no thread). Raise it when Kratos is slow or far.",
     ),
     Option(
+        "body_timeout",
+        _number(0.1, 300),
+        10.0,
+        "Seconds a client may take to send a request body to a route that takes one "
+        "(`PATCH /whoami/app`, the Kratos hooks, the dashboard's forms); then it is answered "
+        "`408`. Other routes never wait for a body.",
+    ),
+    Option(
         "log_level",
         _one_of("debug", "info", "warning", "error"),
         "info",
@@ -843,6 +851,7 @@ class Settings:
     device_stream_maxlen: int
     workers: int
     threads: int
+    body_timeout: float
     log_level: str
     log_format: str
     log_decisions: bool

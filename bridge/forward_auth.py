@@ -18,6 +18,7 @@ the requests that need them.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from bridge.rules import Access, Rule, Rules
 from bridge.session import MirroredSession
 from bridge.upstream_headers import UpstreamHeaders
 
+ASK_AGAIN_BURST = 3
 ASK_AGAIN_EVERY_MS = 1000
 
 DecisionWatcher = Callable[[str, str, HeaderView, Reply, Trace], None]
@@ -68,6 +70,31 @@ class Pending:
     @property
     def public(self) -> bool:
         return self.rule.access is Access.PUBLIC and self.aal is None
+
+
+class AskAgainBudget:
+    """How often Kratos may be asked again about a session whose known AAL or login age
+    falls short of a route: a token bucket per session, ``ASK_AGAIN_BURST`` asks at once,
+    refilled one per ``ASK_AGAIN_EVERY_MS``. A client refused once or twice that then
+    steps up (or logs in again), however fast, is let in on its next request; a page
+    hammering such a route costs Kratos about one call a second per session and process,
+    and once it has spent the burst, its step-up is seen within ``ASK_AGAIN_EVERY_MS``."""
+
+    def __init__(self, burst: int, every_ms: int, max_sessions: int = 50_000) -> None:
+        self._burst, self._every_ms = burst, every_ms
+        self._left: BoundedMap[str, tuple[float, int]] = BoundedMap(max_sessions)
+        self._lock = threading.Lock()  # worker threads: the bound holds under a burst too
+
+    def take(self, session_id: str, now: int) -> bool:
+        with self._lock:
+            entry = self._left.get(session_id)
+            left = float(self._burst)
+            if entry is not None:
+                left = min(left, entry[0] + (now - entry[1]) / self._every_ms)
+            if left < 1:
+                return False
+            self._left.put(session_id, (left - 1, now))
+            return True
 
 
 class ForwardAuth:
@@ -95,9 +122,7 @@ class ForwardAuth:
         self._allows: BoundedMap[tuple[int, str | None], tuple[MirroredSession, Reply, int]] = (
             BoundedMap(50_000)
         )
-        # When Kratos was last asked again for a session that fell short of a step-up or a
-        # max_age, so that a page hammering such a route costs Kratos one call a second.
-        self._asked_again_ms: BoundedMap[str, int] = BoundedMap(50_000)
+        self._ask_again = AskAgainBudget(ASK_AGAIN_BURST, ASK_AGAIN_EVERY_MS)
 
     @property
     def anonymous(self) -> Reply:
@@ -211,12 +236,7 @@ class ForwardAuth:
     def _may_ask_again(self, session: MirroredSession, started_ms: int) -> bool:
         if session.validated_at_ms >= started_ms:
             return False  # Kratos was asked for this very request
-        now = now_ms()
-        last = self._asked_again_ms.get(session.id)
-        if last is not None and now - last < ASK_AGAIN_EVERY_MS:
-            return False
-        self._asked_again_ms.put(session.id, now)
-        return True
+        return self._ask_again.take(session.id, now_ms())
 
     def _rule(self, original: OriginalRequest | None) -> Rule:
         if original is None:

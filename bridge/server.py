@@ -80,7 +80,12 @@ def _load_app(settings: Settings, *_: Any) -> Any:
         from bridge.admin.api import create_admin_app
         from bridge.admin.listener import AdminListener
 
-        AdminListener(create_admin_app(bridge), settings.admin_host, settings.admin_port)
+        AdminListener(
+            create_admin_app(bridge),
+            settings.admin_host,
+            settings.admin_port,
+            settings.body_timeout,
+        )
     return Front(bridge, create_flask_app(bridge))
 
 

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from bridge.forward_auth import ASK_AGAIN_EVERY_MS
+from bridge.forward_auth import ASK_AGAIN_BURST, ASK_AGAIN_EVERY_MS
 from tests import kratos_flows as flows
 from tests.harness import forwarded
 
@@ -103,7 +103,6 @@ def test_aal2_rule_steps_up_an_aal1_session_then_lets_it_pass(bridge, kratos):
     assert redirect_query(browser)["aal"] == ["aal2"]
 
     flows.enable_totp(kratos, user)  # this session is now aal2 at Kratos
-    time.sleep(ASK_AGAIN_EVERY_MS / 1000)  # a user takes longer than this at Kratos
     # At once, although the copy is fresh for 60 s: a step-up asks Kratos again.
     allowed = ask(bridge, "/pay", method="POST", token=user.token)
     assert allowed.status_code == 200
@@ -169,10 +168,31 @@ def test_rules_hosts_are_the_default_return_to_origins(make_client, kratos, tmp_
     assert "return_to" not in redirect_query(other)
 
 
-def test_failing_a_step_up_asks_kratos_again_at_most_once_a_second(bridge, kratos):
+def test_a_token_that_steps_up_right_after_a_refusal_is_let_in_on_its_next_request(bridge, kratos):
     user = flows.register(kratos)
-    assert ask(bridge, "/reports", token=user.token).status_code == 200
+    flows.enable_totp(kratos, user)
+    token = flows.login_api(kratos, user)  # a password login: aal1, same user with TOTP
+    # The first refusal fills the copy; the second asks Kratos again, right before the
+    # step-up, so the next request falls within any "once a second" of that ask.
+    for _ in range(2):
+        refused = ask(bridge, "/pay", method="POST", token=token)
+        assert refused.status_code == 401
+        assert refused.get_json()["error"] == "aal2_required"
+    flows.upgrade_to_aal2(kratos, user, token)  # the same token, now aal2 at Kratos
+    allowed = ask(bridge, "/pay", method="POST", token=token)
+    assert allowed.status_code == 200
+    assert allowed.headers["X-User-Aal"] == "aal2"
+
+
+def test_a_page_hammering_a_step_up_route_asks_kratos_a_bounded_number_of_times(bridge, kratos):
+    user = flows.register(kratos)
+    assert ask(bridge, "/reports", token=user.token).status_code == 200  # the copy is fresh
     before = kratos.whoami_calls()
+    started = time.monotonic()
     for _ in range(30):
         assert ask(bridge, "/pay", method="POST", token=user.token).status_code == 401
-    assert kratos.whoami_calls() - before <= 2
+    elapsed_ms = (time.monotonic() - started) * 1000
+    # The promise: a burst of asks at once, then one per ASK_AGAIN_EVERY_MS, however
+    # long the 30 requests took on this machine.
+    budget = ASK_AGAIN_BURST + int(elapsed_ms // ASK_AGAIN_EVERY_MS)
+    assert kratos.whoami_calls() - before <= budget

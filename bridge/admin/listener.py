@@ -7,6 +7,11 @@ process that dies hands the port to another. The admin API works the same from a
 them: what it reads and changes is in the store, and revocations reach every process
 through the store's announcements. ``serve`` checks that the port is free before the
 processes start, so a second bridge on the same port fails at once, naming the key.
+
+werkzeug reads a request body only when a route asks for it, but with no time limit; the
+listener gives each body ``BRIDGE_BODY_TIMEOUT`` in all from its first read, then the
+route gets ``408`` (``BodyDeadline``), so a client that stalls or trickles a form holds
+no thread for long.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from werkzeug.exceptions import RequestTimeout
 from werkzeug.serving import BaseWSGIServer, make_server
 
 log = logging.getLogger(__name__)
@@ -38,11 +45,82 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class AdminListener:
-    """Serves ``app`` on ``host:port`` from a daemon thread once it can bind the port."""
+class BodyDeadline:
+    """A request's ``wsgi.input`` that must be read within ``timeout`` seconds in all,
+    counted from its first read (a route that reads no body never starts the clock).
+    When the time is up the connection's read side is shut, which ends a read that is
+    waiting or being fed a byte at a time, and the read raises ``RequestTimeout``."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
-        self._app, self._host, self._port = app, host, port
+    def __init__(self, stream: Any, connection: socket.socket, timeout: float) -> None:
+        self._stream, self._connection, self._timeout = stream, connection, timeout
+        self._timer: threading.Timer | None = None
+        self._expired = threading.Event()
+
+    def read(self, *args: Any) -> bytes:
+        return self._within(self._stream.read, *args)
+
+    def readline(self, *args: Any) -> bytes:
+        return self._within(self._stream.readline, *args)
+
+    def readinto(self, buffer: Any) -> int | None:
+        return self._within(self._stream.readinto, buffer)
+
+    def close(self) -> None:
+        """The request is over: the clock stops."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _within(self, read: Callable[..., Any], *args: Any) -> Any:
+        if self._timer is None:
+            self._timer = threading.Timer(self._timeout, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+        if self._expired.is_set():
+            raise RequestTimeout()
+        try:
+            data = read(*args)
+        except OSError:
+            if self._expired.is_set():
+                raise RequestTimeout() from None
+            raise
+        if self._expired.is_set():
+            raise RequestTimeout()  # what came before the read side was shut is partial
+        return data
+
+    def _expire(self) -> None:
+        self._expired.set()
+        try:
+            self._connection.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # already gone
+
+
+def with_body_deadline(app: Callable[..., Any], timeout: float) -> Callable[..., Any]:
+    """``app`` with each request body under a ``BodyDeadline`` (werkzeug's server puts
+    the connection in the environ)."""
+
+    def deadline_app(
+        environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        connection = environ.get("werkzeug.socket")
+        if connection is None:
+            return app(environ, start_response)
+        body = BodyDeadline(environ["wsgi.input"], connection, timeout)
+        environ["wsgi.input"] = body
+        try:
+            return app(environ, start_response)
+        finally:
+            body.close()
+
+    return deadline_app
+
+
+class AdminListener:
+    """Serves ``app`` on ``host:port`` from a daemon thread once it can bind the port,
+    each request body within ``body_timeout`` seconds."""
+
+    def __init__(self, app: Any, host: str, port: int, body_timeout: float) -> None:
+        self._app, self._host, self._port = with_body_deadline(app, body_timeout), host, port
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log of its own
         self._stop = threading.Event()
         self._server: BaseWSGIServer | None = None
