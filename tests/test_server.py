@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -204,3 +205,26 @@ def test_workers_end_when_the_server_process_is_killed(kratos, redis_server, wor
             if _alive(pid):
                 subprocess.run(["kill", "-9", str(pid)], check=False)
         server.stop()
+
+
+def test_a_second_bridge_on_the_same_ports_exits_2_naming_the_key(kratos, workdir):
+    """Two bridges with the same settings: the second stops with one line naming the port
+    it cannot have, as for any other configuration error, not a traceback."""
+    env = _env(kratos, BRIDGE_PORT=str(free_port()), BRIDGE_ADMIN_PORT=str(free_port()))
+    first = BridgeServer(env, workdir)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve", "--port", str(first.port)],
+            env={k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        first.stop()
+    assert second.returncode == 2, second.stderr
+    assert "Traceback" not in second.stderr
+    assert second.stderr.strip().splitlines() == [
+        f"kratos-bridge: configuration error: BRIDGE_ADMIN_PORT: cannot listen on "
+        f"127.0.0.1:{first.admin_port} (Address already in use)"
+    ]
