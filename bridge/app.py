@@ -28,6 +28,7 @@ from bridge.errors import BridgeError, StoreUnavailable
 from bridge.forward_auth import DecisionWatcher, ForwardAuth
 from bridge.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
 from bridge.kratos import KratosClient
+from bridge.logs import log_unexpected
 from bridge.mirror import AllOf, SessionEvents, SessionMirror, now_ms
 from bridge.redirects import BrowserRedirects, Origin, host_origin
 from bridge.request import HeaderView
@@ -300,7 +301,7 @@ def create_flask_app(bridge: Bridge) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        log.exception("unexpected error on %r", request.path)
+        log_unexpected(log, request.method, request.url_rule and request.url_rule.rule)
         return as_flask(responses.internal_error())
 
     return app

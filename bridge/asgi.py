@@ -31,7 +31,7 @@ from flask import Flask
 from bridge import responses
 from bridge.app import HEADER_VIEW_KEY, Bridge
 from bridge.dialects import Dialect
-from bridge.logs import Throttled
+from bridge.logs import Throttled, log_unexpected
 from bridge.request import HeaderView
 from bridge.responses import Reply
 
@@ -66,6 +66,7 @@ class Front:
         path, method = scope["path"], scope["method"]
         raw = scope.get("raw_path")
         raw_path = raw.decode("latin-1") if raw else path
+        dialect = None
         try:
             dialect = self._dialects.for_path(raw_path)
             if dialect is not None:
@@ -80,7 +81,8 @@ class Front:
                     else responses.http_error(413, "Request Entity Too Large")
                 )
         except Exception:
-            log.exception("unexpected error on %r", path)
+            # Flask's routes log their own; what fails here is the dialect's or the plumbing.
+            log_unexpected(log, method, dialect.route if dialect is not None else None)
             reply = responses.internal_error()
         await _send(send, reply, head=method == "HEAD")
 

@@ -24,6 +24,7 @@ from bridge.admin.kratos_admin import KratosAdmin
 from bridge.admin.sessions import NotFound, SessionAdmin
 from bridge.errors import BadRequest, BridgeError, KratosUnavailable, StoreUnavailable
 from bridge.kratos import parse_timestamp_ms
+from bridge.logs import log_unexpected
 from bridge.mirror import now_ms
 from bridge.responses import Reply
 
@@ -178,7 +179,7 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        app.logger.exception("unexpected error on %r", request.path)
+        log_unexpected(app.logger, request.method, request.url_rule and request.url_rule.rule)
         return _flask(_error(500, "internal_error", "the request could not be handled"))
 
     return app
