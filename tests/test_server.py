@@ -32,7 +32,8 @@ def test_embedded_mode_serves_and_warns(kratos, workdir):
         response = httpx.get(server.url + "/auth", headers={"X-Session-Token": user.token})
         assert response.status_code == 200
         assert response.headers["X-User-Id"] == user.identity_id
-        assert httpx.get(server.url + "/health/ready").json() == {
+        assert httpx.get(server.url + "/health/ready").json() == {"status": "ok"}
+        assert httpx.get(server.admin_url + "/health/ready").json() == {
             "status": "ok",
             "redis": {"kind": "embedded"},
         }

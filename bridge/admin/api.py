@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import openapi, responses
+from bridge import health, openapi, responses
 from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
 from bridge.admin.kratos_admin import KratosAdmin
 from bridge.admin.sessions import NotFound, SessionAdmin
@@ -142,6 +142,11 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
     @app.get("/health/alive", provide_automatic_options=False)
     def alive() -> Response:
         return _json({"status": "ok"})
+
+    @app.get("/health/ready", provide_automatic_options=False)
+    def ready() -> Response:
+        """The full answer, checked now: the topology, or what failed and why."""
+        return _flask(health.check(bridge.store, bridge.kratos).full_reply())
 
     openapi.add_routes(app)
 
