@@ -18,16 +18,17 @@ from urllib.parse import quote
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import app_data, decision_log, openapi, responses
+from bridge import app_data, decision_log, health, openapi, responses
 from bridge.app_token import APP_TOKEN_HEADER, require_app_token
 from bridge.config import Settings
 from bridge.credentials import extract
 from bridge.devices import DeviceChange, DeviceWatch
 from bridge.dialects import Dialects
-from bridge.errors import BridgeError, StoreUnavailable
+from bridge.errors import BridgeError
 from bridge.forward_auth import DecisionWatcher, ForwardAuth
 from bridge.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
 from bridge.kratos import KratosClient
+from bridge.logs import log_unexpected
 from bridge.mirror import AllOf, SessionEvents, SessionMirror, now_ms
 from bridge.redirects import BrowserRedirects, Origin, host_origin
 from bridge.request import HeaderView
@@ -265,23 +266,15 @@ def create_flask_app(bridge: Bridge) -> Flask:
     def alive() -> Response:
         return as_flask(responses.json_reply(200, {"status": "ok"}))
 
+    ready_now = health.KeptStatus(
+        lambda: health.check(bridge.store, bridge.kratos, with_topology=False).ready,
+        health.PUBLIC_READY_FOR_S,
+    )
+
     @app.get("/health/ready", provide_automatic_options=False)
     def ready() -> Response:
-        problems = {}
-        topology: dict[str, object] = {}
-        try:
-            bridge.store.ping()
-            topology = bridge.store.topology()
-        except StoreUnavailable as error:
-            problems["redis"] = str(error)
-        kratos_problem = bridge.kratos.ready()
-        if kratos_problem is not None:
-            problems["kratos"] = kratos_problem
-        if problems:
-            return as_flask(
-                responses.json_reply(503, {"status": "unavailable", "errors": problems})
-            )
-        return as_flask(responses.json_reply(200, {"status": "ok", "redis": topology}))
+        """Status only, and checked at most once a second: anyone may ask (``bridge.health``)."""
+        return as_flask(health.status_reply(ready_now()))
 
     openapi.add_routes(app)
 
@@ -303,7 +296,7 @@ def create_flask_app(bridge: Bridge) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        log.exception("unexpected error on %r", request.path)
+        log_unexpected(log, request.method, request.url_rule and request.url_rule.rule)
         return as_flask(responses.internal_error())
 
     return app

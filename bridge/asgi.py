@@ -33,7 +33,7 @@ from flask import Flask
 from bridge import responses
 from bridge.app import HEADER_VIEW_KEY, Bridge, takes_body
 from bridge.dialects import Dialect
-from bridge.logs import Throttled
+from bridge.logs import Throttled, log_unexpected
 from bridge.request import HeaderView
 from bridge.responses import Reply
 
@@ -69,6 +69,7 @@ class Front:
         path, method = scope["path"], scope["method"]
         raw = scope.get("raw_path")
         raw_path = raw.decode("latin-1") if raw else path
+        dialect = None
         try:
             dialect = self._dialects.for_path(raw_path)
             if dialect is not None:
@@ -78,7 +79,8 @@ class Front:
             else:
                 reply = await self._flask_route(scope, receive)
         except Exception:
-            log.exception("unexpected error on %r", path)
+            # Flask's routes log their own; what fails here is the dialect's or the plumbing.
+            log_unexpected(log, method, dialect.route if dialect is not None else None)
             reply = responses.internal_error()
         await _send(send, reply, head=method == "HEAD")
 

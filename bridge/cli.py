@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 port=parse_option("port", args.port, "--port"),
             )
     except ConfigError as error:
-        print(f"kratos-bridge: configuration error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _configuration_error(error)
     if args.command in admin_cli.COMMANDS:
         return admin_cli.run(args, settings)
 
@@ -99,8 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         return check_command(settings)
     from bridge.server import serve as run_server
 
-    run_server(settings)
+    try:
+        run_server(settings)  # checks what it can only check at start-up: a port taken
+    except ConfigError as error:
+        return _configuration_error(error)
     return 0
+
+
+def _configuration_error(error: ConfigError) -> int:
+    """One line naming the key, and the exit status that says "fix the settings"."""
+    print(f"kratos-bridge: configuration error: {error}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def configure_logging(settings: Settings, quiet: bool = False) -> None:

@@ -703,7 +703,8 @@ OPTIONS: tuple[Option, ...] = (
         "record",
         "When a session is used from another IP address (with `trusted_proxies`) or user "
         "agent than Kratos recorded: `record` a device-change signal (once per session and "
-        "change), `deny` records it and refuses the request (`403`), `off` ignores it.",
+        "change), `deny` records it and refuses the request (`403`; so is a request without "
+        "a user agent when Kratos recorded one), `off` ignores it.",
     ),
     Option(
         "device_stream",

@@ -83,12 +83,22 @@ def client_address(headers: HeaderView, trusted: tuple[Network, ...] | None) -> 
     return None
 
 
-def detect(session: MirroredSession, user_agent: str | None, ip: str | None) -> DeviceChange | None:
-    """The change, when this request's user agent or address differs from Kratos's record
-    (an unknown value on either side is no change)."""
+def detect(
+    session: MirroredSession,
+    user_agent: str | None,
+    ip: str | None,
+    missing_user_agent_changes: bool = False,
+) -> DeviceChange | None:
+    """The change, when this request's user agent or address differs from Kratos's record.
+    An unknown value on either side is no change, except a user agent the request leaves
+    out (or sends empty) where Kratos recorded one, with ``missing_user_agent_changes``:
+    ``deny`` sets it, or leaving the header out would be the way around it."""
     device = session.kratos.get("device") or {}
     old_ua = (device.get("user_agent") or "")[:MAX_USER_AGENT]
-    ua_changed = bool(user_agent and old_ua and user_agent != old_ua)
+    if user_agent:
+        ua_changed = bool(old_ua and user_agent != old_ua)
+    else:
+        ua_changed = bool(old_ua and missing_user_agent_changes)
     ip_changed = False
     old_ip = ""
     if ip or ua_changed:
@@ -97,7 +107,7 @@ def detect(session: MirroredSession, user_agent: str | None, ip: str | None) -> 
         ip_changed = bool(ip and old_ip and ip != old_ip)
     if not (ua_changed or ip_changed):
         return None
-    new_ua = user_agent if ua_changed and user_agent else old_ua
+    new_ua = (user_agent or "") if ua_changed else old_ua
     new_ip = ip if ip_changed and ip else old_ip
     digest = hashlib.sha256(f"{session.id}\x00{new_ip}\x00{new_ua}".encode()).hexdigest()
     return DeviceChange(
@@ -141,17 +151,18 @@ class DeviceWatch:
         if user_agent is not None:
             user_agent = user_agent[:MAX_USER_AGENT]
         ip = client_address(headers, self._trusted) if self._trusted else None
-        if user_agent is None and ip is None:
+        deny = self.mode == "deny"
+        if not user_agent and ip is None and not deny:
             return False
         key = (session.id, user_agent, ip)
         changed = self._known.get(key)
         if changed is None:
-            change = detect(session, user_agent, ip)
+            change = detect(session, user_agent, ip, missing_user_agent_changes=deny)
             changed = change is not None
             self._known.put(key, changed)
             if change is not None:
                 self._submit(change, key)
-        return changed and self.mode == "deny"
+        return changed and deny
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

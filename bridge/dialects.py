@@ -55,6 +55,7 @@ class Dialect:
     header; it returns ``None`` only where the dialect lets the proxy leave the URL out."""
 
     name = ""
+    route = ""  # the bridge's route, as a pattern: what a log may name instead of the path
     redirects_browsers = True  # a browser navigation gets 302/303 (else 401 + Location)
     # Statuses the proxy cannot pass on, and what is sent instead.
     substitutes: dict[int, int] = {}  # noqa: RUF012 - read only
@@ -97,6 +98,7 @@ class NginxAuthRequest(Dialect):
     host it must be sent, since otherwise the rules would judge a host the client chose."""
 
     name = "nginx"
+    route = "/auth"
     redirects_browsers = False
     # nginx answers anything but 200, 401 and 403 from an auth server with its own 500: a
     # request the bridge refuses as malformed is forbidden to the client; a Kratos rate
@@ -148,6 +150,7 @@ class ForwardAuth(Dialect):
     """``/forward-auth``: ``X-Forwarded-Method``, ``-Proto``, ``-Host`` and ``-Uri``, all four."""
 
     name = "forward-auth"
+    route = "/forward-auth"
 
     def __init__(self) -> None:
         # Checked requests by their four header values: a page's many requests (and a
@@ -184,6 +187,7 @@ class EnvoyExtAuthz(Dialect):
 
     name = "ext-authz"
     prefix = "/ext-authz"
+    route = prefix + "/<path>"  # the path after the prefix is the app's: it may hold a token
 
     def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
         scheme = _required(headers, "x-forwarded-proto").lower()
@@ -208,7 +212,7 @@ class Dialects:
         self.nginx = NginxAuthRequest(url_required, host_required)
         self.forward_auth = ForwardAuth()
         self.ext_authz = EnvoyExtAuthz()
-        self._exact = {"/auth": self.nginx, "/forward-auth": self.forward_auth}
+        self._exact = {dialect.route: dialect for dialect in (self.nginx, self.forward_auth)}
 
     def for_path(self, path: str) -> Dialect | None:
         found = self._exact.get(path)

@@ -38,6 +38,16 @@ class Throttled:
         self._log.warning(message, *args)
 
 
+def log_unexpected(logger: logging.Logger, method: str, route: str | None) -> None:
+    """Log the exception being handled with the request's method and the pattern of the
+    route it matched (``/admin/sessions/<session_id>``; ``None``: none matched), never its
+    path or query: they may hold a token (a recovery link's, a session id), which the
+    decision log leaves out for the same reason."""
+    where = route or "(no route)"
+    fields = {"method": method, "route": where}
+    logger.exception("unexpected error on %s %s", method, where, extra={"fields": fields})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a record's ``fields``
     (a decision's, see ``bridge.decision_log``); an exception as its formatted text."""

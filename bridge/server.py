@@ -29,18 +29,17 @@ GIL_SWITCH_INTERVAL = 0.001
 _PR_SET_PDEATHSIG = 1
 
 
-def _check_admin_port(settings: Settings) -> None:
-    """Fail now, naming the key, when the admin port is taken (by another bridge, say):
-    the server processes would otherwise wait for it forever."""
+def _check_port_free(key: str, host: str, port: int) -> None:
+    """Fail now, naming the key, when the port is taken (by another bridge, say): the
+    server processes would otherwise wait for the admin port forever, and on Linux Granian
+    binds the main port in each worker with ``SO_REUSEPORT``, so a second bridge would
+    share it with the first unseen (and anything else holding it makes Granian panic)."""
     from bridge.admin.listener import bind
 
     try:
-        bind(settings.admin_host, settings.admin_port).close()
+        bind(host, port).close()
     except OSError as error:
-        raise ConfigError(
-            "BRIDGE_ADMIN_PORT",
-            f"cannot listen on {settings.admin_host}:{settings.admin_port} ({error.strerror})",
-        ) from None
+        raise ConfigError(key, f"cannot listen on {host}:{port} ({error.strerror})") from None
 
 
 def worker_count(settings: Settings) -> int:
@@ -95,7 +94,8 @@ def serve(settings: Settings) -> None:
 
         prepare_multiprocess_dir()  # before the workers start: they inherit where to write
     if settings.admin_port:
-        _check_admin_port(settings)
+        _check_port_free("BRIDGE_ADMIN_PORT", settings.admin_host, settings.admin_port)
+    _check_port_free("BRIDGE_PORT", settings.host, settings.port)
     if settings.redis_url is None:
         log.warning(
             "BRIDGE_REDIS_URL is not set: using the embedded in-process store "

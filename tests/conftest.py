@@ -154,3 +154,10 @@ def make_client(store_kind: str, redis_server: RedisServer, prefix: str):
 
 def store_of(client: FlaskClient) -> SessionStore:
     return client.application.extensions["bridge"].store
+
+
+def admin_of(client: FlaskClient) -> FlaskClient:
+    """A test client of the admin listener's app, on the same bridge as ``client``."""
+    from bridge.admin.api import create_admin_app
+
+    return create_admin_app(client.application.extensions["bridge"]).test_client()

@@ -183,9 +183,15 @@ class Kratos:
 
     def whoami_calls(self) -> int:
         """How many times Kratos answered /sessions/whoami: counted by Kratos itself."""
+        return self.calls("/sessions/whoami")
+
+    def calls(self, endpoint: str) -> int:
+        """How many times Kratos answered ``endpoint`` (any status), by its own metrics."""
         text = httpx.get(self.admin_url + "/admin/metrics/prometheus").text
         pattern = re.compile(
-            r'^http_requests_duration_seconds_count\{[^}]*endpoint="/sessions/whoami"[^}]*\} (\d+)',
+            r'^http_requests_duration_seconds_count\{[^}]*endpoint="'
+            + re.escape(endpoint)
+            + r'"[^}]*\} (\d+)',
             re.M,
         )
         return sum(int(n) for n in pattern.findall(text))

@@ -58,6 +58,28 @@ def test_deny_refuses_another_device_and_still_records_it(make_client, kratos):
     wait_until(lambda: len(store_of(client).device_changes()) == 1, 5, "the signal")
 
 
+@pytest.mark.parametrize("user_agent", [None, ""], ids=["missing", "empty"])
+def test_deny_counts_a_user_agent_left_out_as_a_change(make_client, kratos, user_agent):
+    """Leaving the header out must not be a way around ``deny``: Kratos recorded one."""
+    client = make_client(kratos, BRIDGE_ON_DEVICE_CHANGE="deny")
+    user = flows.register(kratos)
+    recorded_ua = kratos_user_agent(kratos, user)
+    assert recorded_ua  # what the test is about: Kratos has a user agent on record
+    assert ask(client, user.token, recorded_ua).status_code == 200
+    headers = {**FORWARDED, "X-Session-Token": user.token}
+    if user_agent is None:
+        client.environ_base.pop("HTTP_USER_AGENT")  # the Flask test client's own
+    else:
+        headers["User-Agent"] = user_agent
+    refused = client.get("/forward-auth", headers=headers)
+    assert refused.status_code == 403
+    assert refused.get_json()["error"] == "device_changed"
+    assert "X-User-Id" not in refused.headers
+    wait_until(lambda: len(store_of(client).device_changes()) == 1, 5, "the signal")
+    change = store_of(client).device_changes()[0][1]
+    assert (change["old_user_agent"], change["new_user_agent"]) == (recorded_ua, "")
+
+
 def test_off_records_nothing(make_client, kratos):
     client = make_client(kratos, BRIDGE_ON_DEVICE_CHANGE="off")
     user = flows.register(kratos)

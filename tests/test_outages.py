@@ -8,7 +8,7 @@ import logging
 from bridge.app import create_app
 from bridge.store.connect import redis_target
 from tests import kratos_flows as flows
-from tests.conftest import bridge_settings
+from tests.conftest import admin_of, bridge_settings
 from tests.harness import RedisServer, free_port, wait_until
 
 _STORE_DOWN = {
@@ -45,7 +45,7 @@ def test_kratos_stopped_mid_test(make_client, own_kratos):
     # Once the copy is stale, Kratos cannot confirm it: 503, never the stale copy.
     wait_until(lambda: _status(client, "/auth", known)[0] == 503, 10, "the known session's 503")
     assert _status(client, "/whoami", known)[0] == 503
-    status, body = _status(client, "/health/ready")
+    status, body = _status(admin_of(client), "/health/ready")
     assert (status, set(body["errors"])) == (503, {"kratos"})
 
 
@@ -77,7 +77,7 @@ def test_redis_stopped_is_503_and_not_ready(kratos, workdir, prefix):
     redis_server.stop()
     _known_fresh_session_answers_nothing_else_does(client, known, never_seen, "store_unavailable")
     assert _status(client, "/whoami", known)[0] == 503  # app data lives in Redis
-    status, body = _status(client, "/health/ready")
+    status, body = _status(admin_of(client), "/health/ready")
     assert (status, set(body["errors"])) == (503, {"redis"})
 
 
@@ -90,10 +90,10 @@ def test_a_cluster_down_at_start_answers_503_then_serves_when_it_is_up(kratos, c
     client = create_app(settings, bridge.store).test_client()
     user = flows.register(kratos)
     assert _status(client, "/auth", user) == (503, _STORE_DOWN)
-    status, body = _status(client, "/health/ready")
+    status, body = _status(admin_of(client), "/health/ready")
     assert (status, set(body["errors"])) == (503, {"redis"})
 
     # The same store, now given seeds that answer (as if the cluster had come up).
     bridge.store._new_target = functools.partial(redis_target, cluster_set.url, 0.5)
     assert _status(client, "/auth", user)[0] == 200
-    assert _status(client, "/health/ready")[1]["redis"]["kind"] == "cluster"
+    assert _status(admin_of(client), "/health/ready")[1]["redis"]["kind"] == "cluster"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -31,7 +32,8 @@ def test_embedded_mode_serves_and_warns(kratos, workdir):
         response = httpx.get(server.url + "/auth", headers={"X-Session-Token": user.token})
         assert response.status_code == 200
         assert response.headers["X-User-Id"] == user.identity_id
-        assert httpx.get(server.url + "/health/ready").json() == {
+        assert httpx.get(server.url + "/health/ready").json() == {"status": "ok"}
+        assert httpx.get(server.admin_url + "/health/ready").json() == {
             "status": "ok",
             "redis": {"kind": "embedded"},
         }
@@ -204,3 +206,45 @@ def test_workers_end_when_the_server_process_is_killed(kratos, redis_server, wor
             if _alive(pid):
                 subprocess.run(["kill", "-9", str(pid)], check=False)
         server.stop()
+
+
+def _second_serve(env: dict[str, str], port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--port", str(port)],
+        env={k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")} | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _one_config_line(done: subprocess.CompletedProcess[str], key: str, port: int) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"kratos-bridge: configuration error: {key}: cannot listen on 127.0.0.1:{port} "
+        "(Address already in use)"
+    ]
+
+
+def test_a_second_bridge_on_the_same_ports_exits_2_naming_the_key(kratos, workdir):
+    """Two bridges with the same settings: the second stops with one line naming the port
+    it cannot have, as for any other configuration error, not a traceback."""
+    env = _env(kratos, BRIDGE_PORT=str(free_port()), BRIDGE_ADMIN_PORT=str(free_port()))
+    first = BridgeServer(env, workdir)
+    try:
+        second = _second_serve(env, first.port)
+    finally:
+        first.stop()
+    _one_config_line(second, "BRIDGE_ADMIN_PORT", first.admin_port)
+
+
+def test_a_second_bridge_on_the_same_main_port_exits_2_naming_the_key(kratos, workdir):
+    """Only the main port taken (another admin port, or none): the same, not Granian's
+    panic and its Rust backtrace."""
+    first = BridgeServer(_env(kratos, BRIDGE_ADMIN_PORT="0"), workdir)
+    try:
+        second = _second_serve(_env(kratos, BRIDGE_ADMIN_PORT="0"), first.port)
+    finally:
+        first.stop()
+    _one_config_line(second, "BRIDGE_PORT", first.port)

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import openapi, responses
+from bridge import health, openapi, responses
 from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
 from bridge.admin.kratos_admin import KratosAdmin
 from bridge.admin.sessions import NotFound, SessionAdmin
 from bridge.errors import BadRequest, BridgeError, KratosUnavailable, StoreUnavailable
 from bridge.kratos import parse_timestamp_ms
+from bridge.logs import log_unexpected
 from bridge.mirror import now_ms
 from bridge.responses import Reply
 
@@ -142,6 +143,11 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
     def alive() -> Response:
         return _json({"status": "ok"})
 
+    @app.get("/health/ready", provide_automatic_options=False)
+    def ready() -> Response:
+        """The full answer, checked now: the topology, or what failed and why."""
+        return _flask(health.check(bridge.store, bridge.kratos).full_reply())
+
     openapi.add_routes(app)
 
     @app.errorhandler(AdminError)
@@ -178,7 +184,7 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        app.logger.exception("unexpected error on %r", request.path)
+        log_unexpected(app.logger, request.method, request.url_rule and request.url_rule.rule)
         return _flask(_error(500, "internal_error", "the request could not be handled"))
 
     return app
