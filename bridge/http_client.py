@@ -71,11 +71,14 @@ class _Connection:
         nor the server's close) before a request has been sent."""
         if time.monotonic() - self.idle_since > _IDLE_SECONDS:
             return False
+        # poll(), not select(): select() cannot watch a descriptor past 1024, and a busy
+        # server process holds that many (its clients' sockets count too).
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            poller.register(self.sock, select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def close(self) -> None:
         try:

@@ -7,8 +7,12 @@ named as such, plays it over a real socket.
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import threading
+
+import pytest
 
 from bridge.http_client import HTTPClient
 
@@ -78,3 +82,27 @@ def test_requests_carry_only_their_own_headers(kratos):
             assert client.get("/sessions/whoami", [], timeout=2).status == 401
     finally:
         client.close()
+
+
+def test_keep_alive_holds_when_the_process_has_more_than_1024_descriptors(kratos):
+    """A server process busy with many clients holds descriptors past 1024, where
+    select() cannot look: the client must still reuse its quiet socket to Kratos."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this machine allows {hard} open files, not enough to pass 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    client = HTTPClient(kratos.public_url)
+    try:
+        local_ports = set()
+        for _ in range(3):
+            assert client.get("/health/alive", [], timeout=5).status == 200
+            (connection,) = client._idle  # white-box: the one socket kept for the next call
+            assert connection.sock.fileno() > 1024
+            local_ports.add(connection.sock.getsockname()[1])
+    finally:
+        client.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(local_ports) == 1, "each call opened a new connection"
