@@ -124,12 +124,18 @@ class KratosHooks:
         hook saw; ``None`` if Kratos does not know it (in time)."""
         deadline = time.monotonic() + self._timeout
         path = f"/admin/sessions/{announced.session_id}?expand=identity&expand=devices"
+        answered = False
         while True:
             asked_at = now_ms()
             try:
                 answer = self._admin.get(path, [_ACCEPT_JSON], _left(deadline))
             except RequestFailed as error:
+                if answered and time.monotonic() >= deadline:
+                    # The last ask ran out of the hook's time: Kratos is there (it has
+                    # answered), it just has not shown the session in time.
+                    return None
                 raise KratosUnavailable(f"Kratos admin API unreachable ({error})") from None
+            answered = True
             if answer.status == 200:
                 view, expires_at_ms = parse_session(answer.body)
                 if view["session_id"] != announced.session_id:

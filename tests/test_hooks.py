@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from bridge.session import upgrade_id
 from bridge.store import SessionStore
 from tests import kratos_flows as flows
 from tests.conftest import SECRET, bridge_settings
-from tests.harness import BridgeServer, Kratos, RedisServer, shut_down, wait_until
+from tests.harness import BridgeServer, Kratos, RedisServer, SlowLink, shut_down, wait_until
 from tests.proxies import ROOT
 
 HOOK_SECRET = "hook-secret-for-tests-" + "k" * 20
@@ -292,6 +293,21 @@ def test_unknown_flow_and_bad_body(start_bridge):
         assert response.status_code == 400
     nil = {"session": {"id": "00000000-0000-0000-0000-000000000000", "aal": "aal1"}}
     assert httpx.post(bridge.url + "/hooks/kratos/login", json=nil, headers=key).status_code == 204
+
+
+def test_a_session_kratos_never_shows_is_nothing_to_mirror(start_bridge, hooked_kratos):
+    """The hook asks Kratos until its time is up; when the last ask is still under way at
+    that moment, that is "not in time" (204), not "Kratos unreachable" (503). Kratos's
+    answers take 0.2 s of the 0.3 s here, so the second ask always runs out of time."""
+    link = SlowLink(hooked_kratos.admin_port, delay=0.2)
+    try:
+        bridge = start_bridge(BRIDGE_KRATOS_ADMIN_URL=link.url, BRIDGE_KRATOS_TIMEOUT="0.3")
+        unknown = {"session": {"id": str(uuid.uuid4()), "aal": "aal1"}}
+        key = {"X-Bridge-Hook-Key": HOOK_SECRET}
+        response = httpx.post(bridge.url + "/hooks/kratos/login", json=unknown, headers=key)
+        assert response.status_code == 204, response.text
+    finally:
+        link.close()
 
 
 def _failed_hook_logged(kratos: Kratos, log_size: int) -> bool:
