@@ -180,6 +180,8 @@ def read_body(body: bytes) -> Announced | None:
     if aal is not None and aal not in ("aal0", "aal1", "aal2", "aal3"):
         raise BadHookBody("session.aal is not an AAL")
     methods = session.get("methods", 0)
+    if isinstance(methods, float) and methods.is_integer():
+        methods = int(methods)  # JSON has one kind of number: 3.0 is the integer 3
     if not isinstance(methods, int) or isinstance(methods, bool) or not 0 <= methods <= 64:
         raise BadHookBody("session.methods is not a small count")
     return Announced(session_id, aal, methods)

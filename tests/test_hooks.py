@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import yaml
 
 from bridge.app import build_store, create_app
+from bridge.hooks import BadHookBody, read_body
 from bridge.session import upgrade_id
 from bridge.store import SessionStore
 from tests import kratos_flows as flows
@@ -308,6 +310,20 @@ def test_a_session_kratos_never_shows_is_nothing_to_mirror(start_bridge, hooked_
         assert response.status_code == 204, response.text
     finally:
         link.close()
+
+
+@pytest.mark.parametrize(("methods", "read"), [(2, 2), (2.0, 2), (0.0, 0)])
+def test_a_count_of_methods_is_any_integral_json_number(methods, read):
+    """JSON (and the document's `integer`) has one kind of number: 2.0 is the integer 2."""
+    body = {"session": {"id": "3f0c2a4e-5b1d-4c3e-9f7a-1b2c3d4e5f60", "methods": methods}}
+    assert read_body(orjson.dumps(body)).methods == read
+
+
+@pytest.mark.parametrize("methods", [2.5, -1, 65, True, "2"])
+def test_a_count_of_methods_that_is_not_a_small_integer_is_refused(methods):
+    body = {"session": {"id": "3f0c2a4e-5b1d-4c3e-9f7a-1b2c3d4e5f60", "methods": methods}}
+    with pytest.raises(BadHookBody):
+        read_body(orjson.dumps(body))
 
 
 def _failed_hook_logged(kratos: Kratos, log_size: int) -> bool:
