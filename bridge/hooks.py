@@ -124,12 +124,18 @@ class KratosHooks:
         hook saw; ``None`` if Kratos does not know it (in time)."""
         deadline = time.monotonic() + self._timeout
         path = f"/admin/sessions/{announced.session_id}?expand=identity&expand=devices"
+        answered = False
         while True:
             asked_at = now_ms()
             try:
                 answer = self._admin.get(path, [_ACCEPT_JSON], _left(deadline))
             except RequestFailed as error:
+                if answered and time.monotonic() >= deadline:
+                    # The last ask ran out of the hook's time: Kratos is there (it has
+                    # answered), it just has not shown the session in time.
+                    return None
                 raise KratosUnavailable(f"Kratos admin API unreachable ({error})") from None
+            answered = True
             if answer.status == 200:
                 view, expires_at_ms = parse_session(answer.body)
                 if view["session_id"] != announced.session_id:
@@ -174,6 +180,8 @@ def read_body(body: bytes) -> Announced | None:
     if aal is not None and aal not in ("aal0", "aal1", "aal2", "aal3"):
         raise BadHookBody("session.aal is not an AAL")
     methods = session.get("methods", 0)
+    if isinstance(methods, float) and methods.is_integer():
+        methods = int(methods)  # JSON has one kind of number: 3.0 is the integer 3
     if not isinstance(methods, int) or isinstance(methods, bool) or not 0 <= methods <= 64:
         raise BadHookBody("session.methods is not a small count")
     return Announced(session_id, aal, methods)

@@ -8,7 +8,8 @@
 #     name other paths). With empty caches the builds take minutes (Traefik about 5.5 on
 #     2 cores), so the missing ones run at the same time, in the background, while the
 #     virtualenv is set up.
-# Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`. After pytest, a 60 s fuzz
+# run (FUZZ_SECONDS; 0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,4 +83,12 @@ done
 export BRIDGE_SCREENSHOTS_DIR="${BRIDGE_SCREENSHOTS_DIR:-$PWD/.screenshots}"
 # Without a browser the dashboard tests would be skipped: here they must run.
 export CI_REQUIRE_BROWSER=1
-.venv/bin/python -m pytest "$@"
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+# Then a bounded fuzz run of the entry points tests/test_properties.py checks (tests/fuzz.py):
+# it prints the seed and each target's executions, and fails on a broken property.
+# FUZZ_SECONDS sets its budget (default 60; 0 leaves it out).
+if [ "${FUZZ_SECONDS:-60}" != 0 ]; then
+  .venv/bin/python -m tests.fuzz "${FUZZ_SECONDS:-60}" || status=1
+fi
+exit "$status"

@@ -8,19 +8,22 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import yaml
 
 from bridge.app import build_store, create_app
+from bridge.hooks import BadHookBody, read_body
 from bridge.session import upgrade_id
 from bridge.store import SessionStore
 from tests import kratos_flows as flows
 from tests.conftest import SECRET, bridge_settings
-from tests.harness import BridgeServer, Kratos, RedisServer, shut_down, wait_until
+from tests.harness import BridgeServer, Kratos, RedisServer, SlowLink, shut_down, wait_until
 from tests.proxies import ROOT
 
 HOOK_SECRET = "hook-secret-for-tests-" + "k" * 20
@@ -292,6 +295,35 @@ def test_unknown_flow_and_bad_body(start_bridge):
         assert response.status_code == 400
     nil = {"session": {"id": "00000000-0000-0000-0000-000000000000", "aal": "aal1"}}
     assert httpx.post(bridge.url + "/hooks/kratos/login", json=nil, headers=key).status_code == 204
+
+
+def test_a_session_kratos_never_shows_is_nothing_to_mirror(start_bridge, hooked_kratos):
+    """The hook asks Kratos until its time is up; when the last ask is still under way at
+    that moment, that is "not in time" (204), not "Kratos unreachable" (503). Kratos's
+    answers take 0.2 s of the 0.3 s here, so the second ask always runs out of time."""
+    link = SlowLink(hooked_kratos.admin_port, delay=0.2)
+    try:
+        bridge = start_bridge(BRIDGE_KRATOS_ADMIN_URL=link.url, BRIDGE_KRATOS_TIMEOUT="0.3")
+        unknown = {"session": {"id": str(uuid.uuid4()), "aal": "aal1"}}
+        key = {"X-Bridge-Hook-Key": HOOK_SECRET}
+        response = httpx.post(bridge.url + "/hooks/kratos/login", json=unknown, headers=key)
+        assert response.status_code == 204, response.text
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize(("methods", "read"), [(2, 2), (2.0, 2), (0.0, 0)])
+def test_a_count_of_methods_is_any_integral_json_number(methods, read):
+    """JSON (and the document's `integer`) has one kind of number: 2.0 is the integer 2."""
+    body = {"session": {"id": "3f0c2a4e-5b1d-4c3e-9f7a-1b2c3d4e5f60", "methods": methods}}
+    assert read_body(orjson.dumps(body)).methods == read
+
+
+@pytest.mark.parametrize("methods", [2.5, -1, 65, True, "2"])
+def test_a_count_of_methods_that_is_not_a_small_integer_is_refused(methods):
+    body = {"session": {"id": "3f0c2a4e-5b1d-4c3e-9f7a-1b2c3d4e5f60", "methods": methods}}
+    with pytest.raises(BadHookBody):
+        read_body(orjson.dumps(body))
 
 
 def _failed_hook_logged(kratos: Kratos, log_size: int) -> bool:

@@ -62,9 +62,12 @@ class KratosAdmin:
                     active=True,
                     _request_timeout=self._timeout,
                 )
-                ids += [session.id for session in answer.data or []]
+                page = answer.data or []
+                ids += [session.id for session in page]
+                # Kratos (v1.3.1) links a "next" page after every page, the empty one
+                # included: a page that is not full is the last.
                 token = _next_page_token(answer.headers or {})
-                if token is None:
+                if token is None or len(page) < _PAGE_SIZE:
                     return ids
         except NotFoundException:
             return None
