@@ -14,8 +14,6 @@ import logging
 import re
 from dataclasses import dataclass
 
-import orjson
-
 from bridge.request import HeaderView
 from bridge.responses import Reply
 from bridge.session import MirroredSession
@@ -68,10 +66,7 @@ def record(dialect: str, method: str, headers: HeaderView, reply: Reply, trace: 
 
 
 def outcome(reply: Reply) -> str:
-    """``allow``, or the refusal's error code."""
+    """``allow``, or the refusal's error code (``refused`` for an answer without one)."""
     if reply.status == 200:
         return "allow"
-    try:
-        return str(orjson.loads(reply.body).get("error"))
-    except (orjson.JSONDecodeError, AttributeError):
-        return "refused"
+    return reply.code or "refused"

@@ -32,6 +32,15 @@ class SessionInvalid(BridgeError):
     """Kratos does not accept the credential (or its shape rules it out first)."""
 
 
+class RejectedRecently(SessionInvalid):
+    """Kratos rejected this credential a moment ago (``BRIDGE_NEGATIVE_CACHE_TTL``): it is
+    refused from that memory, without asking Kratos again. Answered as any
+    ``SessionInvalid``; its own class is what the metrics count as a negative-cache hit."""
+
+    def __init__(self) -> None:
+        super().__init__("Kratos rejected this credential recently")
+
+
 class StepUpRequired(BridgeError):
     """The session is valid but a second factor is needed (Kratos 403 aal2)."""
 

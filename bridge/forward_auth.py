@@ -50,8 +50,9 @@ ASK_AGAIN_EVERY_MS = 1000
 
 DecisionWatcher = Callable[[str, str, HeaderView, Reply, Trace], None]
 """Told of every decision once it is made: ``(dialect, method, headers, reply, trace)``.
-The decision log, the metrics and the analytics are watchers; with none, no trace is
-kept and the path does no extra work."""
+A refusal's reply says its ``code`` and ``cause`` (the error's class): watchers read
+those, never the body. The decision log, the metrics and the analytics are watchers;
+with none, no trace is kept and the path does no extra work."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 
 from bridge.bounded import BoundedMap
 from bridge.credentials import Credential, Fingerprints
-from bridge.errors import BridgeError, SessionInvalid, StoreUnavailable
+from bridge.errors import BridgeError, RejectedRecently, SessionInvalid, StoreUnavailable
 from bridge.kratos import KratosClient
 from bridge.refresh import REFRESH_AT, Refresher, refresh_lead_ms
 from bridge.session import MirroredSession, aal2_event, mirror
@@ -142,7 +142,7 @@ class SessionMirror:
     def from_memory(self, credential: Credential) -> Resolved | None:
         """What this process alone can say, with no I/O (so the server may call it on its
         event loop): the fresh copy of the session (with cookies a background refresh
-        brought, the first time only), or ``SessionInvalid`` for a credential Kratos
+        brought, the first time only), or ``RejectedRecently`` for a credential Kratos
         rejected recently, or ``None``. A copy near the end of its freshness is scheduled
         for a refresh."""
         fingerprint = self._fingerprints.of(credential)
@@ -151,7 +151,7 @@ class SessionMirror:
         rejected_at = self._rejected.get(fingerprint)
         if rejected_at is not None and now - rejected_at < self._negative_ttl_ms:
             if recent is None or rejected_at >= recent.validated_at_ms:
-                raise SessionInvalid("Kratos rejected this credential recently")
+                raise RejectedRecently()
         if recent is None or not recent.is_fresh(now, self._revalidate_after_ms):
             return None
         age = now - recent.validated_at_ms
@@ -279,7 +279,7 @@ class SessionMirror:
             if now - found.entry.rejected_at_ms < self._negative_ttl_ms:
                 self._recent.pop(fingerprint)
                 self._rejected.put(fingerprint, found.entry.rejected_at_ms)
-                raise SessionInvalid("Kratos rejected this credential recently")
+                raise RejectedRecently()
         seen = found.session
         if seen is not None and seen.is_fresh(now, fresh_for_ms):
             return Resolved(seen)

@@ -9,7 +9,7 @@ set on an allow. Every error is a small JSON object ``{"error": <code>, "message
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -41,16 +41,23 @@ log = logging.getLogger(__name__)
 REDIRECT_HEADER = "X-Bridge-Redirect"
 _NO_STORE = ("Cache-Control", "no-store")
 _JSON = ("Content-Type", "application/json")
+_JSON_HEADERS = (_JSON, _NO_STORE)
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
     """An answer, immutable so that one can serve many requests; ``raw_headers`` is the
-    header list as the server sends it (bytes, with ``Content-Length``), built once."""
+    header list as the server sends it (bytes, with ``Content-Length``), built once.
+
+    An error answer also says what it is, for the watchers (log, metrics), which never
+    read the body: ``code`` is its error code, ``cause`` the class of the ``BridgeError``
+    it refuses. Kinds, never an instance: a reply holds nothing of one user."""
 
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+    code: str | None = None
+    cause: type[BridgeError] | None = None
     raw_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,7 +67,8 @@ class Reply:
         object.__setattr__(self, "raw_headers", tuple(raw))
 
     def with_header(self, name: str, value: str) -> Reply:
-        return Reply(self.status, (*self.headers, (name, value)), self.body)
+        headers = (*self.headers, (name, value))
+        return Reply(self.status, headers, self.body, self.code, self.cause)
 
 
 def allow(headers: tuple[tuple[str, str], ...], set_cookies: tuple[str, ...]) -> Reply:
@@ -83,13 +91,15 @@ def session_json(session: MirroredSession, set_cookies: tuple[str, ...]) -> Repl
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A refused request, before a dialect shapes it: ``redirect`` is where a browser
-    should go (Kratos's login), when it can do something about it."""
+    should go (Kratos's login), when it can do something about it; ``cause`` is the class
+    of the error refused, passed on to the reply."""
 
     status: int
     code: str
     message: str
     redirect: str | None = None
     retry_after: str | None = None
+    cause: type[BridgeError] | None = None
 
     def reply(
         self, status: int | None = None, location: bool = False, redirect_header: bool = True
@@ -98,7 +108,9 @@ class Refusal:
         redirect goes in ``X-Bridge-Redirect`` unless ``redirect_header`` is unset (a 302
         says it in ``Location``), and in ``Location`` when ``location`` is set. Both fit a
         proxy's buffer for the auth answer's headers (``MAX_REDIRECT``)."""
-        reply = _error(status or self.status, self.code, self.message, self.redirect)
+        reply = _error(
+            status or self.status, self.code, self.message, self.redirect, cause=self.cause
+        )
         if self.redirect:
             if location:
                 reply = reply.with_header("Location", self.redirect)
@@ -111,6 +123,12 @@ def refusal(
     error: BridgeError, redirects: BrowserRedirects, original: OriginalRequest | None
 ) -> Refusal:
     """The answer for every ``BridgeError`` the request path raises or decides."""
+    return replace(_refusal(error, redirects, original), cause=type(error))
+
+
+def _refusal(
+    error: BridgeError, redirects: BrowserRedirects, original: OriginalRequest | None
+) -> Refusal:
     if isinstance(error, CredentialMissing):
         return Refusal(401, "session_missing", str(error), redirects.login(original))
     if isinstance(error, SessionInvalid):
@@ -168,7 +186,7 @@ def http_error(status: int, name: str, allowed_methods: list[str] | None = None)
 
 
 def json_reply(status: int, body: dict[str, Any]) -> Reply:
-    return Reply(status, (_JSON, _NO_STORE), _encode(body))
+    return Reply(status, _JSON_HEADERS, _encode(body))
 
 
 def _error(
@@ -178,11 +196,12 @@ def _error(
     redirect_browser_to: str | None = None,
     *,
     retry_after: str | None = None,
+    cause: type[BridgeError] | None = None,
 ) -> Reply:
     body: dict[str, str] = {"error": code, "message": message}
     if redirect_browser_to:
         body["redirect_browser_to"] = redirect_browser_to
-    reply = json_reply(status, body)
+    reply = Reply(status, _JSON_HEADERS, _encode(body), code, cause)
     return reply.with_header("Retry-After", retry_after) if retry_after else reply
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import httpx
 import orjson
 
+from bridge.decision_log import outcome
+from bridge.responses import Reply
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
 from tests.harness import BridgeServer, wait_until
@@ -20,6 +22,12 @@ def _decisions(bridge: BridgeServer) -> list[dict]:
             if entry.get("logger") == "bridge.decisions":
                 lines.append(entry)
     return lines
+
+
+def test_the_decision_is_the_reply_s_code_whatever_its_body():
+    assert outcome(Reply(200, ())) == "allow"
+    assert outcome(Reply(401, (), b"<p>no</p>", "session_missing")) == "session_missing"
+    assert outcome(Reply(401, (), b'{"error": "session_missing"}')) == "refused"  # no code
 
 
 def test_each_decision_is_one_json_line_without_credentials(kratos, redis_server, workdir):

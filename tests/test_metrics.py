@@ -17,9 +17,10 @@ from bridge.admin.metrics import MULTIPROC_DIR_ENV, Metrics, prepare_multiproces
 from bridge.app import build_bridge, build_store
 from bridge.credentials import extract
 from bridge.decision_log import Trace
-from bridge.errors import KratosUnavailable, SessionInvalid, StoreUnavailable
+from bridge.errors import KratosUnavailable, RejectedRecently, SessionInvalid, StoreUnavailable
 from bridge.kratos import KratosClient
 from bridge.mirror import now_ms
+from bridge.redirects import BrowserRedirects
 from bridge.request import HeaderView
 from bridge.responses import Refusal, Reply, allow, refusal
 from bridge.session import aal2_event, mirror
@@ -131,6 +132,36 @@ def test_a_refusal_from_the_rejection_memory_is_a_negative_cache_hit(kratos, met
     found = samples(metrics.exposition()[0])
     assert value(found, "bridge_negative_cache_hits_total") == 1
     assert sum(named(found, "bridge_decisions_total").values()) == 2
+
+
+def test_a_negative_cache_hit_is_known_by_its_error_class_not_its_words(metrics):
+    """Rewording the refusal hides no hit, and a refusal that only shares its words is
+    not one: the watcher counts refusals of a ``RejectedRecently``."""
+    redirects = BrowserRedirects("https://login.example.com/login", ())
+    reworded = RejectedRecently()
+    reworded.args = ("Kratos turned this credential down a moment ago",)
+    same_words = SessionInvalid("Kratos rejected this credential recently")
+    watch = metrics.decision_watcher()
+    for error in (reworded, same_words):
+        watch("nginx", "GET", HeaderView([]), refusal(error, redirects, None).reply(), trace())
+
+    found = samples(metrics.exposition()[0])
+    assert value(found, "bridge_negative_cache_hits_total") == 1
+    refused = dict(dialect="nginx", rule="default", outcome="session_invalid", tier="none")
+    assert value(found, "bridge_decisions_total", **refused) == 2
+
+
+def test_refusals_are_counted_from_the_reply_s_facts_not_its_body(metrics):
+    """A watcher never parses the answer it is shown: the code and the error's class
+    travel with the reply, whatever its body."""
+    watch = metrics.decision_watcher()
+    not_json = Reply(401, (), b"<p>refused</p>", "session_invalid", RejectedRecently)
+    watch("nginx", "GET", HeaderView([]), not_json, trace())
+
+    found = samples(metrics.exposition()[0])
+    assert value(found, "bridge_negative_cache_hits_total") == 1
+    refused = dict(dialect="nginx", rule="default", outcome="session_invalid", tier="none")
+    assert value(found, "bridge_decisions_total", **refused) == 1
 
 
 def test_kratos_calls_by_status_and_latency(kratos, metrics):

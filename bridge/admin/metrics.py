@@ -59,10 +59,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from bridge.decision_log import Trace, outcome
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, RejectedRecently
 from bridge.logs import Throttled
 from bridge.mirror import SessionEvents
 from bridge.request import HeaderView
@@ -86,9 +84,6 @@ DECISION_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
 KRATOS_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# What ``bridge.mirror`` says when it refuses a credential Kratos rejected recently,
-# from its memory or from the store's, without asking Kratos.
-REJECTED_RECENTLY = "Kratos rejected this credential recently"
 ACTIVE_SESSIONS = "bridge_active_sessions"
 _KINDS = ("counter", "histogram")  # the two files of each process
 
@@ -421,16 +416,8 @@ class _ScrapeTimeGauges:
 
 
 def _refusal_key(dialect: str, reply: Reply, trace: Trace) -> _DecisionKey:
-    code = outcome(reply)
-    hit = code == "session_invalid" and _message(reply) == REJECTED_RECENTLY
-    return (dialect, trace.rule, code, trace.tier, hit)
-
-
-def _message(reply: Reply) -> object:
-    try:
-        return orjson.loads(reply.body).get("message")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
+    hit = reply.cause is not None and issubclass(reply.cause, RejectedRecently)
+    return (dialect, trace.rule, outcome(reply), trace.tier, hit)
 
 
 def _add(totals: dict[Any, list[Any]], key: Any, entry: list[Any]) -> None:
