@@ -27,6 +27,7 @@ from enum import Enum
 from typing import Protocol
 
 from bridge.errors import CredentialMissing, SessionInvalid
+from bridge.request import declare_read
 
 # Session tokens are "ory_st_" + 32 alphanumerics (x/token_prefixes.go); tokens
 # from before v1.0 have no prefix. The length range leaves room for change.
@@ -37,6 +38,7 @@ _COOKIE_PAYLOAD = re.compile(rb"[0-9]{1,20}\|[A-Za-z0-9_-]+={0,2}\|.{16,64}", re
 _MAX_COOKIE_VALUE = 4096
 # What Go's net/http accepts inside a cookie value; it skips cookies with anything else.
 _GO_COOKIE_VALUE = re.compile(r"[\x20\x21\x23-\x3a\x3c-\x5b\x5d-\x7e]*")
+CREDENTIAL_HEADERS = declare_read("x-session-token", "cookie", "authorization")
 
 
 class HeaderSource(Protocol):

@@ -14,12 +14,13 @@ import logging
 import re
 from dataclasses import dataclass
 
-from bridge.request import HeaderView
+from bridge.request import HeaderView, declare_read
 from bridge.responses import Reply
 from bridge.session import MirroredSession
 
 log = logging.getLogger("bridge.decisions")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+LOGGED_HEADERS = declare_read("x-request-id")
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from bridge.bounded import BoundedMap
 from bridge.logs import Throttled
-from bridge.request import HeaderView
+from bridge.request import HeaderView, declare_read
 from bridge.session import MirroredSession, iso
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ _failures = Throttled(log)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_PENDING = 1000
 MAX_USER_AGENT = 256  # compared, stored and remembered: one session cannot make it costly
+DEVICE_HEADERS = declare_read("user-agent", "x-forwarded-for")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs
 
 from bridge.bounded import BoundedMap
 from bridge.errors import BadRequest
-from bridge.request import HeaderView, OriginalRequest
+from bridge.request import HeaderView, OriginalRequest, declare_read
 from bridge.responses import Refusal, Reply
 from bridge.rules import normalise_host
 
@@ -48,17 +48,26 @@ _STRICT_HOST = re.compile(_HOST_NAME + r"(?::[0-9]{1,5})?")
 _TARGET = re.compile(r"/[\x21-\x7e]*")
 _SCHEMES = ("http", "https")
 _READ_ONLY = frozenset(("GET", "HEAD"))
+# What tells a browser navigation from an API call (``is_navigation``), for every dialect.
+NAVIGATION_HEADERS = declare_read("accept", "x-requested-with", "sec-fetch-mode")
 
 
 class Dialect:
     """One way of asking. ``original`` raises ``BadRequest`` naming a missing or malformed
-    header; it returns ``None`` only where the dialect lets the proxy leave the URL out."""
+    header; it returns ``None`` only where the dialect lets the proxy leave the URL out.
+    ``reads`` names (lower case) every header ``original`` reads: only declared headers are
+    kept of a request, so a subclass declares its own when it is defined."""
 
     name = ""
+    reads: tuple[str, ...] = ()
     route = ""  # the bridge's route, as a pattern: what a log may name instead of the path
     redirects_browsers = True  # a browser navigation gets 302/303 (else 401 + Location)
     # Statuses the proxy cannot pass on, and what is sent instead.
     substitutes: dict[int, int] = {}  # noqa: RUF012 - read only
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        declare_read(*cls.reads)
 
     def original(
         self, headers: HeaderView, method: str, path: str, query: str
@@ -99,6 +108,7 @@ class NginxAuthRequest(Dialect):
 
     name = "nginx"
     route = "/auth"
+    reads = ("x-original-url", "x-original-method", "x-forwarded-host")
     redirects_browsers = False
     # nginx answers anything but 200, 401 and 403 from an auth server with its own 500: a
     # request the bridge refuses as malformed is forbidden to the client; a Kratos rate
@@ -151,6 +161,8 @@ class ForwardAuth(Dialect):
 
     name = "forward-auth"
     route = "/forward-auth"
+    # In the order ``original`` unpacks them.
+    reads = ("x-forwarded-method", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-uri")
 
     def __init__(self) -> None:
         # Checked requests by their four header values: a page's many requests (and a
@@ -158,7 +170,7 @@ class ForwardAuth(Dialect):
         self._checked: BoundedMap[tuple[str, ...], OriginalRequest] = BoundedMap(10_000)
 
     def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
-        values = tuple(_required(headers, name) for name in _FORWARDED)
+        values = tuple(_required(headers, name) for name in self.reads)
         checked = self._checked.get(values)
         if checked is not None:
             return checked
@@ -177,7 +189,6 @@ class ForwardAuth(Dialect):
         return checked
 
 
-_FORWARDED = ("x-forwarded-method", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-uri")
 _MEMO_MAX_TARGET = 1024
 
 
@@ -186,6 +197,7 @@ class EnvoyExtAuthz(Dialect):
     the prefix; the scheme from ``X-Forwarded-Proto`` (list it in ``allowed_headers``)."""
 
     name = "ext-authz"
+    reads = ("x-forwarded-proto", "host")
     prefix = "/ext-authz"
     route = prefix + "/<path>"  # the path after the prefix is the app's: it may hold a token
 

@@ -3,8 +3,8 @@
 Header values are kept as the bytes the client sent, decoded as Latin-1 (one
 character per byte), so a cookie header holding another app's UTF-8 cookie is
 still read: its pairs are then judged one by one, as Kratos does. Only the headers
-the decision uses are kept; repeats are kept too, so a credential header sent twice
-can be refused.
+a stage declared it reads (``declare_read``) are kept; repeats are kept too, so a credential
+header sent twice can be refused.
 """
 
 from __future__ import annotations
@@ -13,27 +13,27 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# The headers the forward-auth path reads, lower case: the credential, what a dialect says
-# about the original request, and what tells a browser navigation from an API call.
-CREDENTIAL_HEADERS = ("x-session-token", "cookie", "authorization")
-ORIGIN_HEADERS = (
-    "host",
-    "x-original-url",
-    "x-original-method",
-    "x-forwarded-method",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-uri",
-)
-CALLER_HEADERS = (
-    "accept",
-    "x-requested-with",
-    "sec-fetch-mode",
-    "user-agent",
-    "x-forwarded-for",
-    "x-request-id",
-)
-_WANTED = frozenset(CREDENTIAL_HEADERS + ORIGIN_HEADERS + CALLER_HEADERS)
+# The headers some stage reads, lower case. Each stage declares its own with
+# ``declare_read`` when it is imported (a dialect through its ``reads`` attribute), so a
+# new stage or dialect adds its headers in its own file; tests/test_header_declarations.py
+# finds a stage reading a header it did not declare (which would read as None).
+_WANTED: frozenset[str] = frozenset()
+
+
+def declare_read(*names: str) -> tuple[str, ...]:
+    """Declare headers a stage reads: from now on every ``HeaderView`` keeps them.
+    Returns ``names``, for the stage to keep as the list it reads."""
+    global _WANTED
+    for name in names:
+        if name != name.lower() or not name:
+            raise ValueError(f"header names are declared in lower case, not {name!r}")
+    _WANTED = _WANTED | frozenset(names)
+    return names
+
+
+def declared() -> frozenset[str]:
+    """Every header some stage has declared so far."""
+    return _WANTED
 
 
 class HeaderView:
@@ -44,8 +44,9 @@ class HeaderView:
 
     def __init__(self, pairs: Iterable[tuple[str, str]], peer: str | None = None) -> None:
         values: dict[str, list[str]] = {}
+        kept = _WANTED
         for name, value in pairs:
-            if name in _WANTED:
+            if name in kept:
                 values.setdefault(name, []).append(value)
         self._values = values
         self.peer = peer
