@@ -135,8 +135,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         settings.secret,
         settings.revalidate_after,
         settings.negative_cache_ttl,
-        settings.kratos_timeout,
-        settings.redis_timeout,
+        settings.request_budget,
         events=events,
     )
     rules = load_rules(settings)

@@ -56,7 +56,7 @@ class Front:
         self._dialects = bridge.dialects
         self._flask = flask_app
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="bridge")
-        self._budget = settings.kratos_timeout + 2 * settings.redis_timeout
+        self._budget = settings.request_budget
         self._body_timeout = settings.body_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from bridge.config import (
     reference_table,
 )
 from bridge.errors import BridgeError, ConfigError, StoreUnavailable
-from bridge.logs import JsonFormatter
+from bridge.logs import configure_logging
 from bridge.responses import Reply
 
 EXIT_CONFIG = 2
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # check's output is the lines it prints: the log (the store's warnings, urllib3's)
     # would repeat them or come between them, so it shows only at BRIDGE_LOG_LEVEL=debug.
-    configure_logging(settings, quiet=args.command == "check")
+    configure_logging(settings.log_level, settings.log_format, quiet=args.command == "check")
     if args.command == "check" and args.url is not None:
         return decide_command(settings, args.url, args.method, args.session_token)
     if args.command == "check":
@@ -109,24 +108,6 @@ def _configuration_error(error: ConfigError) -> int:
     """One line naming the key, and the exit status that says "fix the settings"."""
     print(f"kratos-bridge: configuration error: {error}", file=sys.stderr)
     return EXIT_CONFIG
-
-
-def configure_logging(settings: Settings, quiet: bool = False) -> None:
-    """The log on stderr at ``BRIDGE_LOG_LEVEL`` in ``BRIDGE_LOG_FORMAT``; ``quiet``: no
-    log at all unless the level is ``debug``."""
-    handler = logging.StreamHandler()
-    as_json = settings.log_format == "json" or (
-        settings.log_format == "auto" and not sys.stderr.isatty()
-    )
-    handler.setFormatter(
-        JsonFormatter()
-        if as_json
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    level = settings.log_level.upper()
-    if quiet and level != "DEBUG":
-        handler.setLevel(logging.CRITICAL + 1)
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def check_command(settings: Settings) -> int:

@@ -868,6 +868,14 @@ class Settings:
         values.update({k: v for k, v in changes.items() if v is not None})
         return Settings(**values)
 
+    @property
+    def request_budget(self) -> float:
+        """Seconds a request may wait in all for Kratos and Redis: one Kratos call (bounded
+        as a whole) and a Redis command on either side of it. The front answers 503 past
+        it; the mirror's revalidation lock, its wait for a peer's answer, and how long an
+        admin's revocation holds off a save already under way are measured from it."""
+        return self.kratos_timeout + 2 * self.redis_timeout
+
 
 def load_settings(
     environ: Mapping[str, str] | None = None, config_file: str | Path | None = None

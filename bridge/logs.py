@@ -9,6 +9,7 @@ credential: callers pass the error's class name or status, nothing from the requ
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -65,3 +66,21 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+
+def configure_logging(level: str, log_format: str, quiet: bool = False) -> None:
+    """The log on stderr at ``level`` (``BRIDGE_LOG_LEVEL``) in ``log_format``
+    (``BRIDGE_LOG_FORMAT``: json, text, or auto: json unless stderr is a terminal);
+    ``quiet``: no log at all unless the level is ``debug``. It takes the two values, not
+    the settings, so that this module stays one that the whole package can import."""
+    handler = logging.StreamHandler()
+    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    handler.setFormatter(
+        JsonFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    level = level.upper()
+    if quiet and level != "DEBUG":
+        handler.setLevel(logging.CRITICAL + 1)
+    logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -103,8 +103,7 @@ class SessionMirror:
         secret: bytes,
         revalidate_after: float,
         negative_cache_ttl: float,
-        kratos_timeout: float,
-        redis_timeout: float,
+        request_budget: float,
         recent_max: int = 50_000,
         events: SessionEvents | None = None,
     ) -> None:
@@ -120,7 +119,7 @@ class SessionMirror:
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
         # The lock must outlive the call it guards: the Kratos call (bounded as a whole)
         # and the Redis commands around it.
-        self._lock_ttl_ms = int((kratos_timeout + 2 * redis_timeout) * 1000) + 500
+        self._lock_ttl_ms = int(request_budget * 1000) + 500
         self._in_flight: SingleFlight[Resolved] = SingleFlight()
         # This process's copies, by credential fingerprint: sessions Kratos accepted
         # (used only while fresh) and when Kratos last rejected a credential.
@@ -131,7 +130,7 @@ class SessionMirror:
         self._zone_hit: BoundedMap[str, int] = BoundedMap(recent_max)
         self._refreshed_cookies: BoundedMap[str, tuple[str, ...]] = BoundedMap(recent_max)
         # Waiting for a peer never outlasts what a request may wait in all.
-        self._peer_wait_s = kratos_timeout + 2 * redis_timeout
+        self._peer_wait_s = request_budget
         # Sessions ended elsewhere (an admin revoked them), announced through the store:
         # their copies go at once, and no acceptance asked before the end is kept again.
         self._ended: BoundedMap[str, int] = BoundedMap(recent_max)

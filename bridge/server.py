@@ -22,6 +22,7 @@ from granian.log import LogLevels
 
 from bridge.config import Settings
 from bridge.errors import ConfigError
+from bridge.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,9 @@ def _die_with_parent() -> None:
 def _load_app(settings: Settings, *_: Any) -> Any:
     from bridge.app import build_bridge, create_flask_app
     from bridge.asgi import Front
-    from bridge.cli import configure_logging
 
     _die_with_parent()
-    configure_logging(settings)
+    configure_logging(settings.log_level, settings.log_format)
     # The event loop answers warm requests while worker and refresh threads do Python
     # work between their I/O; a shorter GIL switch interval (default 5 ms) keeps the
     # loop from waiting behind them. Measured with bench/peers.py (README, Benchmark).

@@ -30,6 +30,11 @@ def test_defaults():
     assert settings.revalidate_after == 5.0
 
 
+def test_a_request_waits_for_one_kratos_call_and_a_redis_command_either_side():
+    settings = load_settings({"BRIDGE_KRATOS_TIMEOUT": "3", "BRIDGE_REDIS_TIMEOUT": "0.25"})
+    assert settings.request_budget == 3.5
+
+
 def test_secret_is_hidden_from_repr():
     settings = load_settings({"BRIDGE_SECRET": "s" * 40})
     assert "s" * 40 not in repr(settings)

@@ -61,7 +61,7 @@ class SessionAdmin:
         self._store = bridge.store
         self.kratos = kratos or KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout)
         # A save asked of Kratos before the revocation may still be under way this long.
-        self._keep_ms = int((settings.kratos_timeout + 2 * settings.redis_timeout) * 1000) + 60_000
+        self._keep_ms = int(settings.request_budget * 1000) + 60_000
 
     def page(self, size: int, token: str | None) -> Listing:
         """Live sessions, newest first."""

@@ -39,7 +39,7 @@ def _command_retry() -> Retry:
     slot map), so the next command goes to the new master. The one retry lets a command
     that met a connection the failover broke succeed there instead of failing; more would
     only hold a worker thread, as the request is answered 503 after
-    ``kratos_timeout + 2 * redis_timeout`` anyway (redis-py's default is 10 retries).
+    ``Settings.request_budget`` anyway (redis-py's default is 10 retries).
 
     What one command can wait for, with every server silent (refused connections fail
     at once), ``t`` being the timeout:

@@ -9,14 +9,12 @@ client pipelines no scripts.
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import redis
@@ -25,7 +23,6 @@ from redis.exceptions import NoScriptError, RedisClusterException
 
 from bridge.bounded import BoundedMap
 from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable, TooManyAppFields
-from bridge.logs import Throttled
 from bridge.session import MirroredSession, new_csrf_token
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
@@ -41,9 +38,9 @@ from bridge.store import (
     SaveResult,
 )
 from bridge.store.connect import RedisTarget
+from bridge.store.redis_calls import failure_log, unavailable_on_error
+from bridge.store.redis_registry import RedisRegistry
 
-T = TypeVar("T")
-_failures = Throttled(logging.getLogger(__name__))
 MIN_REDIS_MAJOR = 7
 _PUBSUB_PING_SECONDS = 5.0  # a quiet subscription is pinged this often
 _PUBSUB_PONG_SECONDS = 3.0  # and dropped when the answer takes longer
@@ -301,26 +298,6 @@ return 1
 """
 
 
-def _unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
-    """Connect first if need be; a Redis error becomes ``StoreUnavailable``, logged and
-    told to the error observer. For the store's methods and its registry's."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
-        store: RedisStore = getattr(self, "store", self)
-        try:
-            if store._target is None:
-                store._connect()
-            return method(self, *args, **kwargs)
-        except redis.RedisError as error:
-            _failures.warning("redis %s failed: %s", method.__name__, type(error).__name__)
-            if store.error_observer is not None:
-                store.error_observer(method.__name__)
-            raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
-
-    return wrapper
-
-
 @dataclass(frozen=True, slots=True)
 class _Call:
     """One script call, to run alone or in a pipeline."""
@@ -345,8 +322,6 @@ class RedisStore:
         device_stream_maxlen: int = 100_000,
         retention_days: int = 90,
     ) -> None:
-        from bridge.store.redis_registry import RedisRegistry  # it uses this module's helpers
-
         self.keys = keys
         self.registry = RedisRegistry(self, retention_days)
         self._closed = threading.Event()
@@ -366,7 +341,7 @@ class RedisStore:
         except redis.RedisError as error:
             # A cluster client asks its seeds at once: if none answers now, the next call
             # tries again (and is answered 503 until one does).
-            _failures.warning("redis not reachable yet: %s", type(error).__name__)
+            failure_log.warning("redis not reachable yet: %s", type(error).__name__)
 
     def _connect(self) -> None:
         with self._connecting:
@@ -391,7 +366,8 @@ class RedisStore:
             self._target = target
 
     def client(self) -> Any:
-        """The connected client, for the session registry beside this store."""
+        """The connected client, connecting first if need be: for ``unavailable_on_error``
+        and the session registry beside this store."""
         if self._target is None:
             self._connect()
         return self._redis
@@ -400,7 +376,7 @@ class RedisStore:
     def clustered(self) -> bool:
         return self._target is not None and self._target.kind == "cluster"
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
         pointer = _entry(self._redis.get(self.keys.credential(fingerprint)))
         if not isinstance(pointer, CredentialEntry):
@@ -408,7 +384,7 @@ class RedisStore:
         value = self._redis.hget(self.keys.credentials(pointer.session_id), fingerprint)
         return _credential(pointer.session_id, value)
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         if with_app:
             pipe = self._redis.pipeline(transaction=False)
@@ -419,7 +395,7 @@ class RedisStore:
             fields, app = self._redis.hgetall(self.keys.session(session_id)), {}
         return _session(fields, app) if fields else None
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def lookup(
         self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
     ) -> Lookup:
@@ -451,7 +427,7 @@ class RedisStore:
             peer_busy=lock_state == 0,
         )
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def save(
         self,
         fingerprint: str,
@@ -533,7 +509,7 @@ class RedisStore:
             pipe.execute()
         except (redis.RedisError, RedisClusterException) as error:
             # The session is saved; these keys keep their old expiry until the next extend.
-            _failures.warning("redis extend follow-up failed: %s", type(error).__name__)
+            failure_log.warning("redis extend follow-up failed: %s", type(error).__name__)
 
     def _record_upgrade(self, sid: str, event: dict[str, str], keep_until: int) -> str | None:
         """Append the event unless the stream has it, then mark the session: the marker
@@ -546,13 +522,13 @@ class RedisStore:
         try:
             entry_id, appended, acknowledged = self._publish_durably(keys, args)
             if not acknowledged:
-                _failures.warning("aal2 event %s: no replica acknowledged it yet", upgrade)
+                failure_log.warning("aal2 event %s: no replica acknowledged it yet", upgrade)
                 return None
             self._mark(keys=[self.keys.aal2_marker(sid)], args=[upgrade, keep_until])
         except (redis.RedisError, RedisClusterException) as error:
             # The session is saved; only the event waits. Not marked: the next save of
             # the session tries again, so a stream shard in trouble costs no login.
-            _failures.warning("aal2 event %s not recorded yet: %s", upgrade, type(error).__name__)
+            failure_log.warning("aal2 event %s not recorded yet: %s", upgrade, type(error).__name__)
             return None
         return entry_id.decode() if appended else None
 
@@ -604,7 +580,7 @@ class RedisStore:
             return self._redis
         return self._redis.get_redis_connection(self._redis.get_node_from_key(key))
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def forget(
         self,
         fingerprint: str,
@@ -640,7 +616,7 @@ class RedisStore:
         if calls:
             self._pipeline(calls)
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def end_session(self, session_id: str, ended_at_ms: int, keep_ms: int) -> bool:
         keys = [
             self.keys.session(session_id),
@@ -686,7 +662,7 @@ class RedisStore:
             except Exception as error:  # whatever breaks, the listener must come back
                 if self._closed.is_set():
                     return  # closed under it: its connection went away
-                _failures.warning("redis subscription lost: %s", type(error).__name__)
+                failure_log.warning("redis subscription lost: %s", type(error).__name__)
                 self._closed.wait(_PUBSUB_RETRY_SECONDS)
             finally:
                 if pubsub is not None:
@@ -731,7 +707,7 @@ class RedisStore:
             return results
         raise AssertionError("unreachable")
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def update_app(
         self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
     ) -> dict[str, str]:
@@ -751,7 +727,7 @@ class RedisStore:
             raise TooManyAppFields(MAX_APP_FIELDS, rest[0])
         return _text_pairs(rest[0])
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def load_app(self, session_id: str) -> dict[str, str]:
         keys = [self.keys.session(session_id), self.keys.app(session_id)]
         app = self._load_app(keys=keys)
@@ -759,21 +735,21 @@ class RedisStore:
             raise SessionEnded()
         return _text_pairs(app)
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
         lock = Lock(session_id, os.urandom(12).hex())
         key = self.keys.revalidating(session_id)
         return lock if self._redis.set(key, lock.token, nx=True, px=ttl_ms) else None
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def release_revalidation(self, lock: Lock) -> None:
         self._release(keys=[self.keys.revalidating(lock.session_id)], args=[lock.token])
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def revalidation_pending(self, session_id: str) -> bool:
         return bool(self._redis.exists(self.keys.revalidating(session_id)))
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
         key = self.keys.identity_sessions(identity_id)
         members = [m.decode() for m in self._redis.zrangebyscore(key, f"({now_ms}", "+inf")]
@@ -784,7 +760,7 @@ class RedisStore:
             pipe.exists(self.keys.session(sid))
         return [sid for sid, live in zip(members, pipe.execute(), strict=True) if live]
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         entries = self._redis.xrange(self.keys.aal2_stream, count=count)
         return [
@@ -792,7 +768,7 @@ class RedisStore:
             for eid, fields in entries
         ]
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def aal2_event_range(
         self, after_id: str | None, since_ms: int, until_ms: int, count: int
     ) -> list[tuple[str, dict[str, str]]]:
@@ -803,7 +779,7 @@ class RedisStore:
             for eid, fields in entries
         ]
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def record_device_change(
         self, change_id: str, fields: dict[str, str], keep_until_ms: int
     ) -> bool:
@@ -820,7 +796,7 @@ class RedisStore:
         args += [part for item in fields.items() for part in item]
         return bool(self._device_change(keys=keys, args=args))
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def device_changes(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         entries = self._redis.xrange(self.keys.device_stream, count=count)
         return [
@@ -828,7 +804,7 @@ class RedisStore:
             for eid, fields in entries
         ]
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def ping(self) -> None:
         """Reachable, and new enough for the scripts (PEXPIRETIME, PEXPIREAT GT: 7.0)."""
         if self._version_checked:
@@ -840,7 +816,7 @@ class RedisStore:
                 raise StoreUnavailable(f"Redis {version} is too old: the bridge needs 7.0 or later")
         self._version_checked = True
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def topology(self) -> dict[str, object]:
         return self._target.topology()
 

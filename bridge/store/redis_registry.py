@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from bridge.store.redis import RedisStore, _unavailable_on_error
+from bridge.store.redis_calls import SharedConnection, unavailable_on_error
 from bridge.store.registry import (
     ENDED_STREAM_MAXLEN,
     GONE_UNKNOWN_MS,
@@ -118,7 +118,7 @@ return ended
 
 
 class RedisRegistry:
-    def __init__(self, store: RedisStore, retention_days: int) -> None:
+    def __init__(self, store: SharedConnection, retention_days: int) -> None:
         self.store = store
         self._retention_days = retention_days
         prefix = store.keys.prefix + "{registry}:"
@@ -137,7 +137,7 @@ class RedisRegistry:
             self._scripts = (client.register_script(_REPORT), client.register_script(_END))
         return client
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def report(self, sightings: Sequence[Sighting], now_ms: int) -> None:
         client = self._client()
         report = self._scripts[0]  # type: ignore[index]
@@ -171,11 +171,11 @@ class RedisRegistry:
         if pipe is not client:
             pipe.execute()
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def end(self, session_id: str, reason: str, now_ms: int) -> bool:
         return bool(self._end(now_ms, reason, session_id))
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def sweep(self, now_ms: int) -> int:
         ended = 0
         for _ in range(_SWEEP_ROUNDS):  # a backlog goes in a few batches, not one long script
@@ -185,7 +185,7 @@ class RedisRegistry:
                 break
         return ended
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def active(self, now_ms: int) -> int:
         return int(self._client().zcount(self._fixed[0], f"({now_ms}", "+inf"))
 
@@ -205,7 +205,7 @@ class RedisRegistry:
             args.append(session_id)
         return self._scripts[1](keys=keys, args=args, client=client)  # type: ignore[index]
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def count_aal2(self, method: str, at_ms: int) -> None:
         day = day_of(at_ms)
         pipe = self._client().pipeline(transaction=False)
@@ -213,7 +213,7 @@ class RedisRegistry:
         pipe.pexpireat(self._day(day), keep_until(day, self._retention_days))
         pipe.execute()
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def page(self, size: int, token: str | None) -> Page:
         after = read_page_token(token)
         top = "+inf" if after is None else after[0]
@@ -233,14 +233,14 @@ class RedisRegistry:
         more = len(found) > size
         return Page(records, page_token(records[-1]) if more and records else None)
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def records(self, session_ids: Sequence[str]) -> list[dict[str, Any]]:
         if not session_ids:
             return []
         values = self._client().hmget(self._records, list(session_ids))
         return [orjson.loads(value) for value in values if value is not None]
 
-    @_unavailable_on_error
+    @unavailable_on_error
     def counts(self, days: Sequence[str], since_ms: int, now_ms: int) -> Counts:
         pipe = self._client().pipeline(transaction=False)
         for day in days:

@@ -1,0 +1,56 @@
+"""How the Redis store and its session registry make a call: connected first if need be;
+a Redis error becomes ``StoreUnavailable``, one throttled warning and a word to the store's
+error observer. Both modules import this one, so neither needs the other's private parts."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import redis
+
+from bridge.errors import StoreUnavailable
+from bridge.logs import Throttled
+from bridge.store import Keys
+
+T = TypeVar("T")
+
+failure_log = Throttled(logging.getLogger("bridge.store.redis"))
+"""The Redis store's warnings, registry's included: one throttle for all of them, under the
+store's logger name, which operators (and ``tests/test_outages.py``) filter on."""
+
+
+class SharedConnection(Protocol):
+    """What the registry and ``unavailable_on_error`` use of the Redis store."""
+
+    keys: Keys
+    error_observer: Callable[[str], None] | None
+
+    @property
+    def clustered(self) -> bool: ...
+
+    def client(self) -> Any:
+        """The connected client, connecting first if need be (a Redis error if it cannot)."""
+        ...
+
+
+def unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
+    """For the methods of the store and of its registry (whose store is ``self.store``):
+    connect first if need be; a Redis error becomes ``StoreUnavailable``, logged and told
+    to the error observer."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
+        store: SharedConnection = getattr(self, "store", self)
+        try:
+            store.client()
+            return method(self, *args, **kwargs)
+        except redis.RedisError as error:
+            failure_log.warning("redis %s failed: %s", method.__name__, type(error).__name__)
+            if store.error_observer is not None:
+                store.error_observer(method.__name__)
+            raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
+
+    return wrapper
