@@ -16,14 +16,8 @@ import orjson
 
 from bridge import app_data
 from bridge.errors import (
-    AppDataTooLarge,
-    AppTokenMissing,
-    AppWritesDisabled,
-    BadRequest,
     BridgeError,
     CredentialMissing,
-    DeviceChanged,
-    Forbidden,
     KratosRateLimited,
     KratosUnavailable,
     ReauthenticationRequired,
@@ -129,38 +123,23 @@ def refusal(
 def _refusal(
     error: BridgeError, redirects: BrowserRedirects, original: OriginalRequest | None
 ) -> Refusal:
-    if isinstance(error, CredentialMissing):
-        return Refusal(401, "session_missing", str(error), redirects.login(original))
-    if isinstance(error, SessionInvalid):
-        return Refusal(401, "session_invalid", str(error), redirects.login(original))
+    """The class's code and status; what some refusals add (where a browser should go,
+    when to come back) is said here, case by case."""
+    if error.code == BridgeError.code:
+        return _INTERNAL  # no code of its own: its message is for the log, not the client
+    refused = Refusal(error.status, error.code, str(error))
+    if isinstance(error, (CredentialMissing, SessionInvalid, SessionEnded)):
+        return replace(refused, redirect=redirects.login(original))
     if isinstance(error, StepUpRequired):
-        target = redirects.step_up(original, error.redirect_browser_to)
-        return Refusal(401, "aal2_required", str(error), target)
+        return replace(refused, redirect=redirects.step_up(original, error.redirect_browser_to))
     if isinstance(error, ReauthenticationRequired):
-        target = redirects.reauthenticate(original)
-        return Refusal(401, "reauthentication_required", str(error), target)
-    if isinstance(error, DeviceChanged):
-        return Refusal(403, "device_changed", str(error))
-    if isinstance(error, Forbidden):
-        return Refusal(403, "forbidden", str(error))
-    if isinstance(error, SessionEnded):
-        return Refusal(401, "session_ended", str(error), redirects.login(original))
-    if isinstance(error, AppTokenMissing):
-        return Refusal(401, "app_token_required", str(error))
-    if isinstance(error, AppWritesDisabled):
-        return Refusal(403, "app_writes_disabled", str(error))
-    if isinstance(error, AppDataTooLarge):
-        return Refusal(413, "app_data_too_large", str(error))
-    if isinstance(error, BadRequest):
-        return Refusal(400, "bad_request", str(error))
+        return replace(refused, redirect=redirects.reauthenticate(original))
     if isinstance(error, KratosRateLimited):
-        # Come back later: a 401 would send the browser to log in again, and again.
-        return Refusal(429, "kratos_rate_limited", str(error), retry_after=error.retry_after)
-    if isinstance(error, KratosUnavailable):
-        return Refusal(503, "kratos_unavailable", str(error), retry_after="1")
-    if isinstance(error, StoreUnavailable):
-        return Refusal(503, "store_unavailable", str(error), retry_after="1")
-    return _INTERNAL
+        # Come back later (429, not 401): a 401 would send the browser to log in again.
+        return replace(refused, retry_after=error.retry_after)
+    if isinstance(error, (KratosUnavailable, StoreUnavailable)):
+        return replace(refused, retry_after="1")
+    return refused
 
 
 def timed_out() -> Reply:

@@ -19,10 +19,11 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from bridge import health, openapi, responses
+from bridge.admin import statuses
 from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
 from bridge.admin.kratos_admin import KratosAdmin
-from bridge.admin.sessions import NotFound, SessionAdmin
-from bridge.errors import BadRequest, BridgeError, KratosUnavailable, StoreUnavailable
+from bridge.admin.sessions import SessionAdmin
+from bridge.errors import BadRequest, BridgeError, NotFound
 from bridge.kratos import parse_timestamp_ms
 from bridge.logs import log_unexpected
 from bridge.mirror import now_ms
@@ -41,12 +42,6 @@ _DURATION = re.compile(r"([1-9][0-9]{0,5})([mhd])")
 _UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _STREAM_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,10}")
 _PAGE_SIZE = re.compile(r"[0-9]{1,3}")
-
-
-class AdminError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) -> Flask:
@@ -110,13 +105,13 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
         since = _moment(request.args.get("since", DEFAULT_EVENTS_WINDOW), now, "since")
         until = _moment(request.args.get("until"), now, "until")
         if since > until:
-            raise AdminError(400, "bad_request", "since is after until")
+            raise BadRequest("since is after until")
         identity_id = request.args.get("identity_id")
         if identity_id is not None:
             identity_id = _uuid(identity_id, "identity_id")
         after = request.args.get("page_token")
         if after is not None and not _STREAM_ID.fullmatch(after):
-            raise AdminError(400, "bad_request", "page_token is not one this API gave out")
+            raise BadRequest("page_token is not one this API gave out")
         found = admin.aal2_events(since, until, _page_size(), after, identity_id)
         return _json({"events": found.events, "next_page_token": found.next_page_token})
 
@@ -125,15 +120,13 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
         now = now_ms()
         since = _moment(request.args.get("since", DEFAULT_STATS_WINDOW), now, "since")
         if now - since > MAX_WINDOW_DAYS * _UNIT_MS["d"]:
-            raise AdminError(
-                400, "bad_request", f"since reaches back more than {MAX_WINDOW_DAYS} days"
-            )
+            raise BadRequest(f"since reaches back more than {MAX_WINDOW_DAYS} days")
         return _json(admin.stats(since, now))
 
     @app.get("/metrics", provide_automatic_options=False)
     def metrics_route() -> Response:
         if bridge.metrics is None:
-            raise AdminError(404, "not_found", "metrics are off (BRIDGE_METRICS=false)")
+            raise NotFound("metrics are off (BRIDGE_METRICS=false)")
         # The registry knows the active sessions only when analytics are on.
         active = admin.active_sessions if bridge.recorder is not None else None
         body, content_type = bridge.metrics.exposition(active)
@@ -150,29 +143,9 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
 
     openapi.add_routes(app)
 
-    @app.errorhandler(AdminError)
-    def admin_error(error: AdminError) -> Response:
-        return _flask(_error(error.status, error.code, error.message))
-
-    @app.errorhandler(NotFound)
-    def not_found(error: NotFound) -> Response:
-        return _flask(_error(404, "not_found", str(error)))
-
-    @app.errorhandler(BadRequest)
-    def bad_request(error: BadRequest) -> Response:
-        return _flask(_error(400, "bad_request", str(error)))
-
-    @app.errorhandler(KratosUnavailable)
-    def kratos_down(error: KratosUnavailable) -> Response:
-        return _flask(_error(502, "kratos_unavailable", str(error)))
-
-    @app.errorhandler(StoreUnavailable)
-    def store_down(error: StoreUnavailable) -> Response:
-        return _flask(_error(503, "store_unavailable", str(error)))
-
     @app.errorhandler(BridgeError)
     def bridge_error(error: BridgeError) -> Response:
-        return _flask(_error(500, "internal_error", "the request could not be handled"))
+        return _flask(_error(*statuses.answer(error)))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
@@ -195,7 +168,7 @@ def _page_size() -> int:
     if text is None:
         return DEFAULT_PAGE_SIZE
     if not _PAGE_SIZE.fullmatch(text) or not 1 <= int(text) <= MAX_PAGE_SIZE:
-        raise AdminError(400, "bad_request", f"page_size must be 1..{MAX_PAGE_SIZE}")
+        raise BadRequest(f"page_size must be 1..{MAX_PAGE_SIZE}")
     return int(text)
 
 
@@ -206,7 +179,7 @@ def _page_token() -> str | None:
 def _uuid(value: str, name: str) -> str:
     canonical = canonical_uuid(value)
     if canonical is None:
-        raise AdminError(400, "bad_request", f"{name} is not a UUID")
+        raise BadRequest(f"{name} is not a UUID")
     return canonical
 
 
@@ -222,11 +195,9 @@ def _moment(text: str | None, now: int, name: str) -> int:
         try:
             moment = parse_timestamp_ms(text.replace("Z", "+00:00"))
         except ValueError:
-            raise AdminError(
-                400, "bad_request", f"{name} is neither an RFC 3339 time nor a duration like 7d"
-            ) from None
+            raise BadRequest(f"{name} is neither an RFC 3339 time nor a duration like 7d") from None
     if not 0 <= moment <= now:
-        raise AdminError(400, "bad_request", f"{name} is before 1970 or in the future")
+        raise BadRequest(f"{name} is before 1970 or in the future")
     return moment
 
 

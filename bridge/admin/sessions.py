@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.admin.analytics import statistics
 from bridge.admin.kratos_admin import KratosAdmin
-from bridge.errors import StoreUnavailable
+from bridge.errors import NotFound, StoreUnavailable
 from bridge.mirror import now_ms
 from bridge.session import first_method, iso
 from bridge.store.registry import paged
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 SEARCH_SCAN_LIMIT = 10_000  # registry records a search reads at most
 EVENT_SCAN_LIMIT = 50_000  # stream entries one events call reads at most
 _SEARCH_PAGE = 500
-
-
-class NotFound(Exception):
-    """The bridge and Kratos know no such session or identity."""
 
 
 @dataclass(frozen=True)

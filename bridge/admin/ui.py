@@ -30,11 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
 
+from bridge.admin import statuses
 from bridge.admin.analytics import DURATION_BUCKETS
 from bridge.admin.charts import bar_chart
 from bridge.admin.gate import COOKIE, SIGNED_IN_FOR, Gate, canonical_uuid
-from bridge.admin.sessions import Latest, NotFound, SessionAdmin
-from bridge.errors import BadRequest, KratosUnavailable, StoreUnavailable
+from bridge.admin.sessions import Latest, SessionAdmin
+from bridge.errors import (
+    BadRequest,
+    BridgeError,
+    KratosUnavailable,
+    NotFound,
+    StoreUnavailable,
+)
 from bridge.kratos import parse_timestamp_ms
 from bridge.mirror import now_ms
 from bridge.session import iso
@@ -63,6 +70,13 @@ SECURITY_HEADERS = (
     ("Referrer-Policy", "same-origin"),  # "no-referrer" makes form posts say Origin: null
     ("Cache-Control", "no-store"),
 )
+# The page's heading for each error the listener names (its status: bridge.admin.statuses).
+HEADINGS: dict[type[BridgeError], str] = {
+    NotFound: "Not found",
+    BadRequest: "Bad request",
+    KratosUnavailable: "Kratos did not answer",
+    StoreUnavailable: "Redis did not answer",
+}
 NOTHING = "\N{EN DASH}"  # a figure not known (yet)
 _METHOD = re.compile(r"[a-z_]{1,32}")
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
@@ -204,7 +218,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
             stats = admin.stats(first_of_days(now, days), now)
         except StoreUnavailable as error:
             return page(
-                503,
+                statuses.answer(error)[0],
                 "overview.html",
                 refresh=REFRESH_SECONDS,
                 days=days,
@@ -400,21 +414,12 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
             response.headers["X-Bridge-Truncated"] = "true"  # the newest ones are in it
         return response
 
-    @ui.errorhandler(NotFound)
-    def not_found(error: NotFound) -> Response:
-        return page(404, "error.html", heading="Not found", message=str(error))
+    def error_page(error: BridgeError) -> Response:
+        status, _, message = statuses.answer(error)
+        return page(status, "error.html", heading=HEADINGS[statuses.named(error)], message=message)
 
-    @ui.errorhandler(BadRequest)
-    def bad_request(error: BadRequest) -> Response:
-        return page(400, "error.html", heading="Bad request", message=str(error))
-
-    @ui.errorhandler(KratosUnavailable)
-    def kratos_down(error: KratosUnavailable) -> Response:
-        return page(502, "error.html", heading="Kratos did not answer", message=str(error))
-
-    @ui.errorhandler(StoreUnavailable)
-    def store_down(error: StoreUnavailable) -> Response:
-        return page(503, "error.html", heading="Redis did not answer", message=str(error))
+    for kind in statuses.NAMED:  # any other error: the listener's JSON answer (bridge.admin.api)
+        ui.register_error_handler(kind, error_page)
 
     return ui
 
