@@ -93,10 +93,10 @@ def build_store(settings: Settings) -> SessionStore:
     from bridge.store.connect import RedisTarget, redis_target
     from bridge.store.redis import RedisStore
 
+    redis_url = settings.redis_url
+
     def connect() -> RedisTarget:
-        return redis_target(
-            settings.redis_url, settings.redis_timeout, settings.redis_sentinel_password
-        )
+        return redis_target(redis_url, settings.redis_timeout, settings.redis_sentinel_password)
 
     return RedisStore(
         connect,
@@ -128,7 +128,8 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         from bridge.admin.analytics import Recorder
 
         recorder = Recorder(store.registry)
-    events = AllOf([w for w in (recorder, metrics and metrics.session_events()) if w is not None])
+    session_events = metrics.session_events() if metrics is not None else None
+    events = AllOf([w for w in (recorder, session_events) if w is not None])
     mirror = SessionMirror(
         store,
         kratos,
@@ -290,12 +291,15 @@ def create_flask_app(bridge: Bridge) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
-        allowed = error.valid_methods if isinstance(error, MethodNotAllowed) else None
+        allowed = None
+        if isinstance(error, MethodNotAllowed) and error.valid_methods is not None:
+            allowed = list(error.valid_methods)
         return as_flask(responses.http_error(error.code or 500, error.name, allowed))
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        log_unexpected(log, request.method, request.url_rule and request.url_rule.rule)
+        rule = request.url_rule
+        log_unexpected(log, request.method, rule.rule if rule is not None else None)
         return as_flask(responses.internal_error())
 
     return app

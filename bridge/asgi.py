@@ -126,8 +126,11 @@ class Front:
     def _call_flask(self, scope: dict[str, Any], body: bytes) -> Reply:
         started: list[Any] = []
 
-        def start_response(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+        def start_response(
+            status: str, headers: list[tuple[str, str]], *_: Any
+        ) -> Callable[[bytes], object]:
             started[:] = [int(status.split(" ", 1)[0]), headers]
+            return _no_write
 
         chunks = self._flask.wsgi_app(_environ(scope, body), start_response)
         try:
@@ -148,6 +151,11 @@ class Front:
                 return
 
 
+def _no_write(data: bytes) -> None:
+    """The ``write`` WSGI hands an app that streams the old way; Flask returns its body."""
+    raise NotImplementedError("write() is not supported: return the body")
+
+
 def _peer(scope: dict[str, Any]) -> str | None:
     client = scope.get("client")
     return str(client[0]) if client else None
@@ -159,7 +167,8 @@ def _not_allowed() -> Reply:
 
 async def _read_body(receive: Receive) -> bytes | None:
     """The request body, or ``None`` when it is larger than ``MAX_BODY``."""
-    parts, size = [], 0
+    parts: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":

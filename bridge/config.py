@@ -241,6 +241,7 @@ def _node(item: str, default_port: int, value: str) -> tuple[str, int]:
     """One ``host[:port]`` of a host list; an IPv6 address in brackets."""
     if not item:
         raise ValueError("has an empty host in its host list")
+    port_text: str | None
     if item.startswith("["):
         address, bracket, port_text = item[1:].partition("]")
         if not bracket or not _is_ipv6(address):

@@ -133,6 +133,7 @@ import jwt
 import orjson
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.local import LocalProxy
+from werkzeug.wrappers import Response as BaseResponse
 
 from bridge.client import DEFAULT_MAX_BYTES, SessionClient, UnifiedSession, csrf_valid
 from bridge.config import parse_redis_url
@@ -336,12 +337,18 @@ class Claim:
     identity_id: str | None = None
 
 
+class HeaderSource(Protocol):
+    """The request headers a hand-off reads: werkzeug's ``Headers`` or a plain mapping."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
 class HandOff(Protocol):
     """One way the proxy vouches for a session: ``claim`` gives the session the request
     may use, ``None`` when it has none (or a hand-off that is not valid), and raises
     ``HandOffUnverifiable`` when it cannot tell."""
 
-    def claim(self, headers: Mapping[str, str]) -> Claim | None: ...
+    def claim(self, headers: HeaderSource) -> Claim | None: ...
 
 
 class JwtHandOff:
@@ -364,7 +371,7 @@ class JwtHandOff:
         self._known: dict[str, tuple[Any, float]] = {}
         self._retry_fetch_at = 0.0
 
-    def claim(self, headers: Mapping[str, str]) -> Claim | None:
+    def claim(self, headers: HeaderSource) -> Claim | None:
         token = headers.get(self._header) or ""
         if self._bearer:
             scheme, _, token = token.partition(" ")
@@ -374,14 +381,17 @@ class JwtHandOff:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            return _refused("a JWT that cannot be read")
+            _refused("a JWT that cannot be read")
+            return None
         kid = header.get("kid")
         if header.get("alg") != JWT_ALGORITHM or not isinstance(kid, str):
-            return _refused(f"a JWT that is not {JWT_ALGORITHM} with a kid")
+            _refused(f"a JWT that is not {JWT_ALGORITHM} with a kid")
+            return None
         try:
             key = self._signing_key(kid)
         except (jwt.PyJWKClientError, jwt.PyJWKSetError):
-            return _refused("a JWT signed by a key the bridge does not publish")
+            _refused("a JWT signed by a key the bridge does not publish")
+            return None
         try:
             claims = jwt.decode(
                 token,
@@ -393,12 +403,15 @@ class JwtHandOff:
                 options={"require": ["exp", "iss", "aud", "sub", "sid"]},
             )
         except jwt.PyJWTError as error:
-            return _refused(f"a JWT that is not valid ({type(error).__name__})")
+            _refused(f"a JWT that is not valid ({type(error).__name__})")
+            return None
         session_id, subject = claims["sid"], claims["sub"]
         if not (isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id)):
-            return _refused("a JWT whose sid is not a session id")
+            _refused("a JWT whose sid is not a session id")
+            return None
         if not isinstance(subject, str):
-            return _refused("a JWT whose sub is not an identity id")
+            _refused("a JWT whose sub is not an identity id")
+            return None
         return Claim(session_id, subject)
 
     def _signing_key(self, kid: str) -> Any:
@@ -407,15 +420,15 @@ class JwtHandOff:
         requests do not each wait for a bridge that is down)."""
         now = time.monotonic()
         known = self._known.get(kid)
-        usable = known is not None and now - known[1] < JWKS_STALE_S
-        if usable and now < self._retry_fetch_at:
-            return known[0]
+        usable = known[0] if known is not None and now - known[1] < JWKS_STALE_S else None
+        if usable is not None and now < self._retry_fetch_at:
+            return usable
         try:
             key = self._keys.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as error:
             self._retry_fetch_at = now + JWKS_RETRY_S
-            if usable:
-                return known[0]
+            if usable is not None:
+                return usable
             _refusals.warning("the bridge's JWKS could not be fetched (%s)", type(error).__name__)
             raise HandOffUnverifiable("the bridge's JWKS could not be fetched") from None
         self._known[kid] = (key, now)
@@ -431,7 +444,7 @@ class HeaderHandOff:
         self._secret_header = settings.secret_header
         self._id_header = settings.session_id_header
 
-    def claim(self, headers: Mapping[str, str]) -> Claim | None:
+    def claim(self, headers: HeaderSource) -> Claim | None:
         session_id = headers.get(self._id_header) or ""
         presented = headers.get(self._secret_header)
         # WSGI header values are Latin-1 decoded bytes; encoded back, they are the bytes sent.
@@ -440,9 +453,10 @@ class HeaderHandOff:
         )
         if vouched:
             return _session_id_claim(session_id, self._id_header)
-        if session_id:
-            return _refused(f"a session id without a valid {self._secret_header}")
-        return None  # no session claimed (a health check, say): nothing to refuse
+        if not session_id:
+            return None  # no session claimed (a health check, say): nothing to refuse
+        _refused(f"a session id without a valid {self._secret_header}")
+        return None
 
 
 class UnverifiedHandOff:
@@ -451,7 +465,7 @@ class UnverifiedHandOff:
     def __init__(self, settings: Settings) -> None:
         self._id_header = settings.session_id_header
 
-    def claim(self, headers: Mapping[str, str]) -> Claim | None:
+    def claim(self, headers: HeaderSource) -> Claim | None:
         return _session_id_claim(headers.get(self._id_header) or "", self._id_header)
 
 
@@ -459,14 +473,14 @@ def _session_id_claim(session_id: str, header: str) -> Claim | None:
     if not session_id:
         return None  # the proxy vouched for a request without a session (a public route)
     if not _SESSION_ID.fullmatch(session_id):
-        return _refused(f"a {header} that is not a session id")
+        _refused(f"a {header} that is not a session id")
+        return None
     return Claim(session_id)
 
 
 def _refused(why: str) -> None:
     # Why only: never the token or the session id, which a log must not hand to its readers.
     _refusals.warning("no session for a request with %s", why)
-    return None
 
 
 def _build_hand_off(settings: Settings) -> HandOff:
@@ -566,7 +580,8 @@ class AppSession(dict, SessionMixin):
         super().__delitem__(name)
         self._forget(name)
 
-    def __ior__(self, other: Any) -> AppSession:
+    # |= takes what update() takes, | only a dict: typeshed's dict.__ior__ needs the same ignore.
+    def __ior__(self, other: Any) -> AppSession:  # type: ignore[misc]
         self.update(other)
         return self
 
@@ -649,7 +664,8 @@ class NoSession(dict, SessionMixin):
     def __setitem__(self, name: str, value: Any) -> None:
         raise SessionMissing()
 
-    def __ior__(self, other: Any) -> NoSession:
+    # |= takes what update() takes, | only a dict: typeshed's dict.__ior__ needs the same ignore.
+    def __ior__(self, other: Any) -> NoSession:  # type: ignore[misc]
         self.update(other)
         return self
 
@@ -664,7 +680,8 @@ class NoSession(dict, SessionMixin):
 class KratosSessionInterface(SessionInterface):
     """Opens ``flask.session`` from the proxy's hand-off; saves what the view changed."""
 
-    null_session_class = NoSession
+    # Flask types this by its default, NullSession; any SessionMixin serves (it is only made).
+    null_session_class = NoSession  # type: ignore[assignment]
     pickle_based = False
 
     def __init__(self, client: SessionClient, hand_off: HandOff) -> None:
@@ -788,13 +805,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def csrf_protect(view: Callable[P, R]) -> Callable[P, R | flask.Response]:
+def csrf_protect(view: Callable[P, R]) -> Callable[P, R | BaseResponse]:
     """Refuse a state-changing request (not GET, HEAD, OPTIONS, TRACE) whose ``X-CSRF-Token``
     header or form field ``csrf_token`` is not its session's token: ``403`` JSON
     ``{"error": "csrf_failed"}``. No session: refused too."""
 
     @wraps(view)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R | flask.Response:
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R | BaseResponse:
         request = flask.request
         if request.method not in SAFE_METHODS:
             token = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD)
@@ -806,12 +823,12 @@ def csrf_protect(view: Callable[P, R]) -> Callable[P, R | flask.Response]:
     return guarded
 
 
-def require_aal2(view: Callable[P, R]) -> Callable[P, R | flask.Response]:
+def require_aal2(view: Callable[P, R]) -> Callable[P, R | BaseResponse]:
     """Let only a session with a second factor through: a browser is sent to Kratos's login
     with ``aal=aal2``, an API call gets ``401`` ``aal2_required``."""
 
     @wraps(view)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R | flask.Response:
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R | BaseResponse:
         identity = _current_identity()
         if identity is None:
             return _session_missing()
@@ -824,7 +841,7 @@ def require_aal2(view: Callable[P, R]) -> Callable[P, R | flask.Response]:
 
 def require_recent_login(
     max_age: timedelta | float,
-) -> Callable[[Callable[P, R]], Callable[P, R | flask.Response]]:
+) -> Callable[[Callable[P, R]], Callable[P, R | BaseResponse]]:
     """Let only a session whose last login is at most ``max_age`` old through: a browser is
     sent to log in again (``refresh=true``), an API call gets ``401``
     ``reauthentication_required``."""
@@ -833,9 +850,9 @@ def require_recent_login(
         raise ValueError(f"max_age must be positive, got {max_age!r}")
     limit = timedelta(seconds=seconds)
 
-    def decorate(view: Callable[P, R]) -> Callable[P, R | flask.Response]:
+    def decorate(view: Callable[P, R]) -> Callable[P, R | BaseResponse]:
         @wraps(view)
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> R | flask.Response:
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R | BaseResponse:
             identity = _current_identity()
             if identity is None:
                 return _session_missing()
@@ -850,11 +867,11 @@ def require_recent_login(
     return decorate
 
 
-def _session_missing() -> flask.Response:
+def _session_missing() -> BaseResponse:
     return _refuse("session_missing", "this page needs a Kratos session")
 
 
-def _refuse(code: str, message: str, **login_params: str) -> flask.Response:
+def _refuse(code: str, message: str, **login_params: str) -> BaseResponse:
     """As the bridge refuses: a browser navigation is redirected to the login, anything
     else gets ``401`` JSON saying where a browser would go."""
     request = flask.request

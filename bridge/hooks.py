@@ -192,6 +192,6 @@ def _uuid(value: object) -> str:
         parsed = uuid.UUID(value) if isinstance(value, str) and len(value) == 36 else None
     except ValueError:
         parsed = None
-    if parsed is None or str(parsed) != value.lower():  # type: ignore[union-attr]
+    if parsed is None or not isinstance(value, str) or str(parsed) != value.lower():
         raise BadHookBody("session.id is not a UUID")
     return str(parsed)

@@ -133,7 +133,9 @@ class KratosClient:
 
         once = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=2)
         try:
-            with ApiClient(Configuration(host=self._admin_url, retries=once)) as client:
+            # The SDK hints retries as an int; urllib3, which gets it, also takes a Retry.
+            configuration = Configuration(host=self._admin_url, retries=once)  # type: ignore[arg-type]
+            with ApiClient(configuration) as client:
                 return MetadataApi(client).get_version(_request_timeout=self._timeout).version
         except (OpenApiException, HTTPError, ValueError):
             return None

@@ -290,8 +290,10 @@ class SessionMirror:
         if not with_app:
             return resolved
         # A session first seen through this credential may have app data already.
-        same = seen is not None and seen.id == resolved.session.id
-        app = seen.app if same else self._app_data(resolved.session.id)
+        if seen is not None and seen.id == resolved.session.id:
+            app = seen.app
+        else:
+            app = self._app_data(resolved.session.id)
         return replace(resolved, session=replace(resolved.session, app=app))
 
     def _app_data(self, session_id: str) -> dict[str, str]:

@@ -68,7 +68,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, cast
 from urllib.parse import unquote_to_bytes
 
 import yaml
@@ -368,7 +368,10 @@ class Rules:
         if table.regex is None:
             return table.rules[0] if table.rules else self._default
         matched = table.regex.fullmatch(path)
-        return self._default if matched is None else table.rules[matched.lastindex - 1]
+        if matched is None:
+            return self._default
+        # Each rule's pattern is one group of the alternation: one of them matched.
+        return table.rules[cast(int, matched.lastindex) - 1]
 
     def _table(self, method: str, host: str) -> _PathTable:
         method, host = method.upper(), normalise_host(host)

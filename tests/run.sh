@@ -63,6 +63,8 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/ruff check bridge tests bench compose
+# Types: the settings are [tool.mypy] in pyproject.toml (bridge/ only). An error fails the run.
+.venv/bin/mypy
 
 failed=()
 for name in "${!build_pids[@]}"; do

@@ -157,7 +157,8 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
-        log_unexpected(app.logger, request.method, request.url_rule and request.url_rule.rule)
+        rule = request.url_rule
+        log_unexpected(app.logger, request.method, rule.rule if rule is not None else None)
         return _flask(_error(500, "internal_error", "the request could not be handled"))
 
     return app

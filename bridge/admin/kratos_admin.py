@@ -84,7 +84,8 @@ class KratosAdmin:
             raise _unavailable(error) from None
 
     def close(self) -> None:
-        self._client.close()
+        # The SDK's ApiClient (v25) has no close(): its connections are urllib3's.
+        self._client.rest_client.pool_manager.clear()
 
 
 def _next_page_token(headers: Any) -> str | None:

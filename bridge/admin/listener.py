@@ -20,10 +20,10 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from werkzeug.exceptions import RequestTimeout
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, make_server
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,10 @@ class AdminListener:
             except OSError:
                 self._stop.wait(RETRY_BIND_SECONDS)  # another process serves it, for now
                 continue
-            server = make_server(self._host, self._port, self._app, threaded=True, fd=sock.fileno())
+            server = cast(  # what make_server returns when threaded
+                ThreadedWSGIServer,
+                make_server(self._host, self._port, self._app, threaded=True, fd=sock.fileno()),
+            )
             server.daemon_threads = True
             self._server = server
             log.info("admin listener on %s:%s", self._host, self._port)

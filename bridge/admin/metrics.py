@@ -382,7 +382,9 @@ class Metrics:
         if key is None:
             from prometheus_client.mmap_dict import mmap_key
 
-            key = mmap_key(family.name, family.name + suffix, names, values, family.help)
+            key = mmap_key(
+                family.name, family.name + suffix, list(names), list(values), family.help
+            )
             self._keys[cache_key] = key
         if self._written.get(key) != value:
             self._files[kind].write_value(key, float(value), 0.0)

@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
 
 from bridge.admin import statuses
 from bridge.admin.analytics import DURATION_BUCKETS
@@ -92,7 +93,8 @@ class DecisionRate:
     def __call__(self, metrics: Metrics | None) -> dict[str, str]:
         if metrics is None:
             return {"rate": NOTHING, "p50": NOTHING, "p99": NOTHING}
-        total, buckets = 0.0, {}
+        total = 0.0
+        buckets: dict[float, float] = {}
         for family in metrics.families():
             for sample in family.samples:
                 if sample.name == "bridge_decisions_total":
@@ -143,7 +145,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
         return (value or "")[:16].replace("T", " ")
 
     @ui.before_request
-    def only_signed_in() -> Response | None:
+    def only_signed_in() -> BaseResponse | None:
         if request.endpoint in ("ui.login", "ui.static"):
             return None
         if not gate.signed_in():
@@ -182,7 +184,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
         return Response(body, status=status, content_type="text/html; charset=utf-8")
 
     @ui.route("/login", methods=["GET", "POST"], provide_automatic_options=False)
-    def login() -> Response:
+    def login() -> BaseResponse:
         if not gate.token_required:
             return redirect(url_for("ui.overview"), 303)
         if request.method == "GET":
@@ -203,7 +205,7 @@ def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
         return response
 
     @ui.post("/logout", provide_automatic_options=False)
-    def logout() -> Response:
+    def logout() -> BaseResponse:
         response = redirect(url_for("ui.login"), 303)
         response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="Strict")
         return response

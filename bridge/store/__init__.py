@@ -213,7 +213,11 @@ class SessionStore(Protocol):
     """What the session mirror needs from storage. Failures raise ``StoreUnavailable``."""
 
     keys: Keys
-    registry: SessionRegistry
+
+    # Read-only here, so each backend may hold its own registry class.
+    @property
+    def registry(self) -> SessionRegistry: ...
+
     # Told the name of each operation that failed for want of the store (metrics).
     error_observer: Callable[[str], None] | None
 
@@ -282,9 +286,9 @@ class SessionStore(Protocol):
     def load_app(self, session_id: str) -> dict[str, str]:
         """The session's app hash; ``SessionEnded`` when the session's mirror is gone."""
 
-    def claim_revalidation(self, session_id: str, ttl_ms: int) -> str | None:
-        """Take the short lock that lets one process re-validate a session: its token, or
-        ``None`` if someone holds it."""
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
+        """Take the short lock that lets one process re-validate a session: the ``Lock``
+        (with its token), or ``None`` if someone holds it."""
 
     def release_revalidation(self, lock: Lock) -> None: ...
 

@@ -15,10 +15,10 @@ Every failure is a ``redis.RedisError``, which the store turns into ``StoreUnava
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -79,7 +79,7 @@ class RedisTarget:
         role = str(replication.get("role", "unknown"))
         return {
             "kind": "standalone",
-            "address": _standalone_address(self.client),
+            "address": _standalone_address(cast(redis.Redis, self.client)),
             "role": "replica" if role == "slave" else role,
             "replicas": int(replication.get("connected_slaves", 0)),
         }
@@ -96,7 +96,8 @@ class RedisTarget:
         }
 
     def _cluster_topology(self) -> dict[str, object]:
-        nodes = self.client.cluster_nodes().values()
+        # Each node's "flags" is text ("myself,master"), "slots" a list.
+        nodes: Iterable[dict[str, Any]] = cast(RedisCluster, self.client).cluster_nodes().values()
         healthy = [node for node in nodes if "fail" not in node["flags"]]
         return {
             "kind": "cluster",

@@ -336,6 +336,10 @@ class RedisStore:
         self._connecting = threading.Lock()
         self._refreshing = threading.Lock()
         self._target: RedisTarget | None = None
+        # Redis or RedisCluster, as the target's kind says, replying bytes (responses are not
+        # decoded). redis-py's hints follow neither (a union of both clients, bytes | str),
+        # so what it answers is read as the code below expects.
+        self._redis: Any
         try:
             self._connect()
         except redis.RedisError as error:
@@ -413,7 +417,14 @@ class RedisStore:
             self.keys.credentials(sid),
             self.keys.revalidating(sid),
         ]
-        args = [fingerprint, now_ms, fresh_for_ms, lock_ms, token, "1" if with_app else "0"]
+        args: list[str | int] = [
+            fingerprint,
+            now_ms,
+            fresh_for_ms,
+            lock_ms,
+            token,
+            "1" if with_app else "0",
+        ]
         raw_entry, *rest = self._lookup(keys=keys, args=args)
         entry = _credential(sid, raw_entry)
         if not isinstance(entry, CredentialEntry) or not rest or not rest[0]:
@@ -550,11 +561,11 @@ class RedisStore:
         except BaseException:
             if connection is not None:
                 connection.disconnect()
-            if self._target.kind == "cluster":
+            if self._target is not None and self._target.kind == "cluster":
                 self._refresh_slots()
             raise
         finally:
-            if connection is not None:
+            if pool is not None and connection is not None:
                 pool.release(connection)
         return entry_id, appended, acknowledged
 
@@ -576,6 +587,7 @@ class RedisStore:
 
     def _node_client(self, key: str) -> redis.Redis:
         """The client of the node that holds ``key`` (the store's own one off a cluster)."""
+        assert self._target is not None  # the caller is connected
         if self._target.kind != "cluster":
             return self._redis
         return self._redis.get_redis_connection(self._redis.get_node_from_key(key))
@@ -687,6 +699,7 @@ class RedisStore:
         """Run independent script calls in one pipeline; load the scripts once if a
         (new, or restarted) Redis has not seen them, and run them again: each is
         idempotent."""
+        assert self._target is not None  # the caller is connected
         if len(calls) == 1 or self._target.kind == "cluster":
             # A cluster client pipelines no scripts (its nodes may differ): one by one,
             # each routed, retried and followed through slot moves by the client.
@@ -712,7 +725,7 @@ class RedisStore:
         self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
     ) -> dict[str, str]:
         keys = [self.keys.session(session_id), self.keys.app(session_id)]
-        args = [
+        args: list[str | int] = [
             max_bytes,
             len(values),
             MAX_APP_FIELDS,
@@ -818,6 +831,7 @@ class RedisStore:
 
     @unavailable_on_error
     def topology(self) -> dict[str, object]:
+        assert self._target is not None  # unavailable_on_error connected first
         return self._target.topology()
 
     def close(self) -> None:

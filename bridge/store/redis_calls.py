@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import redis
 
@@ -16,6 +16,8 @@ from bridge.logs import Throttled
 from bridge.store import Keys
 
 T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 
 failure_log = Throttled(logging.getLogger("bridge.store.redis"))
 """The Redis store's warnings, registry's included: one throttle for all of them, under the
@@ -36,14 +38,16 @@ class SharedConnection(Protocol):
         ...
 
 
-def unavailable_on_error(method: Callable[..., T]) -> Callable[..., T]:
+def unavailable_on_error(
+    method: Callable[Concatenate[S, P], T],
+) -> Callable[Concatenate[S, P], T]:
     """For the methods of the store and of its registry (whose store is ``self.store``):
     connect first if need be; a Redis error becomes ``StoreUnavailable``, logged and told
     to the error observer."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
-        store: SharedConnection = getattr(self, "store", self)
+    def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
+        store = cast(SharedConnection, getattr(self, "store", self))
         try:
             store.client()
             return method(self, *args, **kwargs)
