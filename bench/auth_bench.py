@@ -58,7 +58,7 @@ def wrk(url: str, tokens_file: Path, script: Path, args: argparse.Namespace) -> 
 def start_waitress(env: dict[str, str], threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     code = (
-        "from waitress import serve; from bridge.app import create_app; "
+        "from waitress import serve; from bridge.web.app import create_app; "
         "from bridge.config import load_settings; "
         f"serve(create_app(load_settings()), host='127.0.0.1', port={port}, threads={threads})"
     )

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from bridge.app import build_bridge  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
-from bridge.forward_auth import Pending  # noqa: E402
-from bridge.request import HeaderView  # noqa: E402
-from bridge.tokens import generate_key  # noqa: E402
+from bridge.pipeline.forward_auth import Pending  # noqa: E402
+from bridge.pipeline.tokens import generate_key  # noqa: E402
+from bridge.web.app import build_bridge  # noqa: E402
+from bridge.web.request import HeaderView  # noqa: E402
 from tests import kratos_flows as flows  # noqa: E402
 from tests.harness import Kratos  # noqa: E402
 from tests.topologies import ClusterSet, SentinelSet, Standalone  # noqa: E402

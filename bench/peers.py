@@ -111,7 +111,7 @@ from bench.measure import (  # noqa: E402
     rss_mb,
     run_wrk,
 )
-from bridge.tokens import generate_key  # noqa: E402
+from bridge.pipeline.tokens import generate_key  # noqa: E402
 from tests import kratos_flows as flows  # noqa: E402
 from tests.harness import (  # noqa: E402
     KRATOS_BIN,

@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bridge.app import build_bridge  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
-from bridge.credentials import extract  # noqa: E402
-from bridge.request import HeaderView  # noqa: E402
+from bridge.pipeline.credentials import extract  # noqa: E402
+from bridge.web.app import build_bridge  # noqa: E402
+from bridge.web.request import HeaderView  # noqa: E402
 from tests import kratos_flows as flows  # noqa: E402
 from tests.harness import Kratos, RedisServer  # noqa: E402
 

@@ -22,7 +22,7 @@ from bridge.config import (
 )
 from bridge.errors import BridgeError, ConfigError, StoreUnavailable
 from bridge.logs import configure_logging
-from bridge.responses import Reply
+from bridge.web.responses import Reply
 
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(reference_table())
         return 0
     if args.command == "jwt-keygen":
-        from bridge.tokens import generate_key
+        from bridge.pipeline.tokens import generate_key
 
         try:
             print(generate_key(Path(args.directory)))
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return decide_command(settings, args.url, args.method, args.session_token)
     if args.command == "check":
         return check_command(settings)
-    from bridge.server import serve as run_server
+    from bridge.web.server import serve as run_server
 
     try:
         run_server(settings)  # checks what it can only check at start-up: a port taken
@@ -112,8 +112,8 @@ def _configuration_error(error: ConfigError) -> int:
 
 def check_command(settings: Settings) -> int:
     """Print what the bridge would run with and whether Redis and Kratos answer."""
-    from bridge.app import build_store
-    from bridge.kratos import KratosClient
+    from bridge.kratos.whoami import KratosClient
+    from bridge.web.app import build_store
 
     ok = True
     print(f"kratos public:   {settings.kratos_public_url}")
@@ -150,10 +150,10 @@ def decide_command(settings: Settings, url: str, method: str, token: str | None)
     """How the bridge would answer ``method url`` (with ``token``'s session): the rule that
     matches, and the answer an API client and a browser would get. It runs the real
     forward-auth path on an embedded store, so it writes nothing to Redis."""
-    from bridge.app import build_bridge, load_rules
-    from bridge.request import HeaderView
     from bridge.store import Keys
     from bridge.store.memory import MemoryStore
+    from bridge.web.app import build_bridge, load_rules
+    from bridge.web.request import HeaderView
 
     scheme, _, rest = url.partition("://")
     host, slash, path = rest.partition("/")

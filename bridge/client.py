@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from bridge.app_data import checked_name, decoded, encoded
 from bridge.config import OPTIONS, parse_redis_url
-from bridge.session import MirroredSession
+from bridge.sessions.app_data import checked_name, decoded, encoded
+from bridge.sessions.session import MirroredSession
 from bridge.store import Keys, SessionStore
 
 DEFAULT_MAX_BYTES = 64 * 1024

@@ -22,9 +22,9 @@ import yaml
 from redis import connection as redis_connection
 
 from bridge.errors import ConfigError
-from bridge.redirects import Origin, parse_origin
-from bridge.rules import Rules
-from bridge.upstream_headers import DEFAULT_MAPPING, RESERVED, parse_mapping
+from bridge.pipeline.redirects import Origin, parse_origin
+from bridge.pipeline.rules import Rules
+from bridge.pipeline.upstream_headers import DEFAULT_MAPPING, RESERVED, parse_mapping
 
 ENV_PREFIX = "BRIDGE_"
 MIN_SECRET_LENGTH = 32
@@ -1002,7 +1002,7 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     if values["jwt_header"] is not None:
         if values["jwt_header"].lower() in {n.lower() for n, _ in values["identity_headers"]}:
             raise ConfigError(key_of("jwt_header"), "is also in BRIDGE_IDENTITY_HEADERS")
-        from bridge.tokens import KeyRing  # cryptography, only when JWTs are on
+        from bridge.pipeline.tokens import KeyRing  # cryptography, only when JWTs are on
 
         KeyRing(Path(values["jwt_keys_dir"]))  # raises naming BRIDGE_JWT_KEYS_DIR
 

@@ -1,7 +1,7 @@
 """Every failure the request path can meet, as one small hierarchy.
 
 Each refusal carries its error ``code`` and the ``status`` the main listener answers it
-with; ``bridge.responses`` reads them, so a stage raises what it means and never decides
+with; ``bridge.web.responses`` reads them, so a stage raises what it means and never decides
 a status code itself. The admin listener names fewer of them and substitutes a status or
 two (``bridge.admin.statuses``). An error without a code of its own is answered as
 ``internal_error``, its message kept to the log::

@@ -137,11 +137,11 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from bridge.client import DEFAULT_MAX_BYTES, SessionClient, UnifiedSession, csrf_valid
 from bridge.config import parse_redis_url
-from bridge.dialects import is_navigation, redirect_status
 from bridge.errors import SessionEnded, StoreUnavailable
 from bridge.logs import Throttled
-from bridge.redirects import MAX_REDIRECT, with_query
-from bridge.request import HeaderView
+from bridge.pipeline.dialects import is_navigation, redirect_status
+from bridge.pipeline.redirects import MAX_REDIRECT, with_query
+from bridge.web.request import HeaderView
 
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)

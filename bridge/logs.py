@@ -51,7 +51,7 @@ def log_unexpected(logger: logging.Logger, method: str, route: str | None) -> No
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a record's ``fields``
-    (a decision's, see ``bridge.decision_log``); an exception as its formatted text."""
+    (a decision's, see ``bridge.observe.decision_log``); an exception as its formatted text."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {

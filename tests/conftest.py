@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from bridge.app import build_store, create_app
 from bridge.config import Settings, load_settings
 from bridge.store import SessionStore
+from bridge.web.app import build_store, create_app
 from tests.harness import Kratos, RedisServer
 from tests.topologies import ClusterSet, SentinelSet
 

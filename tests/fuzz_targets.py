@@ -29,20 +29,20 @@ from typing import Any
 import orjson
 from hypothesis import strategies as st
 
-from bridge.app import Bridge, build_bridge
 from bridge.config import load_settings
-from bridge.credentials import Kind, extract
-from bridge.dialects import Dialect
 from bridge.errors import BadRequest, CredentialMissing, KratosUnavailable, SessionInvalid
-from bridge.forward_auth import Pending
-from bridge.http_client import Answer
-from bridge.kratos import KratosSession, _redirect_browser_to, parse_session
-from bridge.redirects import MAX_REDIRECT
-from bridge.request import HeaderView, OriginalRequest
-from bridge.responses import Refusal, Reply
-from bridge.rules import Access, Rules
-from bridge.session import mirror
-from bridge.upstream_headers import MAX_VALUE, UpstreamHeaders, header_value, parse_mapping
+from bridge.kratos.http_client import Answer
+from bridge.kratos.whoami import KratosSession, _redirect_browser_to, parse_session
+from bridge.pipeline.credentials import Kind, extract
+from bridge.pipeline.dialects import Dialect
+from bridge.pipeline.forward_auth import Pending
+from bridge.pipeline.redirects import MAX_REDIRECT
+from bridge.pipeline.rules import Access, Rules
+from bridge.pipeline.upstream_headers import MAX_VALUE, UpstreamHeaders, header_value, parse_mapping
+from bridge.sessions.session import mirror
+from bridge.web.app import Bridge, build_bridge
+from bridge.web.request import HeaderView, OriginalRequest
+from bridge.web.responses import Refusal, Reply
 
 COOKIE_NAME = "ory_kratos_session"
 LOGIN_URL = "https://login.example.test/self-service/login/browser"

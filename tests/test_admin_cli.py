@@ -19,10 +19,10 @@ import orjson
 import pytest
 import yaml
 
-from bridge import openapi
 from bridge.admin import cli as admin_cli
 from bridge.cli import main
 from bridge.config import load_settings
+from bridge.web import openapi
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
 from tests.harness import BridgeServer, free_port, wait_until
@@ -505,15 +505,15 @@ def test_the_openapi_document_is_valid():
 
 def test_the_openapi_document_is_package_data():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "openapi.yaml" in pyproject["tool"]["setuptools"]["package-data"]["bridge"]
-    assert (ROOT / "bridge" / "openapi.yaml").is_file()
+    assert "web/openapi.yaml" in pyproject["tool"]["setuptools"]["package-data"]["bridge"]
+    assert (ROOT / "bridge" / "web" / "openapi.yaml").is_file()
 
 
 @pytest.fixture
 def flask_apps():
     """The public listener's Flask app and the admin app, as the server builds them."""
     from bridge.admin.api import create_admin_app
-    from bridge.app import build_bridge, create_flask_app
+    from bridge.web.app import build_bridge, create_flask_app
 
     settings = load_settings(
         {
@@ -545,7 +545,7 @@ def routes(app) -> dict[str, set[str]]:
     return found
 
 
-SERVED_OUTSIDE_FLASK = {"/auth", "/forward-auth", "/ext-authz/{path}"}  # bridge.asgi's loop
+SERVED_OUTSIDE_FLASK = {"/auth", "/forward-auth", "/ext-authz/{path}"}  # bridge.web.asgi's loop
 PUBLIC_URL, ADMIN_URL = (server["url"] for server in openapi.document()["servers"])
 
 
@@ -553,7 +553,7 @@ def test_every_route_the_apps_register_is_documented(flask_apps):
     paths = openapi.document()["paths"]
     for listener, app in flask_apps.items():
         for path, methods in routes(app).items():
-            assert path in paths, f"{listener} listener: {path} is not in bridge/openapi.yaml"
+            assert path in paths, f"{listener} listener: {path} is not in bridge/web/openapi.yaml"
             for method in methods:
                 assert method.lower() in paths[path], f"{method} {path} is not documented"
             listed = {server["url"] for server in paths[path]["servers"]}
@@ -575,7 +575,7 @@ def test_every_documented_path_is_served(flask_apps):
 
 
 def test_the_forward_auth_paths_are_the_dialects():
-    from bridge.dialects import Dialects
+    from bridge.pipeline.dialects import Dialects
 
     dialects = Dialects(url_required=False)
     for path in SERVED_OUTSIDE_FLASK:

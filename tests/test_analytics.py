@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.admin.analytics import device_kind, user_agent_family
+from bridge.observe.analytics import device_kind, user_agent_family
 from bridge.store.memory_registry import MemoryRegistry
 from bridge.store.registry import Sighting, day_of
 from tests import kratos_flows as flows
@@ -28,7 +28,7 @@ def registry(request: pytest.FixtureRequest, kratos: Kratos, redis_server: Redis
     if request.param == "memory":
         yield MemoryRegistry(retention_days=30)
         return
-    from bridge.app import build_store
+    from bridge.web.app import build_store
 
     settings = bridge_settings(kratos, redis_server.url, f"reg{uuid.uuid4().hex[:8]}:")
     store = build_store(settings)

@@ -14,13 +14,13 @@ from types import MappingProxyType
 
 import pytest
 
-from bridge.app import build_store
 from bridge.client import SessionClient, UnifiedSession, csrf_valid
 from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable
-from bridge.kratos import parse_session
-from bridge.session import MirroredSession
+from bridge.kratos.whoami import parse_session
+from bridge.sessions.session import MirroredSession
 from bridge.store import Keys
 from bridge.store.memory import MemoryStore
+from bridge.web.app import build_store
 from tests import kratos_flows as flows
 from tests.conftest import bridge_settings, topology_url
 from tests.harness import free_port

@@ -8,10 +8,10 @@ import hmac
 
 import pytest
 
-from bridge.credentials import Credential, Fingerprints, Kind
-from bridge.credentials import extract as extract_from
 from bridge.errors import CredentialMissing, SessionInvalid
-from bridge.request import HeaderView
+from bridge.pipeline.credentials import Credential, Fingerprints, Kind
+from bridge.pipeline.credentials import extract as extract_from
+from bridge.web.request import HeaderView
 
 TOKEN = "ory_st_" + "A1b2" * 8
 COOKIE = base64.urlsafe_b64encode(b"1795347480|abc_-=|" + bytes(range(32))).decode()

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from bridge.forward_auth import ASK_AGAIN_BURST, ASK_AGAIN_EVERY_MS
+from bridge.pipeline.forward_auth import ASK_AGAIN_BURST, ASK_AGAIN_EVERY_MS
 from tests import kratos_flows as flows
 from tests.harness import forwarded
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import httpx
 import orjson
 
-from bridge.decision_log import outcome
-from bridge.responses import Reply
+from bridge.observe.decision_log import outcome
+from bridge.web.responses import Reply
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
 from tests.harness import BridgeServer, wait_until

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from bridge.config import load_settings
-from bridge.devices import client_address
-from bridge.request import HeaderView
+from bridge.pipeline.devices import client_address
+from bridge.web.request import HeaderView
 from tests import kratos_flows as flows
 from tests.conftest import store_of
 from tests.harness import forwarded, wait_until

@@ -13,8 +13,8 @@ from bridge import errors
 from bridge.admin import statuses
 from bridge.config import load_settings
 from bridge.errors import BridgeError
-from bridge.redirects import BrowserRedirects
-from bridge.responses import refusal
+from bridge.pipeline.redirects import BrowserRedirects
+from bridge.web.responses import refusal
 from tests.conftest import SECRET
 
 # (status, error code) on the main listener; the rest of the answer is the error's message.
@@ -95,7 +95,7 @@ def test_the_admin_listener_has_one_table(kind: type[BridgeError]) -> None:
 def admin_app():
     """The admin listener's app, as the server builds it, with Kratos out of reach."""
     from bridge.admin.api import create_admin_app
-    from bridge.app import build_bridge
+    from bridge.web.app import build_bridge
 
     closed = "http://127.0.0.1:9"
     settings = load_settings(

@@ -40,7 +40,7 @@ from bridge.flask import (
     require_aal2,
     require_recent_login,
 )
-from bridge.tokens import KeyRing, generate_key
+from bridge.pipeline.tokens import KeyRing, generate_key
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
 from tests.harness import (

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge import dialects
-from bridge.dialects import NAVIGATION_HEADERS, Dialect, Dialects
-from bridge.request import HeaderView, OriginalRequest, declared
-from bridge.responses import Refusal
+from bridge.pipeline import dialects
+from bridge.pipeline.dialects import NAVIGATION_HEADERS, Dialect, Dialects
+from bridge.web.request import HeaderView, OriginalRequest, declared
+from bridge.web.responses import Refusal
 
-PACKAGE = Path(dialects.__file__).parent
+PACKAGE = Path(dialects.__file__).parents[1]
 VIEWS = ("HeaderView", "HeaderSource")  # what a stage's headers parameter is annotated as
 
 
@@ -176,7 +176,7 @@ def test_a_dialect_reads_only_the_headers_it_declares(dialect, path, query):
     assert set(dialect.reads) <= declared()
 
 
-@pytest.mark.parametrize("entry", ["bridge.asgi", "bridge.app"])
+@pytest.mark.parametrize("entry", ["bridge.web.asgi", "bridge.web.app"])
 def test_an_entry_point_declares_every_header_before_it_serves(entry):
     """Declarations happen when a stage is imported: the module that builds the views
     must import every stage, or a view would drop a header read later."""
@@ -187,7 +187,7 @@ def test_an_entry_point_declares_every_header_before_it_serves(entry):
     )
     script = (
         "import importlib, sys\n"
-        "from bridge import request\n"
+        "from bridge.web import request\n"
         f"importlib.import_module({entry!r})\n"
         "first = sorted(request.declared())\n"
         f"for module in {every!r}: importlib.import_module(module)\n"

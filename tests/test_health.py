@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bridge import health
 from bridge.admin.api import create_admin_app
-from bridge.app import create_app
+from bridge.web import health
+from bridge.web.app import create_app
 from tests.conftest import bridge_settings
 from tests.harness import free_port
 

@@ -17,10 +17,10 @@ import orjson
 import pytest
 import yaml
 
-from bridge.app import build_store, create_app
-from bridge.hooks import BadHookBody, read_body
-from bridge.session import upgrade_id
+from bridge.sessions.session import upgrade_id
 from bridge.store import SessionStore
+from bridge.web.app import build_store, create_app
+from bridge.web.hooks import BadHookBody, read_body
 from tests import kratos_flows as flows
 from tests.conftest import SECRET, bridge_settings
 from tests.harness import BridgeServer, Kratos, RedisServer, SlowLink, shut_down, wait_until

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from bridge.http_client import HTTPClient
+from bridge.kratos.http_client import HTTPClient
 
 
 def _answer(body: bytes) -> bytes:

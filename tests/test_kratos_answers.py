@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bridge.app import create_app
+from bridge.web.app import create_app
 from tests import kratos_flows as flows
 from tests.conftest import bridge_settings
 from tests.harness import forwarded

@@ -1,4 +1,4 @@
-"""``bridge.admin.metrics``: what ``/metrics`` counts, and how the server's worker
+"""``bridge.observe.metrics``: what ``/metrics`` counts, and how the server's worker
 processes add up (real ``Metrics``, replies, Kratos, Redis and processes)."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.admin.metrics import MULTIPROC_DIR_ENV, Metrics, prepare_multiprocess_dir
-from bridge.app import build_bridge, build_store
-from bridge.credentials import extract
-from bridge.decision_log import Trace
 from bridge.errors import KratosUnavailable, RejectedRecently, SessionInvalid, StoreUnavailable
-from bridge.kratos import KratosClient
-from bridge.mirror import now_ms
-from bridge.redirects import BrowserRedirects
-from bridge.request import HeaderView
-from bridge.responses import Refusal, Reply, allow, refusal
-from bridge.session import aal2_event, mirror
+from bridge.kratos.whoami import KratosClient
+from bridge.observe.decision_log import Trace
+from bridge.observe.metrics import MULTIPROC_DIR_ENV, Metrics, prepare_multiprocess_dir
+from bridge.pipeline.credentials import extract
+from bridge.pipeline.redirects import BrowserRedirects
+from bridge.sessions.mirror import now_ms
+from bridge.sessions.session import aal2_event, mirror
+from bridge.web.app import build_bridge, build_store
+from bridge.web.request import HeaderView
+from bridge.web.responses import Refusal, Reply, allow, refusal
 from tests import kratos_flows as flows
 from tests.conftest import SECRET, bridge_settings
 from tests.harness import BridgeServer, free_port, wait_until

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from bridge.redirects import MAX_REDIRECT, with_query
+from bridge.pipeline.redirects import MAX_REDIRECT, with_query
 from tests.conftest import SECRET
 from tests.harness import BridgeServer
 from tests.proxies import ROOT, Addresses, RunningProxy, start_proxy, start_upstream

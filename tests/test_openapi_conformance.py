@@ -20,8 +20,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from bridge import openapi
-from bridge.tokens import generate_key
+from bridge.pipeline.tokens import generate_key
+from bridge.web import openapi
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
 from tests.harness import BridgeServer, Kratos, RedisServer
@@ -121,7 +121,7 @@ EXAMPLES = 25
 _BY_DESIGN = {
     # The dialects judge a path by every common reading of it: one with a bad escape,
     # bytes that are not UTF-8, a control character once decoded, a leading "//", or
-    # readings that fall under different rules is refused (bridge.rules), whatever
+    # readings that fall under different rules is refused (bridge.pipeline.rules), whatever
     # characters it is written in.
     "/forward-auth": re.compile(r"(the )?path "),
     "/ext-authz/{path}": re.compile(r"(the )?path "),

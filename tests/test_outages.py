@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from bridge.app import create_app
 from bridge.store.connect import redis_target
+from bridge.web.app import create_app
 from tests import kratos_flows as flows
 from tests.conftest import admin_of, bridge_settings
 from tests.harness import RedisServer, free_port, wait_until

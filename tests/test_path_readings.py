@@ -3,7 +3,7 @@ must send a path the bridge lets through to a rule no stronger than the one the 
 judged it by.
 
 The readings below are written here from the standards and the servers' documented
-behaviour, independently of ``bridge.rules`` (which is only asked for its verdict), and
+behaviour, independently of ``bridge.pipeline.rules`` (which is only asked for its verdict), and
 so is the rule matcher they are mapped with. The WHATWG reading is checked against
 Node's own URL parser. The same property is then checked over HTTP against a real
 bridge process, through each proxy dialect, with no credential.
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import BadRequest
-from bridge.rules import Rules
+from bridge.pipeline.rules import Rules
 from tests.harness import BridgeServer, forwarded, free_port
 
 # The readings, each as written in the standard or as the server does it.

@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 
-from bridge.tokens import generate_key
+from bridge.pipeline.tokens import generate_key
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
 from tests.harness import BridgeServer, free_port

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from bridge.app import create_app
+from bridge.web.app import create_app
 from tests import kratos_flows as flows
 from tests.conftest import bridge_settings, store_of
 from tests.harness import SlowLink, wait_until

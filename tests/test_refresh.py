@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
-from bridge.credentials import extract
 from bridge.errors import SessionInvalid
-from bridge.refresh import REFRESH_AT
-from bridge.request import HeaderView
+from bridge.pipeline.credentials import extract
+from bridge.sessions.refresh import REFRESH_AT
+from bridge.web.request import HeaderView
 from tests import kratos_flows as flows
 
 REVALIDATE_AFTER = 1.0

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from bridge.app import BODY_ENDPOINTS
+from bridge.web.app import BODY_ENDPOINTS
 from tests import kratos_flows as flows
 from tests.harness import BridgeServer
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from bridge.errors import BadRequest, ConfigError
-from bridge.rules import Access, Rule, Rules, normalise_path, path_readings
+from bridge.pipeline.rules import Access, Rule, Rules, normalise_path, path_readings
 
 EXAMPLE = """
 default: deny
@@ -675,7 +675,7 @@ def test_a_repeated_request_is_answered_from_memory(example, monkeypatch):
         judged.append(raw)
         return path_readings(raw)
 
-    monkeypatch.setattr("bridge.rules.path_readings", counting)
+    monkeypatch.setattr("bridge.pipeline.rules.path_readings", counting)
     for _ in range(3):
         assert label(example, "/app/x?page=1") == "rules[3]"
         assert label(example, "/app/x?page=2") == "rules[3]"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bridge.config import load_settings
-from bridge.tokens import generate_key
+from bridge.pipeline.tokens import generate_key
 from tests.harness import free_port, stop_process, wait_until
 from tests.proxies import ROOT
 

@@ -18,9 +18,8 @@ from redis.crc import key_slot
 
 import bridge.store.memory
 import bridge.store.redis
-from bridge.app import build_store
 from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
-from bridge.session import MirroredSession, aal2_event, upgrade_id
+from bridge.sessions.session import MirroredSession, aal2_event, upgrade_id
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     MAX_APP_FIELDS,
@@ -30,6 +29,7 @@ from bridge.store import (
     Lookup,
     Rejection,
 )
+from bridge.web.app import build_store
 from tests.conftest import bridge_settings, topology_url
 from tests.harness import free_port, stop_process, wait_until
 

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from bridge.errors import ConfigError
-from bridge.session import MirroredSession
-from bridge.tokens import KeyRing, TokenMinter, generate_key
+from bridge.pipeline.tokens import KeyRing, TokenMinter, generate_key
+from bridge.sessions.session import MirroredSession
 
 NOW = datetime(2026, 11, 24, 10, 0, tzinfo=UTC).timestamp()
 NOW_MS = int(NOW * 1000)
@@ -513,7 +513,7 @@ def test_a_bad_file_met_at_a_rescan_keeps_the_keys_and_signing_goes_on(
     (keys_dir / "20261201.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nhalf")
 
     clock.advance(30)
-    with caplog.at_level(logging.WARNING, logger="bridge.tokens"):
+    with caplog.at_level(logging.WARNING, logger="bridge.pipeline.tokens"):
         token, _ = mint.token_for(session())
 
     assert kid_of(token) == signing
@@ -530,7 +530,7 @@ def test_a_directory_emptied_at_a_rescan_keeps_the_keys(ring, keys_dir, clock, c
     (keys_dir / "20261101.pem").unlink()
 
     clock.advance(30)
-    with caplog.at_level(logging.WARNING, logger="bridge.tokens"):
+    with caplog.at_level(logging.WARNING, logger="bridge.pipeline.tokens"):
         assert ring.signing_key().kid == signing
 
     assert kids(ring) == {signing}

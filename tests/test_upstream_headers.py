@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.config import load_settings
 from bridge.errors import ConfigError
-from bridge.tokens import generate_key
-from bridge.upstream_headers import header_value, parse_mapping
+from bridge.pipeline.tokens import generate_key
+from bridge.pipeline.upstream_headers import header_value, parse_mapping
 from tests import kratos_flows as flows
 from tests.harness import forwarded
 

@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import health, openapi, responses
 from bridge.admin import statuses
 from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
-from bridge.admin.kratos_admin import KratosAdmin
 from bridge.admin.sessions import SessionAdmin
 from bridge.errors import BadRequest, BridgeError, NotFound
-from bridge.kratos import parse_timestamp_ms
+from bridge.kratos.admin import KratosAdmin
+from bridge.kratos.whoami import parse_timestamp_ms
 from bridge.logs import log_unexpected
-from bridge.mirror import now_ms
-from bridge.responses import Reply
+from bridge.sessions.mirror import now_ms
+from bridge.web import health, openapi, responses
+from bridge.web.responses import Reply
 
 if TYPE_CHECKING:
-    from bridge.app import Bridge
+    from bridge.web.app import Bridge
 
 
 DEFAULT_PAGE_SIZE = 50

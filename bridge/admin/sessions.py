@@ -13,15 +13,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bridge.admin.analytics import statistics
-from bridge.admin.kratos_admin import KratosAdmin
 from bridge.errors import NotFound, StoreUnavailable
-from bridge.mirror import now_ms
-from bridge.session import first_method, iso
+from bridge.kratos.admin import KratosAdmin
+from bridge.observe.analytics import statistics
+from bridge.sessions.mirror import now_ms
+from bridge.sessions.session import first_method, iso
 from bridge.store.registry import paged
 
 if TYPE_CHECKING:
-    from bridge.app import Bridge
+    from bridge.web.app import Bridge
 
 SEARCH_SCAN_LIMIT = 10_000  # registry records a search reads at most
 EVENT_SCAN_LIMIT = 50_000  # stream entries one events call reads at most

@@ -32,7 +32,6 @@ from flask import Blueprint, Response, redirect, render_template, request, url_f
 from werkzeug.wrappers import Response as BaseResponse
 
 from bridge.admin import statuses
-from bridge.admin.analytics import DURATION_BUCKETS
 from bridge.admin.charts import bar_chart
 from bridge.admin.gate import COOKIE, SIGNED_IN_FOR, Gate, canonical_uuid
 from bridge.admin.sessions import Latest, SessionAdmin
@@ -43,14 +42,15 @@ from bridge.errors import (
     NotFound,
     StoreUnavailable,
 )
-from bridge.kratos import parse_timestamp_ms
-from bridge.mirror import now_ms
-from bridge.session import iso
+from bridge.kratos.whoami import parse_timestamp_ms
+from bridge.observe.analytics import DURATION_BUCKETS
+from bridge.sessions.mirror import now_ms
+from bridge.sessions.session import iso
 from bridge.store.registry import days_between
 
 if TYPE_CHECKING:
-    from bridge.admin.metrics import Metrics
-    from bridge.app import Bridge
+    from bridge.observe.metrics import Metrics
+    from bridge.web.app import Bridge
 
 log = logging.getLogger(__name__)
 

@@ -79,7 +79,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from bridge.session import MirroredSession
+from bridge.sessions.session import MirroredSession
 from bridge.store.registry import SessionRegistry
 
 EndedListener = Callable[[str | None, int], None]

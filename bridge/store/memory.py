@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
-from bridge.session import MirroredSession, new_csrf_token
+from bridge.sessions.session import MirroredSession, new_csrf_token
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     ENDED,

@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisClusterException
 
 from bridge.bounded import BoundedMap
 from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable, TooManyAppFields
-from bridge.session import MirroredSession, new_csrf_token
+from bridge.sessions.session import MirroredSession, new_csrf_token
 from bridge.store import (
     AAL2_MARKER_GRACE_MS,
     ENDED,
@@ -311,7 +311,7 @@ class RedisStore:
     """Session mirror in Redis 7.0+: standalone, behind Sentinel, or a Cluster."""
 
     error_observer: Callable[[str], None] | None = None
-    """Told the name of each operation Redis failed (``bridge.admin.metrics``)."""
+    """Told the name of each operation Redis failed (``bridge.observe.metrics``)."""
 
     def __init__(
         self,

@@ -59,20 +59,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bridge.decision_log import Trace, outcome
 from bridge.errors import BridgeError, RejectedRecently
 from bridge.logs import Throttled
-from bridge.mirror import SessionEvents
-from bridge.request import HeaderView
-from bridge.responses import Reply
-from bridge.session import MirroredSession, first_method
+from bridge.observe.decision_log import Trace, outcome
+from bridge.sessions.mirror import SessionEvents
+from bridge.sessions.session import MirroredSession, first_method
+from bridge.web.request import HeaderView
+from bridge.web.responses import Reply
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
     from prometheus_client.mmap_dict import MmapedDict
 
-    from bridge.forward_auth import DecisionWatcher
+    from bridge.pipeline.forward_auth import DecisionWatcher
 
 log = logging.getLogger(__name__)
 _failures = Throttled(log)
@@ -199,7 +199,7 @@ class Metrics:
         )
 
     def decision_watcher(self) -> DecisionWatcher:
-        """The forward-auth watcher (``bridge.forward_auth.DecisionWatcher``)."""
+        """The forward-auth watcher (``bridge.pipeline.forward_auth.DecisionWatcher``)."""
         local = self._local
         new_table = self._new_table
         bounds = _DECISION_BOUNDS_NS

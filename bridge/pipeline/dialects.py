@@ -32,9 +32,9 @@ from urllib.parse import parse_qs
 
 from bridge.bounded import BoundedMap
 from bridge.errors import BadRequest
-from bridge.request import HeaderView, OriginalRequest, declare_read
-from bridge.responses import Refusal, Reply
-from bridge.rules import normalise_host
+from bridge.pipeline.rules import normalise_host
+from bridge.web.request import HeaderView, OriginalRequest, declare_read
+from bridge.web.responses import Refusal, Reply
 
 MAX_TARGET = 8192
 # Methods are case-sensitive (RFC 9110) and every registered one is upper case; a proxy

@@ -1,13 +1,13 @@
 """The forward-auth path: dialect -> rule -> credential -> session -> decision -> response.
 
-- ``bridge.dialects`` reads the original request the way each proxy sends it, and
+- ``bridge.pipeline.dialects`` reads the original request the way each proxy sends it, and
   shapes refusals the way that proxy needs them;
-- ``bridge.rules`` says what the route needs (public, authenticated, aal2, deny, and
+- ``bridge.pipeline.rules`` says what the route needs (public, authenticated, aal2, deny, and
   ``max_age`` / ``when``);
-- ``bridge.credentials`` and ``bridge.mirror`` find the session;
-- ``bridge.decision`` says whether it may pass, and ``bridge.devices`` whether it comes
-  from the device its session began on;
-- ``bridge.upstream_headers`` and ``bridge.responses`` build the answer.
+- ``bridge.pipeline.credentials`` and ``bridge.sessions.mirror`` find the session;
+- ``bridge.pipeline.decision`` says whether it may pass, and ``bridge.pipeline.devices``
+  whether it comes from the device its session began on;
+- ``bridge.pipeline.upstream_headers`` and ``bridge.web.responses`` build the answer.
 
 It runs in two steps so that the server can answer most requests without leaving its
 event loop: ``begin`` does no I/O (it reads the request and this process's fresh copy
@@ -23,12 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge import decision, responses
 from bridge.bounded import BoundedMap
-from bridge.credentials import Credential, extract
-from bridge.decision_log import Trace
-from bridge.devices import DeviceWatch
-from bridge.dialects import Dialect
 from bridge.errors import (
     BadRequest,
     BridgeError,
@@ -37,13 +32,19 @@ from bridge.errors import (
     Forbidden,
     SessionInvalid,
 )
-from bridge.mirror import Resolved, SessionMirror, now_ms
-from bridge.redirects import BrowserRedirects
-from bridge.request import HeaderView, OriginalRequest
-from bridge.responses import Reply
-from bridge.rules import Access, Rule, Rules
-from bridge.session import MirroredSession
-from bridge.upstream_headers import UpstreamHeaders
+from bridge.observe.decision_log import Trace
+from bridge.pipeline import decision
+from bridge.pipeline.credentials import Credential, extract
+from bridge.pipeline.devices import DeviceWatch
+from bridge.pipeline.dialects import Dialect
+from bridge.pipeline.redirects import BrowserRedirects
+from bridge.pipeline.rules import Access, Rule, Rules
+from bridge.pipeline.upstream_headers import UpstreamHeaders
+from bridge.sessions.mirror import Resolved, SessionMirror, now_ms
+from bridge.sessions.session import MirroredSession
+from bridge.web import responses
+from bridge.web.request import HeaderView, OriginalRequest
+from bridge.web.responses import Reply
 
 ASK_AGAIN_BURST = 3
 ASK_AGAIN_EVERY_MS = 1000

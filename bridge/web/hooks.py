@@ -32,14 +32,14 @@ from typing import Any
 
 import orjson
 
-from bridge import responses
 from bridge.errors import KratosUnavailable
-from bridge.http_client import HTTPClient, RequestFailed
-from bridge.kratos import KratosSession, parse_session
-from bridge.mirror import SessionEvents, now_ms
-from bridge.responses import Reply
-from bridge.session import MirroredSession, aal2_event, mirror
+from bridge.kratos.http_client import HTTPClient, RequestFailed
+from bridge.kratos.whoami import KratosSession, parse_session
+from bridge.sessions.mirror import SessionEvents, now_ms
+from bridge.sessions.session import MirroredSession, aal2_event, mirror
 from bridge.store import SessionStore
+from bridge.web import responses
+from bridge.web.responses import Reply
 
 log = logging.getLogger(__name__)
 

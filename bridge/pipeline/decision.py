@@ -22,9 +22,9 @@ from bridge.errors import (
     ReauthenticationRequired,
     StepUpRequired,
 )
-from bridge.kratos import parse_timestamp_ms
-from bridge.rules import Access, Rule
-from bridge.session import MirroredSession
+from bridge.kratos.whoami import parse_timestamp_ms
+from bridge.pipeline.rules import Access, Rule
+from bridge.sessions.session import MirroredSession
 
 _RANK = {"aal0": 0, "aal1": 1, "aal2": 2, "aal3": 3}
 ROUTE_LEVELS = ("aal1", "aal2")

@@ -14,9 +14,9 @@ import logging
 import re
 from dataclasses import dataclass
 
-from bridge.request import HeaderView, declare_read
-from bridge.responses import Reply
-from bridge.session import MirroredSession
+from bridge.sessions.session import MirroredSession
+from bridge.web.request import HeaderView, declare_read
+from bridge.web.responses import Reply
 
 log = logging.getLogger("bridge.decisions")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")

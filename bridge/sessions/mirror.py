@@ -14,7 +14,7 @@ Rules this module keeps:
   (``SingleFlight``); across processes, the one that took the lock asks and the others
   wait for its answer.
 - A session in use is refreshed off the request path shortly before its copy stops
-  being fresh (``bridge.refresh``), so busy sessions do not wait for Kratos. The copy is
+  being fresh (``bridge.sessions.refresh``), so busy sessions do not wait for Kratos. The copy is
   still never used past ``revalidate_after``: a refresh that fails or is slow leaves
   requests to the ordinary path.
 - Kratos unreachable means no answer from a stale copy: ``KratosUnavailable`` (503).
@@ -30,11 +30,11 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from bridge.bounded import BoundedMap
-from bridge.credentials import Credential, Fingerprints
 from bridge.errors import BridgeError, RejectedRecently, SessionInvalid, StoreUnavailable
-from bridge.kratos import KratosClient
-from bridge.refresh import REFRESH_AT, Refresher, refresh_lead_ms
-from bridge.session import MirroredSession, aal2_event, mirror
+from bridge.kratos.whoami import KratosClient
+from bridge.pipeline.credentials import Credential, Fingerprints
+from bridge.sessions.refresh import REFRESH_AT, Refresher, refresh_lead_ms
+from bridge.sessions.session import MirroredSession, aal2_event, mirror
 from bridge.store import Lock, Rejection, SessionStore
 
 log = logging.getLogger(__name__)

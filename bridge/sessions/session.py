@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from bridge.kratos import KratosSession
+from bridge.kratos.whoami import KratosSession
 
 
 @dataclass(frozen=True, slots=True)

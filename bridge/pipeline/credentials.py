@@ -27,7 +27,7 @@ from enum import Enum
 from typing import Protocol
 
 from bridge.errors import CredentialMissing, SessionInvalid
-from bridge.request import declare_read
+from bridge.web.request import declare_read
 
 # Session tokens are "ory_st_" + 32 alphanumerics (x/token_prefixes.go); tokens
 # from before v1.0 have no prefix. The length range leaves room for change.
@@ -42,7 +42,7 @@ CREDENTIAL_HEADERS = declare_read("x-session-token", "cookie", "authorization")
 
 
 class HeaderSource(Protocol):
-    """Request headers by lower-case name (``bridge.request.HeaderView``)."""
+    """Request headers by lower-case name (``bridge.web.request.HeaderView``)."""
 
     def get(self, name: str) -> str | None: ...
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from bridge.request import OriginalRequest
+from bridge.web.request import OriginalRequest
 
 # A redirect must fit a proxy's buffer for the auth answer's headers (nginx: 4 KB by
 # default) twice, with every other header: a 401 of /auth carries it in X-Bridge-Redirect

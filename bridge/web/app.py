@@ -1,7 +1,7 @@
 """The bridge's parts wired together, and the Flask app that serves apps and health.
 
-``/auth`` is not a Flask route: it is ``bridge.forward_auth``, served straight by the
-ASGI front (``bridge.asgi``) and, for WSGI callers such as Flask's test client, by
+``/auth`` is not a Flask route: it is ``bridge.pipeline.forward_auth``, served straight by the
+ASGI front (``bridge.web.asgi``) and, for WSGI callers such as Flask's test client, by
 the small WSGI wrapper below. Flask serves ``/whoami`` and ``/health/*``.
 """
 
@@ -18,29 +18,31 @@ from urllib.parse import quote
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge import app_data, decision_log, health, openapi, responses
-from bridge.app_token import APP_TOKEN_HEADER, require_app_token
 from bridge.config import Settings
-from bridge.credentials import extract
-from bridge.devices import DeviceChange, DeviceWatch
-from bridge.dialects import Dialects
 from bridge.errors import BridgeError
-from bridge.forward_auth import DecisionWatcher, ForwardAuth
-from bridge.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
-from bridge.kratos import KratosClient
+from bridge.kratos.whoami import KratosClient
 from bridge.logs import log_unexpected
-from bridge.mirror import AllOf, SessionEvents, SessionMirror, now_ms
-from bridge.redirects import BrowserRedirects, Origin, host_origin
-from bridge.request import HeaderView
-from bridge.responses import Reply
-from bridge.rules import Rules
+from bridge.observe import decision_log
+from bridge.pipeline.credentials import extract
+from bridge.pipeline.devices import DeviceChange, DeviceWatch
+from bridge.pipeline.dialects import Dialects
+from bridge.pipeline.forward_auth import DecisionWatcher, ForwardAuth
+from bridge.pipeline.redirects import BrowserRedirects, Origin, host_origin
+from bridge.pipeline.rules import Rules
+from bridge.pipeline.upstream_headers import UpstreamHeaders
+from bridge.sessions import app_data
+from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror, now_ms
 from bridge.store import Keys, SessionStore
-from bridge.upstream_headers import UpstreamHeaders
+from bridge.web import health, openapi, responses
+from bridge.web.app_token import APP_TOKEN_HEADER, require_app_token
+from bridge.web.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
+from bridge.web.request import HeaderView
+from bridge.web.responses import Reply
 
 if TYPE_CHECKING:
-    from bridge.admin.analytics import Recorder
-    from bridge.admin.metrics import Metrics
-    from bridge.tokens import KeyRing
+    from bridge.observe.analytics import Recorder
+    from bridge.observe.metrics import Metrics
+    from bridge.pipeline.tokens import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
     store = store if store is not None else build_store(settings)
     metrics = None
     if settings.metrics:
-        from bridge.admin.metrics import Metrics
+        from bridge.observe.metrics import Metrics
 
         metrics = Metrics()
         store.error_observer = metrics.redis_error
@@ -125,7 +127,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
     )
     recorder = None
     if settings.analytics:
-        from bridge.admin.analytics import Recorder
+        from bridge.observe.analytics import Recorder
 
         recorder = Recorder(store.registry)
     session_events = metrics.session_events() if metrics is not None else None
@@ -143,7 +145,10 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
     redirects = BrowserRedirects(settings.login_url, return_to_origins(settings, rules))
     keyring = minter = None
     if settings.jwt_header is not None and settings.jwt_keys_dir is not None:
-        from bridge.tokens import KeyRing, TokenMinter  # cryptography, only when JWTs are on
+        from bridge.pipeline.tokens import (  # cryptography, only when JWTs are on
+            KeyRing,
+            TokenMinter,
+        )
 
         keyring = KeyRing(Path(settings.jwt_keys_dir))
         minter = TokenMinter(
@@ -239,7 +244,7 @@ def create_flask_app(bridge: Bridge) -> Flask:
     def patch_app() -> Response:
         """JSON merge patch (RFC 7396) of the session's app section, at the top level: each
         field named is replaced whole, ``null`` deletes it. Only for an app: the app token
-        is checked first, before the body or Kratos (``bridge.app_token``)."""
+        is checked first, before the body or Kratos (``bridge.web.app_token``)."""
         require_app_token(settings.app_token, request.headers.get(APP_TOKEN_HEADER))
         if request.mimetype not in ("application/merge-patch+json", "application/json"):
             return as_flask(responses.http_error(415, "Unsupported Media Type"))
@@ -273,7 +278,8 @@ def create_flask_app(bridge: Bridge) -> Flask:
 
     @app.get("/health/ready", provide_automatic_options=False)
     def ready() -> Response:
-        """Status only, and checked at most once a second: anyone may ask (``bridge.health``)."""
+        """Status only, and checked at most once a second: anyone may ask
+        (``bridge.web.health``)."""
         return as_flask(health.status_reply(ready_now()))
 
     openapi.add_routes(app)

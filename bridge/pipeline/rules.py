@@ -75,7 +75,7 @@ import yaml
 
 from bridge.bounded import BoundedMap
 from bridge.errors import BadRequest, ConfigError
-from bridge.session import dig
+from bridge.sessions.session import dig
 
 SETTING = "BRIDGE_RULES_FILE"
 MAX_PATH_LENGTH = 8192

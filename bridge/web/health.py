@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge import responses
 from bridge.errors import StoreUnavailable
-from bridge.kratos import KratosClient
-from bridge.responses import Reply
+from bridge.kratos.whoami import KratosClient
 from bridge.store import SessionStore
+from bridge.web import responses
+from bridge.web.responses import Reply
 
 PUBLIC_READY_FOR_S = 1.0
 

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from bridge.session import MirroredSession, dig
+from bridge.sessions.session import MirroredSession, dig
 
 if TYPE_CHECKING:
-    from bridge.tokens import TokenMinter
+    from bridge.pipeline.tokens import TokenMinter
 
 DEFAULT_MAPPING = (
     "X-User-Id=identity.id,X-Session-Id=session.id,X-User-Aal=session.aal,X-User-Email=traits.email"

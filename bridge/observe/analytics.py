@@ -26,14 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.decision_log import Trace
 from bridge.errors import BridgeError
-from bridge.kratos import parse_timestamp_ms
+from bridge.kratos.whoami import parse_timestamp_ms
 from bridge.logs import Throttled
-from bridge.mirror import SessionEvents, now_ms
-from bridge.request import HeaderView
-from bridge.responses import Reply
-from bridge.session import MirroredSession, first_method, iso
+from bridge.observe.decision_log import Trace
+from bridge.sessions.mirror import SessionEvents, now_ms
+from bridge.sessions.session import MirroredSession, first_method, iso
 from bridge.store.registry import (
     ENDED_STREAM_MAXLEN,
     REASONS,
@@ -41,6 +39,8 @@ from bridge.store.registry import (
     Sighting,
     days_between,
 )
+from bridge.web.request import HeaderView
+from bridge.web.responses import Reply
 
 log = logging.getLogger(__name__)
 _failures = Throttled(log, interval=60.0)  # a Redis outage: one line a minute per process

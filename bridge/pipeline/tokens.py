@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.bounded import BoundedMap
 from bridge.errors import ConfigError
-from bridge.kratos import parse_timestamp_ms
-from bridge.session import MirroredSession, dig
+from bridge.kratos.whoami import parse_timestamp_ms
+from bridge.sessions.session import MirroredSession, dig
 
 log = logging.getLogger(__name__)
 

@@ -65,8 +65,8 @@ def _die_with_parent() -> None:
 
 
 def _load_app(settings: Settings, *_: Any) -> Any:
-    from bridge.app import build_bridge, create_flask_app
-    from bridge.asgi import Front
+    from bridge.web.app import build_bridge, create_flask_app
+    from bridge.web.asgi import Front
 
     _die_with_parent()
     configure_logging(settings.log_level, settings.log_format)
@@ -90,7 +90,7 @@ def _load_app(settings: Settings, *_: Any) -> Any:
 
 def serve(settings: Settings) -> None:
     if settings.metrics:
-        from bridge.admin.metrics import prepare_multiprocess_dir
+        from bridge.observe.metrics import prepare_multiprocess_dir
 
         prepare_multiprocess_dir()  # before the workers start: they inherit where to write
     if settings.admin_port:

@@ -14,7 +14,7 @@ requests that need no I/O never wait behind the ones that do.
   round trips around it); then it is answered ``503`` and the thread's late result is
   dropped.
 - A Flask route is matched before any body is read: only the routes that take one
-  (``bridge.app.BODY_ENDPOINTS``) wait for it, for at most ``BRIDGE_BODY_TIMEOUT`` in
+  (``bridge.web.app.BODY_ENDPOINTS``) wait for it, for at most ``BRIDGE_BODY_TIMEOUT`` in
   all (then ``408``), on the loop, so a client that stalls its body holds no thread.
 """
 
@@ -30,12 +30,12 @@ from typing import Any
 
 from flask import Flask
 
-from bridge import responses
-from bridge.app import HEADER_VIEW_KEY, Bridge, takes_body
-from bridge.dialects import Dialect
 from bridge.logs import Throttled, log_unexpected
-from bridge.request import HeaderView
-from bridge.responses import Reply
+from bridge.pipeline.dialects import Dialect
+from bridge.web import responses
+from bridge.web.app import HEADER_VIEW_KEY, Bridge, takes_body
+from bridge.web.request import HeaderView
+from bridge.web.responses import Reply
 
 log = logging.getLogger(__name__)
 _late = Throttled(log)

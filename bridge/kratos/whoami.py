@@ -8,7 +8,7 @@ into an allow.
 
 What is sent to Kratos for a request is a pure function of that request's
 credential: the HTTP client keeps no cookies and no default headers (see
-``bridge.http_client``). A client that remembered a cookie Kratos re-issued on one
+``bridge.kratos.http_client``). A client that remembered a cookie Kratos re-issued on one
 user's whoami would send it with the next user's, and Kratos reads the session
 cookie before ``Authorization: Bearer``: a forged token would be answered as
 that user.
@@ -30,10 +30,10 @@ from typing import Any
 
 import orjson
 
-from bridge.credentials import Credential
 from bridge.errors import KratosRateLimited, KratosUnavailable, SessionInvalid, StepUpRequired
-from bridge.http_client import Answer, HTTPClient, RequestFailed
+from bridge.kratos.http_client import Answer, HTTPClient, RequestFailed
 from bridge.logs import Throttled
+from bridge.pipeline.credentials import Credential
 
 log = logging.getLogger(__name__)
 _failures = Throttled(log)
@@ -48,7 +48,7 @@ _BROWSER_URL = re.compile(r"https?://[\x21-\x7e]{1,2048}")
 
 KratosCallObserver = Callable[[int | str, float], None]
 """Told of each whoami call: Kratos's HTTP status (``"error"`` when Kratos could not be
-reached) and the seconds it took (``bridge.admin.metrics``)."""
+reached) and the seconds it took (``bridge.observe.metrics``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 
-from bridge import app_data
 from bridge.errors import (
     BridgeError,
     CredentialMissing,
@@ -26,9 +25,10 @@ from bridge.errors import (
     StepUpRequired,
     StoreUnavailable,
 )
-from bridge.redirects import BrowserRedirects
-from bridge.request import OriginalRequest
-from bridge.session import MirroredSession
+from bridge.pipeline.redirects import BrowserRedirects
+from bridge.sessions import app_data
+from bridge.sessions.session import MirroredSession
+from bridge.web.request import OriginalRequest
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class Reply:
 
 
 def allow(headers: tuple[tuple[str, str], ...], set_cookies: tuple[str, ...]) -> Reply:
-    """200 with the upstream headers (``bridge.upstream_headers``) and re-issued cookies."""
+    """200 with the upstream headers (``bridge.pipeline.upstream_headers``) and re-issued
+    cookies."""
     cookies = tuple(("Set-Cookie", cookie) for cookie in set_cookies)
     return Reply(200, (_NO_STORE, *headers, *cookies))
 

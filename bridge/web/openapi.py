@@ -1,4 +1,4 @@
-"""The OpenAPI document of both listeners (``bridge/openapi.yaml``), for them to serve.
+"""The OpenAPI document of both listeners (``bridge/web/openapi.yaml``), for them to serve.
 
 The YAML file is the source; it is read once per process, on first use, and its JSON
 and YAML forms are kept as bytes so that serving them costs nothing per request.
@@ -23,7 +23,7 @@ YAML_TYPE = "application/yaml"
 @cache
 def as_yaml() -> bytes:
     """The document as shipped."""
-    return files("bridge").joinpath(DOCUMENT).read_bytes()
+    return files("bridge.web").joinpath(DOCUMENT).read_bytes()
 
 
 @cache

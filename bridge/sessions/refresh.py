@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from bridge.credentials import Credential
+from bridge.pipeline.credentials import Credential
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from bridge.bounded import BoundedMap
 from bridge.logs import Throttled
-from bridge.request import HeaderView, declare_read
-from bridge.session import MirroredSession, iso
+from bridge.sessions.session import MirroredSession, iso
+from bridge.web.request import HeaderView, declare_read
 
 log = logging.getLogger(__name__)
 _failures = Throttled(log)

@@ -1,0 +1,1 @@
+"""Every conversation with Kratos: the HTTP client, whoami, the admin API."""

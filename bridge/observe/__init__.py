@@ -1,0 +1,1 @@
+"""What watches the bridge: metrics, the analytics recorder, the decision log."""

@@ -1,0 +1,1 @@
+"""The forward-auth pipeline, one stage a file; ``forward_auth`` orchestrates them."""

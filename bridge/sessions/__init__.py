@@ -1,0 +1,1 @@
+"""The mirrored session: the mirror, refresh-ahead, the session model, app data."""

@@ -1,0 +1,1 @@
+"""Transport: the ASGI front, the Flask app and its routes, the request view, replies."""
