@@ -117,30 +117,25 @@ class Refusal:
 def refusal(
     error: BridgeError, redirects: BrowserRedirects, original: OriginalRequest | None
 ) -> Refusal:
-    """The answer for every ``BridgeError`` the request path raises or decides."""
-    return replace(_refusal(error, redirects, original), cause=type(error))
-
-
-def _refusal(
-    error: BridgeError, redirects: BrowserRedirects, original: OriginalRequest | None
-) -> Refusal:
-    """The class's code and status; what some refusals add (where a browser should go,
-    when to come back) is said here, case by case."""
+    """The answer for every ``BridgeError`` the request path raises or decides: the class's
+    code and status, and the class itself for the watchers; what some refusals add (where
+    a browser should go, when to come back) is said here, case by case."""
     if error.code == BridgeError.code:
-        return _INTERNAL  # no code of its own: its message is for the log, not the client
-    refused = Refusal(error.status, error.code, str(error))
+        # No code of its own: its message is for the log, not the client.
+        return replace(_INTERNAL, cause=type(error))
+    redirect = retry_after = None
     if isinstance(error, (CredentialMissing, SessionInvalid, SessionEnded)):
-        return replace(refused, redirect=redirects.login(original))
-    if isinstance(error, StepUpRequired):
-        return replace(refused, redirect=redirects.step_up(original, error.redirect_browser_to))
-    if isinstance(error, ReauthenticationRequired):
-        return replace(refused, redirect=redirects.reauthenticate(original))
-    if isinstance(error, KratosRateLimited):
+        redirect = redirects.login(original)
+    elif isinstance(error, StepUpRequired):
+        redirect = redirects.step_up(original, error.redirect_browser_to)
+    elif isinstance(error, ReauthenticationRequired):
+        redirect = redirects.reauthenticate(original)
+    elif isinstance(error, KratosRateLimited):
         # Come back later (429, not 401): a 401 would send the browser to log in again.
-        return replace(refused, retry_after=error.retry_after)
-    if isinstance(error, (KratosUnavailable, StoreUnavailable)):
-        return replace(refused, retry_after="1")
-    return refused
+        retry_after = error.retry_after
+    elif isinstance(error, (KratosUnavailable, StoreUnavailable)):
+        retry_after = "1"
+    return Refusal(error.status, error.code, str(error), redirect, retry_after, type(error))
 
 
 def timed_out() -> Reply:
