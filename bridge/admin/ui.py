@@ -47,6 +47,7 @@ from bridge.observe.analytics import DURATION_BUCKETS
 from bridge.sessions.mirror import now_ms
 from bridge.sessions.session import iso
 from bridge.store.registry import days_between
+from bridge.web.health import check
 
 if TYPE_CHECKING:
     from bridge.observe.metrics import Metrics
@@ -432,12 +433,14 @@ def first_of_days(now: int, days: int) -> int:
 
 
 def health(bridge: Bridge) -> dict[str, str]:
-    try:
-        bridge.store.ping()
-        redis, kind = "ok", str(bridge.store.topology().get("kind", "store"))
-    except StoreUnavailable:
+    """The overview's health line, from the admin listener's readiness check."""
+    readiness = check(bridge.store, bridge.kratos)
+    problems = readiness.problems
+    if "redis" in problems:
         redis, kind = "unavailable", "Redis"
-    return {"redis": redis, "store_kind": kind, "kratos": bridge.kratos.ready() or "ok"}
+    else:
+        redis, kind = "ok", str(readiness.topology.get("kind", "store"))
+    return {"redis": redis, "store_kind": kind, "kratos": problems.get("kratos", "ok")}
 
 
 def _cell(value: str) -> str:
