@@ -151,7 +151,7 @@ def decide_command(settings: Settings, url: str, method: str, token: str | None)
     matches, and the answer an API client and a browser would get. It runs the real
     forward-auth path on an embedded store, so it writes nothing to Redis."""
     from bridge.store import Keys
-    from bridge.store.memory import MemoryStore
+    from bridge.store.memory.store import MemoryStore
     from bridge.web.app import build_bridge, load_rules
     from bridge.web.request import HeaderView
 

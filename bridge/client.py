@@ -138,8 +138,8 @@ def csrf_valid(session: UnifiedSession | None, token: str | None) -> bool:
 def _redis_store(
     redis_url: str, key_prefix: str, timeout: float, sentinel_password: str | None
 ) -> SessionStore:
-    from bridge.store.connect import RedisTarget, redis_target
-    from bridge.store.redis import RedisStore
+    from bridge.store.redis.connection import RedisTarget, redis_target
+    from bridge.store.redis.store import RedisStore
 
     parse_redis_url(redis_url)  # a bad URL fails here, naming what is wrong
     _setting("key_prefix", key_prefix)

@@ -94,7 +94,7 @@ def _browser_url_parts(value: str) -> SplitResult:
 
 @dataclass(frozen=True)
 class RedisAddress:
-    """A ``BRIDGE_REDIS_URL`` taken apart: what ``bridge.store.connect`` builds its client
+    """A ``BRIDGE_REDIS_URL`` taken apart: what ``bridge.store.redis.connection`` builds its client
     from. A standalone URL goes to redis-py whole (``url``); the Sentinel and Cluster forms,
     which redis-py cannot read, are described by the other fields."""
 
@@ -390,7 +390,7 @@ def _matching(pattern: str, description: str) -> Callable[[str], str]:
 
 def _stream_key(value: str) -> str:
     """A Redis key the bridge can keep its per-upgrade keys beside, in one hash slot."""
-    from bridge.store import has_hash_tag
+    from bridge.store.base import has_hash_tag
 
     _matching(r"[A-Za-z0-9:_.{}-]{1,128}", "a Redis key")(value)
     if "}" in value and not has_hash_tag(value):

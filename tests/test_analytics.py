@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from bridge.observe.analytics import device_kind, user_agent_family
-from bridge.store.memory_registry import MemoryRegistry
+from bridge.store.memory.registry import MemoryRegistry
 from bridge.store.registry import Sighting, day_of
 from tests import kratos_flows as flows
 from tests.conftest import SECRET, bridge_settings

@@ -19,7 +19,7 @@ from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable
 from bridge.kratos.whoami import parse_session
 from bridge.sessions.session import MirroredSession
 from bridge.store import Keys
-from bridge.store.memory import MemoryStore
+from bridge.store.memory.store import MemoryStore
 from bridge.web.app import build_store
 from tests import kratos_flows as flows
 from tests.conftest import bridge_settings, topology_url

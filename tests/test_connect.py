@@ -15,7 +15,7 @@ import pytest
 import redis
 from redis.sentinel import MasterNotFoundError
 
-from bridge.store.connect import RedisTarget, redis_target
+from bridge.store.redis.connection import RedisTarget, redis_target
 from tests.harness import free_port, wait_until
 from tests.topologies import (
     Address,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from bridge.store.connect import redis_target
+from bridge.store.redis.connection import redis_target
 from tests import kratos_flows as flows
 from tests.conftest import SECRET
 from tests.harness import BridgeServer, wait_until

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from bridge.store.connect import redis_target
+from bridge.store.redis.connection import redis_target
 from bridge.web.app import create_app
 from tests import kratos_flows as flows
 from tests.conftest import admin_of, bridge_settings

@@ -16,11 +16,11 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-import bridge.store.memory
-import bridge.store.redis
+import bridge.store.memory.store
+import bridge.store.redis.store
 from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
 from bridge.sessions.session import MirroredSession, aal2_event, upgrade_id
-from bridge.store import (
+from bridge.store.base import (
     AAL2_MARKER_GRACE_MS,
     MAX_APP_FIELDS,
     MAX_DEVICE_CHANGES_PER_SESSION,
@@ -609,7 +609,7 @@ def test_a_remarked_session_keeps_the_later_expiry(store):
 def test_an_extend_keeps_the_upgrade_recorded_as_long_as_the_session(store, monkeypatch):
     """The upgrade key follows the session's expiry when Kratos extends it, so a marker
     lost after the first expiry still finds the upgrade recorded (grace shortened)."""
-    for module in (bridge.store.redis, bridge.store.memory):
+    for module in (bridge.store.redis.store, bridge.store.memory.store):
         monkeypatch.setattr(module, "AAL2_MARKER_GRACE_MS", 200)
     save(store, "fp1", session(aal="aal2", expires_in_ms=300))
     save(store, "fp1", session(aal="aal2", expires_in_ms=60_000))  # Kratos extended it

@@ -35,7 +35,7 @@ from bridge.kratos.whoami import KratosClient
 from bridge.pipeline.credentials import Credential, Fingerprints
 from bridge.sessions.refresh import REFRESH_AT, Refresher, refresh_lead_ms
 from bridge.sessions.session import MirroredSession, aal2_event, mirror
-from bridge.store import Lock, Rejection, SessionStore
+from bridge.store.base import Lock, Rejection, SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ class Bridge:
 def build_store(settings: Settings) -> SessionStore:
     keys = Keys(settings.key_prefix, settings.aal2_stream, settings.device_stream)
     if settings.redis_url is None:
-        from bridge.store.memory import MemoryStore
+        from bridge.store.memory.store import MemoryStore
 
         return MemoryStore(
             keys,
@@ -92,8 +92,8 @@ def build_store(settings: Settings) -> SessionStore:
             settings.device_stream_maxlen,
             settings.analytics_retention_days,
         )
-    from bridge.store.connect import RedisTarget, redis_target
-    from bridge.store.redis import RedisStore
+    from bridge.store.redis.connection import RedisTarget, redis_target
+    from bridge.store.redis.store import RedisStore
 
     redis_url = settings.redis_url
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from bridge.store.redis_calls import SharedConnection, unavailable_on_error
+from bridge.store.redis.calls import SharedConnection, unavailable_on_error
 from bridge.store.registry import (
     ENDED_STREAM_MAXLEN,
     GONE_UNKNOWN_MS,

@@ -13,7 +13,7 @@ import redis
 
 from bridge.errors import StoreUnavailable
 from bridge.logs import Throttled
-from bridge.store import Keys
+from bridge.store.base import Keys
 
 T = TypeVar("T")
 S = TypeVar("S")

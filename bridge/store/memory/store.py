@@ -18,7 +18,7 @@ from typing import Any
 
 from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
 from bridge.sessions.session import MirroredSession, new_csrf_token
-from bridge.store import (
+from bridge.store.base import (
     AAL2_MARKER_GRACE_MS,
     ENDED,
     MAX_APP_FIELDS,
@@ -31,7 +31,7 @@ from bridge.store import (
     Rejection,
     SaveResult,
 )
-from bridge.store.memory_registry import MemoryRegistry
+from bridge.store.memory.registry import MemoryRegistry
 
 
 def _now_ms() -> int:
