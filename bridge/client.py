@@ -41,7 +41,7 @@ from typing import Any
 from bridge.config import OPTIONS, parse_redis_url
 from bridge.sessions.app_data import checked_name, decoded, encoded
 from bridge.sessions.session import MirroredSession
-from bridge.store import Keys, SessionStore
+from bridge.store.base import AppDataStore, Keys
 
 DEFAULT_MAX_BYTES = 64 * 1024
 
@@ -77,7 +77,7 @@ class SessionClient:
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout: float = 0.5,
         sentinel_password: str | None = None,
-        store: SessionStore | None = None,
+        store: AppDataStore | None = None,
     ) -> None:
         if (redis_url is None) == (store is None):
             raise ValueError("give either redis_url or store")
@@ -137,7 +137,7 @@ def csrf_valid(session: UnifiedSession | None, token: str | None) -> bool:
 
 def _redis_store(
     redis_url: str, key_prefix: str, timeout: float, sentinel_password: str | None
-) -> SessionStore:
+) -> AppDataStore:
     from bridge.store.redis.connection import RedisTarget, redis_target
     from bridge.store.redis.store import RedisStore
 

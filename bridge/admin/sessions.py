@@ -3,7 +3,7 @@ and revoke them, read the AAL2 events and the statistics.
 
 A revocation is Kratos's first: the session is disabled through Kratos's admin API, and
 only once Kratos said so is the mirror dropped, with an announcement that makes every
-bridge process drop its own copy at once (``SessionStore.end_session``). A Kratos failure
+bridge process drop its own copy at once (``AdminStore.end_session``). A Kratos failure
 raises ``KratosUnavailable`` and changes nothing here.
 """
 
@@ -18,6 +18,7 @@ from bridge.kratos.admin import KratosAdmin
 from bridge.observe.analytics import statistics
 from bridge.sessions.mirror import now_ms
 from bridge.sessions.session import first_method, iso
+from bridge.store.base import AdminStore
 from bridge.store.registry import paged
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class SessionAdmin:
     def __init__(self, bridge: Bridge, kratos: KratosAdmin | None = None) -> None:
         settings = bridge.settings
         self._bridge = bridge
-        self._store = bridge.store
+        self._store: AdminStore = bridge.store
         self.kratos = kratos or KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout)
         # A save asked of Kratos before the revocation may still be under way this long.
         self._keep_ms = int(settings.request_budget * 1000) + 60_000

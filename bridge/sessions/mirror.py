@@ -35,7 +35,7 @@ from bridge.kratos.whoami import KratosClient
 from bridge.pipeline.credentials import Credential, Fingerprints
 from bridge.sessions.refresh import REFRESH_AT, Refresher, refresh_lead_ms
 from bridge.sessions.session import MirroredSession, aal2_event, mirror
-from bridge.store.base import Lock, Rejection, SessionStore
+from bridge.store.base import Lock, MirrorStore, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class SessionMirror:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: MirrorStore,
         kratos: KratosClient,
         secret: bytes,
         revalidate_after: float,

@@ -209,32 +209,16 @@ def has_hash_tag(key: str) -> bool:
     return start >= 0 and key.find("}", start + 1) > start + 1
 
 
-class SessionStore(Protocol):
-    """What the session mirror needs from storage. Failures raise ``StoreUnavailable``."""
-
-    keys: Keys
-
-    # Read-only here, so each backend may hold its own registry class.
-    @property
-    def registry(self) -> SessionRegistry: ...
-
-    # Told the name of each operation that failed for want of the store (metrics).
-    error_observer: Callable[[str], None] | None
-
-    def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
-        """When Kratos last accepted this credential and for which session, when it last
-        rejected it, or ``None`` if unknown."""
+class SessionReader(Protocol):
+    """Reading one mirrored session: the mirror, the admin side and the apps' client."""
 
     def load(self, session_id: str, *, with_app: bool = False) -> MirroredSession | None:
         """The mirrored session, or ``None`` when there is none (or it expired)."""
 
-    def lookup(
-        self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
-    ) -> Lookup:
-        """The credential's entry and, for an accepted one, its session (with the app data
-        when ``with_app``), in one step. When the credential was validated ``fresh_for_ms``
-        or longer before ``now_ms`` and ``lock_ms`` > 0, also try to take the session's
-        re-validation lock for ``lock_ms``."""
+
+class SessionSaver(Protocol):
+    """Recording what Kratos answered: the mirror, and the web hooks with a session Kratos
+    just issued."""
 
     def save(
         self,
@@ -252,6 +236,18 @@ class SessionStore(Protocol):
         release (``cached=False``) when a rejection of the credential arrived after this
         check started."""
 
+
+class MirrorStore(SessionReader, SessionSaver, Protocol):
+    """What the session mirror (``bridge.sessions.mirror``) needs."""
+
+    def lookup(
+        self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
+    ) -> Lookup:
+        """The credential's entry and, for an accepted one, its session (with the app data
+        when ``with_app``), in one step. When the credential was validated ``fresh_for_ms``
+        or longer before ``now_ms`` and ``lock_ms`` > 0, also try to take the session's
+        re-validation lock for ``lock_ms``."""
+
     def forget(
         self,
         fingerprint: str,
@@ -263,15 +259,18 @@ class SessionStore(Protocol):
         with and its app data, remember the rejection for ``rejection.keep_ms``, and
         release ``release``."""
 
-    def end_session(self, session_id: str, ended_at_ms: int, keep_ms: int) -> bool:
-        """A session ended outside the bridge (an admin revoked it in Kratos): drop its
-        mirror and app data, refuse for ``keep_ms`` every save of it asked of Kratos before
-        ``ended_at_ms``, and announce it to every process following ended sessions.
-        ``True`` when there was a mirror."""
-
     def follow_ended(self, listener: EndedListener) -> None:
         """Call ``listener`` for each ended session announced from now on, from any
         process, until the store is closed."""
+
+    def release_revalidation(self, lock: Lock) -> None: ...
+
+    def revalidation_pending(self, session_id: str) -> bool:
+        """Whether someone holds the re-validation lock of this session."""
+
+
+class AppDataStore(SessionReader, Protocol):
+    """What the apps' side needs: ``PATCH /whoami/app`` and ``bridge.client``."""
 
     def update_app(
         self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
@@ -286,26 +285,38 @@ class SessionStore(Protocol):
     def load_app(self, session_id: str) -> dict[str, str]:
         """The session's app hash; ``SessionEnded`` when the session's mirror is gone."""
 
-    def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
-        """Take the short lock that lets one process re-validate a session: the ``Lock``
-        (with its token), or ``None`` if someone holds it."""
+    def close(self) -> None: ...
 
-    def release_revalidation(self, lock: Lock) -> None: ...
 
-    def revalidation_pending(self, session_id: str) -> bool:
-        """Whether someone holds the re-validation lock of this session."""
+class AdminStore(SessionReader, Protocol):
+    """What the admin side (``bridge.admin.sessions``) needs: the registry, the sessions
+    of an identity, revocations and the streams it shows."""
+
+    # Read-only here, so each backend may hold its own registry class.
+    @property
+    def registry(self) -> SessionRegistry: ...
 
     def identity_session_ids(self, identity_id: str, now_ms: int) -> list[str]:
         """Unexpired session ids of an identity, soonest expiry first."""
 
-    def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
-        """The oldest ``count`` AAL2 events as ``(event id, fields)``."""
+    def end_session(self, session_id: str, ended_at_ms: int, keep_ms: int) -> bool:
+        """A session ended outside the bridge (an admin revoked it in Kratos): drop its
+        mirror and app data, refuse for ``keep_ms`` every save of it asked of Kratos before
+        ``ended_at_ms``, and announce it to every process following ended sessions.
+        ``True`` when there was a mirror."""
 
     def aal2_event_range(
         self, after_id: str | None, since_ms: int, until_ms: int, count: int
     ) -> list[tuple[str, dict[str, str]]]:
         """Up to ``count`` AAL2 events, oldest first, recorded from ``since_ms`` to
         ``until_ms`` (inclusive) and after the entry ``after_id`` when given."""
+
+    def device_changes(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        """The oldest ``count`` device-change signals as ``(entry id, fields)``."""
+
+
+class DeviceStream(Protocol):
+    """Where the device watch's signals go (``bridge.web.app.device_recorder``)."""
 
     def record_device_change(
         self, change_id: str, fields: dict[str, str], keep_until_ms: int
@@ -314,8 +325,9 @@ class SessionStore(Protocol):
         recorded before (remembered until ``keep_until_ms``, the session's expiry), in one
         step in the stream's slot; ``True`` when appended."""
 
-    def device_changes(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
-        """The oldest ``count`` device-change signals as ``(entry id, fields)``."""
+
+class HealthStore(Protocol):
+    """What readiness (``bridge.web.health``) and ``kratos-bridge check`` ask."""
 
     def ping(self) -> None: ...
 
@@ -323,4 +335,24 @@ class SessionStore(Protocol):
         """What the store runs on (``kind``: embedded, standalone, sentinel, cluster; the
         master's address, the number of masters and replicas), as found now."""
 
-    def close(self) -> None: ...
+
+class SessionStore(MirrorStore, AppDataStore, AdminStore, DeviceStream, HealthStore, Protocol):
+    """All of it: what a backend implements. Failures raise ``StoreUnavailable``."""
+
+    keys: Keys
+
+    # Told the name of each operation that failed for want of the store (metrics).
+    error_observer: Callable[[str], None] | None
+
+    # The three below serve no part of the bridge today; the tests read each backend's
+    # state through them, so both keep them alike.
+    def find_credential(self, fingerprint: str) -> CredentialEntry | Rejection | None:
+        """When Kratos last accepted this credential and for which session, when it last
+        rejected it, or ``None`` if unknown."""
+
+    def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
+        """Take the short lock that lets one process re-validate a session: the ``Lock``
+        (with its token), or ``None`` if someone holds it."""
+
+    def aal2_events(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        """The oldest ``count`` AAL2 events as ``(event id, fields)``."""

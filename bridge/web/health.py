@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from bridge.errors import StoreUnavailable
 from bridge.kratos.whoami import KratosClient
-from bridge.store import SessionStore
+from bridge.store.base import HealthStore
 from bridge.web import responses
 from bridge.web.responses import Reply
 
@@ -38,7 +38,7 @@ class Readiness:
         return responses.json_reply(200, {"status": "ok", "redis": self.topology})
 
 
-def check(store: SessionStore, kratos: KratosClient, with_topology: bool = True) -> Readiness:
+def check(store: HealthStore, kratos: KratosClient, with_topology: bool = True) -> Readiness:
     """Ask Redis (``PING``, and ``INFO`` for the topology) and Kratos now."""
     problems: dict[str, str] = {}
     topology: dict[str, object] = {}

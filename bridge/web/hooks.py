@@ -9,7 +9,7 @@ at worst make the bridge re-read a session Kratos itself vouches for.
 What a hook does, and does not:
 
 - It writes the session's mirror as Kratos describes it and records its AAL2 event
-  through ``SessionStore.save``, the same step the forward-auth path takes, with the
+  through ``SessionSaver.save``, the same step the forward-auth path takes, with the
   upgrade id made from the same Kratos data: a hook and a forward-auth for one upgrade
   give one event, whichever comes first.
 - It makes no credential fresh: no credential comes with a hook (Kratos forwards no
@@ -37,7 +37,7 @@ from bridge.kratos.http_client import HTTPClient, RequestFailed
 from bridge.kratos.whoami import KratosSession, parse_session
 from bridge.sessions.mirror import SessionEvents, now_ms
 from bridge.sessions.session import MirroredSession, aal2_event, mirror
-from bridge.store import SessionStore
+from bridge.store.base import SessionSaver
 from bridge.web import responses
 from bridge.web.responses import Reply
 
@@ -71,7 +71,7 @@ class KratosHooks:
     def __init__(
         self,
         secret: str,
-        store: SessionStore,
+        store: SessionSaver,
         kratos_admin_url: str,
         kratos_timeout: float,
         events: SessionEvents | None = None,
