@@ -12,16 +12,12 @@ from urllib.parse import urlsplit
 import orjson
 
 from bridge.admin import cli as admin_cli
-from bridge.config import (
-    Settings,
-    host_port,
-    load_settings,
-    parse_option,
-    parse_redis_url,
-    reference_table,
-)
+from bridge.config import Settings, load_settings
+from bridge.config.options import parse_option, reference_table
 from bridge.errors import BridgeError, ConfigError, StoreUnavailable
+from bridge.hosts import host_port
 from bridge.logs import configure_logging
+from bridge.store.redis.url import parse_redis_url
 from bridge.web.responses import Reply
 
 EXIT_CONFIG = 2

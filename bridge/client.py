@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from bridge.config import OPTIONS, parse_redis_url
+from bridge.config.options import OPTIONS
 from bridge.sessions.app_data import checked_name, decoded, encoded
 from bridge.sessions.session import MirroredSession
 from bridge.store.base import AppDataStore, Keys
+from bridge.store.redis.url import parse_redis_url
 
 DEFAULT_MAX_BYTES = 64 * 1024
 

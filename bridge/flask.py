@@ -136,11 +136,11 @@ from werkzeug.local import LocalProxy
 from werkzeug.wrappers import Response as BaseResponse
 
 from bridge.client import DEFAULT_MAX_BYTES, SessionClient, UnifiedSession, csrf_valid
-from bridge.config import parse_redis_url
 from bridge.errors import SessionEnded, StoreUnavailable
 from bridge.logs import Throttled
 from bridge.pipeline.dialects import is_navigation, redirect_status
 from bridge.pipeline.redirects import MAX_REDIRECT, with_query
+from bridge.store.redis.url import parse_redis_url
 from bridge.web.request import HeaderView
 
 log = logging.getLogger(__name__)

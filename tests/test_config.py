@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from bridge.config import OPTIONS, load_settings, parse_redis_url, reference_table
+from bridge.config import load_settings
+from bridge.config.options import OPTIONS, reference_table
 from bridge.errors import ConfigError
 from bridge.store import Keys
+from bridge.store.redis.url import parse_redis_url
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -20,7 +20,8 @@ from urllib.parse import quote
 
 import orjson
 
-from bridge.config import Settings, host_port
+from bridge.config import Settings
+from bridge.hosts import host_port
 
 if TYPE_CHECKING:  # httpx and rich are imported when a command runs, not by ``serve``
     from rich.console import Console

@@ -27,7 +27,8 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from bridge.config import RedisAddress, host_port, parse_redis_url
+from bridge.hosts import host_port
+from bridge.store.redis.url import RedisAddress, parse_redis_url
 
 _POOL_SIZE = 256
 _HEALTH_CHECK_SECONDS = 30
