@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from bridge.kratos.whoami import parse_timestamp_ms
+from bridge.clock import parse_timestamp_ms
 from tests import kratos_flows as flows
 from tests.conftest import admin_of
 from tests.harness import forwarded

@@ -13,13 +13,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.clock import now_ms
 from bridge.errors import KratosUnavailable, RejectedRecently, SessionInvalid, StoreUnavailable
 from bridge.kratos.whoami import KratosClient
 from bridge.observe.decision_log import Trace
 from bridge.observe.metrics import MULTIPROC_DIR_ENV, Metrics, prepare_multiprocess_dir
 from bridge.pipeline.credentials import extract
 from bridge.pipeline.redirects import BrowserRedirects
-from bridge.sessions.mirror import now_ms
 from bridge.sessions.session import aal2_event, mirror
 from bridge.web.app import build_bridge, build_store
 from bridge.web.request import HeaderView

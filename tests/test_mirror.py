@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from bridge.kratos.whoami import parse_timestamp_ms
+from bridge.clock import parse_timestamp_ms
 from tests import kratos_flows as flows
 from tests.conftest import store_of
 from tests.harness import Kratos

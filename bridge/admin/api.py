@@ -21,11 +21,10 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from bridge.admin import statuses
 from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
 from bridge.admin.sessions import SessionAdmin
+from bridge.clock import now_ms, parse_timestamp_ms
 from bridge.errors import BadRequest, BridgeError, NotFound
 from bridge.kratos.admin import KratosAdmin
-from bridge.kratos.whoami import parse_timestamp_ms
 from bridge.logs import log_unexpected
-from bridge.sessions.mirror import now_ms
 from bridge.web import health, openapi, responses
 from bridge.web.responses import Reply
 

@@ -13,11 +13,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bridge.clock import iso, now_ms
 from bridge.errors import NotFound, StoreUnavailable
 from bridge.kratos.admin import KratosAdmin
 from bridge.observe.analytics import statistics
-from bridge.sessions.mirror import now_ms
-from bridge.sessions.session import first_method, iso
+from bridge.sessions.session import first_method
 from bridge.store.base import AdminStore
 from bridge.store.registry import paged
 

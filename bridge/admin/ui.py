@@ -35,6 +35,7 @@ from bridge.admin import statuses
 from bridge.admin.charts import bar_chart
 from bridge.admin.gate import COOKIE, SIGNED_IN_FOR, Gate, canonical_uuid
 from bridge.admin.sessions import Latest, SessionAdmin
+from bridge.clock import iso, now_ms, parse_timestamp_ms
 from bridge.errors import (
     BadRequest,
     BridgeError,
@@ -42,10 +43,7 @@ from bridge.errors import (
     NotFound,
     StoreUnavailable,
 )
-from bridge.kratos.whoami import parse_timestamp_ms
 from bridge.observe.analytics import DURATION_BUCKETS
-from bridge.sessions.mirror import now_ms
-from bridge.sessions.session import iso
 from bridge.store.registry import days_between
 from bridge.web.health import check
 

@@ -25,11 +25,11 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import orjson
 
+from bridge.clock import parse_timestamp_ms
 from bridge.errors import KratosRateLimited, KratosUnavailable, SessionInvalid, StepUpRequired
 from bridge.kratos.http_client import Answer, HTTPClient, RequestFailed
 from bridge.logs import Throttled
@@ -142,16 +142,6 @@ class KratosClient:
 
     def close(self) -> None:
         self._public.close()
-
-
-def parse_timestamp_ms(value: object) -> int:
-    """Kratos's RFC 3339 timestamps (nanoseconds, ``Z``) as Unix milliseconds."""
-    if not isinstance(value, str):
-        raise ValueError("timestamp is not a string")
-    moment = datetime.fromisoformat(value)
-    if moment.tzinfo is None:
-        raise ValueError("timestamp has no time zone")
-    return int(moment.timestamp() * 1000)
 
 
 def parse_session(raw: bytes) -> tuple[dict[str, Any], int]:

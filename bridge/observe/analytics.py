@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.clock import iso, now_ms, parse_timestamp_ms
 from bridge.errors import BridgeError
-from bridge.kratos.whoami import parse_timestamp_ms
 from bridge.logs import Throttled
 from bridge.observe.decision_log import Trace
-from bridge.sessions.mirror import SessionEvents, now_ms
-from bridge.sessions.session import MirroredSession, first_method, iso
+from bridge.sessions.mirror import SessionEvents
+from bridge.sessions.session import MirroredSession, first_method
 from bridge.store.registry import (
     ENDED_STREAM_MAXLEN,
     REASONS,

@@ -15,6 +15,7 @@ once more before refusing for either (``worth_asking_again``).
 from __future__ import annotations
 
 from bridge.bounded import BoundedMap
+from bridge.clock import parse_timestamp_ms
 from bridge.errors import (
     BadRequest,
     BridgeError,
@@ -22,7 +23,6 @@ from bridge.errors import (
     ReauthenticationRequired,
     StepUpRequired,
 )
-from bridge.kratos.whoami import parse_timestamp_ms
 from bridge.pipeline.rules import Access, Rule
 from bridge.sessions.session import MirroredSession
 

@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bridge.bounded import BoundedMap
+from bridge.clock import iso
 from bridge.logs import Throttled
-from bridge.sessions.session import MirroredSession, iso
+from bridge.sessions.session import MirroredSession
 from bridge.web.request import HeaderView, declare_read
 
 log = logging.getLogger(__name__)

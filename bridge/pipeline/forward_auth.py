@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.bounded import BoundedMap
+from bridge.clock import now_ms
 from bridge.errors import (
     BadRequest,
     BridgeError,
@@ -40,7 +41,7 @@ from bridge.pipeline.dialects import Dialect
 from bridge.pipeline.redirects import BrowserRedirects
 from bridge.pipeline.rules import Access, Rule, Rules
 from bridge.pipeline.upstream_headers import UpstreamHeaders
-from bridge.sessions.mirror import Resolved, SessionMirror, now_ms
+from bridge.sessions.mirror import Resolved, SessionMirror
 from bridge.sessions.session import MirroredSession
 from bridge.web import responses
 from bridge.web.request import HeaderView, OriginalRequest

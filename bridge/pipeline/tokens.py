@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.bounded import BoundedMap
+from bridge.clock import parse_timestamp_ms
 from bridge.errors import ConfigError
-from bridge.kratos.whoami import parse_timestamp_ms
 from bridge.sessions.session import MirroredSession, dig
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from bridge.bounded import BoundedMap
+from bridge.clock import now_ms
 from bridge.errors import BridgeError, RejectedRecently, SessionInvalid, StoreUnavailable
 from bridge.kratos.whoami import KratosClient
 from bridge.pipeline.credentials import Credential, Fingerprints
@@ -42,10 +43,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _PEER_POLL_SECONDS = 0.005
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class SessionEvents:

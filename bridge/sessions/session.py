@@ -11,11 +11,11 @@ import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from bridge.clock import iso
 from bridge.kratos.whoami import KratosSession
 
 
@@ -114,11 +114,3 @@ def upgrade_id(session_id: str, completed_at: str) -> str:
 
 
 _UPGRADES = uuid.UUID("6f2a1c1e-9a43-5d0b-8a7e-2f1f4c1b7d3e")
-
-
-def iso(ms: int) -> str:
-    return (
-        datetime.fromtimestamp(ms / 1000, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )

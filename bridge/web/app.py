@@ -18,6 +18,7 @@ from urllib.parse import quote
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from bridge.clock import now_ms
 from bridge.config import Settings
 from bridge.errors import BridgeError
 from bridge.kratos.whoami import KratosClient
@@ -31,7 +32,7 @@ from bridge.pipeline.redirects import BrowserRedirects, Origin, host_origin
 from bridge.pipeline.rules import Rules
 from bridge.pipeline.upstream_headers import UpstreamHeaders
 from bridge.sessions import app_data
-from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror, now_ms
+from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror
 from bridge.store import Keys, SessionStore
 from bridge.web import health, openapi, responses
 from bridge.web.app_token import APP_TOKEN_HEADER, require_app_token

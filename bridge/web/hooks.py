@@ -32,10 +32,11 @@ from typing import Any
 
 import orjson
 
+from bridge.clock import now_ms
 from bridge.errors import KratosUnavailable
 from bridge.kratos.http_client import HTTPClient, RequestFailed
 from bridge.kratos.whoami import KratosSession, parse_session
-from bridge.sessions.mirror import SessionEvents, now_ms
+from bridge.sessions.mirror import SessionEvents
 from bridge.sessions.session import MirroredSession, aal2_event, mirror
 from bridge.store.base import SessionSaver
 from bridge.web import responses

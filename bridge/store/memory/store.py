@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from bridge.clock import now_ms
 from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
 from bridge.sessions.session import MirroredSession, new_csrf_token
 from bridge.store.base import (
@@ -32,10 +32,6 @@ from bridge.store.base import (
     SaveResult,
 )
 from bridge.store.memory.registry import MemoryRegistry
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _entry_order(entry_id: str) -> tuple[int, int]:
@@ -170,9 +166,7 @@ class MemoryStore:
                 else pointer is not None and pointer.validated_at_ms > rejected_at
             )
             if not newer:
-                self._set(
-                    pointer_key, Rejection(rejected_at), _now_ms() + max(rejection.keep_ms, 1)
-                )
+                self._set(pointer_key, Rejection(rejected_at), now_ms() + max(rejection.keep_ms, 1))
             sid = seen.id if seen is not None else named
             if sid is not None:
                 self._forget_session(sid, fingerprint, rejected_at, keep_until)
@@ -383,7 +377,7 @@ class MemoryStore:
         if self._get(key) is not None:
             return None
         lock = Lock(session_id, os.urandom(12).hex())
-        self._set(key, lock.token, _now_ms() + ttl_ms)
+        self._set(key, lock.token, now_ms() + ttl_ms)
         return lock
 
     def _release(self, lock: Lock | None) -> None:
@@ -395,7 +389,7 @@ class MemoryStore:
 
     def _get(self, key: str) -> Any:
         expires = self._expires.get(key)
-        if expires is not None and expires <= _now_ms():
+        if expires is not None and expires <= now_ms():
             self._delete(key)
             return None
         return self._values.get(key)
@@ -421,13 +415,13 @@ class MemoryStore:
         self._writes += 1
         if self._writes % self._SWEEP_EVERY:
             return
-        now = _now_ms()
+        now = now_ms()
         for key in [k for k, e in self._expires.items() if e <= now]:
             self._delete(key)
 
     def _next_event_id(self) -> str:
         """Stream ids shaped like Redis's ``<ms>-<seq>``, strictly increasing."""
-        now = _now_ms()
+        now = now_ms()
         if now > self._last_event_ms:
             self._last_event_ms, self._event_seq = now, itertools.count()
         return f"{self._last_event_ms}-{next(self._event_seq)}"
