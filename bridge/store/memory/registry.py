@@ -1,5 +1,5 @@
 """The session registry in process, beside the embedded store: the same behaviour as
-``redis_registry`` with plain dicts (unique identities are counted exactly here)."""
+``bridge.store.redis.registry`` with plain dicts (unique identities are counted exactly here)."""
 
 from __future__ import annotations
 
