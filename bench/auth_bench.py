@@ -30,8 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.measure import cpu_seconds, parse_wrk, run_wrk  # noqa: E402
-from tests import kratos_flows as flows  # noqa: E402
-from tests.harness import BridgeServer, Kratos, RedisServer, free_port, stop_process, wait_until  # noqa: E402
+from tests.support import kratos_flows as flows  # noqa: E402
+from tests.support.harness import (  # noqa: E402
+    BridgeServer,
+    Kratos,
+    RedisServer,
+    free_port,
+    stop_process,
+    wait_until,
+)
 
 WRK_SCRIPT = """
 local tokens = {}

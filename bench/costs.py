@@ -32,9 +32,9 @@ from bridge.pipeline.forward_auth import Pending  # noqa: E402
 from bridge.pipeline.tokens import generate_key  # noqa: E402
 from bridge.web.app import build_bridge  # noqa: E402
 from bridge.web.request import HeaderView  # noqa: E402
-from tests import kratos_flows as flows  # noqa: E402
-from tests.harness import Kratos  # noqa: E402
-from tests.topologies import ClusterSet, SentinelSet, Standalone  # noqa: E402
+from tests.support import kratos_flows as flows  # noqa: E402
+from tests.support.harness import Kratos  # noqa: E402
+from tests.support.topologies import ClusterSet, SentinelSet, Standalone  # noqa: E402
 
 TOPOLOGIES = {"standalone": Standalone, "sentinel": SentinelSet, "cluster": ClusterSet}
 FORWARDED = (

@@ -15,7 +15,7 @@ Redis store, BRIDGE_REVALIDATE_AFTER=5, default worker count), heimdall v0.17.2 
 mode, 5 s cache) and Oathkeeper v0.40.9 (decisions API, no cache), configured from
 bench/peers/; asked for by name, the same bridge on Redis Sentinel (master, replica, three
 sentinels: `bridge-sentinel`) or Redis Cluster (three masters, three replicas:
-`bridge-cluster`), set up as the test suite does (tests/topologies.py), every Redis
+`bridge-cluster`), set up as the test suite does (tests/support/topologies.py), every Redis
 process counted as the bridge's own; and, asked for by name, the bridge on /forward-auth
 with Traefik's X-Forwarded-* headers: plain (`bridge-forward`), with the 20-rule file
 bench/peers/rules-20.yml (`bridge-rules`, the request matching none of the first 19),
@@ -112,8 +112,8 @@ from bench.measure import (  # noqa: E402
     run_wrk,
 )
 from bridge.pipeline.tokens import generate_key  # noqa: E402
-from tests import kratos_flows as flows  # noqa: E402
-from tests.harness import (  # noqa: E402
+from tests.support import kratos_flows as flows  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     KRATOS_BIN,
     KRATOS_VERSION,
     Kratos,
@@ -122,14 +122,14 @@ from tests.harness import (  # noqa: E402
     stop_process,
     wait_until,
 )
-from tests.topologies import ClusterSet, SentinelSet  # noqa: E402
+from tests.support.topologies import ClusterSet, SentinelSet  # noqa: E402
 
 CACHE = Path(os.environ.get("KSB_CACHE") or Path.home() / ".cache" / "kratos-session-bridge")
 PEERS = ROOT / "bench" / "peers"
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "tokens.lua"
 PEER_VERSIONS = {"heimdall": "v0.17.2", "oathkeeper": "v0.40.9"}
 SYSTEMS = ("bridge", "heimdall", "oathkeeper", "kratos")
-# The bridge on the other Redis topologies (tests/topologies.py): asked for by name.
+# The bridge on the other Redis topologies (tests/support/topologies.py): asked for by name.
 BRIDGE_TOPOLOGIES = {"bridge-sentinel": SentinelSet, "bridge-cluster": ClusterSet}
 # The bridge on /forward-auth (Traefik's request), plain and with the features that cost
 # per request: a 20-rule file, the JWT, both. Asked for by name, compared with each other.
@@ -261,7 +261,7 @@ def cpu_affinity(cpus: set[int] | None) -> Iterator[None]:
 
 
 class FileKratos(Kratos):
-    """tests.harness.Kratos on a SQLite file, migrated before it serves, so that the
+    """tests.support.harness.Kratos on a SQLite file, migrated before it serves, so that the
     sessions made in one run outlive it."""
 
     def __init__(self, workdir: Path, db: Path, dsn_options: str = "") -> None:

@@ -23,8 +23,8 @@ from bridge.config import load_settings  # noqa: E402
 from bridge.pipeline.credentials import extract  # noqa: E402
 from bridge.web.app import build_bridge  # noqa: E402
 from bridge.web.request import HeaderView  # noqa: E402
-from tests import kratos_flows as flows  # noqa: E402
-from tests.harness import Kratos, RedisServer  # noqa: E402
+from tests.support import kratos_flows as flows  # noqa: E402
+from tests.support.harness import Kratos, RedisServer  # noqa: E402
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from flask.testing import FlaskClient
 from bridge.config import Settings, load_settings
 from bridge.store import SessionStore
 from bridge.web.app import build_store, create_app
-from tests.harness import Kratos, RedisServer
-from tests.topologies import ClusterSet, SentinelSet
+from tests.support.harness import Kratos, RedisServer
+from tests.support.topologies import ClusterSet, SentinelSet
 
 SECRET = "test-secret-" + "x" * 40
 
@@ -23,6 +23,19 @@ SECRET = "test-secret-" + "x" * 40
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _soft < 65536 and (_hard == resource.RLIM_INFINITY or _soft < _hard):
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(_soft, min(_hard, 65536)), _hard))
+
+
+KINDS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its folder's kind; a test outside those folders is an
+    error, so that ``-m unit`` can never quietly leave one out."""
+    for item in items:
+        kind = item.path.parent.name
+        if kind not in KINDS or item.path.parent.parent != Path(__file__).parent:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(KINDS)}}}/")
+        item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A bounded fuzz run of the entry points in ``tests/fuzz_targets.py``.
+"""A bounded fuzz run of the entry points in ``tests/support/fuzz_targets.py``.
 
     python -m tests.fuzz SECONDS [--seed N] [--target NAME]
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from tests.fuzz_targets import TARGETS, Target
+from tests.support.fuzz_targets import TARGETS, Target
 
 BATCH = 100
 

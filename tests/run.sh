@@ -87,7 +87,7 @@ export BRIDGE_SCREENSHOTS_DIR="${BRIDGE_SCREENSHOTS_DIR:-$PWD/.screenshots}"
 export CI_REQUIRE_BROWSER=1
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
-# Then a bounded fuzz run of the entry points tests/test_properties.py checks (tests/fuzz.py):
+# Then a bounded fuzz run of the entry points tests/unit/test_properties.py checks (tests/fuzz.py):
 # it prints the seed and each target's executions, and fails on a broken property.
 # FUZZ_SECONDS sets its budget (default 60; 0 leaves it out).
 if [ "${FUZZ_SECONDS:-60}" != 0 ]; then

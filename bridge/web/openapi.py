@@ -2,7 +2,7 @@
 
 The YAML file is the source; it is read once per process, on first use, and its JSON
 and YAML forms are kept as bytes so that serving them costs nothing per request.
-``tests/test_admin_cli.py`` keeps it in step with the routes the apps register.
+``tests/e2e/test_admin_cli.py`` keeps it in step with the routes the apps register.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 # The headers some stage reads, lower case. Each stage declares its own with
 # ``declare_read`` when it is imported (a dialect through its ``reads`` attribute), so a
-# new stage or dialect adds its headers in its own file; tests/test_header_declarations.py
+# new stage or dialect adds its headers in its own file; tests/unit/test_header_declarations.py
 # finds a stage reading a header it did not declare (which would read as None).
 _WANTED: frozenset[str] = frozenset()
 

@@ -21,7 +21,7 @@ P = ParamSpec("P")
 
 failure_log = Throttled(logging.getLogger("bridge.store.redis"))
 """The Redis store's warnings, registry's included: one throttle for all of them, under the
-store's logger name, which operators (and ``tests/test_outages.py``) filter on."""
+store's logger name, which operators (and ``tests/integration/test_outages.py``) filter on."""
 
 
 class SharedConnection(Protocol):

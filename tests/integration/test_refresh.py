@@ -1,0 +1,151 @@
+"""Sessions in use are refreshed off the request path, and the copy is still never used
+past ``revalidate_after``: not while a refresh runs, not when it fails.
+
+``from_memory`` is what the server's event loop asks on every ``/auth``; these tests
+ask it the same way, with the real Kratos and store behind it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bridge.errors import SessionInvalid
+from bridge.pipeline.credentials import extract
+from bridge.sessions.refresh import REFRESH_AT
+from bridge.web.request import HeaderView
+from tests.support import kratos_flows as flows
+
+REVALIDATE_AFTER = 1.0
+
+
+def _mirror(client):
+    return client.application.extensions["bridge"].mirror
+
+
+def _credential(user):
+    return extract(HeaderView([("x-session-token", user.token)]), "ory_kratos_session")
+
+
+def _ask_from_memory(mirror, credential, seconds: float):
+    """Ask like busy traffic would, every 20 ms; yield (time, answer) with the answer a
+    session, None (not in memory) or "rejected"."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        asked_at = time.time() * 1000  # before the call: the copy is judged at or after it
+        try:
+            known = mirror.from_memory(credential)
+            answer = known.session if known is not None else None
+        except SessionInvalid:
+            answer = "rejected"
+        yield asked_at, answer
+        time.sleep(0.02)
+
+
+def test_a_busy_session_stays_answered_from_memory(make_client, kratos):
+    # A refresh has the last quarter of the window to get Kratos's answer: 0.5 s here,
+    # not 0.25 s, so that a busy machine's slow whoami still lands in time.
+    revalidate_after = 2 * REVALIDATE_AFTER
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(revalidate_after))
+    mirror, user = _mirror(client), flows.register(kratos)
+    credential = _credential(user)
+    first = mirror.resolve(credential).session
+    calls = kratos.whoami_calls()
+
+    answers = list(_ask_from_memory(mirror, credential, 3 * revalidate_after))
+    assert all(answer not in (None, "rejected") for _, answer in answers)
+    for asked_at, answer in answers:
+        assert asked_at - answer.validated_at_ms < revalidate_after * 1000
+    assert answers[-1][1].validated_at_ms > first.validated_at_ms
+    refreshed = kratos.whoami_calls() - calls
+    # At most one per REFRESH_AT x revalidate_after (4 in the 6 s asked), not one per ask
+    # (hundreds); how many fewer depends on how fast Kratos answers, so no lower bound
+    # beyond the one refresh the line above has seen.
+    assert 1 <= refreshed <= 5, refreshed
+
+
+def test_a_session_revoked_while_in_use_is_refused_within_the_bound(make_client, kratos):
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    mirror, user = _mirror(client), flows.register(kratos)
+    credential = _credential(user)
+    mirror.resolve(credential)
+    flows.logout_api(kratos, user.token)
+    revoked_at = time.time() * 1000
+
+    answers = list(_ask_from_memory(mirror, credential, 2 * REVALIDATE_AFTER))
+    for asked_at, answer in answers:
+        if asked_at >= revoked_at + REVALIDATE_AFTER * 1000:
+            assert answer in (None, "rejected")
+    # The refresh saw the 401: the copy is gone before the bound, and stays gone.
+    assert answers[-1][1] == "rejected"
+    gone = next(at for at, answer in answers if answer in (None, "rejected"))
+    assert gone < revoked_at + REVALIDATE_AFTER * 1000
+    assert client.get("/auth", headers={"X-Session-Token": user.token}).status_code == 401
+
+
+def test_kratos_down_during_refresh_leaves_nothing_past_freshness(make_client, own_kratos):
+    client = make_client(
+        own_kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER), BRIDGE_KRATOS_TIMEOUT="0.3"
+    )
+    mirror, user = _mirror(client), flows.register(own_kratos)
+    credential = _credential(user)
+    validated = mirror.resolve(credential).session.validated_at_ms
+    own_kratos.stop()
+
+    answers = list(_ask_from_memory(mirror, credential, 2 * REVALIDATE_AFTER))
+    for asked_at, answer in answers:
+        if asked_at >= validated + REVALIDATE_AFTER * 1000:
+            assert answer is None
+        elif asked_at < validated + REFRESH_AT * REVALIDATE_AFTER * 1000:
+            assert answer is not None
+    response = client.get("/auth", headers={"X-Session-Token": user.token})
+    assert response.status_code == 503
+
+
+def test_a_cookie_kratos_reissues_during_a_refresh_reaches_the_browser(make_client, kratos):
+    """After an extend, Kratos re-issues the cookie on whoami; when that whoami is a
+    background refresh, the next request answered from memory carries the Set-Cookie."""
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER))
+    user = flows.register(kratos)
+    cookie = flows.browser_login(kratos, user)
+    headers = {"Cookie": f"ory_kratos_session={cookie}"}
+    session_id = client.get("/whoami", headers=headers).get_json()["session_id"]
+    time.sleep(1.1)  # the cookie's embedded expiry must be older than the extended one
+    assert client.get("/auth", headers=headers).status_code == 200  # a fresh copy again
+    import httpx
+
+    assert httpx.patch(f"{kratos.admin_url}/admin/sessions/{session_id}/extend").is_success
+    relayed = []
+    deadline = time.monotonic() + 2 * REVALIDATE_AFTER
+    while time.monotonic() < deadline:
+        response = client.get("/auth", headers=headers)
+        assert response.status_code == 200
+        for set_cookie in response.headers.getlist("Set-Cookie"):
+            relayed.append(set_cookie)  # and the browser takes it, as a browser does
+            headers = {"Cookie": set_cookie.split(";")[0]}
+        time.sleep(0.05)
+    assert len(relayed) == 1  # once, by the first answer after the refresh
+    assert relayed[0].startswith("ory_kratos_session=")
+    assert flows.session_of(kratos, cookie=headers["Cookie"].split("=", 1)[1]).is_success
+
+
+def test_only_a_session_asked_for_again_is_refreshed_ahead(make_client, kratos):
+    """A copy asked for once in the last quarter of its window is left to expire (a
+    rarely used session costs Kratos no call ahead of time); asked for twice, it is
+    refreshed before its freshness ends."""
+    # The asks below must land in the last quarter of the window: 0.75 s wide here, so
+    # that a sleep overshooting on a busy machine does not carry them past its end.
+    revalidate_after = 3 * REVALIDATE_AFTER
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(revalidate_after))
+    mirror = _mirror(client)
+    once, twice = flows.register(kratos), flows.register(kratos)
+    for user in (once, twice):
+        mirror.resolve(_credential(user))
+    calls = kratos.whoami_calls()
+    time.sleep(REFRESH_AT * revalidate_after + 0.05)
+    assert mirror.from_memory(_credential(once)) is not None
+    assert mirror.from_memory(_credential(twice)) is not None
+    assert mirror.from_memory(_credential(twice)) is not None
+    time.sleep((1 - REFRESH_AT) * revalidate_after + 0.1)  # past the first freshness
+    assert kratos.whoami_calls() - calls == 1
+    assert mirror.from_memory(_credential(once)) is None
+    assert mirror.from_memory(_credential(twice)) is not None
