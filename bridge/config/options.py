@@ -452,8 +452,9 @@ OPTIONS: tuple[Option, ...] = (
         "workers",
         _number(0, 64, integer=True),
         0,
-        "Server processes; `0` = one per CPU the process may use (its affinity) with Redis, "
-        "always 1 when embedded.",
+        "Server processes; with Redis `0` = one per CPU the bridge may use: its cgroup's CPU "
+        "quota (a container's CPU limit), rounded up and capped by the CPUs in its affinity "
+        "mask; always 1 when embedded.",
     ),
     Option(
         "threads",

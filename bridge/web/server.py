@@ -23,6 +23,7 @@ from granian.log import LogLevels
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from bridge.logs import configure_logging
+from bridge.web.cpu_budget import worker_count
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,6 @@ def _check_port_free(key: str, host: str, port: int) -> None:
         bind(host, port).close()
     except OSError as error:
         raise ConfigError(key, f"cannot listen on {host}:{port} ({error.strerror})") from None
-
-
-def worker_count(settings: Settings) -> int:
-    if settings.redis_url is None:
-        return 1  # the embedded store lives in one process
-    # The CPUs this process may run on (a cpuset, taskset), not all the machine has.
-    return settings.workers or len(os.sched_getaffinity(0))
 
 
 def _die_with_parent() -> None:
@@ -101,12 +95,14 @@ def serve(settings: Settings) -> None:
             "BRIDGE_REDIS_URL is not set: using the embedded in-process store "
             "(single process only; sessions and AAL2 events are lost on restart)"
         )
+    workers = worker_count(settings)
+    log.info("server processes: %d (%s)", workers.count, workers.reason)
     server = Granian(
         target="bridge",
         address=settings.host,
         port=settings.port,
         interface=Interfaces.ASGI,
-        workers=worker_count(settings),
+        workers=workers.count,
         log_level=LogLevels(settings.log_level),
         log_access=False,
         websockets=False,
