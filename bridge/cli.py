@@ -18,6 +18,7 @@ from bridge.errors import BridgeError, ConfigError, StoreUnavailable
 from bridge.hosts import host_port
 from bridge.logs import configure_logging
 from bridge.store.redis.url import parse_redis_url
+from bridge.web.cpu_budget import worker_count
 from bridge.web.responses import Reply
 
 EXIT_CONFIG = 2
@@ -112,9 +113,11 @@ def check_command(settings: Settings) -> int:
     from bridge.web.app import build_store
 
     ok = True
+    workers = worker_count(settings)
     print(f"kratos public:   {settings.kratos_public_url}")
     print(f"kratos admin:    {settings.kratos_admin_url}")
     print(f"store:           {_store_label(settings)}")
+    print(f"workers:         {workers.count} ({workers.reason})")
     print(
         f"revalidate after {settings.revalidate_after:g}s, negative cache "
         f"{settings.negative_cache_ttl:g}s"

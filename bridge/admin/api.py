@@ -26,6 +26,7 @@ from bridge.errors import BadRequest, BridgeError, NotFound
 from bridge.kratos.admin import KratosAdmin
 from bridge.logs import log_unexpected
 from bridge.web import health, openapi, responses
+from bridge.web.cpu_budget import WorkerCount, worker_count
 from bridge.web.responses import Reply
 
 if TYPE_CHECKING:
@@ -43,10 +44,16 @@ _STREAM_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,10}")
 _PAGE_SIZE = re.compile(r"[0-9]{1,3}")
 
 
-def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) -> Flask:
+def create_admin_app(
+    bridge: Bridge, kratos_admin: KratosAdmin | None = None, workers: WorkerCount | None = None
+) -> Flask:
+    """``workers``: the server processes ``serve`` started, and why (by default, what it
+    would start with these settings), for ``/health/ready``."""
     from bridge.admin.ui import create_ui  # Jinja and the templates: only with a listener
 
     settings = bridge.settings
+    if workers is None:
+        workers = worker_count(settings)
     admin = SessionAdmin(bridge, kratos_admin)
     gate = Gate(settings.admin_token, settings.secret)
     app = Flask("bridge.admin", static_folder=None)
@@ -138,7 +145,7 @@ def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) ->
     @app.get("/health/ready", provide_automatic_options=False)
     def ready() -> Response:
         """The full answer, checked now: the topology, or what failed and why."""
-        return _flask(health.check(bridge.store, bridge.kratos).full_reply())
+        return _flask(health.check(bridge.store, bridge.kratos).full_reply(workers))
 
     openapi.add_routes(app)
 

@@ -454,7 +454,8 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "Server processes; with Redis `0` = one per CPU the bridge may use: its cgroup's CPU "
         "quota (a container's CPU limit), rounded up and capped by the CPUs in its affinity "
-        "mask; always 1 when embedded.",
+        "mask; always 1 when embedded. `check` and the admin `/health/ready` say how many "
+        "and why.",
     ),
     Option(
         "threads",

@@ -1,9 +1,10 @@
 """Readiness: whether Redis and Kratos answer.
 
-The admin listener answers in full: the store's topology, or what failed and why. The
-public listener, which anyone who reaches the bridge may ask, answers the status only
-(the topology and the error text are for operators), from a result kept for
-``PUBLIC_READY_FOR_S`` per process: a flood of asks costs at most one check a second.
+The admin listener answers in full: the store's topology, or what failed and why, and
+how many server processes run and why. The public listener, which anyone who reaches the
+bridge may ask, answers the status only (the topology and the error text are for
+operators), from a result kept for ``PUBLIC_READY_FOR_S`` per process: a flood of asks
+costs at most one check a second.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bridge.errors import StoreUnavailable
 from bridge.kratos.whoami import KratosClient
 from bridge.store.base import HealthStore
 from bridge.web import responses
+from bridge.web.cpu_budget import WorkerCount
 from bridge.web.responses import Reply
 
 PUBLIC_READY_FOR_S = 1.0
@@ -31,11 +33,14 @@ class Readiness:
     def ready(self) -> bool:
         return not self.problems
 
-    def full_reply(self) -> Reply:
-        """The admin listener's answer."""
+    def full_reply(self, workers: WorkerCount) -> Reply:
+        """The admin listener's answer; ``workers``: how many server processes run, and why."""
         if self.problems:
-            return responses.json_reply(503, {"status": "unavailable", "errors": self.problems})
-        return responses.json_reply(200, {"status": "ok", "redis": self.topology})
+            body = {"status": "unavailable", "errors": self.problems}
+        else:
+            body = {"status": "ok", "redis": self.topology}
+        body["workers"] = workers.as_json()
+        return responses.json_reply(503 if self.problems else 200, body)
 
 
 def check(store: HealthStore, kratos: KratosClient, with_topology: bool = True) -> Readiness:

@@ -23,7 +23,7 @@ from granian.log import LogLevels
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from bridge.logs import configure_logging
-from bridge.web.cpu_budget import worker_count
+from bridge.web.cpu_budget import WorkerCount, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _load_app(settings: Settings, *_: Any) -> Any:
+def _load_app(settings: Settings, workers: WorkerCount, *_: Any) -> Any:
     from bridge.web.app import build_bridge, create_flask_app
     from bridge.web.asgi import Front
 
@@ -74,7 +74,7 @@ def _load_app(settings: Settings, *_: Any) -> Any:
         from bridge.admin.listener import AdminListener
 
         AdminListener(
-            create_admin_app(bridge),
+            create_admin_app(bridge, workers=workers),
             settings.admin_host,
             settings.admin_port,
             settings.body_timeout,
@@ -108,4 +108,4 @@ def serve(settings: Settings) -> None:
         websockets=False,
         respawn_failed_workers=True,
     )
-    server.serve(target_loader=partial(_load_app, settings), wrap_loader=False)
+    server.serve(target_loader=partial(_load_app, settings, workers), wrap_loader=False)

@@ -36,12 +36,14 @@ def test_embedded_mode_serves_and_warns(kratos, workdir):
         assert httpx.get(server.admin_url + "/health/ready").json() == {
             "status": "ok",
             "redis": {"kind": "embedded"},
+            "workers": {"count": 1, "reason": "embedded store: one process"},
         }
     finally:
         server.stop()
     assert server.process.returncode == 0
     log = server.log()
     assert "embedded in-process store" in log
+    assert "server processes: 1 (embedded store: one process)" in log
     assert "Traceback" not in log
     assert user.token not in log
 
@@ -194,6 +196,8 @@ def test_workers_end_when_the_server_process_is_killed(kratos, redis_server, wor
         ).stdout.split()
         workers = [int(pid) for pid in found]
         assert len(workers) == 2
+        ready = httpx.get(server.admin_url + "/health/ready").json()
+        assert ready["workers"] == {"count": 2, "reason": "BRIDGE_WORKERS=2"}
         time.sleep(1)  # both workers have loaded the app (and asked for the signal)
         server.process.kill()
         server.process.wait()

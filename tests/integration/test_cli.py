@@ -14,6 +14,7 @@ import pytest
 
 from bridge.cli import _store_label, _topology_label, build_parser, main
 from bridge.config import load_settings
+from bridge.web.cpu_budget import worker_count
 from tests.support import kratos_flows as flows
 from tests.support.harness import free_port
 
@@ -170,6 +171,7 @@ _CHECK_LABELS = (
     "kratos public:",
     "kratos admin:",
     "store:",
+    "workers:",
     "revalidate after",
     "redis:",
     "topology:",
@@ -219,6 +221,24 @@ def test_check_with_kratos_down_prints_only_its_own_lines():
     assert done.returncode == 0
     assert (done.stderr, _labels(done.stdout, _DECIDE_LABELS)) == ("", list(_DECIDE_LABELS))
     assert "503 kratos_unavailable" in done.stdout
+
+
+def test_check_prints_the_worker_count_and_why():
+    done = _cli(_kratos_down(), "check")
+    assert "\nworkers:         1 (embedded store: one process)\n" in done.stdout
+
+    redis_down = {
+        "BRIDGE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "BRIDGE_SECRET": "s" * 40,
+    }
+    done = _cli(_kratos_down() | redis_down | {"BRIDGE_WORKERS": "3"}, "check")
+    assert "\nworkers:         3 (BRIDGE_WORKERS=3)\n" in done.stdout
+
+    # The CPU budget of the machine the test runs on, however many CPUs that is.
+    default = worker_count(load_settings(redis_down))
+    done = _cli(_kratos_down() | redis_down, "check")
+    assert f"\nworkers:         {default.count} ({default.reason})\n" in done.stdout
+    assert "affinity mask" in default.reason or "CPU quota" in default.reason
 
 
 def test_check_asks_kratos_for_its_version_once():

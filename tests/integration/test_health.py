@@ -1,6 +1,6 @@
 """``/health/ready``: on the public listener, which anyone may ask, the status only and at
 most one check of Redis and Kratos a second per process; on the admin listener, the
-full answer (real Redis, real Kratos)."""
+full answer, with how many server processes run and why (real Redis, real Kratos)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from bridge.admin.api import create_admin_app
 from bridge.web import health
 from bridge.web.app import create_app
+from bridge.web.cpu_budget import WorkerCount
 from tests.conftest import bridge_settings
 from tests.support.harness import free_port
 
@@ -20,11 +21,11 @@ def listeners(kratos, redis_server, prefix):
     """``listeners(**env)``: test clients of the public and the admin app of one bridge."""
     built = []
 
-    def make(**env: str):
+    def make(workers: WorkerCount | None = None, **env: str):
         app = create_app(bridge_settings(kratos, redis_server.url, prefix, **env))
         bridge = app.extensions["bridge"]
         built.append(bridge)
-        return app.test_client(), create_admin_app(bridge).test_client()
+        return app.test_client(), create_admin_app(bridge, workers=workers).test_client()
 
     yield make
     for bridge in built:
@@ -53,6 +54,23 @@ def test_the_public_answer_says_not_why(listeners):
     full = admin.get("/health/ready")
     assert full.status_code == 503
     assert full.get_json()["errors"]["kratos"].startswith("unreachable")
+
+
+def test_the_admin_answer_says_how_many_processes_and_why(listeners):
+    public, admin = listeners(BRIDGE_WORKERS="3")
+    assert admin.get("/health/ready").get_json()["workers"] == {
+        "count": 3,
+        "reason": "BRIDGE_WORKERS=3",
+    }
+    assert "workers" not in public.get("/health/ready").get_json()
+
+    # What serve started with, as it was handed over: not asked again of the cgroups.
+    started = WorkerCount(2, "CPU quota 1.5 (cgroup v2 /sys/fs/cgroup/cpu.max 150000 100000)")
+    nobody = f"http://127.0.0.1:{free_port()}"  # and when not ready, too
+    _, admin = listeners(started, BRIDGE_KRATOS_PUBLIC_URL=nobody, BRIDGE_KRATOS_TIMEOUT="0.5")
+    answer = admin.get("/health/ready")
+    assert answer.status_code == 503
+    assert answer.get_json()["workers"] == {"count": 2, "reason": started.reason}
 
 
 def test_a_flood_of_public_asks_costs_one_check(listeners, kratos, monkeypatch):
