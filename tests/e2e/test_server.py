@@ -78,11 +78,16 @@ def test_aal2_upgrade_seen_by_many_processes_is_one_event(
     flows.upgrade_to_aal2(kratos, user, token)
     time.sleep(1.1)
     before = kratos.whoami_calls()
+    started = time.monotonic()
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(lambda i: httpx.get(urls[i % 2], headers=headers), range(20)))
+    took = time.monotonic() - started
     assert {a.status_code for a in answers} == {200}
     assert {a.headers["X-User-Aal"] for a in answers} == {"aal2"}
-    assert kratos.whoami_calls() - before == 1  # one call for the stale session, all processes
+    # One call for the stale session, all processes together. A loaded machine can stretch
+    # the 20 requests past the 1 s window (or past the 0.75 s after which refresh-ahead asks
+    # again): each window that went by may cost one more call, never one per request.
+    assert 1 <= kratos.whoami_calls() - before <= 1 + int(took / 0.75)
 
     stream = redis_server.client.xrange(f"{prefix}events:aal2")
     assert len(stream) == 1
