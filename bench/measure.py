@@ -66,18 +66,21 @@ def parse_wrk(out: str) -> dict[str, float]:
     }
 
 
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except FileNotFoundError:
+            continue
+    return children
+
+
 def process_tree(pid: int) -> list[int]:
     pids, frontier = [pid], [pid]
     while frontier:
-        children = []
-        for parent in frontier:
-            for task in Path(f"/proc/{parent}/task").glob("*/children"):
-                try:
-                    children += [int(c) for c in task.read_text().split()]
-                except FileNotFoundError:
-                    continue
-        pids += children
-        frontier = children
+        frontier = [child for parent in frontier for child in child_pids(parent)]
+        pids += frontier
     return pids
 
 

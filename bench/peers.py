@@ -3,27 +3,44 @@
 Not a test: it prints figures and writes them to JSON and a PNG chart.
 
     .venv/bin/python bench/peers.py [--duration 10] [--connections 64]
+        [--rounds cpu-limit,started-pinned[,unpinned]]
         [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
-        [--systems bridge,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
+        [--systems bridge,bridge-1worker,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
                    [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare,bridge-analytics]]
-        [--no-unpinned-round]
         [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
 
 What runs: redis-server, Kratos v1.3.1 on a SQLite file (the test suite's build and config,
-sessions valid for 720h), the bridge (`python -m bridge serve`, production settings:
-Redis store, BRIDGE_REVALIDATE_AFTER=5, default worker count), heimdall v0.17.2 (decision
-mode, 5 s cache) and Oathkeeper v0.40.9 (decisions API, no cache), configured from
-bench/peers/; asked for by name, the same bridge on Redis Sentinel (master, replica, three
-sentinels: `bridge-sentinel`) or Redis Cluster (three masters, three replicas:
-`bridge-cluster`), set up as the test suite does (tests/support/topologies.py), every Redis
-process counted as the bridge's own; and, asked for by name, the bridge on /forward-auth
-with Traefik's X-Forwarded-* headers: plain (`bridge-forward`), with the 20-rule file
-bench/peers/rules-20.yml (`bridge-rules`, the request matching none of the first 19),
-with the JWT on (`bridge-jwt`), with both (`bridge-rules-jwt`), with analytics and
-metrics off (`bridge-bare`, to see what they cost) and with metrics alone off
-(`bridge-analytics`). Every one of them is
-started pinned to CPU 0; wrk is pinned to CPU 1. Missing binaries are built first (Kratos,
-heimdall, Oathkeeper: minutes, once per machine).
+sessions valid for 720h), the bridge started as a user starts it (`python -m bridge serve`,
+production settings: Redis store, BRIDGE_REVALIDATE_AFTER=5, BRIDGE_WORKERS unset, so the
+default worker count), the same bridge with BRIDGE_WORKERS=1 (`bridge-1worker`: by default
+in warm-1000 only, to compare its default worker count with one worker on the same CPU),
+heimdall v0.17.2 (decision mode, 5 s cache) and Oathkeeper v0.40.9 (decisions API, no
+cache), each configured as its documentation advises for production (bench/peers/: the
+comments there say which setting is there for what); asked for by name, the same bridge on
+Redis Sentinel (master, replica, three sentinels: `bridge-sentinel`) or Redis Cluster
+(three masters, three replicas: `bridge-cluster`), set up as the test suite does
+(tests/support/topologies.py), every Redis process counted as the bridge's own; and, asked for by
+name, the bridge on /forward-auth with Traefik's X-Forwarded-* headers: plain
+(`bridge-forward`), with the 20-rule file bench/peers/rules-20.yml (`bridge-rules`, the
+request matching none of the first 19), with the JWT on (`bridge-jwt`), with both
+(`bridge-rules-jwt`), with analytics and metrics off (`bridge-bare`, to see what they
+cost) and with metrics alone off (`bridge-analytics`). Missing binaries are built first
+(Kratos, heimdall, Oathkeeper: minutes, once per machine).
+
+Rounds: every server (the systems, Kratos, Redis) is started afresh for each round, and
+the servers share CPU 0 while wrk has CPU 1 to itself:
+  cpu-limit       as in a container with a 1-CPU limit: each server starts seeing every
+                  CPU, inside its own cgroup with a 1-CPU quota (cgroup v1 cpu.cfs_quota_us
+                  or v2 cpu.max; needs root and a writable cpu controller, else no quota,
+                  and the round says so); once all are ready, every thread of each is
+                  pinned to CPU 0. Whatever sizes itself from the CPUs it sees at start
+                  (the bridge's default worker count, Go's GOMAXPROCS) does so here as it
+                  would in such a container. The cgroups are removed afterwards.
+  started-pinned  each server started already pinned to CPU 0 (a cpuset, taskset), so it
+                  sees one CPU from the start: the bridge's default is then one worker.
+  unpinned        (asked for by name) nothing pinned, no quota, wrk included.
+Each round reports the CPUs every server's threads were allowed at the end of start-up
+(Cpus_allowed_list) and the number of Granian worker processes each bridge started.
 
 Sessions: users registered through Kratos's API registration flow, one session token each
 (one at a time, about 2 minutes for 10,000: see build_sessions). The Kratos database and
@@ -31,18 +48,16 @@ the token list are cached in --sessions-cache, keyed by their number, and reused
 N tokens of a bigger set) while sampled tokens still answer 200 at whoami.
 
 Load: `wrk -t1 -c{connections} -d{duration}s` with bench/wrk/tokens.lua, one
-X-Session-Token per request. For each scenario the systems are driven one after another
-with the same load, each warmed first (one request per token, then 2 s of the same load,
-not counted):
+X-Session-Token per request. For each round and scenario the systems are driven one after
+another with the same load, each warmed first (one request per token, then 2 s of the same
+load, not counted):
   warm-100     100 sessions, tokens in rotation
   warm-1000    1,000 sessions, tokens in rotation
   zipf-10000   10,000 sessions, token rank k drawn with weight k^-1.1 (fixed seed)
   invalid-10   1,000 sessions; 10% of requests carry a fresh random token of Kratos's
                shape ("ory_st_" + 32 alphanumerics), so it cannot have been seen before
-Then, with --unpinned-round (the default), every process is restarted without pinning
-and warm-100 is run once more, reported apart.
 
-Figures per system and scenario: req/s, p50/p99 latency (wrk), non-2xx answers (for
+Figures per round, system and scenario: req/s, p50/p99 latency (wrk), non-2xx answers (for
 invalid-10 the share of 401, from the statuses tokens.lua counts), Kratos whoami calls per
 1,000 requests (Kratos's own Prometheus counter, read before and after the run), CPU us
 per request of the system's own processes (user + system time of its process tree from
@@ -55,7 +70,7 @@ Two checks on the measurement itself, as shares of one CPU over the counted wind
 CPU (near 100%: the load generator, not the system, was the limit) and "other": busy CPU
 time of the machine (/proc/stat) charged to none of the system, Kratos and wrk, i.e. the
 kernel's loopback work and any other program running at the time (noise).
-Then bridge/peer ratios of req/s and p99.
+Then bridge/peer ratios of req/s and p99 (and the default bridge over `bridge-1worker`).
 
 CPU per rejected token (invalid-10): the run's CPU, less what its valid requests would
 have cost at the CPU per request of the same system's warm-1000 run (same 1,000 tokens,
@@ -103,8 +118,10 @@ sys.path.insert(0, str(ROOT / "bench" / "peers"))
 
 from render import render  # noqa: E402
 
+from bench.cpu_limit import CpuQuota, cpu_affinity, pin_tree  # noqa: E402
 from bench.measure import (  # noqa: E402
     allowed_cpus,
+    child_pids,
     cpu_seconds,
     parse_wrk,
     process_tree,
@@ -129,6 +146,16 @@ PEERS = ROOT / "bench" / "peers"
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "tokens.lua"
 PEER_VERSIONS = {"heimdall": "v0.17.2", "oathkeeper": "v0.40.9"}
 SYSTEMS = ("bridge", "heimdall", "oathkeeper", "kratos")
+# The bridge with a fixed worker count beside its default one (BRIDGE_WORKERS unset).
+BRIDGE_WORKERS = {"bridge-1worker": 1}
+# Run when --systems is not given, in these scenarios only.
+DEFAULT_SYSTEMS = {
+    "bridge": None,
+    "bridge-1worker": {"warm-1000"},
+    "heimdall": None,
+    "oathkeeper": None,
+    "kratos": None,
+}
 # The bridge on the other Redis topologies (tests/support/topologies.py): asked for by name.
 BRIDGE_TOPOLOGIES = {"bridge-sentinel": SentinelSet, "bridge-cluster": ClusterSet}
 # The bridge on /forward-auth (Traefik's request), plain and with the features that cost
@@ -147,13 +174,14 @@ BRIDGE_FEATURES = {
     "bridge-bare": {"bare": True},  # analytics and metrics off: what they cost
     "bridge-analytics": {"analytics_only": True},  # metrics off, analytics on
 }
-ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES)
+ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_WORKERS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES)
 SESSION_LIFESPAN = "720h"
 WARMUP_SECONDS = 2
 SETTLE_SECONDS = 0.5  # after wrk stops, for the requests it left in flight to finish
 ZIPF_S = 1.1
 SERVER_CPUS = {0}
 WRK_CPUS = "1"
+ROUNDS = ("cpu-limit", "started-pinned", "unpinned")
 
 
 @dataclass(frozen=True)
@@ -243,18 +271,6 @@ def in_parallel(function, items, threads: int = 8) -> Iterator:
         yield from pool.map(function, items)
     finally:
         pool.shutdown(cancel_futures=True)
-
-
-@contextlib.contextmanager
-def cpu_affinity(cpus: set[int] | None) -> Iterator[None]:
-    """Processes started inside inherit this thread's CPU set (None: leave it as it is)."""
-    before = os.sched_getaffinity(0)
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 # ---------------------------------------------------------------- Kratos and its sessions
@@ -400,23 +416,33 @@ class System:
 
 @dataclass
 class Stack:
-    """Kratos, Redis and the systems under test, all started with one CPU affinity."""
+    """Kratos, Redis and the systems under test, started and placed on CPUs as ROUND says."""
 
     work: Path
     db: Path
     names: list[str]
-    pinned: bool
+    round: str  # a key of ROUNDS
+    quota: CpuQuota | None = None  # cpu-limit: where the 1-CPU cgroups are made
     kratos: Kratos | None = None
     redis: RedisServer | None = None
     topologies: list[SentinelSet | ClusterSet] = field(default_factory=list)
     systems: dict[str, System] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     servers: dict[str, dict] = field(default_factory=dict)
+    cgroups: list[Path] = field(default_factory=list)
     _started: list[subprocess.Popen] = field(default_factory=list)
 
-    @property
-    def round(self) -> str:
-        return "pinned" if self.pinned else "unpinned"
+    def describe(self) -> str:
+        if self.round == "unpinned":
+            return "nothing pinned"
+        if self.round == "started-pinned":
+            return "servers started pinned to CPU 0; wrk on CPU 1"
+        quota = (
+            f"1-CPU quota ({self.quota.describe()})"
+            if self.quota
+            else "no quota (no writable cgroup)"
+        )
+        return f"servers started seeing every CPU, {quota}, then pinned to CPU 0; wrk on CPU 1"
 
     def start(self) -> None:
         db = self.work / f"kratos-{self.round}.sqlite"
@@ -426,18 +452,44 @@ class Stack:
             "heimdall": self._heimdall,
             "oathkeeper": self._oathkeeper,
             "kratos": self._kratos_direct,
+            **{name: functools.partial(self._bridge, name) for name in BRIDGE_WORKERS},
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_TOPOLOGIES},
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_FEATURES},
         }
-        with cpu_affinity(SERVER_CPUS if self.pinned else None):
+        with self._placed("kratos"):
             self.kratos = FileKratos(self.work, db)
-            for name in self.names:
-                try:
+        if any(name not in BRIDGE_TOPOLOGIES and name.startswith("bridge") for name in self.names):
+            with self._placed("redis"):
+                self.redis = RedisServer(self.work)
+        for name in self.names:
+            try:
+                with self._placed(name):
                     self.systems[name] = starters[name]()
-                except Exception as error:  # a system that does not start is reported, not fatal
-                    self.failures[name] = f"did not start: {error}"
-                    print(f"{name} did not start: {error}", flush=True)
+            except Exception as error:  # a system that does not start is reported, not fatal
+                self.failures[name] = f"did not start: {error}"
+                print(f"{name} did not start: {error}", flush=True)
+        if self.round == "cpu-limit":
+            every = {*self._roots().values(), *(p for s in self.systems.values() for p in s.pids)}
+            for pid in every:
+                pin_tree(pid, SERVER_CPUS)
         self.servers = self.layout()
+
+    @contextlib.contextmanager
+    def _placed(self, name: str) -> Iterator[None]:
+        """Servers started inside are placed as the round says: pinned from the start
+        (started-pinned), in a cgroup of their own with a 1-CPU quota (cpu-limit, when
+        the machine allows it; pinned once all have started), or left alone."""
+        if self.round == "started-pinned":
+            with cpu_affinity(SERVER_CPUS):
+                yield
+        elif self.round == "cpu-limit" and self.quota is not None:
+            group = self.quota.make(name, cpus=1)  # the kratos system: Kratos's own
+            if group not in self.cgroups:
+                self.cgroups.append(group)
+            with self.quota.inside(group):
+                yield
+        else:
+            yield
 
     def stop(self) -> None:
         for process in reversed(self._started):
@@ -448,22 +500,34 @@ class Stack:
             topology.stop()
         if self.kratos is not None:
             self.kratos.stop()
+        for group in self.cgroups:
+            try:
+                self.quota.remove(group)
+            except OSError as error:
+                print(f"could not remove cgroup {group}: {error}", flush=True)
 
-    def layout(self) -> dict[str, dict]:
-        """Per server (Redis and Kratos included): the CPUs its threads may run on
-        (Cpus_allowed_list), its processes and threads."""
+    def _roots(self) -> dict[str, int]:
+        """The first process of each server, Redis and Kratos included."""
         roots = {name: system.pids[0] for name, system in self.systems.items()}
         roots["kratos"] = self.kratos.process.pid
         if self.redis is not None:
             roots["redis"] = self.redis.process.pid
+        return roots
+
+    def layout(self) -> dict[str, dict]:
+        """Per server: the CPUs its threads may run on (Cpus_allowed_list), its processes
+        and threads, and for a bridge its Granian worker processes (the server process's
+        children)."""
         layout = {}
-        for name, pid in roots.items():
+        for name, pid in self._roots().items():
             tree = process_tree(pid)
             layout[name] = {
                 "cpus": ",".join(sorted(allowed_cpus(pid))),
                 "processes": len(tree),
                 "threads": sum(len(list(Path(f"/proc/{p}/task").iterdir())) for p in tree),
             }
+            if name in self.systems and name.startswith("bridge"):
+                layout[name]["workers"] = len(child_pids(pid))
         return layout
 
     def _spawn(self, argv: list[str], log: Path | None, env: dict | None = None):
@@ -490,12 +554,10 @@ class Stack:
             raise RuntimeError(f"{what} exited with {process.returncode}\n{tail}")
 
     def _bridge(self, name: str = "bridge") -> System:
-        """The bridge on a standalone redis-server, or (``bridge-sentinel``,
+        """The bridge on the standalone redis-server, or (``bridge-sentinel``,
         ``bridge-cluster``) on a Sentinel or Cluster set; all of its Redis processes
         count as the bridge's own."""
         if name not in BRIDGE_TOPOLOGIES:
-            if self.redis is None:
-                self.redis = RedisServer(self.work)
             redis_url, redis_processes = self.redis.url, [self.redis.process]
         else:
             topology = BRIDGE_TOPOLOGIES[name](self.work / name)
@@ -517,6 +579,9 @@ class Stack:
             BRIDGE_LOG_LEVEL="warning",
             BRIDGE_ADMIN_PORT=str(free_port()),
         )
+        if name in BRIDGE_WORKERS:
+            env["BRIDGE_KEY_PREFIX"] = f"bench-{name}:"
+            env["BRIDGE_WORKERS"] = str(BRIDGE_WORKERS[name])
         features = BRIDGE_FEATURES.get(name)
         if features is not None:
             env["BRIDGE_KEY_PREFIX"] = f"bench-{name}:"
@@ -658,7 +723,7 @@ def machine_busy_seconds() -> float:
 
 def measure(stack: Stack, system: System, scenario: Scenario, args, tokens: Path) -> dict:
     """Warm SYSTEM, then one counted wrk run of SCENARIO against it."""
-    prefix = ("taskset", "-c", WRK_CPUS) if stack.pinned else ()
+    prefix = ("taskset", "-c", WRK_CPUS) if stack.round != "unpinned" else ()
 
     def wrk(duration: float, seed: int) -> str:
         env = wrk_env(scenario, tokens, seed)
@@ -726,7 +791,7 @@ def run_round(stack: Stack, scenarios: list[Scenario], args, tokens: Path) -> li
     for scenario in scenarios:
         for name in stack.names:
             system = stack.systems.get(name)
-            if system is None:
+            if system is None or scenario.name not in args.scenarios_of.get(name, SCENARIOS):
                 continue
             row = {"round": stack.round, "scenario": scenario.name, "system": name}
             if not system.alive():
@@ -753,18 +818,21 @@ def find(results: list[dict], round_: str, scenario: str, system: str) -> dict |
 
 
 def ratios(results: list[dict]) -> list[dict]:
-    """bridge / peer for req/s (above 1: the bridge serves more) and p99 (below 1: faster)."""
+    """bridge / peer for req/s (above 1: the bridge serves more) and p99 (below 1: faster);
+    the default bridge is also compared with its fixed worker counts (bridge-1worker)."""
     out = []
     for row in results:
         if not row["system"].startswith("bridge") or "error" in row:
             continue
-        for peer in SYSTEMS[1:]:
+        peers = [*SYSTEMS[1:], *(BRIDGE_WORKERS if row["system"] == "bridge" else ())]
+        for peer in peers:
             other = find(results, row["round"], row["scenario"], peer)
             if other:
                 out.append(
                     {
                         "round": row["round"],
                         "scenario": row["scenario"],
+                        "system": row["system"],
                         "peer": peer,
                         "rps": row["rps"] / other["rps"] if other["rps"] else None,
                         "p99": row["p99_ms"] / other["p99_ms"] if other["p99_ms"] else None,
@@ -805,7 +873,7 @@ def invalid_summary(results: list[dict]) -> list[dict]:
 
 
 def progress_line(row: dict) -> str:
-    where = f"[{row['round']}] {row['scenario']:<11} {row['system']:<11}"
+    where = f"[{row['round']}] {row['scenario']:<11} {row['system']:<15}"
     if "error" in row:
         return f"{where} ERROR {row['error']}"
     return (
@@ -821,25 +889,31 @@ def non_2xx_cell(row: dict) -> str:
     return str(row["non_2xx"] + row["socket_errors"])
 
 
-def print_results(results: list[dict]) -> None:
+def print_results(results: list[dict], rounds: dict[str, dict]) -> None:
     header = (
-        f"{'scenario':<12}{'system':<12}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>11}"
+        f"{'scenario':<12}{'system':<16}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>11}"
         f"{'kratos/1k':>11}{'CPU us/req':>12}{'kratos us/req':>15}{'RSS MB':>9}{'wrk CPU':>9}"
         f"{'other CPU':>11}"
     )
-    for round_ in ("pinned", "unpinned"):
+    for round_, placed in rounds.items():
         rows = [r for r in results if r["round"] == round_]
         if not rows:
             continue
-        print(f"\n{round_}:" + (" servers on CPU 0, wrk on CPU 1" if round_ == "pinned" else ""))
+        print(f"\n{round_}: {placed['placement']}")
+        workers = [
+            f"{name} {server['workers']}"
+            for name, server in placed["servers"].items()
+            if "workers" in server
+        ]
+        print("bridge workers (Granian processes): " + (", ".join(workers) or "-"))
         print(header)
         for row in rows:
             if "error" in row:
-                print(f"{row['scenario']:<12}{row['system']:<12}  ERROR {row['error'][:90]}")
+                print(f"{row['scenario']:<12}{row['system']:<16}  ERROR {row['error'][:90]}")
                 continue
             kratos_us = "" if row["system"] == "kratos" else f"{row['kratos_cpu_us_per_req']:.0f}"
             print(
-                f"{row['scenario']:<12}{row['system']:<12}{row['rps']:>9.0f}"
+                f"{row['scenario']:<12}{row['system']:<16}{row['rps']:>9.0f}"
                 f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{non_2xx_cell(row):>11}"
                 f"{row['kratos_calls_per_1000']:>11.1f}{row['cpu_us_per_req']:>12.0f}"
                 f"{kratos_us:>15}{row['rss_mb']:>9.0f}{100 * row['wrk_cpu_share']:>8.0f}%"
@@ -851,11 +925,14 @@ def print_ratios(table: list[dict]) -> None:
     if not table:
         return
     print("\nbridge / peer (req/s: above 1 = bridge serves more; p99: below 1 = bridge faster)")
-    print(f"{'round':<10}{'scenario':<12}{'peer':<12}{'req/s':>8}{'p99':>8}")
+    print(f"{'round':<16}{'scenario':<12}{'bridge':<16}{'peer':<16}{'req/s':>8}{'p99':>8}")
     for row in table:
         rps = f"{row['rps']:.2f}" if row["rps"] else "-"
         p99 = f"{row['p99']:.2f}" if row["p99"] else "-"
-        print(f"{row['round']:<10}{row['scenario']:<12}{row['peer']:<12}{rps:>8}{p99:>8}")
+        print(
+            f"{row['round']:<16}{row['scenario']:<12}{row['system']:<16}{row['peer']:<16}"
+            f"{rps:>8}{p99:>8}"
+        )
 
 
 def print_invalid(table: list[dict]) -> None:
@@ -863,7 +940,7 @@ def print_invalid(table: list[dict]) -> None:
         return
     print("\ninvalid-10: valid-only throughput and CPU per rejected token (method: --help)")
     print(
-        f"{'system':<12}{'401 share':>10}{'valid req/s':>13}{'of warm-1000':>14}"
+        f"{'round':<16}{'system':<16}{'401 share':>10}{'valid req/s':>13}{'of warm-1000':>14}"
         f"{'CPU us/rejected':>17}{'with Kratos':>13}"
     )
     for row in table:
@@ -871,7 +948,8 @@ def print_invalid(table: list[dict]) -> None:
         own = row.get("cpu_us_per_rejected")
         total = row.get("cpu_us_per_rejected_with_kratos")
         print(
-            f"{row['system']:<12}{100 * row['share_401']:>9.1f}%{row['valid_rps']:>13.0f}"
+            f"{row['round']:<16}{row['system']:<16}{100 * row['share_401']:>9.1f}%"
+            f"{row['valid_rps']:>13.0f}"
             f"{(f'{100 * kept:.0f}%' if kept else '-'):>14}"
             f"{(f'{own:.0f}' if own is not None else '-'):>17}"
             f"{(f'{total:.0f}' if total is not None else '-'):>13}"
@@ -883,7 +961,7 @@ def draw_chart(pyplot, results: list[dict], path: Path, title: str) -> None:
     rows = [r for r in results if "error" not in r]
     groups = list(dict.fromkeys((r["round"], r["scenario"]) for r in rows))
     systems = [s for s in ALL_SYSTEMS if any(r["system"] == s for r in rows)]
-    labels = [s if rnd == "pinned" else f"{s}\n(unpinned)" for rnd, s in groups]
+    labels = [f"{scenario}\n({round_})" for round_, scenario in groups]
     figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(11, 8), sharex=True)
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
@@ -908,7 +986,7 @@ def draw_chart(pyplot, results: list[dict], path: Path, title: str) -> None:
     figure.savefig(path, dpi=110)
 
 
-def meta(args, servers: dict) -> dict:
+def meta(args, rounds: dict) -> dict:
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
         capture_output=True,
@@ -926,7 +1004,7 @@ def meta(args, servers: dict) -> dict:
         "zipf_s": ZIPF_S,
         "session_lifespan": SESSION_LIFESPAN,
         "bridge_settings": "Redis store, BRIDGE_REVALIDATE_AFTER=5, BRIDGE_WORKERS unset",
-        "servers": servers,
+        "rounds": rounds,
     }
 
 
@@ -941,23 +1019,36 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, default=10, help="seconds per run")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument(
-        "--unpinned-round",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run warm-100 with nothing pinned (default: on)",
+        "--rounds", default="cpu-limit,started-pinned", help=f"of {', '.join(ROUNDS)}"
+    )
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument(
+        "--systems", help=f"default: {', '.join(DEFAULT_SYSTEMS)} (bridge-1worker in warm-1000)"
     )
     parser.add_argument("--sessions-cache", type=Path, default=CACHE / "bench")
     parser.add_argument("--out", type=Path, help="JSON results (default: in the cache)")
     parser.add_argument("--chart", type=Path, help="PNG chart (default: beside the JSON)")
     args = parser.parse_args()
+    args.rounds = [r for r in args.rounds.split(",") if r]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
-    args.systems = [s for s in args.systems.split(",") if s]
+    for name in args.rounds:
+        if name not in ROUNDS:
+            parser.error(f"unknown round {name!r}: choose from {', '.join(ROUNDS)}")
     for name in args.scenarios:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
+    # Each system's scenarios: every one asked for, but a default system's own list.
+    if args.systems is None:
+        args.scenarios_of = {
+            name: only & set(args.scenarios)
+            for name, only in DEFAULT_SYSTEMS.items()
+            if only is not None
+        }
+        args.systems = [n for n in DEFAULT_SYSTEMS if args.scenarios_of.get(n, True)]
+    else:
+        args.systems = [s for s in args.systems.split(",") if s]
+        args.scenarios_of = {}
     for name in args.systems:
         if name not in ALL_SYSTEMS:
             parser.error(f"unknown system {name!r}: choose from {', '.join(ALL_SYSTEMS)}")
@@ -969,9 +1060,10 @@ def parse_args() -> argparse.Namespace:
 
 def run_stack(stack: Stack, scenarios: list[Scenario], args, tokens: Path) -> list[dict]:
     try:
+        print(f"round {stack.round}: {stack.describe()}", flush=True)
         stack.start()
         for name, server in stack.servers.items():
-            print(f"  {stack.round:<8} {name:<11} {server}", flush=True)
+            print(f"  {stack.round:<14} {name:<15} {server}", flush=True)
         results = run_round(stack, scenarios, args, tokens)
         for name, why in stack.failures.items():
             results.append({"round": stack.round, "scenario": "*", "system": name, "error": why})
@@ -992,32 +1084,32 @@ def main() -> None:
     scenarios = [SCENARIOS[name] for name in args.scenarios]
     needed = max(s.sessions for s in scenarios)
     work = Path(tempfile.mkdtemp(prefix="peers-bench-"))
+    quota = CpuQuota.find() if "cpu-limit" in args.rounds else None
+    results: list[dict] = []
+    rounds: dict[str, dict] = {}
     try:
         db, tokens = prepare_sessions(args.sessions_cache, needed, work)
-        pinned = Stack(work, db, args.systems, pinned=True)
-        results = run_stack(pinned, scenarios, args, tokens)
-        servers = {"pinned": pinned.servers}
-        if args.unpinned_round:
-            unpinned = Stack(work, db, args.systems, pinned=False)
-            results += run_stack(unpinned, [SCENARIOS["warm-100"]], args, tokens)
-            servers["unpinned"] = unpinned.servers
+        for round_ in args.rounds:
+            stack = Stack(work, db, args.systems, round_, quota=quota)
+            results += run_stack(stack, scenarios, args, tokens)
+            rounds[round_] = {"placement": stack.describe(), "servers": stack.servers}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(args, results, servers, pyplot)
+    report(args, results, rounds, pyplot)
 
 
-def report(args, results: list[dict], servers: dict, pyplot) -> None:
+def report(args, results: list[dict], rounds: dict, pyplot) -> None:
     ratio_table, invalid_table = ratios(results), invalid_summary(results)
     print(
         f"\n{os.cpu_count()} CPUs; wrk -t1 -c{args.connections} -d{args.duration:g}s per run, "
         f"{WARMUP_SECONDS}s warm-up; Kratos {KRATOS_VERSION}, heimdall "
         f"{PEER_VERSIONS['heimdall']}, Oathkeeper {PEER_VERSIONS['oathkeeper']}"
     )
-    print_results(results)
+    print_results(results, rounds)
     print_ratios(ratio_table)
     print_invalid(invalid_table)
     document = {
-        "meta": meta(args, servers),
+        "meta": meta(args, rounds),
         "results": results,
         "ratios": ratio_table,
         "invalid_10": invalid_table,
@@ -1029,7 +1121,7 @@ def report(args, results: list[dict], servers: dict, pyplot) -> None:
         title = (
             f"bridge vs heimdall vs Oathkeeper vs Kratos whoami "
             f"(wrk -t1 -c{args.connections} -d{args.duration:g}s; servers on CPU 0, wrk on CPU 1, "
-            "unless unpinned)"
+            "except unpinned)"
         )
         draw_chart(pyplot, results, args.chart, title)
         print(f"chart: {args.chart}")
