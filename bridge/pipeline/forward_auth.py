@@ -195,7 +195,7 @@ class ForwardAuth:
         if known is not None:
             if trace is not None:
                 trace.session, trace.tier = known.session, "process"
-            problem = decision.refusal(rule, aal, known.session, started)
+            problem = decision.problem(rule, aal, known.session, started)
             if problem is None:
                 problem = self._device_refusal(known.session, headers)
             if problem is None:
@@ -211,7 +211,7 @@ class ForwardAuth:
                 asked = resolved.session.validated_at_ms >= pending.started_ms
                 pending.trace.session = resolved.session
                 pending.trace.tier = "kratos" if asked else "redis"
-            problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
+            problem = decision.problem(pending.rule, pending.aal, resolved.session, now_ms())
             if decision.worth_asking_again(problem) and self._may_ask_again(
                 resolved.session, pending.started_ms
             ):
@@ -220,7 +220,7 @@ class ForwardAuth:
                 resolved = self._mirror.resolve(pending.credential, refresh=True)
                 if pending.trace is not None:
                     pending.trace.session, pending.trace.tier = resolved.session, "kratos"
-                problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
+                problem = decision.problem(pending.rule, pending.aal, resolved.session, now_ms())
             if problem is None:
                 problem = self._device_refusal(resolved.session, pending.headers)
             if problem is not None:

@@ -35,9 +35,9 @@ import orjson
 from bridge.clock import now_ms
 from bridge.errors import KratosUnavailable
 from bridge.kratos.http_client import HTTPClient, RequestFailed
-from bridge.kratos.whoami import KratosSession, parse_session
+from bridge.kratos.whoami import VouchedSession, parse_session
 from bridge.sessions.mirror import SessionEvents
-from bridge.sessions.session import MirroredSession, aal2_event, mirror
+from bridge.sessions.session import MirroredSession, aal2_event
 from bridge.store.base import SessionSaver
 from bridge.web import responses
 from bridge.web.responses import Reply
@@ -142,7 +142,8 @@ class KratosHooks:
                 if view["session_id"] != announced.session_id:
                     raise KratosUnavailable("Kratos answered for another session")
                 if _caught_up(view, announced):
-                    return mirror(KratosSession(view, expires_at_ms, ()), asked_at)
+                    vouched = VouchedSession(view, expires_at_ms, ())
+                    return MirroredSession.from_kratos(vouched, asked_at)
             elif answer.status != 404:
                 raise KratosUnavailable(f"Kratos admin API answered {answer.status}")
             if time.monotonic() + _POLL_SECONDS >= deadline:

@@ -32,14 +32,14 @@ from hypothesis import strategies as st
 from bridge.config import load_settings
 from bridge.errors import BadRequest, CredentialMissing, KratosUnavailable, SessionInvalid
 from bridge.kratos.http_client import Answer
-from bridge.kratos.whoami import KratosSession, _redirect_browser_to, parse_session
+from bridge.kratos.whoami import VouchedSession, _redirect_browser_to, parse_session
 from bridge.pipeline.credentials import Kind, extract
 from bridge.pipeline.dialects import Dialect
 from bridge.pipeline.forward_auth import Pending
 from bridge.pipeline.redirects import MAX_REDIRECT
 from bridge.pipeline.rules import Access, Rules
 from bridge.pipeline.upstream_headers import MAX_VALUE, UpstreamHeaders, header_value, parse_mapping
-from bridge.sessions.session import mirror
+from bridge.sessions.session import MirroredSession
 from bridge.web.app import Bridge, build_bridge
 from bridge.web.request import HeaderView, OriginalRequest
 from bridge.web.responses import Refusal, Reply
@@ -473,7 +473,7 @@ def check_header_mapping(kratos_body: bytes) -> None:
         view, expires_at_ms = parse_session(kratos_body)
     except KratosUnavailable:
         return
-    session = mirror(KratosSession(view, expires_at_ms, ()), 0)
+    session = MirroredSession.from_kratos(VouchedSession(view, expires_at_ms, ()), 0)
     headers, _ = _UPSTREAM.for_session(session)
     for name, value in headers:
         _holds(value.isascii() and (value == "" or value.isprintable()), f"{name}: {value!r}")
