@@ -13,24 +13,20 @@ errors are JSON (``{"error", "message"}``); lists are paged by ``page_size`` and
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from bridge.admin import statuses
 from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
-from bridge.admin.sessions import SessionAdmin
+from bridge.admin.sessions import AdminParts, SessionAdmin
 from bridge.clock import now_ms, parse_timestamp_ms
 from bridge.errors import BadRequest, BridgeError, NotFound
 from bridge.kratos.admin import KratosAdmin
 from bridge.logs import log_unexpected
 from bridge.web import health, openapi, responses
 from bridge.web.responses import Reply
-
-if TYPE_CHECKING:
-    from bridge.web.app import Bridge
-
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -43,7 +39,7 @@ _STREAM_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,10}")
 _PAGE_SIZE = re.compile(r"[0-9]{1,3}")
 
 
-def create_admin_app(bridge: Bridge, kratos_admin: KratosAdmin | None = None) -> Flask:
+def create_admin_app(bridge: AdminParts, kratos_admin: KratosAdmin | None = None) -> Flask:
     from bridge.admin.ui import create_ui  # Jinja and the templates: only with a listener
 
     settings = bridge.settings

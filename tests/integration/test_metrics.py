@@ -21,9 +21,9 @@ from bridge.observe.metrics import MULTIPROC_DIR_ENV, Metrics, prepare_multiproc
 from bridge.pipeline.credentials import extract
 from bridge.pipeline.redirects import BrowserRedirects
 from bridge.sessions.session import MirroredSession, aal2_event
-from bridge.web.app import build_bridge, build_store
 from bridge.web.request import HeaderView
 from bridge.web.responses import Refusal, Reply, allow, refusal
+from bridge.wiring import build_bridge, build_store
 from tests.conftest import SECRET, bridge_settings
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, free_port, wait_until

@@ -40,9 +40,9 @@ from bridge.pipeline.redirects import MAX_REDIRECT
 from bridge.pipeline.rules import Access, Rules
 from bridge.pipeline.upstream_headers import MAX_VALUE, UpstreamHeaders, header_value, parse_mapping
 from bridge.sessions.session import MirroredSession
-from bridge.web.app import Bridge, build_bridge
 from bridge.web.request import HeaderView, OriginalRequest
 from bridge.web.responses import Refusal, Reply
+from bridge.wiring import Bridge, build_bridge
 
 COOKIE_NAME = "ory_kratos_session"
 LOGIN_URL = "https://login.example.test/self-service/login/browser"
@@ -319,18 +319,19 @@ def _bridge() -> tuple[Bridge, Rules]:
 _BRIDGE, _RULES = _bridge()
 _RULES_OF_THE_FILE = (*(rule for _, rule in _RULES._rules), _RULES.default)
 _UPSTREAM = UpstreamHeaders(parse_mapping(MAPPING))
+_DIALECTS = _BRIDGE.forward_auth.dialects
 _ALL_DIALECTS: tuple[Dialect, ...] = (
-    _BRIDGE.dialects.nginx,
-    _BRIDGE.dialects.forward_auth,
-    _BRIDGE.dialects.ext_authz,
+    _DIALECTS.nginx,
+    _DIALECTS.forward_auth,
+    _DIALECTS.ext_authz,
 )
 _DIALECT = st.sampled_from(_ALL_DIALECTS)
 
 
 def _bridge_path(dialect: Dialect) -> st.SearchStrategy[str]:
-    if dialect is _BRIDGE.dialects.ext_authz:
+    if dialect is _DIALECTS.ext_authz:
         return path().map(lambda p: "/ext-authz" + p.partition("?")[0])
-    return st.just("/forward-auth" if dialect is _BRIDGE.dialects.forward_auth else "/auth")
+    return st.just("/forward-auth" if dialect is _DIALECTS.forward_auth else "/auth")
 
 
 # Targets

@@ -95,7 +95,7 @@ def test_the_admin_listener_has_one_table(kind: type[BridgeError]) -> None:
 def admin_app():
     """The admin listener's app, as the server builds it, with Kratos out of reach."""
     from bridge.admin.api import create_admin_app
-    from bridge.web.app import build_bridge
+    from bridge.wiring import build_bridge
 
     closed = "http://127.0.0.1:9"
     settings = load_settings(
