@@ -203,10 +203,12 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
     settings = bridge.settings
     if settings.hook_secret is None:
         return None
+    from bridge.kratos.admin import KratosAdmin  # the Ory SDK: slow to import, so only now
+
     return KratosHooks(
         settings.hook_secret,
         bridge.store,
-        settings.kratos_admin_url,
+        KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout, once=True),
         settings.kratos_timeout,
         events=bridge.events,
     )

@@ -37,6 +37,7 @@ MAIN = {
     errors.TooManyAppFields: (413, "app_data_too_large"),
     errors.KratosUnavailable: (503, "kratos_unavailable"),
     errors.KratosRateLimited: (429, "kratos_rate_limited"),
+    errors.KratosUnreachable: (503, "kratos_unavailable"),
     errors.StoreUnavailable: (503, "store_unavailable"),
 }
 # The admin listener: Kratos out of reach is a bad gateway there, and a rate-limited Kratos
@@ -46,6 +47,7 @@ ADMIN = {
     errors.NotFound: (404, "not_found"),
     errors.KratosUnavailable: (502, "kratos_unavailable"),
     errors.KratosRateLimited: (502, "kratos_unavailable"),
+    errors.KratosUnreachable: (502, "kratos_unavailable"),
     errors.StoreUnavailable: (503, "store_unavailable"),
 }
 ADMIN_INTERNAL = (500, "internal_error")
