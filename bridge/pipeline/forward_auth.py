@@ -135,6 +135,11 @@ class ForwardAuth:
         )
         self._ask_again = AskAgainBudget(ASK_AGAIN_BURST, ASK_AGAIN_EVERY_MS)
 
+    @property
+    def anonymous(self) -> Reply:
+        """The allow of a ``public`` route for a request without a (usable) session."""
+        return self._anonymous
+
     def dialect_for(self, raw_path: str) -> Dialect | None:
         """The dialect of the proxy that asks on ``raw_path`` (as sent, not decoded), or
         ``None``: the path is not the forward-auth path's."""
