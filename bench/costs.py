@@ -30,8 +30,8 @@ import redis  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
 from bridge.pipeline.forward_auth import Pending  # noqa: E402
 from bridge.pipeline.tokens import generate_key  # noqa: E402
-from bridge.web.app import build_bridge  # noqa: E402
 from bridge.web.request import HeaderView  # noqa: E402
+from bridge.wiring import build_bridge  # noqa: E402
 from tests.support import kratos_flows as flows  # noqa: E402
 from tests.support.harness import Kratos  # noqa: E402
 from tests.support.topologies import ClusterSet, SentinelSet, Standalone  # noqa: E402
@@ -64,7 +64,7 @@ class RoundTrips:
 
 def measure(name, bridge, views, requests, *, warm=False, path="/auth"):
     forward_auth = bridge.forward_auth
-    dialect = bridge.dialects.for_path(path)
+    dialect = forward_auth.dialect_for(path)
 
     def one(i: int):
         step = forward_auth.begin(dialect, views[i % len(views)], "GET", path, "")

@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from bridge.config import load_settings  # noqa: E402
 from bridge.pipeline.credentials import extract  # noqa: E402
-from bridge.web.app import build_bridge  # noqa: E402
 from bridge.web.request import HeaderView  # noqa: E402
+from bridge.wiring import build_bridge  # noqa: E402
 from tests.support import kratos_flows as flows  # noqa: E402
 from tests.support.harness import Kratos, RedisServer  # noqa: E402
 

@@ -23,6 +23,7 @@ from bridge.web.responses import Reply
 
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
+_ASKED_AS = "/forward-auth"  # check --url decides as the X-Forwarded-* dialect does
 
 
 DESCRIPTION = (
@@ -110,7 +111,7 @@ def _configuration_error(error: ConfigError) -> int:
 def check_command(settings: Settings) -> int:
     """Print what the bridge would run with and whether Redis and Kratos answer."""
     from bridge.kratos.whoami import KratosClient
-    from bridge.web.app import build_store
+    from bridge.wiring import build_store
 
     ok = True
     workers = worker_count(settings)
@@ -151,8 +152,8 @@ def decide_command(settings: Settings, url: str, method: str, token: str | None)
     forward-auth path on an embedded store, so it writes nothing to Redis."""
     from bridge.store import Keys
     from bridge.store.memory.store import MemoryStore
-    from bridge.web.app import build_bridge, load_rules
     from bridge.web.request import HeaderView
+    from bridge.wiring import build_bridge, load_rules
 
     scheme, _, rest = url.partition("://")
     host, slash, path = rest.partition("/")
@@ -179,12 +180,13 @@ def decide_command(settings: Settings, url: str, method: str, token: str | None)
     ]
     if token is not None:
         forwarded.append(("x-session-token", token))
+    forward_auth = bridge.forward_auth
+    dialect = forward_auth.dialect_for(_ASKED_AS)
+    assert dialect is not None  # the path Traefik and Caddy ask on, whatever the settings
     try:
         for caller, accept in (("api client", "application/json"), ("browser", "text/html")):
             headers = HeaderView([*forwarded, ("accept", accept)])
-            reply = bridge.forward_auth(
-                bridge.dialects.forward_auth, headers, "GET", "/forward-auth", ""
-            )
+            reply = forward_auth(dialect, headers, "GET", _ASKED_AS, "")
             print(f"{caller + ':':<17}{_answer_label(reply)}")
     finally:
         bridge.mirror.close()

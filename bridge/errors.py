@@ -23,7 +23,8 @@ two (``bridge.admin.statuses``). An error without a code of its own is answered 
     ├── AppDataTooLarge                413  app_data_too_large
     │   └── TooManyAppFields           413  app_data_too_large
     ├── KratosUnavailable              503  kratos_unavailable
-    │   └── KratosRateLimited          429  kratos_rate_limited
+    │   ├── KratosRateLimited          429  kratos_rate_limited
+    │   └── KratosUnreachable          503  kratos_unavailable
     └── StoreUnavailable               503  store_unavailable
 
 Outside it, on purpose: the failures of the code apps and operators run
@@ -151,6 +152,11 @@ class StoreUnavailable(BridgeError):
 
     code = "store_unavailable"
     status = 503
+
+
+class KratosUnreachable(KratosUnavailable):
+    """Kratos gave no answer at all (no connection, or none in time), as opposed to one
+    the bridge cannot use: the web hooks wait out the first, never the second."""
 
 
 class KratosRateLimited(KratosUnavailable):

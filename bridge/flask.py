@@ -186,7 +186,7 @@ class HandOffUnverifiable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class ExtensionSettings:
     """The extension's settings, read and checked once by ``init_app``."""
 
     trust: str
@@ -205,7 +205,9 @@ class Settings:
     login_url: str | None
 
 
-def read_settings(config: Mapping[str, Any], *, needs_redis: bool, trusted_env: bool) -> Settings:
+def read_settings(
+    config: Mapping[str, Any], *, needs_redis: bool, trusted_env: bool
+) -> ExtensionSettings:
     """The ``KRATOS_SESSION_*`` keys of ``config``; ``RuntimeError`` naming the key that is
     missing or wrong. ``trusted_env``: the app runs under ``testing`` or ``debug``."""
 
@@ -292,7 +294,7 @@ def read_settings(config: Mapping[str, Any], *, needs_redis: bool, trusted_env: 
     if login_url is not None and urlsplit(login_url).scheme not in ("http", "https"):
         raise RuntimeError(f"{PREFIX}LOGIN_URL: {login_url!r} is not an http(s) URL")
 
-    return Settings(
+    return ExtensionSettings(
         trust=trust,
         redis_url=redis_url,
         key_prefix=text("KEY_PREFIX", "bridge:") or "bridge:",
@@ -354,7 +356,7 @@ class HandOff(Protocol):
 class JwtHandOff:
     """The bridge's JWT, verified against its JWKS."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ExtensionSettings) -> None:
         assert settings.jwks_url is not None and settings.jwt_audience is not None
         self._header = settings.jwt_header
         self._bearer = settings.jwt_header.lower() == "authorization"
@@ -438,7 +440,7 @@ class JwtHandOff:
 class HeaderHandOff:
     """A secret the proxy adds, then the session id header it sets."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ExtensionSettings) -> None:
         assert settings.shared_secret is not None
         self._secret = settings.shared_secret
         self._secret_header = settings.secret_header
@@ -462,7 +464,7 @@ class HeaderHandOff:
 class UnverifiedHandOff:
     """``KRATOS_SESSION_TRUST = "none"``: the session id header, from whoever sent it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ExtensionSettings) -> None:
         self._id_header = settings.session_id_header
 
     def claim(self, headers: HeaderSource) -> Claim | None:
@@ -483,7 +485,7 @@ def _refused(why: str) -> None:
     _refusals.warning("no session for a request with %s", why)
 
 
-def _build_hand_off(settings: Settings) -> HandOff:
+def _build_hand_off(settings: ExtensionSettings) -> HandOff:
     if settings.trust == "jwt":
         return JwtHandOff(settings)
     if settings.trust == "header":
@@ -766,7 +768,7 @@ class KratosSession:
 
 @dataclass(frozen=True, slots=True)
 class _State:
-    settings: Settings
+    settings: ExtensionSettings
     client: SessionClient
 
 

@@ -11,7 +11,8 @@ from flask.testing import FlaskClient
 
 from bridge.config import Settings, load_settings
 from bridge.store import SessionStore
-from bridge.web.app import build_store, create_app
+from bridge.web.app import create_app
+from bridge.wiring import build_store
 from tests.support.harness import Kratos, RedisServer
 from tests.support.topologies import ClusterSet, SentinelSet
 

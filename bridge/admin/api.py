@@ -13,14 +13,14 @@ errors are JSON (``{"error", "message"}``); lists are paged by ``page_size`` and
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from bridge.admin import statuses
 from bridge.admin.gate import Gate, canonical_uuid, local_and_same_site
-from bridge.admin.sessions import SessionAdmin
+from bridge.admin.sessions import AdminParts, SessionAdmin
 from bridge.clock import now_ms, parse_timestamp_ms
 from bridge.errors import BadRequest, BridgeError, NotFound
 from bridge.kratos.admin import KratosAdmin
@@ -28,10 +28,6 @@ from bridge.logs import log_unexpected
 from bridge.web import health, openapi, responses
 from bridge.web.cpu_budget import WorkerCount, worker_count
 from bridge.web.responses import Reply
-
-if TYPE_CHECKING:
-    from bridge.web.app import Bridge
-
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -45,7 +41,9 @@ _PAGE_SIZE = re.compile(r"[0-9]{1,3}")
 
 
 def create_admin_app(
-    bridge: Bridge, kratos_admin: KratosAdmin | None = None, workers: WorkerCount | None = None
+    bridge: AdminParts,
+    kratos_admin: KratosAdmin | None = None,
+    workers: WorkerCount | None = None,
 ) -> Flask:
     """``workers``: the server processes ``serve`` started, and why (by default, what it
     would start with these settings), for ``/health/ready``."""

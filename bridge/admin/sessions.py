@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.clock import iso, now_ms
 from bridge.errors import NotFound, StoreUnavailable
@@ -22,11 +22,34 @@ from bridge.store.base import AdminStore
 from bridge.store.registry import paged
 
 if TYPE_CHECKING:
-    from bridge.web.app import Bridge
+    from bridge.config import Settings
+    from bridge.kratos.whoami import KratosClient
+    from bridge.observe.analytics import Recorder
+    from bridge.observe.metrics import Metrics
+    from bridge.store import SessionStore
 
 SEARCH_SCAN_LIMIT = 10_000  # registry records a search reads at most
 EVENT_SCAN_LIMIT = 50_000  # stream entries one events call reads at most
 _SEARCH_PAGE = 500
+
+
+class AdminParts(Protocol):
+    """What the operators' side uses of the process's parts (``bridge.wiring.Bridge``)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> SessionStore: ...
+
+    @property
+    def kratos(self) -> KratosClient: ...  # its readiness, for the health line
+
+    @property
+    def recorder(self) -> Recorder | None: ...
+
+    @property
+    def metrics(self) -> Metrics | None: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +75,7 @@ class Latest:
 
 
 class SessionAdmin:
-    def __init__(self, bridge: Bridge, kratos: KratosAdmin | None = None) -> None:
+    def __init__(self, bridge: AdminParts, kratos: KratosAdmin | None = None) -> None:
         settings = bridge.settings
         self._bridge = bridge
         self._store: AdminStore = bridge.store

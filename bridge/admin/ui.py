@@ -34,7 +34,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from bridge.admin import statuses
 from bridge.admin.charts import bar_chart
 from bridge.admin.gate import COOKIE, SIGNED_IN_FOR, Gate, canonical_uuid
-from bridge.admin.sessions import Latest, SessionAdmin
+from bridge.admin.sessions import AdminParts, Latest, SessionAdmin
 from bridge.clock import iso, now_ms, parse_timestamp_ms
 from bridge.errors import (
     BadRequest,
@@ -49,7 +49,6 @@ from bridge.web.health import check
 
 if TYPE_CHECKING:
     from bridge.observe.metrics import Metrics
-    from bridge.web.app import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def _quantile(buckets: dict[float, float], share: float) -> str:
     return NOTHING
 
 
-def create_ui(bridge: Bridge, admin: SessionAdmin, gate: Gate) -> Blueprint:
+def create_ui(bridge: AdminParts, admin: SessionAdmin, gate: Gate) -> Blueprint:
     rate = DecisionRate()
     ui = Blueprint(
         "ui",
@@ -430,7 +429,7 @@ def first_of_days(now: int, days: int) -> int:
     return now - now % 86_400_000 - (days - 1) * 86_400_000
 
 
-def health(bridge: Bridge) -> dict[str, str]:
+def health(bridge: AdminParts) -> dict[str, str]:
     """The overview's health line, from the admin listener's readiness check."""
     readiness = check(bridge.store, bridge.kratos)
     problems = readiness.problems

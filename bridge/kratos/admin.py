@@ -1,9 +1,11 @@
-"""Kratos's admin API for the session admin, through the Ory SDK (``ory-kratos-client``).
+"""Kratos's admin API, through the Ory SDK (``ory-kratos-client``): the session admin's
+reads and revocations, and the web hooks' read of the session they name.
 
-One SDK client per process, shared by the admin requests: it holds a connection pool and
+One SDK client per user of it, shared by its requests: it holds a connection pool and
 the admin URL, and nothing that belongs to a request (no default header is ever set).
 Every failure other than "Kratos does not know it" is ``KratosUnavailable``, so the
-caller reports it and never goes on as if the session were gone.
+caller reports it and never goes on as if the session were gone. Neither an answer's
+body nor the SDK's exception (which quotes it) is ever logged or passed on.
 """
 
 from __future__ import annotations
@@ -13,17 +15,29 @@ from urllib.parse import unquote
 
 from ory_kratos_client import ApiClient, Configuration, IdentityApi
 from ory_kratos_client.exceptions import NotFoundException, OpenApiException
+from urllib3 import Retry
 from urllib3.exceptions import HTTPError
 
-from bridge.errors import KratosUnavailable
+from bridge.errors import KratosUnavailable, KratosUnreachable
+from bridge.kratos.whoami import VouchedSession, parse_session
 
 _PAGE_SIZE = 500
 _MAX_PAGES = 20
+_EXPAND = ["identity", "devices"]
+# One request, one try: no retry after a failure or a timeout, and a redirect is an answer.
+_ONCE = Retry(total=0, redirect=False)
 
 
 class KratosAdmin:
-    def __init__(self, admin_url: str, timeout: float) -> None:
-        self._client = ApiClient(Configuration(host=admin_url))
+    def __init__(self, admin_url: str, timeout: float, *, once: bool = False) -> None:
+        """``once``: each request is sent once (urllib3 retries it otherwise), so a
+        caller's timeout bounds it; the web hooks, whose one ``kratos_timeout`` bounds all
+        their asks, need that."""
+        configuration = Configuration(host=admin_url)
+        if once:
+            # The SDK hints retries as an int; urllib3, which gets it, also takes a Retry.
+            configuration.retries = _ONCE  # type: ignore[assignment]
+        self._client = ApiClient(configuration)
         self._identities = IdentityApi(self._client)
         self._timeout = timeout
 
@@ -31,13 +45,39 @@ class KratosAdmin:
         """Kratos's session (with identity and devices), or ``None`` if it knows none."""
         try:
             found = self._identities.get_session(
-                session_id, expand=["identity", "devices"], _request_timeout=self._timeout
+                session_id, expand=_EXPAND, _request_timeout=self._timeout
             )
         except NotFoundException:
             return None
         except (OpenApiException, HTTPError, ValueError) as error:
             raise _unavailable(error) from None
         return found.to_dict()
+
+    def vouched_session(self, session_id: str, timeout: float) -> VouchedSession | None:
+        """Kratos's session checked and reduced as a whoami answer is (``parse_session``),
+        or ``None`` if Kratos does not know it (404). ``KratosUnreachable`` when no answer
+        came within ``timeout``; ``KratosUnavailable`` for any other answer."""
+        try:
+            answer = self._identities.get_session_without_preload_content(
+                session_id, expand=_EXPAND, _request_timeout=timeout
+            )
+            try:
+                status, body = answer.status, answer.data
+            finally:
+                answer.release_conn()
+        except HTTPError as error:
+            unreachable = f"Kratos admin API unreachable ({type(error).__name__})"
+            raise KratosUnreachable(unreachable) from None
+        except (OpenApiException, ValueError) as error:
+            raise _unavailable(error) from None
+        if status == 404:
+            return None
+        if status != 200:
+            raise KratosUnavailable(f"Kratos admin API answered {status}")
+        view, expires_at_ms = parse_session(body)
+        if view["session_id"] != session_id:
+            raise KratosUnavailable("Kratos answered for another session")
+        return VouchedSession(view, expires_at_ms, ())
 
     def revoke(self, session_id: str) -> bool:
         """Revoke one session; ``False`` when Kratos knows no such session."""

@@ -1,6 +1,6 @@
 """The one conversation the bridge has with Kratos: ``GET /sessions/whoami``.
 
-Kratos's answer is reduced to one of four outcomes: a ``KratosSession``, or
+Kratos's answer is reduced to one of four outcomes: a ``VouchedSession``, or
 ``SessionInvalid`` (401), ``StepUpRequired`` (403), ``KratosRateLimited`` (429).
 Anything else, including a 200 whose body is not a session we can use, is
 ``KratosUnavailable``: the bridge never turns an answer it does not understand
@@ -52,7 +52,7 @@ reached) and the seconds it took (``bridge.observe.metrics``)."""
 
 
 @dataclass(frozen=True, slots=True)
-class KratosSession:
+class VouchedSession:
     """A session Kratos has just vouched for, reduced to the unified view, and the
     cookies Kratos re-issued (to pass on to the browser)."""
 
@@ -82,7 +82,7 @@ class KratosClient:
         self._public = HTTPClient(public_url)
         self._observe = observe
 
-    def whoami(self, credential: Credential) -> KratosSession:
+    def whoami(self, credential: Credential) -> VouchedSession:
         headers = [_ACCEPT_JSON, *credential.headers(self._cookie_name).items()]
         observe = self._observe
         started = time.perf_counter() if observe is not None else 0.0
@@ -99,7 +99,7 @@ class KratosClient:
         if answer.status == 200:
             view, expires_at_ms = parse_session(answer.body)
             cookies = tuple(c.decode("latin-1") for c in answer.header_list(b"set-cookie"))
-            return KratosSession(view, expires_at_ms, cookies)
+            return VouchedSession(view, expires_at_ms, cookies)
         if answer.status == 401:
             raise SessionInvalid("Kratos does not accept the credential")
         if answer.status == 403:

@@ -38,7 +38,7 @@ def required_aal(rule: Rule, asked: str | None) -> str | None:
     return "aal2" if rule.access is Access.AAL2 or asked == "aal2" else None
 
 
-def refusal(
+def problem(
     rule: Rule, aal: str | None, session: MirroredSession, now_ms: int
 ) -> BridgeError | None:
     """Why ``session`` may not pass ``rule``, or ``None`` when it may."""

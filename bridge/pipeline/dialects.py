@@ -96,7 +96,7 @@ class Dialect:
         return values[0] if values else None
 
 
-class NginxAuthRequest(Dialect):
+class NginxAuthRequestDialect(Dialect):
     """``/auth``: ``X-Original-URL`` and ``X-Original-Method``. Both are required when a
     rules file decides by URL; without one they only give the login's ``return_to``.
 
@@ -156,7 +156,7 @@ class NginxAuthRequest(Dialect):
         )
 
 
-class ForwardAuth(Dialect):
+class ForwardAuthDialect(Dialect):
     """``/forward-auth``: ``X-Forwarded-Method``, ``-Proto``, ``-Host`` and ``-Uri``, all four."""
 
     name = "forward-auth"
@@ -192,7 +192,7 @@ class ForwardAuth(Dialect):
 _MEMO_MAX_TARGET = 1024
 
 
-class EnvoyExtAuthz(Dialect):
+class EnvoyExtAuthzDialect(Dialect):
     """``/ext-authz/<path>``: the check request's own method, ``Host`` and the path after
     the prefix; the scheme from ``X-Forwarded-Proto`` (list it in ``allowed_headers``)."""
 
@@ -221,16 +221,18 @@ class Dialects:
     """The dialect for a path of the bridge, or ``None`` for the bridge's own routes."""
 
     def __init__(self, url_required: bool, host_required: bool = False) -> None:
-        self.nginx = NginxAuthRequest(url_required, host_required)
-        self.forward_auth = ForwardAuth()
-        self.ext_authz = EnvoyExtAuthz()
+        self.nginx = NginxAuthRequestDialect(url_required, host_required)
+        self.forward_auth = ForwardAuthDialect()
+        self.ext_authz = EnvoyExtAuthzDialect()
         self._exact = {dialect.route: dialect for dialect in (self.nginx, self.forward_auth)}
 
     def for_path(self, path: str) -> Dialect | None:
         found = self._exact.get(path)
         if found is not None:
             return found
-        if path == EnvoyExtAuthz.prefix or path.startswith(EnvoyExtAuthz.prefix + "/"):
+        if path == EnvoyExtAuthzDialect.prefix or path.startswith(
+            EnvoyExtAuthzDialect.prefix + "/"
+        ):
             return self.ext_authz
         return None
 

@@ -13,7 +13,13 @@ It runs in two steps so that the server can answer most requests without leaving
 event loop: ``begin`` does no I/O (it reads the request and this process's fresh copy
 of sessions) and either answers or hands back what it found; ``finish`` asks the store
 and Kratos, and runs on a worker thread. A slow Kratos or Redis can then hold up only
-the requests that need them.
+the requests that need them; what a request gets when ``finish`` takes too long is
+``timed_out``.
+
+Every entry point runs the same path: the ASGI front (``bridge.web.asgi``), the WSGI
+wrapper (``bridge.web.app``) and ``kratos-bridge check --url`` (``bridge.cli``) each turn
+their request into a dialect (``dialect_for`` its path), a ``HeaderView``, the method,
+the path as sent and the query, and send back the ``Reply``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from bridge.observe.decision_log import Trace
 from bridge.pipeline import decision
 from bridge.pipeline.credentials import Credential, extract
 from bridge.pipeline.devices import DeviceWatch
-from bridge.pipeline.dialects import Dialect
+from bridge.pipeline.dialects import Dialect, Dialects
 from bridge.pipeline.redirects import BrowserRedirects
 from bridge.pipeline.rules import Access, Rule, Rules
 from bridge.pipeline.upstream_headers import UpstreamHeaders
@@ -103,6 +109,7 @@ class AskAgainBudget:
 class ForwardAuth:
     def __init__(
         self,
+        dialects: Dialects,
         mirror: SessionMirror,
         cookie_name: str,
         rules: Rules,
@@ -111,6 +118,7 @@ class ForwardAuth:
         devices: DeviceWatch | None = None,
         watchers: Sequence[DecisionWatcher] = (),
     ) -> None:
+        self.dialects = dialects
         self._watchers = tuple(watchers)
         self._mirror = mirror
         self._cookie_name = cookie_name
@@ -131,6 +139,11 @@ class ForwardAuth:
     def anonymous(self) -> Reply:
         """The allow of a ``public`` route for a request without a (usable) session."""
         return self._anonymous
+
+    def dialect_for(self, raw_path: str) -> Dialect | None:
+        """The dialect of the proxy that asks on ``raw_path`` (as sent, not decoded), or
+        ``None``: the path is not the forward-auth path's."""
+        return self.dialects.for_path(raw_path)
 
     def __call__(
         self, dialect: Dialect, headers: HeaderView, method: str, path: str, query: str
@@ -155,6 +168,11 @@ class ForwardAuth:
             method = pending.original.method if pending.original is not None else "GET"
             self._tell(pending.dialect.name, method, pending.headers, reply, pending.trace)
         return reply
+
+    def timed_out(self, pending: Pending) -> Reply:
+        """What ``pending`` gets when ``finish`` takes longer than the request may wait:
+        a public route needs no session, so it goes without; any other is ``503``."""
+        return self._anonymous if pending.public else responses.timed_out()
 
     def _tell(
         self, dialect: str, method: str, headers: HeaderView, reply: Reply, trace: Trace
@@ -195,7 +213,7 @@ class ForwardAuth:
         if known is not None:
             if trace is not None:
                 trace.session, trace.tier = known.session, "process"
-            problem = decision.refusal(rule, aal, known.session, started)
+            problem = decision.problem(rule, aal, known.session, started)
             if problem is None:
                 problem = self._device_refusal(known.session, headers)
             if problem is None:
@@ -211,7 +229,7 @@ class ForwardAuth:
                 asked = resolved.session.validated_at_ms >= pending.started_ms
                 pending.trace.session = resolved.session
                 pending.trace.tier = "kratos" if asked else "redis"
-            problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
+            problem = decision.problem(pending.rule, pending.aal, resolved.session, now_ms())
             if decision.worth_asking_again(problem) and self._may_ask_again(
                 resolved.session, pending.started_ms
             ):
@@ -220,7 +238,7 @@ class ForwardAuth:
                 resolved = self._mirror.resolve(pending.credential, refresh=True)
                 if pending.trace is not None:
                     pending.trace.session, pending.trace.tier = resolved.session, "kratos"
-                problem = decision.refusal(pending.rule, pending.aal, resolved.session, now_ms())
+                problem = decision.problem(pending.rule, pending.aal, resolved.session, now_ms())
             if problem is None:
                 problem = self._device_refusal(resolved.session, pending.headers)
             if problem is not None:

@@ -35,7 +35,7 @@ from bridge.errors import BridgeError, RejectedRecently, SessionInvalid, StoreUn
 from bridge.kratos.whoami import KratosClient
 from bridge.pipeline.credentials import Credential, Fingerprints
 from bridge.sessions.refresh import REFRESH_AT, Refresher, refresh_lead_ms
-from bridge.sessions.session import MirroredSession, aal2_event, mirror
+from bridge.sessions.session import MirroredSession, aal2_event
 from bridge.store.base import Lock, MirrorStore, Rejection
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class SessionMirror:
         except BaseException:
             self._let_go(lock)
             raise
-        session = mirror(answer, asked_at)
+        session = MirroredSession.from_kratos(answer, asked_at)
         seen_at = now_ms()
         event = aal2_event(session, seen_at)
         saved = self._store.save(fingerprint, session, event, seen_at, lock)

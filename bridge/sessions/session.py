@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from bridge.clock import iso
-from bridge.kratos.whoami import KratosSession
+from bridge.kratos.whoami import VouchedSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,15 @@ class MirroredSession:
     app: dict[str, str] = field(default_factory=dict)
     # Created by the store with the mirror; a secret, so in no repr, log or encoding.
     csrf_token: str = field(default="", repr=False)
+
+    @classmethod
+    def from_kratos(cls, session: VouchedSession, validated_at_ms: int) -> MirroredSession:
+        """The mirror of what Kratos has just said of a session, validated at that time."""
+        return cls(
+            kratos=session.view,
+            validated_at_ms=validated_at_ms,
+            expires_at_ms=session.expires_at_ms,
+        )
 
     @property
     def id(self) -> str:
@@ -56,14 +65,6 @@ class MirroredSession:
 
     def encode(self) -> bytes:
         return orjson.dumps(self.kratos, option=orjson.OPT_SORT_KEYS)
-
-
-def mirror(session: KratosSession, validated_at_ms: int) -> MirroredSession:
-    return MirroredSession(
-        kratos=session.view,
-        validated_at_ms=validated_at_ms,
-        expires_at_ms=session.expires_at_ms,
-    )
 
 
 def dig(value: Any, parts: Iterable[str], missing: Any = None) -> Any:

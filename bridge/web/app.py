@@ -1,49 +1,35 @@
-"""The bridge's parts wired together, and the Flask app that serves apps and health.
+"""The Flask app that serves apps and health: ``/whoami``, Kratos's web hooks,
+``/health/*``, the JWKS and the OpenAPI document.
 
 ``/auth`` is not a Flask route: it is ``bridge.pipeline.forward_auth``, served straight by the
 ASGI front (``bridge.web.asgi``) and, for WSGI callers such as Flask's test client, by
-the small WSGI wrapper below. Flask serves ``/whoami`` and ``/health/*``.
+the small WSGI wrapper below. The parts it serves with are built by ``bridge.wiring``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from bridge.clock import now_ms
 from bridge.config import Settings
 from bridge.errors import BridgeError
-from bridge.kratos.whoami import KratosClient
 from bridge.logs import log_unexpected
-from bridge.observe import decision_log
 from bridge.pipeline.credentials import extract
-from bridge.pipeline.devices import DeviceChange, DeviceWatch
-from bridge.pipeline.dialects import Dialects
-from bridge.pipeline.forward_auth import DecisionWatcher, ForwardAuth
-from bridge.pipeline.redirects import BrowserRedirects, Origin, host_origin
-from bridge.pipeline.rules import Rules
-from bridge.pipeline.upstream_headers import UpstreamHeaders
+from bridge.pipeline.forward_auth import ForwardAuth
 from bridge.sessions import app_data
-from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror
-from bridge.store import Keys, SessionStore
+from bridge.store import SessionStore
 from bridge.web import health, openapi, responses
 from bridge.web.app_token import APP_TOKEN_HEADER, require_app_token
-from bridge.web.hooks import FLOWS, HOOK_KEY_HEADER, KratosHooks
+from bridge.web.hooks import FLOWS, HOOK_KEY_HEADER
 from bridge.web.request import HeaderView
 from bridge.web.responses import Reply
-
-if TYPE_CHECKING:
-    from bridge.observe.analytics import Recorder
-    from bridge.observe.metrics import Metrics
-    from bridge.pipeline.tokens import KeyRing
+from bridge.wiring import Bridge, build_bridge, kratos_hooks
 
 log = logging.getLogger(__name__)
 
@@ -55,178 +41,11 @@ _JWKS_TYPE = ("Content-Type", "application/jwk-set+json")
 _JWKS_CACHE = ("Cache-Control", "public, max-age=60")
 
 
-@dataclass(frozen=True)
-class Bridge:
-    """One process's parts: each outlives requests, none holds a request's state
-    (see README, "What a process shares between requests")."""
-
-    settings: Settings
-    store: SessionStore
-    kratos: KratosClient
-    mirror: SessionMirror
-    forward_auth: ForwardAuth
-    dialects: Dialects
-    redirects: BrowserRedirects
-    keyring: KeyRing | None  # when JWTs are on: the keys behind /.well-known/jwks.json
-    recorder: Recorder | None = None  # when analytics are on
-    metrics: Metrics | None = None  # when metrics are on
-    events: SessionEvents = field(default_factory=SessionEvents)  # what watches sessions
-
-    def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        self.mirror.close()
-        self.kratos.close()
-        self.store.close()
-
-
-def build_store(settings: Settings) -> SessionStore:
-    keys = Keys(settings.key_prefix, settings.aal2_stream, settings.device_stream)
-    if settings.redis_url is None:
-        from bridge.store.memory.store import MemoryStore
-
-        return MemoryStore(
-            keys,
-            settings.aal2_stream_maxlen,
-            settings.device_stream_maxlen,
-            settings.analytics_retention_days,
-        )
-    from bridge.store.redis.connection import RedisTarget, redis_target
-    from bridge.store.redis.store import RedisStore
-
-    redis_url = settings.redis_url
-
-    def connect() -> RedisTarget:
-        return redis_target(redis_url, settings.redis_timeout, settings.redis_sentinel_password)
-
-    return RedisStore(
-        connect,
-        keys,
-        settings.redis_timeout,
-        settings.aal2_stream_maxlen,
-        settings.device_stream_maxlen,
-        settings.analytics_retention_days,
-    )
-
-
-def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridge:
-    store = store if store is not None else build_store(settings)
-    metrics = None
-    if settings.metrics:
-        from bridge.observe.metrics import Metrics
-
-        metrics = Metrics()
-        store.error_observer = metrics.redis_error
-    kratos = KratosClient(
-        settings.kratos_public_url,
-        settings.kratos_admin_url,
-        settings.session_cookie,
-        settings.kratos_timeout,
-        observe=metrics.kratos_call if metrics is not None else None,
-    )
-    recorder = None
-    if settings.analytics:
-        from bridge.observe.analytics import Recorder
-
-        recorder = Recorder(store.registry)
-    session_events = metrics.session_events() if metrics is not None else None
-    events = AllOf([w for w in (recorder, session_events) if w is not None])
-    mirror = SessionMirror(
-        store,
-        kratos,
-        settings.secret,
-        settings.revalidate_after,
-        settings.negative_cache_ttl,
-        settings.request_budget,
-        events=events,
-    )
-    rules = load_rules(settings)
-    redirects = BrowserRedirects(settings.login_url, return_to_origins(settings, rules))
-    keyring = minter = None
-    if settings.jwt_header is not None and settings.jwt_keys_dir is not None:
-        from bridge.pipeline.tokens import (  # cryptography, only when JWTs are on
-            KeyRing,
-            TokenMinter,
-        )
-
-        keyring = KeyRing(Path(settings.jwt_keys_dir))
-        minter = TokenMinter(
-            keyring,
-            settings.jwt_issuer,
-            settings.jwt_ttl,
-            settings.jwt_audience,
-            settings.jwt_traits,
-        )
-    upstream = UpstreamHeaders(settings.identity_headers, minter, settings.jwt_header)
-    devices = DeviceWatch(
-        settings.on_device_change, settings.trusted_proxies, device_recorder(store)
-    )
-    forward_auth = ForwardAuth(
-        mirror,
-        settings.session_cookie,
-        rules,
-        redirects,
-        upstream,
-        devices,
-        watchers=decision_watchers(settings, recorder, metrics),
-    )
-    dialects = Dialects(url_required=rules.configured, host_required=bool(rules.hosts))
-    return Bridge(
-        settings,
-        store,
-        kratos,
-        mirror,
-        forward_auth,
-        dialects,
-        redirects,
-        keyring,
-        recorder,
-        metrics,
-        events,
-    )
-
-
-def decision_watchers(
-    settings: Settings, recorder: Recorder | None, metrics: Metrics | None
-) -> list[DecisionWatcher]:
-    watchers: list[DecisionWatcher] = []
-    if settings.log_decisions:
-        watchers.append(decision_log.record)
-    if recorder is not None:
-        watchers.append(recorder.watch)
-    if metrics is not None:
-        watchers.append(metrics.decision_watcher())
-    return watchers
-
-
-def device_recorder(store: SessionStore) -> Callable[[DeviceChange], None]:
-    def record(change: DeviceChange) -> None:
-        store.record_device_change(
-            change.change_id, change.fields(now_ms()), max(change.expires_at_ms, now_ms())
-        )
-
-    return record
-
-
-def load_rules(settings: Settings) -> Rules:
-    if settings.rules_file is None:
-        return Rules.everything_authenticated()
-    return Rules.load(settings.rules_file)
-
-
-def return_to_origins(settings: Settings, rules: Rules) -> tuple[Origin, ...]:
-    """``BRIDGE_RETURN_TO_ORIGINS``, else every host the rules file names."""
-    if settings.return_to_origins is not None:
-        return settings.return_to_origins
-    return tuple(host_origin(host) for host in rules.hosts)
-
-
 def create_app(settings: Settings, store: SessionStore | None = None) -> Flask:
     """The Flask app with ``/auth`` in front of it, for WSGI callers."""
-    app = create_flask_app(build_bridge(settings, store))
-    app.wsgi_app = auth_in_front(app.extensions["bridge"], app.wsgi_app)  # type: ignore[method-assign]
+    bridge = build_bridge(settings, store)
+    app = create_flask_app(bridge)
+    app.wsgi_app = auth_in_front(bridge.forward_auth, app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 
@@ -312,20 +131,6 @@ def create_flask_app(bridge: Bridge) -> Flask:
     return app
 
 
-def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
-    """The web hook endpoint's handler, when ``BRIDGE_HOOK_SECRET`` turns it on."""
-    settings = bridge.settings
-    if settings.hook_secret is None:
-        return None
-    return KratosHooks(
-        settings.hook_secret,
-        bridge.store,
-        settings.kratos_admin_url,
-        settings.kratos_timeout,
-        events=bridge.events,
-    )
-
-
 def takes_body(app: Flask, method: str, path: str) -> bool:
     """Whether the route ``method path`` leads to reads a request body. A path no route
     matches, or a method the route does not answer, takes none: it gets 404 or 405."""
@@ -352,16 +157,16 @@ def raw_path(environ: dict[str, Any]) -> str:
     return quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/;=,:@!$&'()*+")
 
 
-def auth_in_front(bridge: Bridge, wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+def auth_in_front(forward_auth: ForwardAuth, wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
     """WSGI: the dialect paths (``/auth``, ``/forward-auth``, ``/ext-authz/...``) go to the
     forward-auth path; the rest to Flask."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = raw_path(environ)
-        dialect = bridge.dialects.for_path(path)
+        dialect = forward_auth.dialect_for(path)
         if dialect is None:
             return wsgi_app(environ, start_response)
-        reply = bridge.forward_auth(
+        reply = forward_auth(
             dialect,
             HeaderView.from_environ(environ),
             environ.get("REQUEST_METHOD", "GET"),

@@ -26,14 +26,17 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 from flask import Flask
 
+from bridge.config import Settings
 from bridge.logs import Throttled, log_unexpected
 from bridge.pipeline.dialects import Dialect
+from bridge.pipeline.forward_auth import ForwardAuth
 from bridge.web import responses
-from bridge.web.app import HEADER_VIEW_KEY, Bridge, takes_body
+from bridge.web.app import HEADER_VIEW_KEY, takes_body
 from bridge.web.request import HeaderView
 from bridge.web.responses import Reply
 
@@ -48,12 +51,23 @@ _ALIVE = responses.json_reply(200, {"status": "ok"})
 _READ_ONLY = ("GET", "HEAD")
 
 
+class Served(Protocol):
+    """What the front uses of the process's parts (``bridge.wiring.Bridge``)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def forward_auth(self) -> ForwardAuth: ...
+
+    def close(self) -> None: ...
+
+
 class Front:
-    def __init__(self, bridge: Bridge, flask_app: Flask) -> None:
+    def __init__(self, bridge: Served, flask_app: Flask) -> None:
         settings = bridge.settings
         self._bridge = bridge
         self._forward_auth = bridge.forward_auth
-        self._dialects = bridge.dialects
         self._flask = flask_app
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="bridge")
         self._budget = settings.request_budget
@@ -71,7 +85,7 @@ class Front:
         raw_path = raw.decode("latin-1") if raw else path
         dialect = None
         try:
-            dialect = self._dialects.for_path(raw_path)
+            dialect = self._forward_auth.dialect_for(raw_path)
             if dialect is not None:
                 reply = await self._auth(scope, dialect, raw_path)
             elif path == "/health/alive":
@@ -94,9 +108,8 @@ class Front:
         )
         if isinstance(step, Reply):
             return step
-        # A public route needs no session: if finding one takes too long, it goes without.
-        fallback = self._forward_auth.anonymous if step.public else None
-        return await self._off_loop(self._forward_auth.finish, step, on_timeout=fallback)
+        timed_out = partial(self._forward_auth.timed_out, step)
+        return await self._off_loop(self._forward_auth.finish, step, on_timeout=timed_out)
 
     async def _flask_route(self, scope: dict[str, Any], receive: Receive) -> Reply:
         """Routed first: only a route that takes a body waits for one, and for at most
@@ -114,14 +127,17 @@ class Front:
         return await self._off_loop(self._call_flask, scope, body)
 
     async def _off_loop(
-        self, function: Callable[..., Reply], *args: Any, on_timeout: Reply | None = None
+        self,
+        function: Callable[..., Reply],
+        *args: Any,
+        on_timeout: Callable[[], Reply] = responses.timed_out,
     ) -> Reply:
         future = asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         try:
             return await asyncio.wait_for(future, self._budget)
         except TimeoutError:
             _late.warning("a request waited %.2fs for Kratos or Redis", self._budget)
-            return on_timeout if on_timeout is not None else responses.timed_out()
+            return on_timeout()
 
     def _call_flask(self, scope: dict[str, Any], body: bytes) -> Reply:
         started: list[Any] = []

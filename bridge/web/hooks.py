@@ -28,19 +28,20 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from bridge.clock import now_ms
-from bridge.errors import KratosUnavailable
-from bridge.kratos.http_client import HTTPClient, RequestFailed
-from bridge.kratos.whoami import KratosSession, parse_session
+from bridge.errors import KratosUnreachable
 from bridge.sessions.mirror import SessionEvents
-from bridge.sessions.session import MirroredSession, aal2_event, mirror
+from bridge.sessions.session import MirroredSession, aal2_event
 from bridge.store.base import SessionSaver
 from bridge.web import responses
 from bridge.web.responses import Reply
+
+if TYPE_CHECKING:
+    from bridge.kratos.admin import KratosAdmin  # the Ory SDK: loaded only with hooks on
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ FLOWS = ("login", "registration", "settings")
 NIL_ID = "00000000-0000-0000-0000-000000000000"
 # "." is not in base64url: no credential's fingerprint starts like this.
 _HOOK_POINTER = "hook."
-_ACCEPT_JSON = ("Accept", "application/json")
 _POLL_SECONDS = 0.025
 
 
@@ -73,14 +73,16 @@ class KratosHooks:
         self,
         secret: str,
         store: SessionSaver,
-        kratos_admin_url: str,
+        kratos_admin: KratosAdmin,
         kratos_timeout: float,
         events: SessionEvents | None = None,
     ) -> None:
+        """``kratos_admin`` should send each request once (``once=True``): the hook asks
+        within one ``kratos_timeout`` in all."""
         self._secret = secret.encode()
         self._store = store
         self._events = events if events is not None else SessionEvents()
-        self._admin = HTTPClient(kratos_admin_url)
+        self._admin = kratos_admin
         self._timeout = kratos_timeout
 
     def authentic(self, presented: str | None) -> bool:
@@ -124,27 +126,20 @@ class KratosHooks:
         """The mirrored session from Kratos's admin API once it shows at least what the
         hook saw; ``None`` if Kratos does not know it (in time)."""
         deadline = time.monotonic() + self._timeout
-        path = f"/admin/sessions/{announced.session_id}?expand=identity&expand=devices"
         answered = False
         while True:
             asked_at = now_ms()
             try:
-                answer = self._admin.get(path, [_ACCEPT_JSON], _left(deadline))
-            except RequestFailed as error:
+                found = self._admin.vouched_session(announced.session_id, _left(deadline))
+            except KratosUnreachable:
                 if answered and time.monotonic() >= deadline:
                     # The last ask ran out of the hook's time: Kratos is there (it has
                     # answered), it just has not shown the session in time.
                     return None
-                raise KratosUnavailable(f"Kratos admin API unreachable ({error})") from None
+                raise
             answered = True
-            if answer.status == 200:
-                view, expires_at_ms = parse_session(answer.body)
-                if view["session_id"] != announced.session_id:
-                    raise KratosUnavailable("Kratos answered for another session")
-                if _caught_up(view, announced):
-                    return mirror(KratosSession(view, expires_at_ms, ()), asked_at)
-            elif answer.status != 404:
-                raise KratosUnavailable(f"Kratos admin API answered {answer.status}")
+            if found is not None and _caught_up(found.view, announced):
+                return MirroredSession.from_kratos(found, asked_at)
             if time.monotonic() + _POLL_SECONDS >= deadline:
                 return None
             time.sleep(_POLL_SECONDS)

@@ -59,8 +59,9 @@ def _die_with_parent() -> None:
 
 
 def _load_app(settings: Settings, workers: WorkerCount, *_: Any) -> Any:
-    from bridge.web.app import build_bridge, create_flask_app
+    from bridge.web.app import create_flask_app
     from bridge.web.asgi import Front
+    from bridge.wiring import build_bridge
 
     _die_with_parent()
     configure_logging(settings.log_level, settings.log_format)

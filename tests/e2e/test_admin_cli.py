@@ -513,7 +513,8 @@ def test_the_openapi_document_is_package_data():
 def flask_apps():
     """The public listener's Flask app and the admin app, as the server builds them."""
     from bridge.admin.api import create_admin_app
-    from bridge.web.app import build_bridge, create_flask_app
+    from bridge.web.app import create_flask_app
+    from bridge.wiring import build_bridge
 
     settings = load_settings(
         {

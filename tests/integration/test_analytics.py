@@ -28,7 +28,7 @@ def registry(request: pytest.FixtureRequest, kratos: Kratos, redis_server: Redis
     if request.param == "memory":
         yield MemoryRegistry(retention_days=30)
         return
-    from bridge.web.app import build_store
+    from bridge.wiring import build_store
 
     settings = bridge_settings(kratos, redis_server.url, f"reg{uuid.uuid4().hex[:8]}:")
     store = build_store(settings)

@@ -20,7 +20,7 @@ from bridge.kratos.whoami import parse_session
 from bridge.sessions.session import MirroredSession
 from bridge.store import Keys
 from bridge.store.memory.store import MemoryStore
-from bridge.web.app import build_store
+from bridge.wiring import build_store
 from tests.conftest import bridge_settings, topology_url
 from tests.support import kratos_flows as flows
 from tests.support.harness import free_port

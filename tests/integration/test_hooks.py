@@ -19,8 +19,9 @@ import yaml
 
 from bridge.sessions.session import upgrade_id
 from bridge.store import SessionStore
-from bridge.web.app import build_store, create_app
+from bridge.web.app import create_app
 from bridge.web.hooks import BadHookBody, read_body
+from bridge.wiring import build_store
 from tests.conftest import SECRET, bridge_settings
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, Kratos, RedisServer, SlowLink, shut_down, wait_until

@@ -20,10 +20,10 @@ from bridge.observe.decision_log import Trace
 from bridge.observe.metrics import MULTIPROC_DIR_ENV, Metrics, prepare_multiprocess_dir
 from bridge.pipeline.credentials import extract
 from bridge.pipeline.redirects import BrowserRedirects
-from bridge.sessions.session import aal2_event, mirror
-from bridge.web.app import build_bridge, build_store
+from bridge.sessions.session import MirroredSession, aal2_event
 from bridge.web.request import HeaderView
 from bridge.web.responses import Refusal, Reply, allow, refusal
+from bridge.wiring import build_bridge, build_store
 from tests.conftest import SECRET, bridge_settings
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, free_port, wait_until
@@ -226,7 +226,7 @@ def test_aal2_events_by_method(kratos, metrics):
         answer = client.whoami(extract(HeaderView([("x-session-token", token)]), "c"))
     finally:
         client.close()
-    session = mirror(answer, now_ms())
+    session = MirroredSession.from_kratos(answer, now_ms())
     metrics.session_events().aal2_recorded(session, aal2_event(session, now_ms()))
     metrics.aal2_event("webauthn")
 

@@ -29,7 +29,7 @@ from bridge.store.base import (
     Lookup,
     Rejection,
 )
-from bridge.web.app import build_store
+from bridge.wiring import build_store
 from tests.conftest import bridge_settings, topology_url
 from tests.support.harness import free_port, stop_process, wait_until
 

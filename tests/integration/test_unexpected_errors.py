@@ -17,9 +17,10 @@ import pytest
 from bridge.admin.api import create_admin_app
 from bridge.admin.sessions import SessionAdmin
 from bridge.logs import JsonFormatter
-from bridge.web.app import build_bridge, create_flask_app
+from bridge.web.app import create_flask_app
 from bridge.web.asgi import Front
 from bridge.web.hooks import HOOK_KEY_HEADER, KratosHooks
+from bridge.wiring import build_bridge
 from tests.conftest import bridge_settings
 
 HOOK_SECRET = "hook-secret-for-tests-" + "h" * 20

@@ -32,17 +32,17 @@ from hypothesis import strategies as st
 from bridge.config import load_settings
 from bridge.errors import BadRequest, CredentialMissing, KratosUnavailable, SessionInvalid
 from bridge.kratos.http_client import Answer
-from bridge.kratos.whoami import KratosSession, _redirect_browser_to, parse_session
+from bridge.kratos.whoami import VouchedSession, _redirect_browser_to, parse_session
 from bridge.pipeline.credentials import Kind, extract
 from bridge.pipeline.dialects import Dialect
 from bridge.pipeline.forward_auth import Pending
 from bridge.pipeline.redirects import MAX_REDIRECT
 from bridge.pipeline.rules import Access, Rules
 from bridge.pipeline.upstream_headers import MAX_VALUE, UpstreamHeaders, header_value, parse_mapping
-from bridge.sessions.session import mirror
-from bridge.web.app import Bridge, build_bridge
+from bridge.sessions.session import MirroredSession
 from bridge.web.request import HeaderView, OriginalRequest
 from bridge.web.responses import Refusal, Reply
+from bridge.wiring import Bridge, build_bridge
 
 COOKIE_NAME = "ory_kratos_session"
 LOGIN_URL = "https://login.example.test/self-service/login/browser"
@@ -319,18 +319,19 @@ def _bridge() -> tuple[Bridge, Rules]:
 _BRIDGE, _RULES = _bridge()
 _RULES_OF_THE_FILE = (*(rule for _, rule in _RULES._rules), _RULES.default)
 _UPSTREAM = UpstreamHeaders(parse_mapping(MAPPING))
+_DIALECTS = _BRIDGE.forward_auth.dialects
 _ALL_DIALECTS: tuple[Dialect, ...] = (
-    _BRIDGE.dialects.nginx,
-    _BRIDGE.dialects.forward_auth,
-    _BRIDGE.dialects.ext_authz,
+    _DIALECTS.nginx,
+    _DIALECTS.forward_auth,
+    _DIALECTS.ext_authz,
 )
 _DIALECT = st.sampled_from(_ALL_DIALECTS)
 
 
 def _bridge_path(dialect: Dialect) -> st.SearchStrategy[str]:
-    if dialect is _BRIDGE.dialects.ext_authz:
+    if dialect is _DIALECTS.ext_authz:
         return path().map(lambda p: "/ext-authz" + p.partition("?")[0])
-    return st.just("/forward-auth" if dialect is _BRIDGE.dialects.forward_auth else "/auth")
+    return st.just("/forward-auth" if dialect is _DIALECTS.forward_auth else "/auth")
 
 
 # Targets
@@ -473,7 +474,7 @@ def check_header_mapping(kratos_body: bytes) -> None:
         view, expires_at_ms = parse_session(kratos_body)
     except KratosUnavailable:
         return
-    session = mirror(KratosSession(view, expires_at_ms, ()), 0)
+    session = MirroredSession.from_kratos(VouchedSession(view, expires_at_ms, ()), 0)
     headers, _ = _UPSTREAM.for_session(session)
     for name, value in headers:
         _holds(value.isascii() and (value == "" or value.isprintable()), f"{name}: {value!r}")

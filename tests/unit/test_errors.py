@@ -37,6 +37,7 @@ MAIN = {
     errors.TooManyAppFields: (413, "app_data_too_large"),
     errors.KratosUnavailable: (503, "kratos_unavailable"),
     errors.KratosRateLimited: (429, "kratos_rate_limited"),
+    errors.KratosUnreachable: (503, "kratos_unavailable"),
     errors.StoreUnavailable: (503, "store_unavailable"),
 }
 # The admin listener: Kratos out of reach is a bad gateway there, and a rate-limited Kratos
@@ -46,6 +47,7 @@ ADMIN = {
     errors.NotFound: (404, "not_found"),
     errors.KratosUnavailable: (502, "kratos_unavailable"),
     errors.KratosRateLimited: (502, "kratos_unavailable"),
+    errors.KratosUnreachable: (502, "kratos_unavailable"),
     errors.StoreUnavailable: (503, "store_unavailable"),
 }
 ADMIN_INTERNAL = (500, "internal_error")
@@ -95,7 +97,7 @@ def test_the_admin_listener_has_one_table(kind: type[BridgeError]) -> None:
 def admin_app():
     """The admin listener's app, as the server builds it, with Kratos out of reach."""
     from bridge.admin.api import create_admin_app
-    from bridge.web.app import build_bridge
+    from bridge.wiring import build_bridge
 
     closed = "http://127.0.0.1:9"
     settings = load_settings(
