@@ -208,7 +208,7 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
     return KratosHooks(
         settings.hook_secret,
         bridge.store,
-        KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout, once=True),
+        KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout),
         settings.kratos_timeout,
         events=bridge.events,
     )

@@ -1,5 +1,6 @@
-"""Kratos's admin API, through the Ory SDK (``ory-kratos-client``): the session admin's
-reads and revocations, and the web hooks' read of the session they name.
+"""Kratos's admin API: the session admin's reads and revocations through the Ory SDK
+(``ory-kratos-client``), and the web hooks' read of the session they name through the
+whoami client's transport (``bridge.kratos.http_client``: one deadline, no retries).
 
 One SDK client per user of it, shared by its requests: it holds a connection pool and
 the admin URL, and nothing that belongs to a request (no default header is ever set).
@@ -11,34 +12,30 @@ body nor the SDK's exception (which quotes it) is ever logged or passed on.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from ory_kratos_client import ApiClient, Configuration, IdentityApi
 from ory_kratos_client.exceptions import NotFoundException, OpenApiException
-from urllib3 import Retry
 from urllib3.exceptions import HTTPError
 
 from bridge.errors import KratosUnavailable, KratosUnreachable
+from bridge.kratos.http_client import HTTPClient, RequestFailed
 from bridge.kratos.whoami import VouchedSession, parse_session
 
 _PAGE_SIZE = 500
 _MAX_PAGES = 20
 _EXPAND = ["identity", "devices"]
-# One request, one try: no retry after a failure or a timeout, and a redirect is an answer.
-_ONCE = Retry(total=0, redirect=False)
 
 
 class KratosAdmin:
-    def __init__(self, admin_url: str, timeout: float, *, once: bool = False) -> None:
-        """``once``: each request is sent once (urllib3 retries it otherwise), so a
-        caller's timeout bounds it; the web hooks, whose one ``kratos_timeout`` bounds all
-        their asks, need that."""
-        configuration = Configuration(host=admin_url)
-        if once:
-            # The SDK hints retries as an int; urllib3, which gets it, also takes a Retry.
-            configuration.retries = _ONCE  # type: ignore[assignment]
-        self._client = ApiClient(configuration)
+    def __init__(self, admin_url: str, timeout: float) -> None:
+        self._client = ApiClient(Configuration(host=admin_url))
         self._identities = IdentityApi(self._client)
+        # The web hooks' read goes through the whoami client's transport, not the SDK's:
+        # one deadline for the whole exchange (urllib3's timeout is per socket read, so a
+        # Kratos that trickles its answer could hold a hook far longer), no retries, no
+        # redirects followed, and an answer capped at 1 MiB.
+        self._http = HTTPClient(admin_url)
         self._timeout = timeout
 
     def session(self, session_id: str) -> dict[str, Any] | None:
@@ -56,25 +53,18 @@ class KratosAdmin:
     def vouched_session(self, session_id: str, timeout: float) -> VouchedSession | None:
         """Kratos's session checked and reduced as a whoami answer is (``parse_session``),
         or ``None`` if Kratos does not know it (404). ``KratosUnreachable`` when no answer
-        came within ``timeout``; ``KratosUnavailable`` for any other answer."""
+        came within ``timeout`` (all of it: connect, send and read); ``KratosUnavailable``
+        for any other answer."""
+        path = f"/admin/sessions/{quote(session_id, safe='')}?expand=identity&expand=devices"
         try:
-            answer = self._identities.get_session_without_preload_content(
-                session_id, expand=_EXPAND, _request_timeout=timeout
-            )
-            try:
-                status, body = answer.status, answer.data
-            finally:
-                answer.release_conn()
-        except HTTPError as error:
-            unreachable = f"Kratos admin API unreachable ({type(error).__name__})"
-            raise KratosUnreachable(unreachable) from None
-        except (OpenApiException, ValueError) as error:
-            raise _unavailable(error) from None
-        if status == 404:
+            answer = self._http.get(path, [("Accept", "application/json")], timeout)
+        except RequestFailed as error:
+            raise KratosUnreachable(f"Kratos admin API unreachable ({error})") from None
+        if answer.status == 404:
             return None
-        if status != 200:
-            raise KratosUnavailable(f"Kratos admin API answered {status}")
-        view, expires_at_ms = parse_session(body)
+        if answer.status != 200:
+            raise KratosUnavailable(f"Kratos admin API answered {answer.status}")
+        view, expires_at_ms = parse_session(answer.body)
         if view["session_id"] != session_id:
             raise KratosUnavailable("Kratos answered for another session")
         return VouchedSession(view, expires_at_ms, ())
@@ -126,6 +116,7 @@ class KratosAdmin:
     def close(self) -> None:
         # The SDK's ApiClient (v25) has no close(): its connections are urllib3's.
         self._client.rest_client.pool_manager.clear()
+        self._http.close()
 
 
 def _next_page_token(headers: Any) -> str | None:

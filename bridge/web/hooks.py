@@ -77,8 +77,6 @@ class KratosHooks:
         kratos_timeout: float,
         events: SessionEvents | None = None,
     ) -> None:
-        """``kratos_admin`` should send each request once (``once=True``): the hook asks
-        within one ``kratos_timeout`` in all."""
         self._secret = secret.encode()
         self._store = store
         self._events = events if events is not None else SessionEvents()
