@@ -7,7 +7,11 @@ Not a test: it prints figures and writes them to JSON and a PNG chart.
         [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
         [--systems bridge,bridge-1worker,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
                    [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare,bridge-analytics]]
-        [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
+        [--base-tree CHECKOUT] [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
+
+With --base-tree, `bridge-base` (the bridge run from that other checkout, e.g. a
+`git worktree` of the commit before a change) is driven right after `bridge` in every
+scenario: what a change costs, both trees under the same load in the same run.
 
 What runs: redis-server, Kratos v1.3.1 on a SQLite file (the test suite's build and config,
 sessions valid for 720h), the bridge started as a user starts it (`python -m bridge serve`,
@@ -174,7 +178,10 @@ BRIDGE_FEATURES = {
     "bridge-bare": {"bare": True},  # analytics and metrics off: what they cost
     "bridge-analytics": {"analytics_only": True},  # metrics off, analytics on
 }
-ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_WORKERS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES)
+# The bridge from another checkout (--base-tree), beside this one: a change's cost, with
+# both trees driven in turn by the same load in the same run.
+BASE = "bridge-base"
+ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_WORKERS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES, BASE)
 SESSION_LIFESPAN = "720h"
 WARMUP_SECONDS = 2
 SETTLE_SECONDS = 0.5  # after wrk stops, for the requests it left in flight to finish
@@ -423,6 +430,7 @@ class Stack:
     names: list[str]
     round: str  # a key of ROUNDS
     quota: CpuQuota | None = None  # cpu-limit: where the 1-CPU cgroups are made
+    base_tree: Path | None = None  # bridge-base: the checkout it runs from
     kratos: Kratos | None = None
     redis: RedisServer | None = None
     topologies: list[SentinelSet | ClusterSet] = field(default_factory=list)
@@ -455,6 +463,7 @@ class Stack:
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_WORKERS},
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_TOPOLOGIES},
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_FEATURES},
+            BASE: functools.partial(self._bridge, BASE),
         }
         with self._placed("kratos"):
             self.kratos = FileKratos(self.work, db)
@@ -579,6 +588,9 @@ class Stack:
             BRIDGE_LOG_LEVEL="warning",
             BRIDGE_ADMIN_PORT=str(free_port()),
         )
+        if name == BASE:
+            env["BRIDGE_KEY_PREFIX"] = f"bench-{name}:"
+            env["PYTHONPATH"] = str(self.base_tree)  # its `bridge` package before this one
         if name in BRIDGE_WORKERS:
             env["BRIDGE_KEY_PREFIX"] = f"bench-{name}:"
             env["BRIDGE_WORKERS"] = str(BRIDGE_WORKERS[name])
@@ -1026,6 +1038,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--systems", help=f"default: {', '.join(DEFAULT_SYSTEMS)} (bridge-1worker in warm-1000)"
     )
+    parser.add_argument(
+        "--base-tree",
+        type=Path,
+        help=f"another checkout of this repository: adds {BASE}, the bridge run from it",
+    )
     parser.add_argument("--sessions-cache", type=Path, default=CACHE / "bench")
     parser.add_argument("--out", type=Path, help="JSON results (default: in the cache)")
     parser.add_argument("--chart", type=Path, help="PNG chart (default: beside the JSON)")
@@ -1049,6 +1066,16 @@ def parse_args() -> argparse.Namespace:
     else:
         args.systems = [s for s in args.systems.split(",") if s]
         args.scenarios_of = {}
+    if args.base_tree is not None:
+        if not (args.base_tree / "bridge" / "__main__.py").is_file():
+            parser.error(f"--base-tree {args.base_tree}: no bridge/__main__.py there")
+        args.base_tree = args.base_tree.resolve()
+        if BASE not in args.systems:
+            args.systems.insert(
+                args.systems.index("bridge") + 1 if "bridge" in args.systems else 0, BASE
+            )
+    elif BASE in args.systems:
+        parser.error(f"{BASE} needs --base-tree")
     for name in args.systems:
         if name not in ALL_SYSTEMS:
             parser.error(f"unknown system {name!r}: choose from {', '.join(ALL_SYSTEMS)}")
@@ -1090,7 +1117,7 @@ def main() -> None:
     try:
         db, tokens = prepare_sessions(args.sessions_cache, needed, work)
         for round_ in args.rounds:
-            stack = Stack(work, db, args.systems, round_, quota=quota)
+            stack = Stack(work, db, args.systems, round_, quota=quota, base_tree=args.base_tree)
             results += run_stack(stack, scenarios, args, tokens)
             rounds[round_] = {"placement": stack.describe(), "servers": stack.servers}
     finally:
