@@ -136,9 +136,11 @@ def flow_page(kind: str) -> Any:
     if answer.status_code != 200:
         return _restart(kind, answer)
     flow = answer.json()
+    # Switching between logging in and signing up keeps where the browser goes after.
+    back = f"?{httpx.QueryParams(return_to=flow['return_to'])}" if flow.get("return_to") else ""
     links = {
-        "login": [("/account/registration", "No account yet? Sign up")],
-        "registration": [("/account/login", "Have an account? Log in")],
+        "login": [("/account/registration" + back, "No account yet? Sign up")],
+        "registration": [("/account/login" + back, "Have an account? Log in")],
         "settings": [("/", "Back to the demo")],
     }[kind]
     if kind == "login" and flow.get("requested_aal") == "aal2":
