@@ -5,7 +5,8 @@
 #   - Python deps: a virtualenv in .venv with the package and its test extras
 #   - Kratos, Caddy and Traefik: built once per machine from their Go modules into
 #     ~/.cache/kratos-session-bridge (see tests/tools; $KRATOS_BIN, $CADDY_BIN, $TRAEFIK_BIN
-#     name other paths). With empty caches the builds take minutes (Traefik about 5.5 on
+#     name other paths); so is compose-config, Compose's own loader (compose-go) for the
+#     compose rehearsal ($COMPOSE_CONFIG_BIN). With empty caches the builds take minutes (Traefik about 5.5 on
 #     2 cores), so the missing ones run at the same time, in the background, while the
 #     virtualenv is set up.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`. After pytest, a 60 s fuzz
@@ -37,6 +38,7 @@ cache=$HOME/.cache/kratos-session-bridge
 export KRATOS_BIN="${KRATOS_BIN:-$cache/kratos-v1.3.1/kratos}"
 export CADDY_BIN="${CADDY_BIN:-$cache/caddy-v2.11.9/caddy}"
 export TRAEFIK_BIN="${TRAEFIK_BIN:-$cache/traefik-v3.6.12/traefik}"
+export COMPOSE_CONFIG_BIN="${COMPOSE_CONFIG_BIN:-$cache/compose-go-v2.16.2/compose-config}"
 build_logs=$(mktemp -d)
 declare -A build_pids=()
 stop_builds() {  # on an early exit: end the builds still running (each is its own group)
@@ -58,6 +60,7 @@ start_build() {  # NAME BINARY VERSION: tests/tools/build-NAME.sh, unless BINARY
 start_build kratos "$KRATOS_BIN" v1.3.1
 start_build caddy "$CADDY_BIN" v2.11.9
 start_build traefik "$TRAEFIK_BIN" v3.6.12
+start_build compose-config "$COMPOSE_CONFIG_BIN" v2.16.2
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -2,7 +2,8 @@
 
 ``flask.session`` here is the app's part of the user's Kratos session, in the bridge's
 Redis; who the user is comes from the bridge's signed JWT, checked against its JWKS.
-Pages: ``/`` (who am I, the identity headers the proxy set, a counter kept in the session
+Pages: ``/account/...`` (sign up, log in, settings, log out: ``selfservice.py``),
+``/`` (who am I, the identity headers the proxy set, a counter kept in the session
 with a CSRF-protected form), ``/aal2`` (``require_aal2``), ``/recent``
 (``require_recent_login``, 5 minutes), ``/public/`` (no session needed) and ``/internal``
 (shown only if the proxy lets it through: the rules file denies it). The rules file
@@ -17,6 +18,8 @@ import os
 from datetime import timedelta
 
 from flask import Flask, redirect, render_template_string, request, session
+from selfservice import ACCOUNT_LINKS
+from selfservice import blueprint as selfservice_pages
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bridge.flask import (
@@ -36,6 +39,7 @@ LINKS = (
     ("/public/", "a public page (rule: public)"),
     ("/internal", "a closed page (rule: deny)"),
 )
+ACCOUNT = (("/account/registration", "sign up"), ("/account/login", "log in"))
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -47,6 +51,8 @@ form{display:inline}</style>
 <body>
 <h1>kratos-session-bridge demo: {{ request.path }}</h1>
 <ul>{% for href, text in links %}<li><a href="{{ href }}">{{ text }}</a></li>{% endfor %}</ul>
+<p>{% for href, text in account %}<a href="{{ href }}">{{ text }}</a>
+{%- if not loop.last %} · {% endif %}{% endfor %}</p>
 {% if identity %}
 <h2>Who am I (the bridge's JWT, the session in Redis)</h2>
 <table>
@@ -90,6 +96,7 @@ app.config.update(
 )
 app.config.update({k: v for k, v in os.environ.items() if k.startswith("KRATOS_SESSION_")})
 KratosSession(app)
+app.register_blueprint(selfservice_pages)
 
 
 def page():
@@ -98,6 +105,7 @@ def page():
         render_template_string(
             PAGE,
             links=LINKS,
+            account=ACCOUNT_LINKS if current_identity else ACCOUNT,
             identity=current_identity._get_current_object(),
             counter=session.get("counter", 0),
             headers=headers,
