@@ -6,7 +6,8 @@
 #   - Kratos, Caddy and Traefik: built once per machine from their Go modules into
 #     ~/.cache/kratos-session-bridge (see tests/tools; $KRATOS_BIN, $CADDY_BIN, $TRAEFIK_BIN
 #     name other paths); so is compose-config, Compose's own loader (compose-go) for the
-#     compose rehearsal ($COMPOSE_CONFIG_BIN). With empty caches the builds take minutes (Traefik about 5.5 on
+#     compose rehearsal ($COMPOSE_CONFIG_BIN). With empty caches the builds take minutes
+#     (Traefik about 5.5 on
 #     2 cores), so the missing ones run at the same time, in the background, while the
 #     virtualenv is set up.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`. After pytest, a 60 s fuzz
@@ -23,6 +24,8 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+# The compose rehearsal runs each service in a network namespace of its own (ip netns).
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 # Any go will do: Debian's (1.19) is older than Kratos, Caddy and Traefik need, so each build
 # fetches the toolchain its module asks for from the Go module proxy (tests/tools/go-toolchain.sh).
 command -v go >/dev/null || missing+=(golang-go)
