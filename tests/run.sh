@@ -7,9 +7,8 @@
 #     ~/.cache/kratos-session-bridge (see tests/tools; $KRATOS_BIN, $CADDY_BIN, $TRAEFIK_BIN
 #     name other paths); so is compose-config, Compose's own loader (compose-go) for the
 #     compose rehearsal ($COMPOSE_CONFIG_BIN). With empty caches the builds take minutes
-#     (Traefik about 5.5 on
-#     2 cores), so the missing ones run at the same time, in the background, while the
-#     virtualenv is set up.
+#     (Traefik about 5.5 on 2 cores), so the missing ones run at the same time, in the
+#     background, while the virtualenv is set up.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`. After pytest, a 60 s fuzz
 # run (FUZZ_SECONDS; 0 skips it).
 set -euo pipefail
