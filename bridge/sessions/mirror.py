@@ -150,7 +150,7 @@ class SessionMirror:
         if recent is None or not recent.is_fresh(now, self._revalidate_after_ms):
             return None
         age = now - recent.validated_at_ms
-        if age >= self._refresh_after_ms and self._busy(fingerprint, recent):
+        if age >= self._refresher.zone * 1000 and self._busy(fingerprint, recent):
             self._schedule_refresh(credential, fingerprint, age)
         cookies = self._refreshed_cookies.get(fingerprint)
         if cookies is not None:

@@ -9,11 +9,12 @@ copy goes stale. The credential is held in memory only until its refresh has run
 
 When refreshes fall behind (a CPU too small for the load, a slow Kratos), the lead
 grows with them: it is twice the recent delay from a refresh's due time to its end,
-at most the part of the window after ``REFRESH_AT`` (a quarter), so a busy session's
-copy is still renewed in time. The work stays bounded: a few threads run the refreshes, and a
-refresh that could only start once its copy is stale is dropped (a request that still
-needs the session re-validates it on the ordinary path; the next window schedules a
-refresh again).
+at most the part of the window after ``REFRESH_AT`` (a quarter), and copies are
+looked at for a refresh earlier (twice the lead before the end), so that a busy
+session is found busy before its refresh is due. The work stays bounded: a few threads
+run the refreshes, the next is taken only when one is free, and a refresh that could
+only start once its copy is stale is dropped (a request that still needs the session
+re-validates it on the ordinary path; the next window schedules a refresh again).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bridge.logs import Throttled
@@ -33,7 +35,8 @@ log = logging.getLogger(__name__)
 _behind = Throttled(log, interval=60.0)
 
 REFRESH_AT = 0.75
-"""Share of ``revalidate_after`` after which a copy in use is scheduled for a refresh."""
+"""Share of ``revalidate_after`` after which a copy in use is scheduled for a refresh
+(while refreshes keep up; see ``refresh_zone``)."""
 
 LEAD_PER_DELAY = 2.0
 """The lead as a multiple of the recent delay: room for a refresh twice as slow."""
@@ -57,6 +60,13 @@ def refresh_lead(revalidate_after: float, recent_delay: float) -> float:
     base = refresh_lead_ms(int(revalidate_after * 1000)) / 1000
     most = (1 - REFRESH_AT) * revalidate_after
     return max(base, min(most, LEAD_PER_DELAY * recent_delay))
+
+
+def refresh_zone(revalidate_after: float, lead: float) -> float:
+    """Seconds into the window from which a copy asked for twice is scheduled: at
+    ``REFRESH_AT``, or earlier when the lead is long, so that a busy session is found
+    busy (two asks) before its refresh is due, not after."""
+    return min(REFRESH_AT * revalidate_after, revalidate_after - 2 * lead)
 
 
 def recent_delay(previous: float, elapsed: float, observed: float, window: float) -> float:
@@ -84,12 +94,13 @@ class RefreshQueue:
 
     def __init__(self, revalidate_after: float) -> None:
         self._window = revalidate_after
-        self._waiting: list[tuple[float, int, str, Credential]] = []
+        self._waiting: list[tuple[float, int, str, Credential, float]] = []
         self._order = itertools.count()
         self._pending: set[str] = set()
         self._recent_delay = 0.0
         self._observed_at = 0.0
         self.dropped = 0
+        self.zone = refresh_zone(revalidate_after, self.lead())
 
     def lead(self) -> float:
         """Seconds before its copy goes stale that a refresh is due, as of now."""
@@ -99,22 +110,25 @@ class RefreshQueue:
         """Scheduled and not finished (or dropped) yet."""
         return fingerprint in self._pending
 
-    def add(self, fingerprint: str, credential: Credential, stale_at: float) -> bool:
+    def add(self, fingerprint: str, credential: Credential, stale_at: float, now: float) -> bool:
         """Schedule a refresh of the copy that stops being fresh at ``stale_at``, unless
-        one is pending already (then ``False``)."""
+        one is pending already. ``True`` when it is the next due now (so a thread waiting
+        for the one that was must look again)."""
         if fingerprint in self._pending:
             return False
         self._pending.add(fingerprint)
-        heapq.heappush(self._waiting, (stale_at, next(self._order), fingerprint, credential))
-        return True
+        entry = (stale_at, next(self._order), fingerprint, credential, now)
+        heapq.heappush(self._waiting, entry)
+        return self._waiting[0][2] == fingerprint
 
     def take(self, now: float) -> Taken | float | None:
         """The refresh due at ``now``, or else the seconds until the next one is due
         (``None``: none waits). One whose copy is stale by ``now`` is dropped: it would
         cost Kratos a call that no copy in use gains from."""
         while self._waiting:
-            stale_at, _, fingerprint, credential = self._waiting[0]
-            due = stale_at - self.lead()
+            stale_at, _, fingerprint, credential, added_at = self._waiting[0]
+            # Scheduled after the lead began (the copy was asked for late): due at once.
+            due = max(stale_at - self.lead(), added_at)
             if now < due:
                 return due - now
             heapq.heappop(self._waiting)
@@ -137,11 +151,13 @@ class RefreshQueue:
         elapsed = max(0.0, now - self._observed_at)
         self._recent_delay = recent_delay(self._recent_delay, elapsed, delay, self._window)
         self._observed_at = now
+        self.zone = refresh_zone(self._window, self.lead())
 
 
 class Refresher:
     """Runs ``refresh(credential, fingerprint)`` once per scheduled fingerprint when
-    due, on ``threads`` threads: at most that many refreshes are ever under way."""
+    due, on ``threads`` threads: at most that many refreshes are ever under way, and
+    the next is taken from the queue only once a thread is free for it."""
 
     def __init__(
         self,
@@ -152,10 +168,15 @@ class Refresher:
         self._refresh = refresh
         self._queue = RefreshQueue(revalidate_after)
         self._wake = threading.Condition()
+        self._free = threading.Semaphore(threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bridge-refresh")
         self._closed = False
-        for number in range(threads):
-            name = f"bridge-refresh-{number}"
-            threading.Thread(target=self._work, name=name, daemon=True).start()
+        threading.Thread(target=self._run, name="bridge-refresh-timer", daemon=True).start()
+
+    @property
+    def zone(self) -> float:
+        """Seconds into the window after which a copy in use is to be scheduled."""
+        return self._queue.zone
 
     def schedule(self, fingerprint: str, credential: Credential, stale_at: float) -> None:
         """Refresh the copy that stops being fresh at ``stale_at`` (``time.monotonic()``),
@@ -163,28 +184,26 @@ class Refresher:
         if self._queue.pending(fingerprint):  # the cheap check, without the lock
             return
         with self._wake:
-            if not self._closed and self._queue.add(fingerprint, credential, stale_at):
+            now = time.monotonic()
+            if not self._closed and self._queue.add(fingerprint, credential, stale_at, now):
                 self._wake.notify()
 
     def close(self) -> None:
         with self._wake:
             self._closed = True
             self._queue.clear()
-            self._wake.notify_all()
+            self._wake.notify()
+        self._free.release()  # the timer may be waiting for a thread
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _work(self) -> None:
+    def _run(self) -> None:
         while True:
+            self._free.acquire()
             with self._wake:
                 taken = self._next()
-                if taken is None:
-                    return
-            try:
-                self._refresh(taken.credential, taken.fingerprint)
-            except Exception:
-                log.exception("background refresh failed")
-            finally:
-                with self._wake:
-                    self._queue.finished(taken, time.monotonic())
+            if taken is None:
+                return
+            self._pool.submit(self._run_one, taken)
 
     def _next(self) -> Taken | None:
         """The next refresh due, once it is (``None``: closed). Holds ``_wake``."""
@@ -202,3 +221,13 @@ class Refresher:
                 return taken
             self._wake.wait(taken)
         return None
+
+    def _run_one(self, taken: Taken) -> None:
+        try:
+            self._refresh(taken.credential, taken.fingerprint)
+        except Exception:
+            log.exception("background refresh failed")
+        finally:
+            with self._wake:
+                self._queue.finished(taken, time.monotonic())
+            self._free.release()
