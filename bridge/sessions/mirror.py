@@ -110,9 +110,8 @@ class SessionMirror:
         self._fingerprints = Fingerprints(secret)
         self._revalidate_after_ms = int(revalidate_after * 1000)
         self._refresh_after_ms = int(revalidate_after * 1000 * REFRESH_AT)
-        lead_ms = refresh_lead_ms(self._revalidate_after_ms)
-        self._refresh_due_ms = self._revalidate_after_ms - lead_ms
-        self._refresh_lead_s = lead_ms / 1000
+        # After a failed refresh, none for this long (the lead while refreshes keep up).
+        self._refresh_pause_s = refresh_lead_ms(self._revalidate_after_ms) / 1000
         self._negative_ttl_ms = int(negative_cache_ttl * 1000)
         # The lock must outlive the call it guards: the Kratos call (bounded as a whole)
         # and the Redis commands around it.
@@ -122,7 +121,7 @@ class SessionMirror:
         # (used only while fresh) and when Kratos last rejected a credential.
         self._recent: BoundedMap[str, MirroredSession] = BoundedMap(recent_max)
         self._rejected: BoundedMap[str, int] = BoundedMap(recent_max)
-        self._refresher = Refresher(self._refresh)
+        self._refresher = Refresher(self._refresh, revalidate_after)
         self._refresh_retry_at: BoundedMap[str, float] = BoundedMap(recent_max)
         self._zone_hit: BoundedMap[str, int] = BoundedMap(recent_max)
         self._refreshed_cookies: BoundedMap[str, tuple[str, ...]] = BoundedMap(recent_max)
@@ -151,7 +150,7 @@ class SessionMirror:
         if recent is None or not recent.is_fresh(now, self._revalidate_after_ms):
             return None
         age = now - recent.validated_at_ms
-        if age >= self._refresh_after_ms and self._busy(fingerprint, recent):
+        if age >= self._refresher.zone * 1000 and self._busy(fingerprint, recent):
             self._schedule_refresh(credential, fingerprint, age)
         cookies = self._refreshed_cookies.get(fingerprint)
         if cookies is not None:
@@ -239,13 +238,18 @@ class SessionMirror:
         retry_at = self._refresh_retry_at.get(fingerprint)
         if retry_at is not None and time.monotonic() < retry_at:
             return  # the last refresh failed: no back-to-back calls to a troubled Kratos
-        due_in = max(0, self._refresh_due_ms - age_ms) / 1000
-        self._refresher.schedule(fingerprint, credential, time.monotonic() + due_in)
+        stale_in = (self._revalidate_after_ms - age_ms) / 1000
+        self._refresher.schedule(fingerprint, credential, time.monotonic() + stale_in)
 
     def _refresh(self, credential: Credential, fingerprint: str) -> None:
-        """Off the request path: a copy the store holds fresher than ours (a peer refreshed
-        it) is taken as it is; otherwise Kratos is asked. A rejection drops the copy at
-        once; any other failure leaves it to age out at ``revalidate_after``."""
+        """Off the request path: nothing if this process's copy is gone (dropped) or
+        young again (a request re-validated it meanwhile); a copy the store holds fresher
+        than ours (a peer refreshed it) is taken as it is; otherwise Kratos is asked. A
+        rejection drops the copy at once; any other failure leaves it to age out at
+        ``revalidate_after``."""
+        recent = self._recent.get(fingerprint)
+        if recent is None or now_ms() - recent.validated_at_ms < self._refresh_after_ms:
+            return
 
         def fetch() -> Resolved:
             return self._fetch(credential, fingerprint, self._refresh_after_ms, with_app=False)
@@ -256,7 +260,7 @@ class SessionMirror:
             return  # the copy is dropped already
         except BridgeError as error:
             log.debug("background refresh failed: %s", type(error).__name__)
-            self._refresh_retry_at.put(fingerprint, time.monotonic() + self._refresh_lead_s)
+            self._refresh_retry_at.put(fingerprint, time.monotonic() + self._refresh_pause_s)
             return
         if resolved.set_cookies:
             # Kratos re-issued the cookie (an extend): the next request relays it.

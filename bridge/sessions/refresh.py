@@ -3,10 +3,18 @@ on threads of their own, so that busy sessions' requests never wait for Kratos.
 
 Once a copy is past ``REFRESH_AT`` of ``revalidate_after`` and asked for again (the
 mirror decides), one refresh is scheduled, due ``lead`` before the copy stops being
-fresh. Due late, not at once, so that a
-session in use costs Kratos barely more than one call per ``revalidate_after``; due
-early enough that the answer is back before the copy goes stale. The credential is
-held in memory only until its refresh has run.
+fresh. Due late, not at once, so that a session in use costs Kratos barely more than
+one call per ``revalidate_after``; due early enough that the answer is back before the
+copy goes stale. The credential is held in memory only until its refresh has run.
+
+When refreshes fall behind (a CPU too small for the load, a slow Kratos), the lead
+grows with them: it is twice the recent delay from a refresh's due time to its end,
+at most the part of the window after ``REFRESH_AT`` (a quarter), and copies are
+looked at for a refresh earlier (twice the lead before the end), so that a busy
+session is found busy before its refresh is due. The work stays bounded: a few threads
+run the refreshes, the next is taken only when one is free, and a refresh that could
+only start once its copy is stale is dropped (a request that still needs the session
+re-validates it on the ordinary path; the next window schedules a refresh again).
 """
 
 from __future__ import annotations
@@ -18,71 +26,208 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+from bridge.logs import Throttled
 from bridge.pipeline.credentials import Credential
 
 log = logging.getLogger(__name__)
+_behind = Throttled(log, interval=60.0)
 
 REFRESH_AT = 0.75
-"""Share of ``revalidate_after`` after which a copy in use is scheduled for a refresh."""
+"""Share of ``revalidate_after`` after which a copy in use is scheduled for a refresh
+(while refreshes keep up; see ``refresh_zone``)."""
+
+LEAD_PER_DELAY = 2.0
+"""The lead as a multiple of the recent delay: room for a refresh twice as slow."""
+
+REFRESH_THREADS = 4
+"""Refreshes under way at once, at most: enough that refreshes waiting on Kratos or Redis
+keep up with a few hundred sessions a second, few enough that the event loop keeps the
+CPU for the requests it answers from memory."""
 
 
 def refresh_lead_ms(revalidate_after_ms: int) -> int:
-    """How long before the end of freshness a refresh is due: 5% of the window, at least
-    100 ms (a Kratos call under load) and at most 1 s."""
+    """How long before the end of freshness a refresh is due when refreshes keep up: 5%
+    of the window, at least 100 ms (a Kratos call under load) and at most 1 s."""
     return max(100, min(1000, revalidate_after_ms // 20))
 
 
-class Refresher:
-    """Runs ``refresh(credential, fingerprint)`` once per scheduled fingerprint when due."""
+def refresh_lead(revalidate_after: float, recent_delay: float) -> float:
+    """Seconds before the end of freshness a refresh is due: the base lead, or
+    ``LEAD_PER_DELAY`` times the recent delay (from due to done) if longer, but never
+    earlier than ``REFRESH_AT`` of the window, where refreshes are first scheduled."""
+    base = refresh_lead_ms(int(revalidate_after * 1000)) / 1000
+    most = (1 - REFRESH_AT) * revalidate_after
+    return max(base, min(most, LEAD_PER_DELAY * recent_delay))
 
-    def __init__(self, refresh: Callable[[Credential, str], None], threads: int = 2) -> None:
-        self._refresh = refresh
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bridge-refresh")
-        self._due: list[tuple[float, int, Credential, str]] = []
+
+def refresh_zone(revalidate_after: float, lead: float) -> float:
+    """Seconds into the window from which a copy asked for twice is scheduled: at
+    ``REFRESH_AT``, or earlier when the lead is long, so that a busy session is found
+    busy (two asks) before its refresh is due, not after."""
+    return min(REFRESH_AT * revalidate_after, revalidate_after - 2 * lead)
+
+
+def recent_delay(previous: float, elapsed: float, observed: float, window: float) -> float:
+    """The recent delay, from the one ``elapsed`` seconds before and one more observed:
+    the longest seen, fading by half each ``window``. A slow spell moves the lead at
+    once; one quick refresh within it does not move it back."""
+    if window <= 0:
+        return observed
+    return max(observed, previous * 0.5 ** (elapsed / window))
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A refresh handed to a thread: ``due`` is when it was due, by the lead then."""
+
+    fingerprint: str
+    credential: Credential
+    due: float
+    stale_at: float
+
+
+class RefreshQueue:
+    """Refreshes waiting for their time, the one whose copy goes stale soonest first. No
+    threads and no clock: times are ``time.monotonic()`` seconds, passed in."""
+
+    def __init__(self, revalidate_after: float) -> None:
+        self._window = revalidate_after
+        self._waiting: list[tuple[float, int, str, Credential, float]] = []
         self._order = itertools.count()
         self._pending: set[str] = set()
+        self._recent_delay = 0.0
+        self._observed_at = 0.0
+        self.dropped = 0
+        self.zone = refresh_zone(revalidate_after, self.lead())
+
+    def lead(self) -> float:
+        """Seconds before its copy goes stale that a refresh is due, as of now."""
+        return refresh_lead(self._window, self._recent_delay)
+
+    def pending(self, fingerprint: str) -> bool:
+        """Scheduled and not finished (or dropped) yet."""
+        return fingerprint in self._pending
+
+    def add(self, fingerprint: str, credential: Credential, stale_at: float, now: float) -> bool:
+        """Schedule a refresh of the copy that stops being fresh at ``stale_at``, unless
+        one is pending already. ``True`` when it is the next due now (so a thread waiting
+        for the one that was must look again)."""
+        if fingerprint in self._pending:
+            return False
+        self._pending.add(fingerprint)
+        entry = (stale_at, next(self._order), fingerprint, credential, now)
+        heapq.heappush(self._waiting, entry)
+        return self._waiting[0][2] == fingerprint
+
+    def take(self, now: float) -> Taken | float | None:
+        """The refresh due at ``now``, or else the seconds until the next one is due
+        (``None``: none waits). One whose copy is stale by ``now`` is dropped: it would
+        cost Kratos a call that no copy in use gains from."""
+        while self._waiting:
+            stale_at, _, fingerprint, credential, added_at = self._waiting[0]
+            # Scheduled after the lead began (the copy was asked for late): due at once.
+            due = max(stale_at - self.lead(), added_at)
+            if now < due:
+                return due - now
+            heapq.heappop(self._waiting)
+            if now < stale_at:
+                return Taken(fingerprint, credential, due, stale_at)
+            self._pending.discard(fingerprint)
+            self.dropped += 1
+            self._observe(now, now - due)
+        return None
+
+    def finished(self, taken: Taken, now: float) -> None:
+        self._pending.discard(taken.fingerprint)
+        self._observe(now, now - taken.due)
+
+    def clear(self) -> None:
+        self._waiting.clear()
+        self._pending.clear()
+
+    def _observe(self, now: float, delay: float) -> None:
+        elapsed = max(0.0, now - self._observed_at)
+        self._recent_delay = recent_delay(self._recent_delay, elapsed, delay, self._window)
+        self._observed_at = now
+        self.zone = refresh_zone(self._window, self.lead())
+
+
+class Refresher:
+    """Runs ``refresh(credential, fingerprint)`` once per scheduled fingerprint when
+    due, on ``threads`` threads: at most that many refreshes are ever under way, and
+    the next is taken from the queue only once a thread is free for it."""
+
+    def __init__(
+        self,
+        refresh: Callable[[Credential, str], None],
+        revalidate_after: float,
+        threads: int = REFRESH_THREADS,
+    ) -> None:
+        self._refresh = refresh
+        self._queue = RefreshQueue(revalidate_after)
         self._wake = threading.Condition()
+        self._free = threading.Semaphore(threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bridge-refresh")
         self._closed = False
         threading.Thread(target=self._run, name="bridge-refresh-timer", daemon=True).start()
 
-    def schedule(self, fingerprint: str, credential: Credential, due: float) -> None:
-        """Refresh at ``due`` (``time.monotonic()``), unless one is pending already."""
-        if fingerprint in self._pending:  # the cheap check, without the lock
+    @property
+    def zone(self) -> float:
+        """Seconds into the window after which a copy in use is to be scheduled."""
+        return self._queue.zone
+
+    def schedule(self, fingerprint: str, credential: Credential, stale_at: float) -> None:
+        """Refresh the copy that stops being fresh at ``stale_at`` (``time.monotonic()``),
+        the lead ahead, unless a refresh of it is pending already."""
+        if self._queue.pending(fingerprint):  # the cheap check, without the lock
             return
         with self._wake:
-            if fingerprint in self._pending or self._closed:
-                return
-            self._pending.add(fingerprint)
-            heapq.heappush(self._due, (due, next(self._order), credential, fingerprint))
-            if self._due[0][3] == fingerprint:
+            now = time.monotonic()
+            if not self._closed and self._queue.add(fingerprint, credential, stale_at, now):
                 self._wake.notify()
 
     def close(self) -> None:
         with self._wake:
             self._closed = True
-            self._due.clear()
+            self._queue.clear()
             self._wake.notify()
+        self._free.release()  # the timer may be waiting for a thread
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
-        with self._wake:
-            while not self._closed:
-                if not self._due:
-                    self._wake.wait()
-                    continue
-                wait = self._due[0][0] - time.monotonic()
-                if wait > 0:
-                    self._wake.wait(wait)
-                    continue
-                _, _, credential, fingerprint = heapq.heappop(self._due)
-                self._pool.submit(self._run_one, credential, fingerprint)
+        while True:
+            self._free.acquire()
+            with self._wake:
+                taken = self._next()
+            if taken is None:
+                return
+            self._pool.submit(self._run_one, taken)
 
-    def _run_one(self, credential: Credential, fingerprint: str) -> None:
+    def _next(self) -> Taken | None:
+        """The next refresh due, once it is (``None``: closed). Holds ``_wake``."""
+        dropped = self._queue.dropped
+        while not self._closed:
+            taken = self._queue.take(time.monotonic())
+            if self._queue.dropped > dropped:
+                _behind.warning(
+                    "background refreshes fall behind: %d dropped so far, their copies "
+                    "stale before a thread was free",
+                    self._queue.dropped,
+                )
+                dropped = self._queue.dropped
+            if isinstance(taken, Taken):
+                return taken
+            self._wake.wait(taken)
+        return None
+
+    def _run_one(self, taken: Taken) -> None:
         try:
-            self._refresh(credential, fingerprint)
+            self._refresh(taken.credential, taken.fingerprint)
         except Exception:
             log.exception("background refresh failed")
         finally:
             with self._wake:
-                self._pending.discard(fingerprint)
+                self._queue.finished(taken, time.monotonic())
+            self._free.release()

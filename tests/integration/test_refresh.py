@@ -8,12 +8,14 @@ ask it the same way, with the real Kratos and store behind it.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from bridge.errors import SessionInvalid
 from bridge.pipeline.credentials import extract
 from bridge.sessions.refresh import REFRESH_AT
 from bridge.web.request import HeaderView
 from tests.support import kratos_flows as flows
+from tests.support.harness import SlowLink
 
 REVALIDATE_AFTER = 1.0
 
@@ -149,3 +151,39 @@ def test_only_a_session_asked_for_again_is_refreshed_ahead(make_client, kratos):
     assert kratos.whoami_calls() - calls == 1
     assert mirror.from_memory(_credential(once)) is None
     assert mirror.from_memory(_credential(twice)) is not None
+
+
+def test_a_refresh_that_came_back_late_makes_the_next_one_due_earlier(make_client, kratos):
+    """Kratos slower than the lead allows: the first refresh's answer lands after the copy
+    went stale, and the next refresh is due that much earlier, so the copy is renewed in
+    time from then on."""
+    link = SlowLink(kratos.public_port, delay=0)
+    try:
+        # A base lead of 150 ms, at most 750 ms: room for a 250 ms answer, twice over.
+        revalidate_after = 3 * REVALIDATE_AFTER
+        slow_kratos = SimpleNamespace(public_url=link.url, admin_url=kratos.admin_url)
+        client = make_client(slow_kratos, BRIDGE_REVALIDATE_AFTER=str(revalidate_after))
+        mirror, user = _mirror(client), flows.register(kratos)
+        credential = _credential(user)
+        renewed = [mirror.resolve(credential).session.validated_at_ms]
+        link.delay = 0.25
+        answers = list(_ask_from_memory(mirror, credential, 2.2 * revalidate_after))
+    finally:
+        link.close()
+
+    for asked_at, answer in answers:
+        if answer not in (None, "rejected"):
+            assert asked_at - answer.validated_at_ms < revalidate_after * 1000
+            if answer.validated_at_ms != renewed[-1]:
+                renewed.append(answer.validated_at_ms)
+    assert len(renewed) == 3, renewed
+    first_gap, second_gap = renewed[1] - renewed[0], renewed[2] - renewed[1]
+    assert first_gap >= revalidate_after * 1000 - 150  # due 150 ms before the end
+    assert second_gap <= first_gap - 200, (first_gap, second_gap)
+    # From the first renewal on, the copy never lapsed again.
+    first_renewed = next(
+        i
+        for i, (_, a) in enumerate(answers)
+        if a not in (None, "rejected") and a.validated_at_ms == renewed[1]
+    )
+    assert all(answer not in (None, "rejected") for _, answer in answers[first_renewed:])

@@ -206,9 +206,15 @@ def _merge(into: dict, extra: dict) -> None:
 
 
 class BridgeServer:
-    """``kratos-bridge serve`` as a real process."""
+    """``kratos-bridge serve`` as a real process; ``launcher`` runs it (``taskset -c 1``)."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, extra_args: list[str] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        extra_args: list[str] = (),
+        launcher: list[str] = (),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"bridge-{self.port}.log"
@@ -218,9 +224,10 @@ class BridgeServer:
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         full_env["BRIDGE_ADMIN_PORT"] = str(self.admin_port)
         full_env.update(env)
+        serve = [sys.executable, "-m", "bridge", "serve"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", "--port", str(self.port), *extra_args],
+                [*launcher, *serve, "--port", str(self.port), *extra_args],
                 env=full_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
