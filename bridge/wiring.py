@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from bridge.clock import now_ms
 from bridge.config import Settings
+from bridge.kratos.logout import KratosLogout
 from bridge.kratos.whoami import KratosClient
 from bridge.observe import decision_log
 from bridge.pipeline.devices import DeviceChange, DeviceWatch
@@ -22,9 +23,11 @@ from bridge.pipeline.forward_auth import DecisionWatcher, ForwardAuth
 from bridge.pipeline.redirects import BrowserRedirects, Origin, host_origin
 from bridge.pipeline.rules import Rules
 from bridge.pipeline.upstream_headers import UpstreamHeaders
+from bridge.sessions.ending import SessionEnder
 from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror
 from bridge.store import Keys, SessionStore
 from bridge.web.hooks import KratosHooks
+from bridge.web.logout import SignOut
 
 if TYPE_CHECKING:
     from bridge.observe.analytics import Recorder
@@ -211,4 +214,16 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
         KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout),
         settings.kratos_timeout,
         events=bridge.events,
+    )
+
+
+def sign_out(bridge: Bridge) -> SignOut:
+    """The sign-out endpoint's handler (``BRIDGE_LOGOUT_PATH``)."""
+    settings = bridge.settings
+    return SignOut(
+        bridge.mirror,
+        KratosLogout(bridge.kratos.public, settings.session_cookie, settings.kratos_timeout),
+        SessionEnder(bridge.store, bridge.recorder, settings.request_budget),
+        bridge.redirects,
+        settings.session_cookie,
     )

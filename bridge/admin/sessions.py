@@ -13,10 +13,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bridge.clock import iso, now_ms
+from bridge.clock import iso, now_ms, parse_timestamp_ms
 from bridge.errors import NotFound, StoreUnavailable
 from bridge.kratos.admin import KratosAdmin
 from bridge.observe.analytics import statistics
+from bridge.sessions.ending import SessionEnder
 from bridge.sessions.session import first_method
 from bridge.store.base import AdminStore
 from bridge.store.registry import paged
@@ -80,8 +81,7 @@ class SessionAdmin:
         self._bridge = bridge
         self._store: AdminStore = bridge.store
         self.kratos = kratos or KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout)
-        # A save asked of Kratos before the revocation may still be under way this long.
-        self._keep_ms = int(settings.request_budget * 1000) + 60_000
+        self._ender = SessionEnder(self._store, bridge.recorder, settings.request_budget)
 
     def page(self, size: int, token: str | None) -> Listing:
         """Live sessions, newest first."""
@@ -89,9 +89,26 @@ class SessionAdmin:
         return Listing([summary(r) for r in page.records], page.next_token)
 
     def of_identity(self, identity_id: str, size: int, token: str | None) -> Listing:
-        ids = self._store.identity_session_ids(identity_id, now_ms())
-        page = paged(self._store.registry.records(ids), size, token)
-        return Listing([summary(r) for r in page.records], page.next_token)
+        """Every session Kratos holds for the identity, active or not, newest first: Kratos
+        is the truth, so a session created a moment ago, or never used through the bridge,
+        is listed. Each is joined with what the bridge saw of it, where it did
+        (``seen_by_bridge``). Kratos failing is ``KratosUnavailable``, never a list of only
+        what the bridge saw."""
+        in_kratos = self.kratos.identity_sessions(identity_id)
+        if in_kratos is None:
+            raise NotFound("Kratos knows no such identity")
+        ids = [found["id"] for found in in_kratos]
+        seen = {record["session_id"]: record for record in self._store.registry.records(ids)}
+        ranked = [
+            {
+                "session_id": found["id"],
+                "started_at": _time_ms(found.get("issued_at")),
+                "row": joined(found, seen.get(found["id"]), identity_id),
+            }
+            for found in in_kratos
+        ]
+        page = paged(ranked, size, token)
+        return Listing([ranked_row["row"] for ranked_row in page.records], page.next_token)
 
     def search(self, text: str, size: int) -> list[dict[str, Any]]:
         """Live sessions whose label (email) contains ``text`` (case-insensitive), or whose
@@ -160,16 +177,13 @@ class SessionAdmin:
         return doomed
 
     def _end(self, session_id: str) -> None:
-        at = now_ms()
         try:
-            self._store.end_session(session_id, at, self._keep_ms)
+            self._ender.end(session_id, "revoked")
         except StoreUnavailable as error:
             raise StoreUnavailable(
                 f"session {session_id} is revoked in Kratos, but the bridge could not record "
                 f"it ({error}): bridge processes refuse it within BRIDGE_REVALIDATE_AFTER"
             ) from None
-        if self._bridge.recorder is not None:
-            self._bridge.recorder.end_now(session_id, "revoked", at)
 
     def aal2_events(
         self,
@@ -294,6 +308,31 @@ def from_kratos(found: dict[str, Any]) -> dict[str, Any]:
         "last_seen_at": None,
         "requests": 0,
     }
+
+
+def joined(found: dict[str, Any], seen: dict[str, Any] | None, identity_id: str) -> dict[str, Any]:
+    """A session as Kratos holds it (its AAL, methods, times and ``active``), with what the
+    bridge saw of it when it did: the label, the device as classified, first and last
+    seen, requests."""
+    row = from_kratos(found)
+    row["identity_id"] = row["identity_id"] or identity_id
+    row["active"] = bool(found.get("active"))
+    row["seen_by_bridge"] = seen is not None
+    if seen is not None:
+        bridge_saw = summary(seen)
+        for field in _SEEN_FIELDS:
+            row[field] = bridge_saw[field]
+        row["label"] = row["label"] or bridge_saw["label"]
+    return row
+
+
+_SEEN_FIELDS = ("device", "first_seen_at", "last_seen_at", "requests")
+
+
+def _time_ms(value: Any) -> int:
+    """Milliseconds since the epoch of a time Kratos gave (0 when it gave none)."""
+    text = _text_time(value)
+    return parse_timestamp_ms(text) if text else 0
 
 
 def _text_time(value: Any) -> str | None:

@@ -122,6 +122,15 @@ def _quantile(buckets: dict[float, float], share: float) -> str:
     return NOTHING
 
 
+def _identity_rows(admin: SessionAdmin, identity_id: str) -> list[dict[str, Any]]:
+    """The identity's sessions from Kratos, joined with the bridge's view; none when the
+    id is not an identity's (it may be a session's)."""
+    try:
+        return admin.of_identity(identity_id, PAGE_SIZE, None).sessions
+    except NotFound:
+        return []
+
+
 def create_ui(bridge: AdminParts, admin: SessionAdmin, gate: Gate) -> Blueprint:
     rate = DecisionRate()
     ui = Blueprint(
@@ -266,13 +275,10 @@ def create_ui(bridge: AdminParts, admin: SessionAdmin, gate: Gate) -> Blueprint:
         next_token = None
         if query:
             rows = admin.search(query, PAGE_SIZE)
-            if canonical_uuid(query) is not None:
-                known = {r["session_id"] for r in rows}
-                rows += [
-                    r
-                    for r in admin.of_identity(query.lower(), PAGE_SIZE, None).sessions
-                    if r["session_id"] not in known
-                ]
+            if canonical_uuid(query) is not None:  # an identity's sessions, as Kratos has them
+                of_identity = _identity_rows(admin, query.lower())
+                known = {r["session_id"]: r for r in of_identity}
+                rows = of_identity + [r for r in rows if r["session_id"] not in known]
             caption = f"{len(rows)} session{'s' if len(rows) != 1 else ''} matching “{query}”"
             if len(rows) >= PAGE_SIZE:
                 caption += f" (the newest {PAGE_SIZE}: be more precise)"

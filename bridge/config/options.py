@@ -61,6 +61,32 @@ def _origins(value: str) -> tuple[Origin, ...]:
     return origins
 
 
+# The bridge's own routes, which the sign-out path must not shadow.
+_OWN_PATHS = (
+    "/auth",
+    "/forward-auth",
+    "/ext-authz",
+    "/whoami",
+    "/hooks",
+    "/health",
+    "/openapi.json",
+    "/openapi.yaml",
+    "/.well-known",
+    "/metrics",
+    "/admin",
+)
+
+
+def _logout_path(value: str) -> str:
+    if not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+", value):
+        raise ValueError(
+            f"{value!r} is not an absolute path of plain segments like /.bridge/logout"
+        )
+    if any(value == own or value.startswith(own + "/") for own in _OWN_PATHS):
+        raise ValueError(f"{value!r} is one of the bridge's own routes")
+    return value
+
+
 def _identity_headers(value: str) -> tuple[tuple[str, str], ...]:
     return parse_mapping(value)
 
@@ -237,6 +263,15 @@ OPTIONS: tuple[Option, ...] = (
         "(`https://app.example.com`, `http://localhost:8080`, `https://*.example.com`); "
         "default: every host the rules file names (http or https, any port). A URL outside "
         "them is left out of `return_to`; with neither, `return_to` is never set.",
+    ),
+    Option(
+        "logout_path",
+        _logout_path,
+        "/.bridge/logout",
+        'Path of the sign-out endpoint (README, "Sign-out"): `GET` or `POST`, `?return_to=`, '
+        "routed by the proxy to the bridge itself. It ends the session in Kratos (a cookie "
+        "through Kratos's browser logout, a token through its API logout) and then in every "
+        "bridge process at once.",
     ),
     Option(
         "identity_headers",

@@ -32,6 +32,7 @@ class Settings:
     login_url: str
     rules_file: str | None
     return_to_origins: tuple[Origin, ...] | None
+    logout_path: str
     identity_headers: tuple[tuple[str, str], ...]
     jwt_header: str | None
     jwt_keys_dir: str | None

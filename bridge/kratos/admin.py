@@ -81,7 +81,20 @@ class KratosAdmin:
 
     def active_session_ids(self, identity_id: str) -> list[str] | None:
         """The identity's active sessions, or ``None`` if Kratos knows no such identity."""
-        ids: list[str] = []
+        found = self._identity_sessions(identity_id, active=True)
+        return None if found is None else [session["id"] for session in found]
+
+    def identity_sessions(self, identity_id: str) -> list[dict[str, Any]] | None:
+        """Every session Kratos holds for the identity, active or not (with devices and
+        identity), or ``None`` if Kratos knows no such identity."""
+        return self._identity_sessions(identity_id, active=None)
+
+    def _identity_sessions(
+        self, identity_id: str, active: bool | None
+    ) -> list[dict[str, Any]] | None:
+        """All pages of the identity's sessions: a partial list is never returned, since
+        a caller would take it for the whole (``KratosUnavailable`` instead)."""
+        sessions: list[dict[str, Any]] = []
         token: str | None = None
         try:
             for _ in range(_MAX_PAGES):
@@ -89,16 +102,16 @@ class KratosAdmin:
                     identity_id,
                     page_size=_PAGE_SIZE,
                     page_token=token,
-                    active=True,
+                    active=active,
                     _request_timeout=self._timeout,
                 )
                 page = answer.data or []
-                ids += [session.id for session in page]
+                sessions += [session.to_dict() for session in page]
                 # Kratos (v1.3.1) links a "next" page after every page, the empty one
                 # included: a page that is not full is the last.
                 token = _next_page_token(answer.headers or {})
                 if token is None or len(page) < _PAGE_SIZE:
-                    return ids
+                    return sessions
         except NotFoundException:
             return None
         except (OpenApiException, HTTPError, ValueError) as error:

@@ -88,7 +88,8 @@ class _Connection:
 
 
 class HTTPClient:
-    """GET requests to one origin (``http://`` or ``https://``) with keep-alive."""
+    """Idempotent requests (GET, DELETE) to one origin (``http://`` or ``https://``) with
+    keep-alive."""
 
     def __init__(self, base_url: str, max_body: int = 1 << 20) -> None:
         parts = urlsplit(base_url)
@@ -105,14 +106,26 @@ class HTTPClient:
     def get(self, path: str, headers: list[tuple[str, str]], timeout: float) -> Answer:
         """Send ``GET path`` with exactly ``headers`` (plus Host); raise ``RequestFailed``
         when the whole exchange does not finish within ``timeout`` seconds."""
+        return self.request("GET", path, headers, timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        timeout: float,
+        body: bytes = b"",
+    ) -> Answer:
+        """``method path`` with exactly ``headers`` (plus Host, and Content-Length for a
+        body), as ``get``. Only for idempotent methods (GET, DELETE): a request on a
+        kept-alive connection that failed before any answer is sent once more."""
         deadline = time.monotonic() + timeout
-        request = h11.Request(
-            method="GET",
-            target=self._base_path + path,
-            headers=[("Host", self._host_header), *headers],
-        )
+        sent = [("Host", self._host_header), *headers]
+        if body:
+            sent.append(("Content-Length", str(len(body))))
+        request = h11.Request(method=method, target=self._base_path + path, headers=sent)
         # A kept-alive socket the server has closed meanwhile fails before any byte of an
-        # answer arrives; GET is idempotent, so one retry on a new connection is safe.
+        # answer arrives; the method is idempotent, so one retry on a new connection is safe.
         while self._idle:
             try:
                 connection = self._idle.pop()
@@ -121,10 +134,10 @@ class HTTPClient:
             if not connection.quiet():
                 connection.close()
                 continue
-            answer = self._exchange(connection, request, deadline, reused=True)
+            answer = self._exchange(connection, request, body, deadline, reused=True)
             if answer is not None:
                 return answer
-        answer = self._exchange(self._connect(deadline), request, deadline, reused=False)
+        answer = self._exchange(self._connect(deadline), request, body, deadline, reused=False)
         assert answer is not None
         return answer
 
@@ -172,15 +185,24 @@ class HTTPClient:
         return addresses
 
     def _exchange(
-        self, connection: _Connection, request: h11.Request, deadline: float, *, reused: bool
+        self,
+        connection: _Connection,
+        request: h11.Request,
+        body: bytes,
+        deadline: float,
+        *,
+        reused: bool,
     ) -> Answer | None:
         """The answer, or ``None`` when a reused connection turned out to be closed."""
         received = False
         try:
-            data = connection.h11.send(request) + connection.h11.send(h11.EndOfMessage())
+            data = connection.h11.send(request)
+            if body:
+                data += connection.h11.send(h11.Data(data=body))
+            data += connection.h11.send(h11.EndOfMessage())
             connection.sock.settimeout(_left(deadline))
             connection.sock.sendall(data)
-            status, headers, body, size = 0, [], [], 0
+            status, headers, chunks, size = 0, [], [], 0
             while True:
                 event = connection.h11.next_event()
                 if event is h11.NEED_DATA:
@@ -194,7 +216,7 @@ class HTTPClient:
                     size += len(event.data)
                     if size > self._max_body:
                         raise RequestFailed("answer too large")
-                    body.append(event.data)
+                    chunks.append(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif isinstance(event, h11.ConnectionClosed):
@@ -207,7 +229,7 @@ class HTTPClient:
                 raise
             raise RequestFailed(type(error).__name__) from None
         self._keep(connection)
-        return Answer(status, headers, b"".join(body))
+        return Answer(status, headers, b"".join(chunks))
 
     def _keep(self, connection: _Connection) -> None:
         if (

@@ -82,6 +82,12 @@ class KratosClient:
         self._public = HTTPClient(public_url)
         self._observe = observe
 
+    @property
+    def public(self) -> HTTPClient:
+        """The transport to Kratos's public API, for the other calls made with a user's
+        credential (``bridge.kratos.logout``)."""
+        return self._public
+
     def whoami(self, credential: Credential) -> VouchedSession:
         headers = [_ACCEPT_JSON, *credential.headers(self._cookie_name).items()]
         observe = self._observe

@@ -24,6 +24,7 @@ _ORIGIN = re.compile(
     r"(?:\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?/?"
 )
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +93,26 @@ class BrowserRedirects:
     def return_to(self, original: OriginalRequest | None) -> str | None:
         if original is None:
             return None
-        host, port = split_host(original.host)
-        port = port or _DEFAULT_PORTS[original.scheme]
-        if not any(origin.admits(original.scheme, host, port) for origin in self._origins):
+        if not self._admits(original.scheme, original.host):
             return None
         # A browser reads "\" as "/" in an http(s) URL; encoded, it can only ever be path.
         return original.url.replace("\\", "%5C")
+
+    def allowed_return_to(self, url: str | None) -> str | None:
+        """A ``return_to`` a client asked for (a sign-out's), when it is an absolute
+        http(s) URL of visible ASCII, with neither a user name nor a backslash, on an
+        allow-listed origin; else ``None``."""
+        if not url or len(url) > MAX_REDIRECT or not _VISIBLE.fullmatch(url) or "\\" in url:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.netloc or "@" in parts.netloc:
+            return None
+        return url if self._admits(parts.scheme, parts.netloc) else None
+
+    def _admits(self, scheme: str, host_and_port: str) -> bool:
+        host, port = split_host(host_and_port)
+        port = port or _DEFAULT_PORTS[scheme]
+        return any(origin.admits(scheme, host, port) for origin in self._origins)
 
 
 def split_host(host: str) -> tuple[str, int | None]:

@@ -27,9 +27,10 @@ from bridge.store import SessionStore
 from bridge.web import health, openapi, responses
 from bridge.web.app_token import APP_TOKEN_HEADER, require_app_token
 from bridge.web.hooks import FLOWS, HOOK_KEY_HEADER
+from bridge.web.logout import METHODS as LOGOUT_METHODS
 from bridge.web.request import HeaderView
 from bridge.web.responses import Reply
-from bridge.wiring import Bridge, build_bridge, kratos_hooks
+from bridge.wiring import Bridge, build_bridge, kratos_hooks, sign_out
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,19 @@ def create_flask_app(bridge: Bridge) -> Flask:
         )
         body = {"session_id": resolved.session.id, "app": app_data.decoded(app_fields)}
         return as_flask(responses.json_reply(200, body))
+
+    logout = sign_out(bridge)
+
+    @app.route(
+        settings.logout_path,
+        methods=list(LOGOUT_METHODS),
+        endpoint="logout",
+        provide_automatic_options=False,
+    )
+    def logout_route() -> Response:
+        """Sign-out (``bridge.web.logout``): reads no body, ``return_to`` is in the query."""
+        query = request.environ.get("QUERY_STRING", "")
+        return as_flask(logout(_headers(request.environ), request.method, query))
 
     hooks = kratos_hooks(bridge)
 

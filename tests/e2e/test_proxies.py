@@ -205,3 +205,46 @@ def test_cookie_kratos_reissues_reaches_the_browser(stack, kratos):
     assert reissued, "the re-issued session cookie never reached the browser"
     new_cookie = reissued[0].split(";")[0].split("=", 1)[1]
     assert flows.session_of(kratos, cookie=new_cookie).status_code == 200
+
+
+def test_sign_out_is_routed_to_the_bridge_and_ends_the_session_at_once(stack, kratos):
+    user = flows.register(kratos, "proxy-out")
+    cookie = flows.browser_login(kratos, user)
+    jar = {"Cookie": f"ory_kratos_session={cookie}"}
+    assert stack.get("/reports", headers=jar).status_code == 200
+
+    back = f"{stack.proxy.url}/reports"
+    response = stack.get(
+        f"/.bridge/logout?return_to={back}",
+        headers={**BROWSER, **jar, "Sec-Fetch-Site": "same-origin"},
+    )
+    assert response.status_code == 303, (response.text, stack.proxy.log())
+    assert response.headers["Location"] == back
+    cleared = response.headers.get_list("Set-Cookie")
+    assert any(c.startswith("ory_kratos_session=") and "Max-Age=0" in c for c in cleared)
+    assert flows.session_of(kratos, cookie=cookie).status_code == 401
+    refused = stack.get("/reports", headers={**BROWSER, **jar})
+    assert refused.status_code == 302
+    assert refused.headers["Location"].startswith(stack.login_url())
+
+    token = flows.login_api(kratos, user)
+    logout = httpx.post(stack.proxy.url + "/.bridge/logout", headers={"X-Session-Token": token})
+    assert logout.status_code == 204, logout.text
+    assert stack.get("/reports", headers={"X-Session-Token": token, **XHR}).status_code == 401
+
+
+def test_sign_out_through_the_proxy_judges_origin_by_the_host_the_browser_asked(stack, kratos):
+    user = flows.register(kratos, "proxy-csrf")
+    cookie = flows.browser_login(kratos, user)
+    jar = {"Cookie": f"ory_kratos_session={cookie}"}
+    for origin in ("https://evil.example", "http://127.0.0.1:1"):
+        refused = httpx.post(stack.proxy.url + "/.bridge/logout", headers={**jar, "Origin": origin})
+        assert refused.status_code == 403, (origin, refused.text)
+    assert stack.get("/reports", headers=jar).status_code == 200
+    # An old browser (no Sec-Fetch-Site) posting from the proxy's own origin, port included.
+    same = httpx.post(
+        stack.proxy.url + "/.bridge/logout",
+        headers={**jar, "Origin": stack.proxy.url, "Accept": "application/json"},
+    )
+    assert same.status_code == 200, same.text
+    assert flows.session_of(kratos, cookie=cookie).status_code == 401

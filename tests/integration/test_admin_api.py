@@ -168,7 +168,68 @@ def test_sessions_are_listed_newest_first_and_shown(kratos: Kratos, start_bridge
     assert shown["unified"]["identity"]["id"] == first.identity_id
 
     mine = listed(bridge, f"/admin/identities/{second.identity_id}/sessions")
-    assert mine == [ids[1]]
+    assert mine == [ids[1], session_id(kratos, second.token)]  # its registration's, too
+
+
+def test_an_identity_lists_what_kratos_holds_at_once_joined_with_what_the_bridge_saw(
+    kratos: Kratos, start_bridge
+) -> None:
+    bridge = start_bridge()
+    user = flows.register(kratos, "truth")
+    used = flows.login_api(kratos, user)
+    for _ in range(3):
+        assert auth(bridge, used) == 200
+    used_id = session_id(kratos, used)
+    path = f"/admin/identities/{user.identity_id}/sessions"
+    wait_until(lambda: used_id in listed(bridge), 10, "the used session in the registry")
+    flows.logout_api(kratos, user.token)  # the registration's session: ended in Kratos
+    never_used = flows.login_api(kratos, user)  # by API, never through the bridge
+
+    response = admin(bridge, "GET", path)  # at once: no wait for anything to be reported
+    assert response.status_code == 200, response.text
+    sessions = {s["session_id"]: s for s in response.json()["sessions"]}
+    unseen_id, ended_id = session_id(kratos, never_used), ended_session_id(kratos, user)
+    assert list(sessions) == [unseen_id, used_id, ended_id]  # newest first
+
+    unseen = sessions[unseen_id]
+    assert unseen["seen_by_bridge"] is False and unseen["active"] is True
+    assert unseen["identity_id"] == user.identity_id
+    assert unseen["aal"] == "aal1" and unseen["methods"] == ["password"]
+    assert unseen["first_seen_at"] is None and unseen["requests"] == 0
+    seen = sessions[used_id]
+    assert seen["seen_by_bridge"] is True and seen["active"] is True
+    assert seen["first_seen_at"] and seen["last_seen_at"] and seen["requests"] >= 1
+    assert seen["device"]["device_kind"] == "script"
+    assert seen["label"] == user.email
+    ended = sessions[ended_id]
+    assert ended["active"] is False and ended["seen_by_bridge"] is False
+
+    one = admin(bridge, "GET", path + "?page_size=1").json()
+    rest = admin(bridge, "GET", f"{path}?page_token={one['next_page_token']}").json()
+    assert [s["session_id"] for s in one["sessions"] + rest["sessions"]] == list(sessions)
+    assert rest["next_page_token"] is None
+
+
+def ended_session_id(kratos: Kratos, user: flows.User) -> str:
+    """The id of the registration session (ended, so whoami cannot tell it), from the
+    admin API."""
+    listed_by_kratos = httpx.get(
+        f"{kratos.admin_url}/admin/identities/{user.identity_id}/sessions?active=false"
+    )
+    (only,) = listed_by_kratos.json()
+    return only["id"]
+
+
+def test_an_identity_listing_with_kratos_down_is_an_error_not_a_partial_list(
+    kratos: Kratos, start_bridge
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    bridge = start_bridge(BRIDGE_KRATOS_ADMIN_URL=closed)
+    user = flows.register(kratos, "partial")
+    assert auth(bridge, user.token) == 200
+    response = admin(bridge, "GET", f"/admin/identities/{user.identity_id}/sessions")
+    assert response.status_code == 502
+    assert response.json()["error"] == "kratos_unavailable"
 
 
 def test_a_revocation_is_real_in_kratos_and_at_once_on_every_process(

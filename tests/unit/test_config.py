@@ -94,6 +94,12 @@ _PORT = "port is not a number from 1 to 65535"
         ("BRIDGE_REDIS_URL", "unix:///", "has no socket path"),
         ("BRIDGE_HOST", "no-such-host.invalid", "does not resolve"),
         ("BRIDGE_HOST", "0.0.0.0; rm", "not a host name"),
+        ("BRIDGE_LOGOUT_PATH", "logout", "not an absolute path"),
+        ("BRIDGE_LOGOUT_PATH", "/logout?x=1", "not an absolute path"),
+        ("BRIDGE_LOGOUT_PATH", "//logout", "not an absolute path"),
+        ("BRIDGE_LOGOUT_PATH", "/auth", "the bridge's own routes"),
+        ("BRIDGE_LOGOUT_PATH", "/whoami/app", "the bridge's own routes"),
+        ("BRIDGE_LOGOUT_PATH", "/ext-authz/logout", "the bridge's own routes"),
     ],
 )
 def test_every_url_part_is_checked_at_start_up(key, value, problem):
@@ -566,3 +572,8 @@ def test_a_stream_name_whose_slot_the_upgrade_keys_cannot_share_is_refused(strea
         load_settings({"BRIDGE_AAL2_STREAM": stream})
     assert str(caught.value).startswith("BRIDGE_AAL2_STREAM:")
     assert "hash tag" in str(caught.value)
+
+
+def test_the_sign_out_path_is_configurable():
+    assert load_settings({}).logout_path == "/.bridge/logout"
+    assert load_settings({"BRIDGE_LOGOUT_PATH": "/sso/sign-out"}).logout_path == "/sso/sign-out"
