@@ -14,7 +14,14 @@ import orjson
 from bridge.admin import cli as admin_cli
 from bridge.config import Settings, load_settings
 from bridge.config.options import parse_option, reference_table
-from bridge.errors import BridgeError, ConfigError, StoreUnavailable
+from bridge.errors import (
+    BridgeError,
+    ConfigError,
+    KratosAdminRefused,
+    KratosUnavailable,
+    KratosUnreachable,
+    StoreUnavailable,
+)
 from bridge.hosts import host_port
 from bridge.logs import configure_logging
 from bridge.store.redis.url import parse_redis_url
@@ -110,13 +117,15 @@ def _configuration_error(error: ConfigError) -> int:
 
 def check_command(settings: Settings) -> int:
     """Print what the bridge would run with and whether Redis and Kratos answer."""
+    from bridge.kratos.admin import KratosAdmin
     from bridge.kratos.whoami import KratosClient
     from bridge.wiring import build_store
 
     ok = True
     workers = worker_count(settings)
     print(f"kratos public:   {settings.kratos_public_url}")
-    print(f"kratos admin:    {settings.kratos_admin_url}")
+    with_token = " (with BRIDGE_KRATOS_ADMIN_TOKEN)" if settings.kratos_admin_token else ""
+    print(f"kratos admin:    {settings.kratos_admin_url}{with_token}")
     print(f"store:           {_store_label(settings)}")
     print(f"workers:         {workers.count} ({workers.reason})")
     print(
@@ -133,16 +142,23 @@ def check_command(settings: Settings) -> int:
         print(f"redis:           FAILED ({error})")
         ok = False
     kratos = KratosClient(
-        settings.kratos_public_url,
-        settings.kratos_admin_url,
-        settings.session_cookie,
-        settings.kratos_timeout,
+        settings.kratos_public_url, settings.session_cookie, settings.kratos_timeout
     )
     problem = kratos.ready()
     print(f"kratos:          {'ok' if problem is None else 'FAILED (' + problem + ')'}")
     ok = ok and problem is None
-    version = kratos.version()
-    print(f"kratos version:  {version or 'unknown (admin API not reachable)'}")
+    admin = KratosAdmin.of(settings)
+    try:
+        print(f"kratos version:  {admin.version()}")
+    except KratosUnreachable:
+        print("kratos version:  unknown (admin API not reachable)")
+    except KratosAdminRefused as error:  # revocation and the web hooks would fail alike
+        print(f"kratos version:  FAILED ({error})")
+        ok = False
+    except KratosUnavailable as error:
+        print(f"kratos version:  unknown ({error})")
+    finally:
+        admin.close()
     return 0 if ok else EXIT_UNHEALTHY
 
 

@@ -24,7 +24,8 @@ two (``bridge.admin.statuses``). An error without a code of its own is answered 
     │   └── TooManyAppFields           413  app_data_too_large
     ├── KratosUnavailable              503  kratos_unavailable
     │   ├── KratosRateLimited          429  kratos_rate_limited
-    │   └── KratosUnreachable          503  kratos_unavailable
+    │   ├── KratosUnreachable          503  kratos_unavailable
+    │   └── KratosAdminRefused         503  kratos_unavailable
     └── StoreUnavailable               503  store_unavailable
 
 Outside it, on purpose: the failures of the code apps and operators run
@@ -159,14 +160,21 @@ class KratosUnreachable(KratosUnavailable):
     the bridge cannot use: the web hooks wait out the first, never the second."""
 
 
+class KratosAdminRefused(KratosUnavailable):
+    """Kratos's admin API answered 401 or 403: the bridge's ``BRIDGE_KRATOS_ADMIN_TOKEN``
+    is missing or not accepted (Ory Network's API key check, or a gateway's)."""
+
+
 class KratosRateLimited(KratosUnavailable):
     """Kratos answered 429; ``retry_after`` is its ``Retry-After`` (seconds)."""
 
     code = "kratos_rate_limited"
     status = 429
 
-    def __init__(self, retry_after: str) -> None:
-        super().__init__("Kratos is rate limiting the bridge")
+    def __init__(
+        self, retry_after: str, message: str = "Kratos is rate limiting the bridge"
+    ) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
 
 

@@ -100,7 +100,6 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         store.error_observer = metrics.redis_error
     kratos = KratosClient(
         settings.kratos_public_url,
-        settings.kratos_admin_url,
         settings.session_cookie,
         settings.kratos_timeout,
         observe=metrics.kratos_call if metrics is not None else None,
@@ -211,7 +210,7 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
     return KratosHooks(
         settings.hook_secret,
         bridge.store,
-        KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout),
+        KratosAdmin.of(settings),
         settings.kratos_timeout,
         events=bridge.events,
     )

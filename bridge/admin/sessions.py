@@ -80,7 +80,7 @@ class SessionAdmin:
         settings = bridge.settings
         self._bridge = bridge
         self._store: AdminStore = bridge.store
-        self.kratos = kratos or KratosAdmin(settings.kratos_admin_url, settings.kratos_timeout)
+        self.kratos = kratos or KratosAdmin.of(settings)
         self._ender = SessionEnder(self._store, bridge.recorder, settings.request_budget)
 
     def page(self, size: int, token: str | None) -> Listing:

@@ -190,6 +190,20 @@ def _password(value: str) -> str:
     return value
 
 
+def parse_api_key(value: str) -> str:
+    """A key the bridge sends (``Authorization: Bearer``): one token of visible ASCII."""
+    if not re.fullmatch(r"[\x21-\x7e]{1,4096}", value):
+        raise ValueError("must be 1-4096 visible ASCII characters, without spaces")
+    return value
+
+
+def _project_slug(value: str) -> str:
+    """An Ory Network project slug, e.g. ``fancy-moofasa-nsuq4mdx5a``: a DNS label."""
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", value.lower()):
+        raise ValueError(f"{value!r} is not a project slug (letters, digits and dashes)")
+    return value.lower()
+
+
 def parse_secret(value: str) -> str:
     if len(value) < MIN_SECRET_LENGTH:
         raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters")
@@ -231,7 +245,33 @@ OPTIONS: tuple[Option, ...] = (
         "kratos_admin_url",
         _http_url,
         "http://127.0.0.1:4434",
-        "Kratos admin API, used by `check` (it reports the Kratos version).",
+        "Kratos admin API: revocation and the dashboard's session detail, the web hooks' "
+        "reads, and `check` (it reports the Kratos version).",
+    ),
+    Option(
+        "kratos_admin_token",
+        parse_api_key,
+        None,
+        "Sent as `Authorization: Bearer ...` with every call to the Kratos admin API, and "
+        'never to the public API: Ory Network\'s project API key (README, "Ory Network"), '
+        "or a gateway's token; unset = none sent. A 401 or 403 from the admin API names "
+        "this setting. Never printed or logged. Prefer `BRIDGE_KRATOS_ADMIN_TOKEN_FILE`.",
+    ),
+    Option(
+        "kratos_admin_token_file",
+        str,
+        None,
+        "File holding `kratos_admin_token` (trailing newline ignored); wins over "
+        "`BRIDGE_KRATOS_ADMIN_TOKEN`.",
+    ),
+    Option(
+        "ory_project_slug",
+        _project_slug,
+        None,
+        "Ory Network project slug (`fancy-moofasa-nsuq4mdx5a`): the defaults of "
+        "`kratos_public_url` and `kratos_admin_url` become "
+        "`https://<slug>.projects.oryapis.com`, and of `session_cookie` "
+        "`ory_session_<slug without dashes>`; set any of them to override (a custom domain).",
     ),
     Option(
         "kratos_timeout",

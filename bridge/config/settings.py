@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from bridge.config.options import BY_NAME, ENV_PREFIX, OPTIONS, parse_secret
+from bridge.config.options import BY_NAME, ENV_PREFIX, OPTIONS, parse_api_key, parse_secret
 from bridge.errors import ConfigError
 from bridge.pipeline.redirects import Origin
 from bridge.pipeline.rules import Rules
@@ -28,6 +28,8 @@ class Settings:
     port: int
     kratos_public_url: str
     kratos_admin_url: str
+    kratos_admin_token: str | None = field(repr=False)
+    ory_project_slug: str | None
     kratos_timeout: float
     login_url: str
     rules_file: str | None
@@ -152,6 +154,11 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     values["hook_secret"] = _secret_or_file(values, "hook_secret", key_of)
     values["app_token"] = _secret_or_file(values, "app_token", key_of)
     values["admin_token"] = _secret_or_file(values, "admin_token", key_of)
+    values["kratos_admin_token"] = _secret_or_file(
+        values, "kratos_admin_token", key_of, parse_api_key
+    )
+    if values["ory_project_slug"] is not None:
+        _ory_network_defaults(values, keys)
     if (
         values["admin_token"] is None
         and values["admin_port"]
@@ -211,18 +218,38 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
     return Settings(**values)
 
 
-def _secret_or_file(values: dict[str, Any], name: str, key_of: Callable[[str], str]) -> str | None:
+def _secret_or_file(
+    values: dict[str, Any],
+    name: str,
+    key_of: Callable[[str], str],
+    parse: Callable[[str], str] = parse_secret,
+) -> str | None:
     """A secret option, or the content of its ``<name>_file`` twin, which wins."""
     secret, secret_file = values.pop(name), values.pop(name + "_file")
     if secret_file is None:
         return secret
     try:
         secret = Path(secret_file).read_text(encoding="utf-8").rstrip("\r\n")
-        return parse_secret(secret)
+        return parse(secret)
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(key_of(name + "_file"), f"cannot be read ({error})") from None
     except ValueError as error:
         raise ConfigError(key_of(name + "_file"), f"secret {error}") from None
+
+
+def _ory_network_defaults(values: dict[str, Any], given: dict[str, str]) -> None:
+    """The project's URLs and session cookie, where no setting names them. Ory Network
+    serves the public and the admin API on one host (the admin API under ``/admin``,
+    behind the project API key) and names the cookie after the slug without its dashes."""
+    slug = values["ory_project_slug"]
+    derived = {
+        "kratos_public_url": f"https://{slug}.projects.oryapis.com",
+        "kratos_admin_url": f"https://{slug}.projects.oryapis.com",
+        "session_cookie": "ory_session_" + slug.replace("-", ""),
+    }
+    for name, value in derived.items():
+        if name not in given:
+            values[name] = value
 
 
 def _loopback(host: str) -> bool:

@@ -7,29 +7,59 @@ the admin URL, and nothing that belongs to a request (no default header is ever 
 Every failure other than "Kratos does not know it" is ``KratosUnavailable``, so the
 caller reports it and never goes on as if the session were gone. Neither an answer's
 body nor the SDK's exception (which quotes it) is ever logged or passed on.
+
+Ory Network (README, "Ory Network") guards its admin API with a project API key:
+``BRIDGE_KRATOS_ADMIN_TOKEN``, sent as ``Authorization: Bearer`` with every call made
+here, SDK and hook read alike, and added to each request as it is built rather than
+kept as a client default, so that nothing else this client might ever send could carry
+it. The public client (``bridge.kratos.whoami``) is built without it. A ``401`` or
+``403`` answer names the setting; a ``429`` holds every call here back until Kratos's
+``Retry-After`` (``bridge.kratos.rate_limit``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from ory_kratos_client import ApiClient, Configuration, IdentityApi
+from ory_kratos_client import ApiClient, Configuration, IdentityApi, MetadataApi
 from ory_kratos_client.exceptions import NotFoundException, OpenApiException
+from urllib3 import Retry
 from urllib3.exceptions import HTTPError
 
-from bridge.errors import KratosUnavailable, KratosUnreachable
+from bridge.errors import (
+    KratosAdminRefused,
+    KratosRateLimited,
+    KratosUnavailable,
+    KratosUnreachable,
+)
 from bridge.kratos.http_client import HTTPClient, RequestFailed
+from bridge.kratos.rate_limit import RateLimit
 from bridge.kratos.whoami import VouchedSession, parse_session
+from bridge.logs import Throttled
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
+
+log = logging.getLogger(__name__)
+_refused = Throttled(log, interval=60.0)
 
 _PAGE_SIZE = 500
 _MAX_PAGES = 20
 _EXPAND = ["identity", "devices"]
+_KEY_SETTING = "BRIDGE_KRATOS_ADMIN_TOKEN"
 
 
 class KratosAdmin:
-    def __init__(self, admin_url: str, timeout: float) -> None:
-        self._client = ApiClient(Configuration(host=admin_url))
+    def __init__(self, admin_url: str, timeout: float, token: str | None = None) -> None:
+        self._admin_url = admin_url
+        # urllib3's default retries, but never its sleep on a 429's Retry-After (which
+        # could hold an operator's call for as long as Kratos says): a 429 is answered at
+        # once, and the calls after it wait here (``_open``).
+        retries = Retry(3, respect_retry_after_header=False)
+        # The SDK hints retries as an int; urllib3, which gets it, also takes a Retry.
+        self._client = ApiClient(Configuration(host=admin_url, retries=retries))  # type: ignore[arg-type]
         self._identities = IdentityApi(self._client)
         # The web hooks' read goes through the whoami client's transport, not the SDK's:
         # one deadline for the whole exchange (urllib3's timeout is per socket read, so a
@@ -37,33 +67,45 @@ class KratosAdmin:
         # redirects followed, and an answer capped at 1 MiB.
         self._http = HTTPClient(admin_url)
         self._timeout = timeout
+        self._token = token
+        self.rate_limit = RateLimit()  # what Kratos says of the admin API's budget
+
+    @classmethod
+    def of(cls, settings: Settings) -> KratosAdmin:
+        """The admin client the settings describe, with their API key if any."""
+        return cls(settings.kratos_admin_url, settings.kratos_timeout, settings.kratos_admin_token)
 
     def session(self, session_id: str) -> dict[str, Any] | None:
         """Kratos's session (with identity and devices), or ``None`` if it knows none."""
+        self._open()
         try:
-            found = self._identities.get_session(
-                session_id, expand=_EXPAND, _request_timeout=self._timeout
+            answer = self._identities.get_session_with_http_info(
+                session_id, expand=_EXPAND, _request_timeout=self._timeout, _headers=self._auth()
             )
         except NotFoundException:
             return None
         except (OpenApiException, HTTPError, ValueError) as error:
-            raise _unavailable(error) from None
-        return found.to_dict()
+            raise self._unavailable(error) from None
+        self._saw(answer.status_code, answer.headers)
+        return answer.data.to_dict()
 
     def vouched_session(self, session_id: str, timeout: float) -> VouchedSession | None:
         """Kratos's session checked and reduced as a whoami answer is (``parse_session``),
         or ``None`` if Kratos does not know it (404). ``KratosUnreachable`` when no answer
         came within ``timeout`` (all of it: connect, send and read); ``KratosUnavailable``
         for any other answer."""
+        self._open()
         path = f"/admin/sessions/{quote(session_id, safe='')}?expand=identity&expand=devices"
+        headers = [("Accept", "application/json"), *self._auth().items()]
         try:
-            answer = self._http.get(path, [("Accept", "application/json")], timeout)
+            answer = self._http.get(path, headers, timeout)
         except RequestFailed as error:
             raise KratosUnreachable(f"Kratos admin API unreachable ({error})") from None
+        self.rate_limit.saw(answer.status, answer.text_header)
         if answer.status == 404:
             return None
         if answer.status != 200:
-            raise KratosUnavailable(f"Kratos admin API answered {answer.status}")
+            raise self._refusal(answer.status)
         view, expires_at_ms = parse_session(answer.body)
         if view["session_id"] != session_id:
             raise KratosUnavailable("Kratos answered for another session")
@@ -71,13 +113,35 @@ class KratosAdmin:
 
     def revoke(self, session_id: str) -> bool:
         """Revoke one session; ``False`` when Kratos knows no such session."""
+        self._open()
         try:
-            self._identities.disable_session(session_id, _request_timeout=self._timeout)
+            answer = self._identities.disable_session_with_http_info(
+                session_id, _request_timeout=self._timeout, _headers=self._auth()
+            )
         except NotFoundException:
             return False
         except (OpenApiException, HTTPError, ValueError) as error:
-            raise _unavailable(error) from None
+            raise self._unavailable(error) from None
+        self._saw(answer.status_code, answer.headers)
         return True
+
+    def version(self) -> str:
+        """The Kratos version, asked once (no urllib3 retries) of a client that lives for
+        this one call. At ``/admin/version`` directly: Kratos answers ``/version`` with a
+        redirect to its own base URL, which would leave a proxy (and its key check)
+        behind. ``KratosUnreachable`` when it gave no answer, ``KratosAdminRefused`` when
+        it refused the bridge, ``KratosUnavailable`` for any other answer."""
+        once = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=0)
+        try:
+            # The SDK hints retries as an int; urllib3, which gets it, also takes a Retry.
+            configuration = Configuration(host=self._admin_url + "/admin", retries=once)  # type: ignore[arg-type]
+            with ApiClient(configuration) as client:
+                found = MetadataApi(client).get_version(
+                    _request_timeout=self._timeout, _headers=self._auth()
+                )
+        except (OpenApiException, HTTPError, ValueError) as error:
+            raise self._unavailable(error) from None
+        return found.version
 
     def active_session_ids(self, identity_id: str) -> list[str] | None:
         """The identity's active sessions, or ``None`` if Kratos knows no such identity."""
@@ -98,13 +162,16 @@ class KratosAdmin:
         token: str | None = None
         try:
             for _ in range(_MAX_PAGES):
+                self._open()
                 answer = self._identities.list_identity_sessions_with_http_info(
                     identity_id,
                     page_size=_PAGE_SIZE,
                     page_token=token,
                     active=active,
                     _request_timeout=self._timeout,
+                    _headers=self._auth(),
                 )
+                self._saw(answer.status_code, answer.headers)
                 page = answer.data or []
                 sessions += [session.to_dict() for session in page]
                 # Kratos (v1.3.1) links a "next" page after every page, the empty one
@@ -115,21 +182,62 @@ class KratosAdmin:
         except NotFoundException:
             return None
         except (OpenApiException, HTTPError, ValueError) as error:
-            raise _unavailable(error) from None
+            raise self._unavailable(error) from None
         raise KratosUnavailable("Kratos listed more sessions for this identity than expected")
 
     def revoke_identity(self, identity_id: str) -> None:
+        self._open()
         try:
-            self._identities.delete_identity_sessions(identity_id, _request_timeout=self._timeout)
+            answer = self._identities.delete_identity_sessions_with_http_info(
+                identity_id, _request_timeout=self._timeout, _headers=self._auth()
+            )
         except NotFoundException:
             return  # nothing to revoke (Kratos answers 404 for an identity without sessions)
         except (OpenApiException, HTTPError, ValueError) as error:
-            raise _unavailable(error) from None
+            raise self._unavailable(error) from None
+        self._saw(answer.status_code, answer.headers)
 
     def close(self) -> None:
         # The SDK's ApiClient (v25) has no close(): its connections are urllib3's.
         self._client.rest_client.pool_manager.clear()
         self._http.close()
+
+    def _auth(self) -> dict[str, str]:
+        """The header for one request: a new dict each time (the SDK adds to the one it
+        is given)."""
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    def _open(self) -> None:
+        """``KratosRateLimited`` at once, sending nothing, while a ``429`` holds."""
+        wait = self.rate_limit.closed_for()
+        if wait:
+            raise _rate_limited(wait)
+
+    def _saw(self, status: int, headers: Any) -> None:
+        self.rate_limit.saw(status, lambda name: (headers or {}).get(name))
+
+    def _unavailable(self, error: Exception) -> KratosUnavailable:
+        status = getattr(error, "status", None)
+        if isinstance(error, OpenApiException) and isinstance(status, int):
+            self._saw(status, getattr(error, "headers", None))
+            return self._refusal(status)
+        if isinstance(error, HTTPError):
+            return KratosUnreachable(f"Kratos admin API unreachable ({type(error).__name__})")
+        return KratosUnavailable(f"Kratos admin API answered unusably ({type(error).__name__})")
+
+    def _refusal(self, status: int) -> KratosUnavailable:
+        """The error for an answer other than 200 or 404, naming the setting to fix when
+        Kratos (or Ory Network) refuses the bridge."""
+        if status == 429:
+            return _rate_limited(self.rate_limit.closed_for())
+        if status not in (401, 403):
+            return KratosUnavailable(f"Kratos admin API answered {status}")
+        if self._token is None:
+            problem = f"it needs an API key: set {_KEY_SETTING} or {_KEY_SETTING}_FILE"
+        else:
+            problem = f"it does not accept the key in {_KEY_SETTING}"
+        _refused.warning("kratos admin API answered %d: %s", status, problem)
+        return KratosAdminRefused(f"Kratos admin API answered {status}: {problem}")
 
 
 def _next_page_token(headers: Any) -> str | None:
@@ -146,7 +254,7 @@ def _next_page_token(headers: Any) -> str | None:
     return None
 
 
-def _unavailable(error: Exception) -> KratosUnavailable:
-    status = getattr(error, "status", None)
-    detail = f"answered {status}" if status else f"unreachable ({type(error).__name__})"
-    return KratosUnavailable(f"Kratos admin API {detail}")
+def _rate_limited(wait: int) -> KratosRateLimited:
+    return KratosRateLimited(
+        str(wait), f"Kratos admin API is rate limiting the bridge: retry in {wait} s"
+    )

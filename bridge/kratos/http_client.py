@@ -57,6 +57,11 @@ class Answer:
     def header_list(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.headers if key == name]
 
+    def text_header(self, name: str) -> str | None:
+        """``header`` by a ``str`` name, as text (Latin-1, as HTTP/1.1 carries it)."""
+        value = self.header(name.encode("ascii"))
+        return None if value is None else value.decode("latin-1")
+
 
 class _Connection:
     __slots__ = ("h11", "idle_since", "sock")

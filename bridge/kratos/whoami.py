@@ -32,6 +32,7 @@ import orjson
 from bridge.clock import parse_timestamp_ms
 from bridge.errors import KratosRateLimited, KratosUnavailable, SessionInvalid, StepUpRequired
 from bridge.kratos.http_client import Answer, HTTPClient, RequestFailed
+from bridge.kratos.rate_limit import RateLimit, seconds
 from bridge.logs import Throttled
 from bridge.pipeline.credentials import Credential
 
@@ -41,7 +42,6 @@ _failures = Throttled(log)
 AAL_LEVELS = ("aal0", "aal1", "aal2", "aal3")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _METHOD = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_RETRY_AFTER = re.compile(r"[0-9]{1,6}")
 _ACCEPT_JSON = ("Accept", "application/json")
 # Kratos's step-up URL becomes a response header: visible ASCII only.
 _BROWSER_URL = re.compile(r"https?://[\x21-\x7e]{1,2048}")
@@ -71,16 +71,15 @@ class KratosClient:
     def __init__(
         self,
         public_url: str,
-        admin_url: str,
         cookie_name: str,
         timeout: float,
         observe: KratosCallObserver | None = None,
     ) -> None:
-        self._admin_url = admin_url
         self._cookie_name = cookie_name
         self._timeout = timeout
         self._public = HTTPClient(public_url)
         self._observe = observe
+        self.rate_limit = RateLimit()  # what Kratos says of the public API's budget
 
     @property
     def public(self) -> HTTPClient:
@@ -101,6 +100,7 @@ class KratosClient:
             raise KratosUnavailable(f"Kratos could not be reached ({error})") from None
         if observe is not None:
             observe(answer.status, time.perf_counter() - started)
+        self.rate_limit.saw(answer.status, answer.text_header)
 
         if answer.status == 200:
             view, expires_at_ms = parse_session(answer.body)
@@ -125,26 +125,6 @@ class KratosClient:
         if answer.status != 200:
             return f"not ready (HTTP {answer.status})"
         return None
-
-    def version(self) -> str | None:
-        """The Kratos version from the admin API (via the Ory SDK), or ``None``. The SDK
-        client lives for this one call, so it shares nothing with other calls. It asks
-        once (no urllib3 retries): a check answers within the timeout, and says so. Kratos
-        answers the admin ``/version`` with a redirect to ``/admin/version``, which is
-        followed (a redirect is not a retry, but urllib3 counts it as one)."""
-        from ory_kratos_client import ApiClient, Configuration, MetadataApi
-        from ory_kratos_client.exceptions import OpenApiException
-        from urllib3 import Retry
-        from urllib3.exceptions import HTTPError
-
-        once = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=2)
-        try:
-            # The SDK hints retries as an int; urllib3, which gets it, also takes a Retry.
-            configuration = Configuration(host=self._admin_url, retries=once)  # type: ignore[arg-type]
-            with ApiClient(configuration) as client:
-                return MetadataApi(client).get_version(_request_timeout=self._timeout).version
-        except (OpenApiException, HTTPError, ValueError):
-            return None
 
     def close(self) -> None:
         self._public.close()
@@ -268,8 +248,10 @@ def _timestamp_or_none(parent: dict[str, Any], name: str) -> str | None:
 
 
 def _retry_after(answer: Answer) -> str:
-    value = (answer.header(b"retry-after") or b"").decode("latin-1").strip()
-    return value if _RETRY_AFTER.fullmatch(value) else "1"
+    """Kratos's ``Retry-After``, else Ory Network's ``x-ratelimit-reset``, else 1 s."""
+    wait = seconds(answer.text_header("retry-after"))
+    wait = wait or seconds(answer.text_header("x-ratelimit-reset"))
+    return str(wait or 1)
 
 
 def _redirect_browser_to(answer: Answer) -> str | None:

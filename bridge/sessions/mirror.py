@@ -246,9 +246,14 @@ class SessionMirror:
         young again (a request re-validated it meanwhile); a copy the store holds fresher
         than ours (a peer refreshed it) is taken as it is; otherwise Kratos is asked. A
         rejection drops the copy at once; any other failure leaves it to age out at
-        ``revalidate_after``."""
+        ``revalidate_after``. Nothing either while Kratos says its rate limit is nearly
+        used (Ory Network): the calls left are kept for requests, which ask on their own
+        once the copy is stale (``bridge.kratos.rate_limit``)."""
         recent = self._recent.get(fingerprint)
         if recent is None or now_ms() - recent.validated_at_ms < self._refresh_after_ms:
+            return
+        if not self._kratos.rate_limit.spare():
+            self._refresh_retry_at.put(fingerprint, time.monotonic() + self._refresh_pause_s)
             return
 
         def fetch() -> Resolved:

@@ -18,7 +18,8 @@ What a hook does, and does not:
 - Kratos runs login hooks before it saves the session: first-factor logins carry the nil
   session id (nothing to mirror, answered 204 at once), and an AAL upgrade may reach the
   bridge before Kratos stored it, so the admin API is asked until it shows what the hook
-  saw, for at most ``kratos_timeout``.
+  saw, for at most ``kratos_timeout`` (and not again while Kratos says its rate limit is
+  nearly used).
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ class KratosHooks:
             if found is not None and _caught_up(found.view, announced):
                 return MirroredSession.from_kratos(found, asked_at)
             if time.monotonic() + _POLL_SECONDS >= deadline:
+                return None
+            if not self._admin.rate_limit.spare():
+                # Kratos's rate limit is nearly used (Ory Network): asking again only
+                # saves the next request a Kratos call, so the calls left go to requests.
+                log.info("kratos hook: %s not asked for again (rate limit)", announced.session_id)
                 return None
             time.sleep(_POLL_SECONDS)
 

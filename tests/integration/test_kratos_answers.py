@@ -172,3 +172,15 @@ def test_unusable_retry_after_becomes_one_second(stand_in, redis_server, prefix)
     stand_in.answers[token] = (429, {"Retry-After": "soon\x7f"}, b"{}")
     client = _client(stand_in, redis_server, prefix)
     assert client.get("/whoami", headers={"X-Session-Token": token}).headers["Retry-After"] == "1"
+
+
+def test_without_retry_after_ory_networks_reset_is_passed_on(stand_in, redis_server, prefix):
+    """Ory Network says when its rate-limit window ends in ``x-ratelimit-reset``."""
+    token = "ory_st_" + "o" * 32
+    stand_in.answers[token] = (
+        429,
+        {"x-ratelimit-reset": "12", "x-ratelimit-remaining": "0"},
+        b"{}",
+    )
+    client = _client(stand_in, redis_server, prefix)
+    assert client.get("/whoami", headers={"X-Session-Token": token}).headers["Retry-After"] == "12"

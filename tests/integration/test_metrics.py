@@ -166,13 +166,10 @@ def test_refusals_are_counted_from_the_reply_s_facts_not_its_body(metrics):
 
 def test_kratos_calls_by_status_and_latency(kratos, metrics):
     user = flows.register(kratos)
-    client = KratosClient(
-        kratos.public_url, kratos.admin_url, "ory_kratos_session", 5, observe=metrics.kratos_call
-    )
+    client = KratosClient(kratos.public_url, "ory_kratos_session", 5, observe=metrics.kratos_call)
     nobody = KratosClient(
-        f"http://127.0.0.1:{free_port()}", kratos.admin_url, "ory_kratos_session", 5,
-        observe=metrics.kratos_call,
-    )  # fmt: skip
+        f"http://127.0.0.1:{free_port()}", "ory_kratos_session", 5, observe=metrics.kratos_call
+    )
     try:
         client.whoami(extract(HeaderView([("x-session-token", user.token)]), "c"))
         with pytest.raises(SessionInvalid):
@@ -221,7 +218,7 @@ def test_aal2_events_by_method(kratos, metrics):
     flows.enable_totp(kratos, user)
     token = flows.login_api(kratos, user)
     flows.upgrade_to_aal2(kratos, user, token)
-    client = KratosClient(kratos.public_url, kratos.admin_url, "ory_kratos_session", 5)
+    client = KratosClient(kratos.public_url, "ory_kratos_session", 5)
     try:
         answer = client.whoami(extract(HeaderView([("x-session-token", token)]), "c"))
     finally:

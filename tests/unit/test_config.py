@@ -577,3 +577,52 @@ def test_a_stream_name_whose_slot_the_upgrade_keys_cannot_share_is_refused(strea
 def test_the_sign_out_path_is_configurable():
     assert load_settings({}).logout_path == "/.bridge/logout"
     assert load_settings({"BRIDGE_LOGOUT_PATH": "/sso/sign-out"}).logout_path == "/sso/sign-out"
+
+
+def test_kratos_admin_token_from_env_or_file_never_printed(tmp_path):
+    assert load_settings({}).kratos_admin_token is None  # nothing is sent
+    key = "ory_pat_" + "k" * 32
+    settings = load_settings({"BRIDGE_KRATOS_ADMIN_TOKEN": key})
+    assert settings.kratos_admin_token == key
+    assert key not in repr(settings)
+    path = tmp_path / "kratos_admin_token"
+    path.write_text("ory_apikey_from_file\n")
+    from_file = load_settings(
+        {"BRIDGE_KRATOS_ADMIN_TOKEN_FILE": str(path), "BRIDGE_KRATOS_ADMIN_TOKEN": key}
+    )
+    assert from_file.kratos_admin_token == "ory_apikey_from_file"
+    for bad in ("two words", "", "caf\u00e9"):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({"BRIDGE_KRATOS_ADMIN_TOKEN": bad})
+        assert caught.value.key == "BRIDGE_KRATOS_ADMIN_TOKEN"
+        assert "visible ASCII" in caught.value.problem  # the value itself is not repeated
+    path.write_text("\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_KRATOS_ADMIN_TOKEN_FILE": str(path)})
+    assert caught.value.key == "BRIDGE_KRATOS_ADMIN_TOKEN_FILE"
+
+
+def test_an_ory_project_slug_names_the_urls_and_the_cookie():
+    """As Ory Network names them: one host for both APIs, and the cookie after the slug
+    without its dashes (``fancy-moofasa-nsuq4mdx5a``: ``ory_session_fancymoofasansuq4mdx5a``)."""
+    settings = load_settings({"BRIDGE_ORY_PROJECT_SLUG": "Fancy-Moofasa-nsuq4mdx5a"})
+    project = "https://fancy-moofasa-nsuq4mdx5a.projects.oryapis.com"
+    assert settings.ory_project_slug == "fancy-moofasa-nsuq4mdx5a"
+    assert settings.kratos_public_url == settings.kratos_admin_url == project
+    assert settings.session_cookie == "ory_session_fancymoofasansuq4mdx5a"
+    assert settings.login_url == project + "/self-service/login/browser"
+
+    custom = load_settings(
+        {
+            "BRIDGE_ORY_PROJECT_SLUG": "fancy-moofasa-nsuq4mdx5a",
+            "BRIDGE_KRATOS_PUBLIC_URL": "https://auth.example.com",
+        }
+    )
+    assert custom.kratos_public_url == "https://auth.example.com"  # a custom domain wins
+    assert custom.kratos_admin_url == project
+    assert custom.session_cookie == "ory_session_fancymoofasansuq4mdx5a"
+
+    for bad in ("-leading", "under_score", "dots.in.it", "x" * 64):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({"BRIDGE_ORY_PROJECT_SLUG": bad})
+        assert caught.value.key == "BRIDGE_ORY_PROJECT_SLUG"

@@ -38,6 +38,7 @@ MAIN = {
     errors.KratosUnavailable: (503, "kratos_unavailable"),
     errors.KratosRateLimited: (429, "kratos_rate_limited"),
     errors.KratosUnreachable: (503, "kratos_unavailable"),
+    errors.KratosAdminRefused: (503, "kratos_unavailable"),
     errors.StoreUnavailable: (503, "store_unavailable"),
 }
 # The admin listener: Kratos out of reach is a bad gateway there, and a rate-limited Kratos
@@ -48,6 +49,7 @@ ADMIN = {
     errors.KratosUnavailable: (502, "kratos_unavailable"),
     errors.KratosRateLimited: (502, "kratos_unavailable"),
     errors.KratosUnreachable: (502, "kratos_unavailable"),
+    errors.KratosAdminRefused: (502, "kratos_unavailable"),
     errors.StoreUnavailable: (503, "store_unavailable"),
 }
 ADMIN_INTERNAL = (500, "internal_error")
