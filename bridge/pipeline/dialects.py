@@ -243,10 +243,21 @@ class EnvoyGrpcDialect(_EnvoyDialect):
     name = "ext-authz-grpc"
     route = "envoy.service.auth.v3.Authorization/Check"
 
+    def __init__(self) -> None:
+        # Checked requests by what they were read from, as ``ForwardAuthDialect`` keeps.
+        self._checked: BoundedMap[tuple[str, ...], OriginalRequest] = BoundedMap(10_000)
+
     def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
         if not path:
             raise BadRequest("the check request has no attributes.request.http.path")
-        return self._original(headers, method, path, "attributes.request.http.path")
+        schemes, hosts = headers.get_all("x-forwarded-proto"), headers.get_all("host")
+        values = (method, path, str(len(schemes)), *schemes, *hosts)
+        checked = self._checked.get(values)
+        if checked is None:
+            checked = self._original(headers, method, path, "attributes.request.http.path")
+            if len(path) <= _MEMO_MAX_TARGET:
+                self._checked.put(values, checked)
+        return checked
 
 
 class Dialects:

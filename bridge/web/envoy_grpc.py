@@ -167,19 +167,19 @@ def _header_pairs(http: AttributeContext.HttpRequest) -> list[tuple[str, str]]:
     with the check request's ``host`` as ``Host`` and its ``scheme`` as
     ``X-Forwarded-Proto`` when Envoy did not send that header."""
     wanted = declared()
-    if http.header_map.headers:  # encode_raw_headers: each header as sent, repeats kept
+    if http.HasField("header_map"):  # encode_raw_headers: each header as sent, repeats kept
         pairs = [
             (key, _as_bytes(h.value) if h.value else h.raw_value.decode("latin-1"))
             for h in http.header_map.headers
-            if (key := h.key.lower()) in wanted
+            if (key := h.key.lower()) in wanted and key != "host"
         ]
-    else:
+    else:  # Envoy's keys are lower case: look up what is read, not every header sent
+        headers = http.headers
         pairs = [
-            (key, _as_bytes(value))
-            for name, value in http.headers.items()
-            if (key := name.lower()) in wanted
+            (name, _as_bytes(headers[name]))
+            for name in wanted
+            if name != "host" and name in headers
         ]
-    pairs = [(name, value) for name, value in pairs if name != "host"]
     if http.host:
         pairs.append(("host", _as_bytes(http.host)))
     if http.scheme and not any(name == "x-forwarded-proto" for name, _ in pairs):
