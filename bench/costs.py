@@ -15,11 +15,13 @@ counted where redis-py sends a command or a pipeline).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import secrets
 import string
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,62 @@ def measure(name, bridge, views, requests, *, warm=False, path="/auth"):
     cpu_us = (time.process_time() - started) / requests * 1e6
     per_request = (RoundTrips.count - trips) / requests
     print(f"{name:<52}{reply.status:>7}{cpu_us:>12.1f}{per_request:>16.2f}")
+
+
+class _Envoy:
+    """The gRPC context of a check: only its peer is read."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
+
+def check_request(token: str) -> bytes:
+    """Envoy's CheckRequest for the request FORWARDED describes, with ``token``."""
+    from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+    from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+
+    original = dict(FORWARDED)
+    http = AttributeContext.HttpRequest(
+        method=original["x-forwarded-method"],
+        path=original["x-forwarded-uri"],
+        host=original["x-forwarded-host"],
+        scheme=original["x-forwarded-proto"],
+        headers={"x-session-token": token, "x-forwarded-proto": original["x-forwarded-proto"]},
+    )
+    context = AttributeContext(request=AttributeContext.Request(http=http))
+    return CheckRequest(attributes=context).SerializeToString()
+
+
+def measure_grpc(name, bridge, tokens, requests, *, warm=False):
+    """As ``measure``, for Envoy's gRPC check as ``bridge.web.envoy_grpc`` answers it: the
+    ``CheckRequest`` parsed, the decision (``begin`` on the loop, ``finish`` on a worker),
+    the ``CheckResponse`` serialized; not grpcio's transport."""
+    from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
+
+    from bridge.web.envoy_grpc import Checks
+
+    pool = ThreadPoolExecutor(4)
+    checks = Checks(bridge.forward_auth, pool, bridge.settings.request_budget)
+    data = [check_request(token) for token in tokens]
+    envoy = _Envoy()
+
+    async def run(first: int, count: int) -> bytes:
+        answer = b""
+        for i in range(first, first + count):
+            answer = await checks.check(data[i % len(data)], envoy)
+        return answer
+
+    warm_up = 200
+    asyncio.run(run(0, warm_up))
+    offset = 0 if warm else warm_up
+    trips = RoundTrips.count
+    started = time.process_time()
+    answer = CheckResponse.FromString(asyncio.run(run(offset, requests)))
+    cpu_us = (time.process_time() - started) / requests * 1e6
+    per_request = (RoundTrips.count - trips) / requests
+    status = answer.denied_response.status.code if answer.status.code else 200
+    print(f"{name:<52}{status:>7}{cpu_us:>12.1f}{per_request:>16.2f}")
+    pool.shutdown()
 
 
 def main() -> None:
@@ -175,6 +233,22 @@ def main() -> None:
             )
         measure("re-validation (Kratos asked)", bridge("0"), valid, args.requests)
         measure("rejection (forged token)", bridge("0"), forged, args.requests)
+        # Envoy's gRPC ext_authz: the same decisions, read from and written as protobuf.
+        tokens = [user.token for user in users]
+        forged_tokens = [view.get("x-session-token") or "" for view in forged]
+        grpc = "warm hit, gRPC Check"
+        measure_grpc(grpc, bridge("3600"), tokens, args.requests * 10, warm=True)
+        measure_grpc(
+            grpc + ", 20 rules + JWT",
+            bridge("3600", **rules, **jwt),
+            tokens,
+            args.requests * 10,
+            warm=True,
+        )
+        measure_grpc("re-validation, gRPC Check", bridge("0"), tokens, args.requests)
+        measure_grpc(
+            "rejection (forged token), gRPC Check", bridge("0"), forged_tokens, args.requests
+        )
     finally:
         kratos.stop()
         topology.stop()

@@ -236,6 +236,27 @@ OPTIONS: tuple[Option, ...] = (
         "Port `serve` listens on (`--port` overrides).",
     ),
     Option(
+        "grpc_port",
+        _number(1, 65535, integer=True),
+        None,
+        "Port of Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization/Check`, and "
+        "the gRPC health service) on `BRIDGE_HOST`, served by every server process; unset = "
+        'none. Envoy\'s `failure_mode_allow` must stay `false` (README, "Envoy over gRPC").',
+    ),
+    Option(
+        "grpc_tls_cert_file",
+        str,
+        None,
+        "PEM certificate chain the gRPC port serves TLS with (with "
+        "`BRIDGE_GRPC_TLS_KEY_FILE`; read at start-up); unset = plaintext HTTP/2.",
+    ),
+    Option(
+        "grpc_tls_key_file",
+        str,
+        None,
+        "PEM private key of `BRIDGE_GRPC_TLS_CERT_FILE`.",
+    ),
+    Option(
         "kratos_public_url",
         _http_url,
         "http://127.0.0.1:4433",

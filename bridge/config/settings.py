@@ -26,6 +26,9 @@ class Settings:
 
     host: str
     port: int
+    grpc_port: int | None
+    grpc_tls_cert_file: str | None
+    grpc_tls_key_file: str | None
     kratos_public_url: str
     kratos_admin_url: str
     kratos_admin_token: str | None = field(repr=False)
@@ -195,13 +198,8 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
                 f"{label} sets jwt_audience, but no JWT is minted (set BRIDGE_JWT_HEADER "
                 "and BRIDGE_JWT_KEYS_DIR)",
             )
-    if (values["jwt_header"] is None) != (values["jwt_keys_dir"] is None):
-        given, missing = (
-            ("jwt_header", "jwt_keys_dir")
-            if values["jwt_keys_dir"] is None
-            else ("jwt_keys_dir", "jwt_header")
-        )
-        raise ConfigError(key_of(given), f"needs {BY_NAME[missing].env} too")
+    _both_or_neither(values, "jwt_header", "jwt_keys_dir", key_of)
+    _check_grpc(values, key_of)
     if values["jwt_header"] is not None:
         if values["jwt_header"].lower() in {n.lower() for n, _ in values["identity_headers"]}:
             raise ConfigError(key_of("jwt_header"), "is also in BRIDGE_IDENTITY_HEADERS")
@@ -250,6 +248,34 @@ def _ory_network_defaults(values: dict[str, Any], given: dict[str, str]) -> None
     for name, value in derived.items():
         if name not in given:
             values[name] = value
+
+
+def _both_or_neither(
+    values: dict[str, Any], first: str, second: str, key_of: Callable[[str], str]
+) -> None:
+    """Two options that only work together: one without the other is an error naming it."""
+    if (values[first] is None) != (values[second] is None):
+        given, missing = (first, second) if values[second] is None else (second, first)
+        raise ConfigError(key_of(given), f"needs {BY_NAME[missing].env} too")
+
+
+def _check_grpc(values: dict[str, Any], key_of: Callable[[str], str]) -> None:
+    """The gRPC port is not another listener's, and its TLS files are both there and
+    readable, or neither is set."""
+    _both_or_neither(values, "grpc_tls_cert_file", "grpc_tls_key_file", key_of)
+    port = values["grpc_port"]
+    if port is None:
+        if values["grpc_tls_cert_file"] is not None:
+            raise ConfigError(key_of("grpc_tls_cert_file"), "needs BRIDGE_GRPC_PORT too")
+        return
+    if port in (values["port"], values["admin_port"]):
+        raise ConfigError(key_of("grpc_port"), f"{port} is BRIDGE_PORT or BRIDGE_ADMIN_PORT")
+    for name in ("grpc_tls_cert_file", "grpc_tls_key_file"):
+        if values[name] is not None:
+            try:
+                Path(values[name]).read_bytes()
+            except OSError as error:
+                raise ConfigError(key_of(name), f"cannot be read ({error.strerror})") from None
 
 
 def _loopback(host: str) -> bool:

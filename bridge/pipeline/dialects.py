@@ -19,6 +19,9 @@ does the right thing with it:
 - ``/ext-authz/<original path>`` (Envoy HTTP ``ext_authz`` with ``path_prefix:
   /ext-authz``): the check request keeps the original method and ``Host``, and appends
   the original path; denials reach the client as they are, as with ``/forward-auth``.
+- Envoy's gRPC ``ext_authz`` (``bridge.web.envoy_grpc``, on ``BRIDGE_GRPC_PORT``): the
+  same reading from the check request's attributes, and the same answers, which the
+  server turns into a ``CheckResponse``.
 
 A header the dialect needs that is missing or malformed is a 400 naming it (403 on
 ``/auth``): the bridge never guesses which URL a rule should judge or where a browser
@@ -192,29 +195,69 @@ class ForwardAuthDialect(Dialect):
 _MEMO_MAX_TARGET = 1024
 
 
-class EnvoyExtAuthzDialect(Dialect):
-    """``/ext-authz/<path>``: the check request's own method, ``Host`` and the path after
-    the prefix; the scheme from ``X-Forwarded-Proto`` (list it in ``allowed_headers``)."""
+class _EnvoyDialect(Dialect):
+    """What Envoy's two ``ext_authz`` services share: the original request is the check
+    request's own method, ``Host`` and target; the scheme is ``X-Forwarded-Proto`` (list it
+    in ``allowed_headers``). The query is the app's, never an ``aal`` for the bridge."""
 
-    name = "ext-authz"
     reads = ("x-forwarded-proto", "host")
-    prefix = "/ext-authz"
-    route = prefix + "/<path>"  # the path after the prefix is the app's: it may hold a token
 
-    def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
+    def _original(
+        self, headers: HeaderView, method: str, target: str, source: str
+    ) -> OriginalRequest:
         scheme = _required(headers, "x-forwarded-proto").lower()
         if scheme not in _SCHEMES:
             raise BadRequest("the X-Forwarded-Proto header is not http or https")
-        target = path[len(self.prefix) :] or "/"
         return OriginalRequest(
             _method(method, "request method"),
             scheme,
             _host(_required(headers, "host"), "Host header"),
-            _target(f"{target}?{query}" if query else target, "original path"),
+            _target(target, source),
         )
 
     def asked_aal(self, query: str) -> str | None:
         return None  # the query is the app's, not the proxy's
+
+
+class EnvoyExtAuthzDialect(_EnvoyDialect):
+    """``/ext-authz/<path>`` (Envoy's HTTP ``ext_authz``): the path after the prefix."""
+
+    name = "ext-authz"
+    prefix = "/ext-authz"
+    route = prefix + "/<path>"  # the path after the prefix is the app's: it may hold a token
+
+    def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
+        target = path[len(self.prefix) :] or "/"
+        return self._original(
+            headers, method, f"{target}?{query}" if query else target, "original path"
+        )
+
+
+class EnvoyGrpcDialect(_EnvoyDialect):
+    """Envoy's gRPC ``ext_authz`` (``bridge.web.envoy_grpc``): a ``CheckRequest``'s
+    ``attributes.request.http`` gives the method, ``path`` (with the query), ``host`` and
+    ``scheme``; the server passes the path as it is and the host as the ``Host`` header,
+    and ``scheme`` as ``X-Forwarded-Proto`` unless Envoy sent that header (which wins, as
+    on ``/ext-authz``). A check request without them is refused, never judged as ``/``."""
+
+    name = "ext-authz-grpc"
+    route = "envoy.service.auth.v3.Authorization/Check"
+
+    def __init__(self) -> None:
+        # Checked requests by what they were read from, as ``ForwardAuthDialect`` keeps.
+        self._checked: BoundedMap[tuple[str, ...], OriginalRequest] = BoundedMap(10_000)
+
+    def original(self, headers: HeaderView, method: str, path: str, query: str) -> OriginalRequest:
+        if not path:
+            raise BadRequest("the check request has no attributes.request.http.path")
+        schemes, hosts = headers.get_all("x-forwarded-proto"), headers.get_all("host")
+        values = (method, path, str(len(schemes)), *schemes, *hosts)
+        checked = self._checked.get(values)
+        if checked is None:
+            checked = self._original(headers, method, path, "attributes.request.http.path")
+            if len(path) <= _MEMO_MAX_TARGET:
+                self._checked.put(values, checked)
+        return checked
 
 
 class Dialects:
@@ -224,6 +267,7 @@ class Dialects:
         self.nginx = NginxAuthRequestDialect(url_required, host_required)
         self.forward_auth = ForwardAuthDialect()
         self.ext_authz = EnvoyExtAuthzDialect()
+        self.ext_authz_grpc = EnvoyGrpcDialect()  # no path: the gRPC server's own
         self._exact = {dialect.route: dialect for dialect in (self.nginx, self.forward_auth)}
 
     def for_path(self, path: str) -> Dialect | None:

@@ -24,8 +24,8 @@ import asyncio
 import io
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Protocol
 
@@ -64,8 +64,11 @@ class Served(Protocol):
 
 
 class Front:
-    def __init__(self, bridge: Served, flask_app: Flask) -> None:
+    def __init__(
+        self, bridge: Served, flask_app: Flask, stops: Sequence[Callable[[], None]] = ()
+    ) -> None:
         settings = bridge.settings
+        self._stops = tuple(stops)  # what else the process serves (the gRPC server)
         self._bridge = bridge
         self._forward_auth = bridge.forward_auth
         self._flask = flask_app
@@ -132,12 +135,7 @@ class Front:
         *args: Any,
         on_timeout: Callable[[], Reply] = responses.timed_out,
     ) -> Reply:
-        future = asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
-        try:
-            return await asyncio.wait_for(future, self._budget)
-        except TimeoutError:
-            _late.warning("a request waited %.2fs for Kratos or Redis", self._budget)
-            return on_timeout()
+        return await off_loop(self._pool, self._budget, function, *args, on_timeout=on_timeout)
 
     def _call_flask(self, scope: dict[str, Any], body: bytes) -> Reply:
         started: list[Any] = []
@@ -161,10 +159,29 @@ class Front:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                for stop in self._stops:
+                    stop()
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._bridge.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def off_loop(
+    pool: Executor,
+    budget: float,
+    function: Callable[..., Reply],
+    *args: Any,
+    on_timeout: Callable[[], Reply] = responses.timed_out,
+) -> Reply:
+    """``function(*args)`` on a thread of ``pool``, waited for at most ``budget`` seconds;
+    past it ``on_timeout()`` answers and the thread's late result is dropped."""
+    future = asyncio.get_running_loop().run_in_executor(pool, function, *args)
+    try:
+        return await asyncio.wait_for(future, budget)
+    except TimeoutError:
+        _late.warning("a request waited %.2fs for Kratos or Redis", budget)
+        return on_timeout()
 
 
 def _no_write(data: bytes) -> None:

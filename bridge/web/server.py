@@ -2,7 +2,9 @@
 
 Chosen by measurement: see README "Why Granian, and why ASGI". Each worker process
 builds its own parts from the validated settings, so every process has its own
-Kratos connections, Redis pool and fresh-session copy.
+Kratos connections, Redis pool and fresh-session copy; with ``BRIDGE_GRPC_PORT`` each
+also serves Envoy's gRPC ``ext_authz`` from that copy (``bridge.web.envoy_grpc``), the
+processes sharing the port as they share the HTTP one.
 """
 
 from __future__ import annotations
@@ -80,7 +82,14 @@ def _load_app(settings: Settings, workers: WorkerCount, *_: Any) -> Any:
             settings.admin_port,
             settings.body_timeout,
         )
-    return Front(bridge, create_flask_app(bridge))
+    stops = []
+    if settings.grpc_port:
+        from bridge.web.envoy_grpc import GrpcAuthz  # grpcio and Envoy's protos: only when on
+
+        grpc_server = GrpcAuthz(bridge.forward_auth, settings)
+        grpc_server.start()
+        stops.append(grpc_server.stop)
+    return Front(bridge, create_flask_app(bridge), stops)
 
 
 def serve(settings: Settings) -> None:
@@ -91,6 +100,10 @@ def serve(settings: Settings) -> None:
     if settings.admin_port:
         _check_port_free("BRIDGE_ADMIN_PORT", settings.admin_host, settings.admin_port)
     _check_port_free("BRIDGE_PORT", settings.host, settings.port)
+    if settings.grpc_port:
+        if settings.grpc_port == settings.port:  # --port may have made them one
+            raise ConfigError("BRIDGE_GRPC_PORT", f"{settings.port} is also BRIDGE_PORT")
+        _check_port_free("BRIDGE_GRPC_PORT", settings.host, settings.grpc_port)
     if settings.redis_url is None:
         log.warning(
             "BRIDGE_REDIS_URL is not set: using the embedded in-process store "

@@ -48,16 +48,16 @@ def test_embedded_mode_serves_and_warns(kratos, workdir):
     assert user.token not in log
 
 
+def _on_redis(kratos, redis_server, prefix, **extra):
+    """Settings of two server processes on the shared Redis."""
+    env = {"BRIDGE_REDIS_URL": redis_server.url, "BRIDGE_SECRET": SECRET}
+    return _env(kratos, **env, BRIDGE_KEY_PREFIX=prefix, BRIDGE_WORKERS="2", **extra)
+
+
 @pytest.fixture
 def two_bridges(kratos, redis_server, workdir, prefix):
-    env = _env(
-        kratos,
-        BRIDGE_REDIS_URL=redis_server.url,
-        BRIDGE_SECRET=SECRET,
-        BRIDGE_KEY_PREFIX=prefix,
-        BRIDGE_REVALIDATE_AFTER="1",
-        BRIDGE_WORKERS="2",
-        BRIDGE_LOG_LEVEL="debug",
+    env = _on_redis(
+        kratos, redis_server, prefix, BRIDGE_REVALIDATE_AFTER="1", BRIDGE_LOG_LEVEL="debug"
     )
     servers = [BridgeServer(env, workdir), BridgeServer(env, workdir)]
     yield servers
@@ -257,3 +257,56 @@ def test_a_second_bridge_on_the_same_main_port_exits_2_naming_the_key(kratos, wo
     finally:
         first.stop()
     _one_config_line(second, "BRIDGE_PORT", first.port)
+
+
+def _grpc_check(port: int, token: str):
+    """One Envoy gRPC check on a connection of its own (so the kernel may hand it to any
+    server process)."""
+    import grpc
+    from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+    from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+    from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
+
+    http = AttributeContext.HttpRequest(
+        method="GET",
+        path="/reports?year=2026",
+        host="app.test",
+        scheme="https",
+        headers={"x-session-token": token, "x-forwarded-proto": "https"},
+    )
+    request = CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return AuthorizationStub(channel).Check(request, timeout=10)
+
+
+def test_every_process_serves_envoy_grpc_checks(kratos, redis_server, workdir, prefix):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc_port = free_port()
+    env = _on_redis(kratos, redis_server, prefix, BRIDGE_GRPC_PORT=str(grpc_port))
+    server = BridgeServer(env, workdir)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        user = flows.register(kratos)
+        for _ in range(10):
+            check = _grpc_check(grpc_port, user.token)
+            assert check.status.code == 0
+            upstream = {h.header.key: h.header.value for h in check.ok_response.headers}
+            assert upstream["x-user-id"] == user.identity_id
+        refused = _grpc_check(grpc_port, "ory_st_" + "f" * 32)
+        assert refused.denied_response.status.code == 401
+        # Another bridge on the same gRPC port stops naming the key, as for the HTTP port.
+        second = _second_serve(
+            _env(kratos, BRIDGE_ADMIN_PORT="0", BRIDGE_GRPC_PORT=str(grpc_port)), free_port()
+        )
+        _one_config_line(second, "BRIDGE_GRPC_PORT", grpc_port)
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+    log = server.log()
+    assert "Traceback" not in log
+    assert user.token not in log

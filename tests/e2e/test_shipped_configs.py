@@ -70,6 +70,7 @@ def test_compose_demo_wants_the_audience_the_bridge_gives_it(tmp_path):
         ("config/traefik/dynamic.yml", r"- {name}\n"),
         ("config/envoy/envoy.yaml", r"remove: {lower}\n"),
         ("config/envoy/envoy.yaml", r"exact: {lower}\n"),
+        ("config/envoy/envoy-grpc.yaml", r"remove: {lower}\n"),
     ],
 )
 def test_every_proxy_config_handles_every_header_the_bridge_sends(tmp_path, path, pattern):

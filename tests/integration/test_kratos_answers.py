@@ -1,13 +1,11 @@
 """Kratos answers the bridge must not trust: a real whoami body with one field broken,
 junk, and a 429. A real Kratos cannot be made to answer these, so a stand-in does:
-``StandInKratos`` is a FAKE, named as such, serving a canned answer per token."""
+``StandInKratos`` (tests/support) is a FAKE, named as such, serving a canned answer per token."""
 
 from __future__ import annotations
 
 import copy
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,37 +13,7 @@ from bridge.web.app import create_app
 from tests.conftest import bridge_settings
 from tests.support import kratos_flows as flows
 from tests.support.harness import forwarded
-
-
-class StandInKratos:
-    """FAKE Kratos: ``answers[token] = (status, headers, body)`` for /sessions/whoami."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
-        self.asked: list[str] = []
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                token = self.headers.get("X-Session-Token", "")
-                stand_in.asked.append(token)
-                status, headers, body = stand_in.answers.get(token, (401, {}, b"{}"))
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.public_url = self.admin_url = f"http://127.0.0.1:{self._server.server_port}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
+from tests.support.stand_in_kratos import StandInKratos
 
 
 @pytest.fixture

@@ -37,6 +37,50 @@ def test_a_request_waits_for_one_kratos_call_and_a_redis_command_either_side():
     assert settings.request_budget == 3.5
 
 
+@pytest.mark.parametrize(
+    ("env", "key", "problem"),
+    [
+        ({"BRIDGE_GRPC_PORT": "0"}, "BRIDGE_GRPC_PORT", "outside"),
+        ({"BRIDGE_GRPC_PORT": "4480"}, "BRIDGE_GRPC_PORT", "is BRIDGE_PORT or BRIDGE_ADMIN_PORT"),
+        ({"BRIDGE_GRPC_PORT": "4481"}, "BRIDGE_GRPC_PORT", "is BRIDGE_PORT or BRIDGE_ADMIN_PORT"),
+        (
+            {"BRIDGE_GRPC_PORT": "4482", "BRIDGE_GRPC_TLS_CERT_FILE": "/dev/null"},
+            "BRIDGE_GRPC_TLS_CERT_FILE",
+            "needs BRIDGE_GRPC_TLS_KEY_FILE",
+        ),
+        (
+            {"BRIDGE_GRPC_PORT": "4482", "BRIDGE_GRPC_TLS_KEY_FILE": "/dev/null"},
+            "BRIDGE_GRPC_TLS_KEY_FILE",
+            "needs BRIDGE_GRPC_TLS_CERT_FILE",
+        ),
+        (
+            {"BRIDGE_GRPC_TLS_CERT_FILE": "/dev/null", "BRIDGE_GRPC_TLS_KEY_FILE": "/dev/null"},
+            "BRIDGE_GRPC_TLS_CERT_FILE",
+            "needs BRIDGE_GRPC_PORT",
+        ),
+        (
+            {
+                "BRIDGE_GRPC_PORT": "4482",
+                "BRIDGE_GRPC_TLS_CERT_FILE": "/no/such/cert.pem",
+                "BRIDGE_GRPC_TLS_KEY_FILE": "/dev/null",
+            },
+            "BRIDGE_GRPC_TLS_CERT_FILE",
+            "cannot be read",
+        ),
+    ],
+)
+def test_the_grpc_port_and_its_tls_files_are_checked_together(env, key, problem):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+
+
+def test_the_grpc_port_is_off_unless_set():
+    assert load_settings({}).grpc_port is None
+    assert load_settings({"BRIDGE_GRPC_PORT": "4482"}).grpc_port == 4482
+
+
 def test_secret_is_hidden_from_repr():
     settings = load_settings({"BRIDGE_SECRET": "s" * 40})
     assert "s" * 40 not in repr(settings)

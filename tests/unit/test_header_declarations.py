@@ -164,6 +164,7 @@ ALL = Dialects(url_required=True, host_required=True)
         (ALL.nginx, "/auth", ""),
         (ALL.forward_auth, "/forward-auth", ""),
         (ALL.ext_authz, "/ext-authz/reports", "q=1"),
+        (ALL.ext_authz_grpc, "/reports?q=1", ""),
     ],
     ids=lambda value: getattr(value, "name", None) or str(value),
 )
@@ -176,7 +177,7 @@ def test_a_dialect_reads_only_the_headers_it_declares(dialect, path, query):
     assert set(dialect.reads) <= declared()
 
 
-@pytest.mark.parametrize("entry", ["bridge.web.asgi", "bridge.web.app"])
+@pytest.mark.parametrize("entry", ["bridge.web.asgi", "bridge.web.app", "bridge.web.envoy_grpc"])
 def test_an_entry_point_declares_every_header_before_it_serves(entry):
     """Declarations happen when a stage is imported: the module that builds the views
     must import every stage, or a view would drop a header read later."""

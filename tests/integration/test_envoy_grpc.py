@@ -1,0 +1,386 @@
+"""Envoy's gRPC ext_authz: a client built on Envoy's own protos sends ``CheckRequest``s as
+Envoy does, and each answer is checked against what ``/ext-authz`` (the HTTP dialect) answers
+for the same request, on the same bridge, with the real Kratos and Redis."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bridge.pipeline.tokens import generate_key
+from bridge.web.app import create_app
+from bridge.web.envoy_grpc import SERVICE, GrpcAuthz
+from tests.conftest import bridge_settings
+from tests.support import kratos_flows as flows
+from tests.support.harness import free_port
+from tests.support.stand_in_kratos import StandInKratos
+
+HOST = "app.example.test"
+BROWSER = {
+    "accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    "sec-fetch-mode": "navigate",
+}
+API = {"accept": "application/json"}
+RULES = """
+default: authenticated
+rules:
+  - id: public
+    match: { path: /public/ }
+    access: public
+  - id: second-factor
+    match: { path: /aal2 }
+    access: aal2
+  - id: internal
+    match: { path: /internal }
+    access: deny
+"""
+OK, PERMISSION_DENIED, UNAUTHENTICATED = 0, 7, 16
+
+
+@dataclass
+class Pair:
+    """One bridge, asked over HTTP (``/ext-authz``) and over gRPC."""
+
+    http: object
+    stub: AuthorizationStub
+    channel: grpc.Channel
+    server: GrpcAuthz
+
+    def both(
+        self,
+        path: str,
+        headers: dict[str, str],
+        method: str = "GET",
+        scheme: str = "https",
+        host: str = HOST,
+    ) -> tuple[object, CheckResponse]:
+        over_http = self.http.open(
+            "/ext-authz" + path,
+            method=method,
+            headers={"Host": host, "X-Forwarded-Proto": scheme, **headers},
+        )
+        return over_http, self.stub.Check(check_request(method, path, host, scheme, headers))
+
+
+def check_request(
+    method: str, path: str, host: str, scheme: str, headers: dict[str, str]
+) -> CheckRequest:
+    """What Envoy sends: the original request's method, path (with its query), host,
+    scheme and headers (lower case, pseudo-headers too; X-Forwarded-Proto set by Envoy)."""
+    http = AttributeContext.HttpRequest(
+        id="1234",
+        method=method,
+        path=path,
+        host=host,
+        scheme=scheme,
+        protocol="HTTP/1.1",
+        headers={
+            ":authority": host,
+            ":method": method,
+            ":path": path,
+            ":scheme": scheme,
+            "x-forwarded-proto": scheme,
+            **{k.lower(): v for k, v in headers.items()},
+        },
+    )
+    return CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
+
+
+def start(settings) -> Pair:
+    app = create_app(settings)
+    server = GrpcAuthz(app.extensions["bridge"].forward_auth, settings)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    return Pair(app.test_client(use_cookies=False), AuthorizationStub(channel), channel, server)
+
+
+@pytest.fixture
+def pair(kratos, redis_server, prefix, tmp_path) -> Iterator[Pair]:
+    generate_key(tmp_path / "keys")
+    (tmp_path / "rules.yml").write_text(RULES)
+    settings = bridge_settings(
+        kratos,
+        redis_server.url,
+        prefix,
+        BRIDGE_GRPC_PORT=str(free_port()),
+        BRIDGE_RULES_FILE=str(tmp_path / "rules.yml"),
+        BRIDGE_RETURN_TO_ORIGINS=f"https://{HOST}",
+        BRIDGE_JWT_HEADER="X-Bridge-Jwt",
+        BRIDGE_JWT_KEYS_DIR=str(tmp_path / "keys"),
+        BRIDGE_REVALIDATE_AFTER="60",
+    )
+    made = start(settings)
+    yield made
+    made.channel.close()
+    made.server.stop()
+
+
+def assert_same(over_http, check: CheckResponse) -> None:
+    """The gRPC answer says what the HTTP one says, in Envoy's terms."""
+    http_headers = [
+        (k.lower(), v) for k, v in over_http.headers.items() if k.lower() != "content-length"
+    ]
+    if over_http.status_code == 200:
+        assert check.status.code == OK
+        assert check.WhichOneof("http_response") == "ok_response"
+        ok = check.ok_response
+        upstream = [(h.header.key, h.header.value) for h in ok.headers]
+        # The test client adds a Content-Type; no-store is for the auth answer itself.
+        skipped = ("content-type", "cache-control", "set-cookie")
+        assert upstream == [(k, v) for k, v in http_headers if k not in skipped]
+        cookies = [(h.header.key, h.header.value) for h in ok.response_headers_to_add]
+        assert cookies == [(k, v) for k, v in http_headers if k == "set-cookie"]
+        for option in ok.headers:
+            assert option.append_action == option.OVERWRITE_IF_EXISTS_OR_ADD
+        return
+    assert check.WhichOneof("http_response") == "denied_response"
+    login = over_http.status_code in (302, 303, 401)
+    assert check.status.code == (UNAUTHENTICATED if login else PERMISSION_DENIED)
+    denied = check.denied_response
+    assert denied.status.code == over_http.status_code
+    assert [(h.header.key, h.header.value) for h in denied.headers] == http_headers
+    assert denied.body.encode() == over_http.get_data()
+
+
+def test_allowed_checks_carry_the_same_identity_headers_and_jwt(pair, kratos):
+    user = flows.register(kratos)
+    over_http, check = pair.both("/reports?year=2026", {"x-session-token": user.token})
+    assert over_http.status_code == 200
+    assert_same(over_http, check)
+    upstream = {h.header.key: h.header.value for h in check.ok_response.headers}
+    assert upstream["x-user-id"] == user.identity_id
+    assert upstream["x-bridge-jwt"].count(".") == 2
+
+    cookie = flows.browser_login(kratos, user)
+    browser = {**BROWSER, "cookie": f"other=caf\u00e9; ory_kratos_session={cookie}"}
+    over_http, check = pair.both("/any/path", browser, method="PROPFIND")
+    assert over_http.status_code == 200
+    assert_same(over_http, check)
+
+
+def test_a_warm_check_never_asks_kratos(pair, kratos):
+    user = flows.register(kratos)
+    token = {"x-session-token": user.token}
+    first = pair.stub.Check(check_request("GET", "/a", HOST, "https", token))
+    asked = kratos.whoami_calls()
+    for path in ("/a", "/b?c=d", "/e"):
+        again = pair.stub.Check(check_request("GET", path, HOST, "https", token))
+        assert again.ok_response.headers == first.ok_response.headers
+    assert kratos.whoami_calls() == asked
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "caller", "status"),
+    [
+        ("GET", "/public/page", {"x-user-id": "forged"}, 200),
+        ("GET", "/reports?year=2026&q=a", API, 401),
+        ("GET", "/reports?year=2026&q=a", {}, 401),
+        ("GET", "/reports?year=2026&q=a", BROWSER, 302),
+        ("POST", "/reports", BROWSER, 303),
+        ("GET", "/reports", {**BROWSER, "x-requested-with": "XMLHttpRequest"}, 401),
+    ],
+    ids=["public-anonymous", "api", "no-accept", "browser", "browser-post", "xhr"],
+)
+def test_without_a_session_the_answers_match(pair, method, path, caller, status):
+    over_http, check = pair.both(path, caller, method=method)
+    assert over_http.status_code == status
+    assert_same(over_http, check)
+    if status == 200:  # the client's forged copy is overwritten, empty
+        assert ("x-user-id", "") in [
+            (h.header.key, h.header.value) for h in check.ok_response.headers
+        ]
+
+
+@pytest.mark.parametrize(
+    ("path", "caller", "status"),
+    [
+        ("/internal", API, 403),
+        ("/aal2", BROWSER, 302),
+        ("/aal2", API, 401),
+    ],
+    ids=["deny-rule", "step-up-browser", "step-up-api"],
+)
+def test_with_a_session_refusals_match(pair, kratos, path, caller, status):
+    user = flows.register(kratos)
+    over_http, check = pair.both(path, {**caller, "x-session-token": user.token})
+    assert over_http.status_code == status
+    assert_same(over_http, check)
+    if path == "/aal2" and status == 302:
+        location = dict((h.header.key, h.header.value) for h in check.denied_response.headers)
+        assert "aal=aal2" in location["location"]
+
+
+def test_a_kratos_rate_limit_is_a_429_denial_with_retry_after(redis_server, prefix):
+    stand_in = StandInKratos()
+    token = "ory_st_" + "r" * 32
+    stand_in.answers[token] = (429, {"Retry-After": "7"}, b'{"error":{"code":429}}')
+    settings = bridge_settings(
+        stand_in, redis_server.url, prefix, BRIDGE_GRPC_PORT=str(free_port())
+    )
+    made = start(settings)
+    try:
+        over_http, check = made.both("/page", {**BROWSER, "x-session-token": token})
+        assert over_http.status_code == 429
+        assert_same(over_http, check)
+        headers = {h.header.key: h.header.value for h in check.denied_response.headers}
+        assert headers["retry-after"] == "7"
+    finally:
+        made.channel.close()
+        made.server.stop()
+        stand_in.close()
+
+
+def test_the_scheme_comes_from_the_check_request_when_envoy_sends_no_header(pair):
+    request = check_request("GET", "/reports", HOST, "https", BROWSER)
+    del request.attributes.request.http.headers["x-forwarded-proto"]
+    check = pair.stub.Check(request)
+    headers = {h.header.key: h.header.value for h in check.denied_response.headers}
+    assert check.denied_response.status.code == 302
+    assert "return_to=https%3A%2F%2Fapp.example.test%2Freports" in headers["location"]
+    request.attributes.request.http.scheme = ""
+    refused = pair.stub.Check(request)
+    assert refused.denied_response.status.code == 400
+    assert "X-Forwarded-Proto" in refused.denied_response.body
+
+
+# Hostile check requests: each is a denial, never a gRPC error (which Envoy's
+# failure_mode_allow: true would let through) and never an allow.
+
+
+def _raw_check(pair: Pair, data: bytes) -> CheckResponse:
+    call = pair.channel.unary_unary(
+        f"/{SERVICE}/Check", request_serializer=None, response_deserializer=CheckResponse.FromString
+    )
+    return call(data)
+
+
+def _not_utf8(request: CheckRequest, placeholder: str) -> bytes:
+    data = request.SerializeToString()
+    assert placeholder.encode() in data
+    return data.replace(placeholder.encode(), b"\xff" * len(placeholder))
+
+
+def test_hostile_check_requests_are_denials(pair, kratos, caplog):
+    caplog.set_level(logging.DEBUG)
+    user = flows.register(kratos)
+    token = {"x-session-token": user.token}
+    denials = {
+        "empty": CheckRequest(),
+        "no-path": check_request("GET", "", HOST, "https", token),
+        "no-host": check_request("GET", "/x", "", "https", token),
+        "lower-case-method": check_request("get", "/x", HOST, "https", token),
+        "long-method": check_request("G" * 100_000, "/x", HOST, "https", token),
+        "crlf-in-path": check_request("GET", "/x\r\nX-User-Id: admin", HOST, "https", token),
+        "non-ascii-path": check_request("GET", "/caf\u00e9", HOST, "https", token),
+        "non-ascii-host": check_request("GET", "/x", "caf\u00e9.test", "https", token),
+        "long-path": check_request("GET", "/" + "a" * 9000, HOST, "https", token),
+        "bad-scheme": check_request("GET", "/x", HOST, "ftp", token),
+        "huge-cookie": check_request(
+            "GET", "/x", HOST, "https", {"cookie": "a=" + "b" * 1_000_000}
+        ),
+        "huge-token": check_request("GET", "/x", HOST, "https", {"x-session-token": "t" * 100_000}),
+        "many-headers": check_request(
+            "GET", "/x", HOST, "https", {f"x-h{i}": "v" * 100 for i in range(10_000)}
+        ),
+    }
+    for name, request in denials.items():
+        check = pair.stub.Check(request)
+        assert check.WhichOneof("http_response") == "denied_response", name
+        assert check.status.code != OK, name
+        assert check.denied_response.status.code in (400, 401), name
+
+    raw = {
+        "garbage": b"\xff\x00garbage",
+        "truncated": check_request("GET", "/x", HOST, "https", token).SerializeToString()[:-3],
+        "not-utf8-header": _not_utf8(
+            check_request("GET", "/x", HOST, "https", {**token, "x-other": "PLACEHOLDER"}),
+            "PLACEHOLDER",
+        ),
+    }
+    for name, data in raw.items():
+        check = _raw_check(pair, data)
+        assert check.status.code != OK, name
+        assert check.denied_response.status.code == 400, name
+    assert user.token not in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_the_health_service_says_serving(pair):
+    stub = health_pb2_grpc.HealthStub(pair.channel)
+    for service in ("", SERVICE):
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _self_signed(tmp_path) -> tuple[str, str, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(pem)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), pem
+
+
+def test_tls_when_a_certificate_and_key_are_set(kratos, redis_server, prefix, tmp_path):
+    cert, key, pem = _self_signed(tmp_path)
+    settings = bridge_settings(
+        kratos,
+        redis_server.url,
+        prefix,
+        BRIDGE_GRPC_PORT=str(free_port()),
+        BRIDGE_GRPC_TLS_CERT_FILE=cert,
+        BRIDGE_GRPC_TLS_KEY_FILE=key,
+    )
+    app = create_app(settings)
+    server = GrpcAuthz(app.extensions["bridge"].forward_auth, settings)
+    server.start()
+    user = flows.register(kratos)
+    request = check_request("GET", "/x", HOST, "https", {"x-session-token": user.token})
+    try:
+        with grpc.secure_channel(
+            f"127.0.0.1:{server.port}", grpc.ssl_channel_credentials(root_certificates=pem)
+        ) as channel:
+            check = AuthorizationStub(channel).Check(request)
+            assert check.status.code == OK
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as plain:
+            with pytest.raises(grpc.RpcError):
+                AuthorizationStub(plain).Check(request, timeout=5)
+    finally:
+        server.stop()
