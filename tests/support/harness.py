@@ -43,6 +43,12 @@ def forwarded(
     }
 
 
+def token_status(bridge: BridgeServer, token: str) -> int:
+    """What the bridge answers ``/forward-auth`` for a request with this session token."""
+    headers = {"X-Session-Token": token, **forwarded("/")}
+    return httpx.get(bridge.url + "/forward-auth", headers=headers).status_code
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
