@@ -39,6 +39,7 @@ from bridge.flask import (
     current_identity,
     require_aal2,
     require_recent_login,
+    session_ended,
 )
 from bridge.pipeline.tokens import KeyRing, generate_key
 from tests.conftest import SECRET
@@ -376,6 +377,36 @@ def test_data_is_gone_once_kratos_revokes_the_session(
     assert "ended before this request's changes were saved; dropped field(s): count" in caplog.text
     session_id = hand_off["X-Session-Id"]
     assert not redis_server.client.exists(f"{PREFIX}{{{session_id}}}:app")
+
+
+def test_session_ended_is_sent_once_when_a_session_ends(make_app, bridge, kratos):
+    app = make_app()
+    received: list[tuple[flask.Flask, str, str, str]] = []
+
+    def failing(sender: flask.Flask, ended: bridge_flask.EndedSession) -> None:
+        raise RuntimeError("a receiver's own trouble")
+
+    def receiver(sender: flask.Flask, ended: bridge_flask.EndedSession) -> None:
+        received.append((sender, ended.session_id, ended.identity_id, ended.reason))
+
+    session_ended.connect(failing, app)
+    session_ended.connect(receiver, app)
+    try:
+        user = flows.register(kratos)
+        hand_off = bridge.hand_off(user.token)
+        get(app, "/me", hand_off)  # the first request starts the follower
+        deleted = httpx.delete(f"{kratos.admin_url}/admin/sessions/{hand_off['X-Session-Id']}")
+        assert deleted.status_code == 204
+        wait_until_refused(bridge, user.token)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a second event, if there were one, would be in by now
+    finally:
+        session_ended.disconnect(failing, app)
+        session_ended.disconnect(receiver, app)
+    session_id = hand_off["X-Session-Id"]
+    assert received == [(app, session_id, user.identity_id, "rejected")]
 
 
 def test_a_save_the_store_refuses_fails_the_request(make_app, bridge, kratos):
