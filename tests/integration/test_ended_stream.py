@@ -1,9 +1,12 @@
 """The ended stream on real bridge processes, a real Redis and a real Kratos: each way a
 session ends (revoked by an operator, signed out, refused by Kratos, expired) gives
-exactly one event, also when two bridges of two processes each see it."""
+exactly one event, also when two bridges of two processes each see it; and the demo's
+server-sent event stream closes within a second of a revocation from the admin API."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,11 +23,15 @@ from tests.support.harness import (
     BridgeServer,
     Kratos,
     RedisServer,
+    free_port,
+    stop_process,
     wait_until,
 )
 from tests.support.harness import token_status as auth
 
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "admin-token-for-tests-" + "e" * 20
+SHARED_SECRET = "demo-shared-secret-" + "s" * 16
 
 
 @pytest.fixture
@@ -139,3 +146,75 @@ def test_an_expired_session_seen_by_both_bridges_gives_one_event(
     assert [(e["reason"], e["by"], e["identity_id"]) for e in events] == [
         ("expired", "kratos", user.identity_id)
     ]
+
+
+@pytest.fixture
+def demo(redis_server: RedisServer, workdir: Path) -> Iterator[Callable[[str], str]]:
+    """The demo app (compose/demo/app.py) on the bridge's Redis, trusting the proxy's
+    shared secret; returns its URL for a key prefix."""
+    running: list[subprocess.Popen] = []
+
+    def start(prefix: str) -> str:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "compose" / "demo" / "app.py")],
+            env={
+                "PATH": "/usr/bin:/bin",
+                "PYTHONPATH": str(ROOT),  # this checkout's bridge, whichever is installed
+                "DEMO_PORT": str(port),
+                "KRATOS_SESSION_REDIS_URL": redis_server.url,
+                "KRATOS_SESSION_KEY_PREFIX": prefix,
+                "KRATOS_SESSION_TRUST": "header",
+                "KRATOS_SESSION_SHARED_SECRET": SHARED_SECRET,
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / "ended-demo.log").open("ab"),
+        )
+        running.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/healthz").status_code == 200, 15, "demo")
+        return url
+
+    yield start
+    for process in running:
+        stop_process(process)
+
+
+def test_the_demos_live_stream_closes_within_a_second_of_a_revocation(
+    kratos: Kratos, two_bridges, demo
+) -> None:
+    bridges, prefix = two_bridges(kratos)
+    demo_url = demo(prefix)
+    user = flows.register(kratos, "live")
+    warm(bridges, user.token)
+    sid = session_id(kratos, user.token)
+    hand_off = {"X-Bridge-Secret": SHARED_SECRET, "X-Session-Id": sid}
+
+    lines: list[str] = []
+    opened, closed = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", demo_url + "/live", headers=hand_off, timeout=30) as stream:
+            assert stream.status_code == 200
+            for line in stream.iter_lines():
+                lines.append(line)
+                if line.startswith("data: tick"):
+                    opened.set()
+        closed.set()
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert opened.wait(10), lines
+    began = time.monotonic()
+    revoke = httpx.delete(
+        f"{bridges[0].admin_url}/admin/sessions/{sid}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert revoke.status_code in (200, 204), revoke.text
+    assert closed.wait(5), "the stream outlived the session"
+    took = time.monotonic() - began
+    print(f"\nthe demo's /live stream closed {took * 1000:.0f} ms after the revocation")
+    assert "event: ended" in lines
+    # An ended session opens no new stream.
+    refused = httpx.get(demo_url + "/live", headers=hand_off)
+    assert refused.status_code == 401
