@@ -6,7 +6,6 @@ server-sent event stream closes within a second of a revocation from the admin A
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,12 +23,12 @@ from tests.support.harness import (
     Kratos,
     RedisServer,
     free_port,
+    start_demo,
     stop_process,
     wait_until,
 )
 from tests.support.harness import token_status as auth
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "admin-token-for-tests-" + "e" * 20
 SHARED_SECRET = "demo-shared-secret-" + "s" * 16
 
@@ -156,19 +155,15 @@ def demo(redis_server: RedisServer, workdir: Path) -> Iterator[Callable[[str], s
 
     def start(prefix: str) -> str:
         port = free_port()
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "compose" / "demo" / "app.py")],
-            env={
-                "PATH": "/usr/bin:/bin",
-                "PYTHONPATH": str(ROOT),  # this checkout's bridge, whichever is installed
-                "DEMO_PORT": str(port),
+        process = start_demo(
+            port,
+            {
                 "KRATOS_SESSION_REDIS_URL": redis_server.url,
                 "KRATOS_SESSION_KEY_PREFIX": prefix,
                 "KRATOS_SESSION_TRUST": "header",
                 "KRATOS_SESSION_SHARED_SECRET": SHARED_SECRET,
             },
-            stdout=subprocess.DEVNULL,
-            stderr=(workdir / "ended-demo.log").open("ab"),
+            workdir / "ended-demo.log",
         )
         running.append(process)
         url = f"http://127.0.0.1:{port}"

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,10 +48,11 @@ from tests.support.harness import (
     RedisServer,
     forwarded,
     free_port,
+    start_demo,
     stop_process,
     wait_until,
 )
-from tests.support.proxies import ROOT, Addresses, start_proxy
+from tests.support.proxies import Addresses, start_proxy
 
 PREFIX = "flaskext:"
 SHARED_SECRET = "proxy-secret-" + "y" * 32
@@ -779,11 +778,9 @@ def test_the_shared_secret_may_come_from_a_file(bridge, kratos, tmp_path):
 def nginx_demo(bridge: Bridge, workdir: Path) -> Iterator[str]:
     """compose/demo/app.py as a process, behind nginx with config/nginx/bridge.conf."""
     port = free_port()
-    demo = subprocess.Popen(
-        [sys.executable, str(ROOT / "compose" / "demo" / "app.py")],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DEMO_PORT": str(port),
+    demo = start_demo(
+        port,
+        {
             "KRATOS_SESSION_REDIS_URL": bridge.redis_url,
             "KRATOS_SESSION_KEY_PREFIX": bridge.prefix,
             "KRATOS_SESSION_TRUST": "jwt",
@@ -791,8 +788,7 @@ def nginx_demo(bridge: Bridge, workdir: Path) -> Iterator[str]:
             "KRATOS_SESSION_JWT_AUDIENCE": AUDIENCE,
             "KRATOS_SESSION_LOGIN_URL": LOGIN_URL,
         },
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "flask-demo.log").open("ab"),
+        workdir / "flask-demo.log",
     )
     demo_url = f"http://127.0.0.1:{port}"
     try:
