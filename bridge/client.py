@@ -26,6 +26,19 @@ own in it::
   Kratos revokes it or the user logs out.
 - Each session has a CSRF token, made with its mirror; check a form's or header's token
   with ``csrf_valid`` (constant time).
+- Every session that ends (revoked, logged out, expired, idle, refused by Kratos) comes
+  out of ``follow_ended()`` once, e.g. to close a WebSocket or an SSE stream that
+  outlives the request the proxy checked::
+
+      for ended in sessions.follow_ended():                  # blocks; one thread for it
+          close_connections_of(ended.session_id)
+
+  It reads the bridge's stream ``<key_prefix>events:ended`` from its end (``after``: an
+  entry id to resume from, ``"0"`` for all it holds); every reader gets every event. With
+  ``group`` (a Redis consumer group, made at the stream's end if new) each event goes
+  to one reader of the group, and is acknowledged when the loop asks for the next one.
+  The loop ends when ``stop`` is set or the client is closed (noticed within ``timeout``);
+  Redis unreachable raises ``StoreUnavailable``.
 
 One client per process is enough; it is safe to share between threads.
 """
@@ -33,12 +46,16 @@ One client per process is enough; it is safe to share between threads.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+import os
+import socket
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from bridge.config.options import OPTIONS
+from bridge.errors import StoreUnavailable
 from bridge.sessions.app_data import checked_name, decoded, encoded
 from bridge.sessions.session import MirroredSession
 from bridge.store.base import AppDataStore, Keys
@@ -60,6 +77,29 @@ class UnifiedSession:
     device: Mapping[str, Any] | None
     app: dict[str, Any]
     csrf_token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EndedSession:
+    """A session that ended, as the ended stream tells it (README, "Ended sessions")."""
+
+    entry_id: str  # the stream entry's id: where to resume from
+    session_id: str  # one event per session: de-duplicate on it
+    identity_id: str  # "" when the bridge had no mirror of the session
+    reason: str  # revoked, logged_out, expired, idle or rejected
+    at: str  # RFC 3339
+    by: str  # admin, user, kratos or bridge
+
+    @classmethod
+    def of(cls, entry_id: str, fields: Mapping[str, str]) -> EndedSession:
+        return cls(
+            entry_id,
+            fields.get("session_id", ""),
+            fields.get("identity_id", ""),
+            fields.get("reason", ""),
+            fields.get("at", ""),
+            fields.get("by", ""),
+        )
 
 
 class SessionClient:
@@ -90,6 +130,9 @@ class SessionClient:
             assert redis_url is not None
             store = _redis_store(redis_url, key_prefix, timeout, sentinel_password)
         self._store = store
+        # A blocking read must come back before Redis's socket times out.
+        self._block_ms = max(1, int(timeout * 1000 / 2))
+        self._closed = threading.Event()
 
     def session(self, session_id: str) -> UnifiedSession | None:
         """The session with its app data, or ``None`` when it has ended or is unknown."""
@@ -116,8 +159,49 @@ class SessionClient:
         removed = [checked_name(name) for name in delete]
         return decoded(self._store.update_app(session_id, fields, removed, self.max_bytes))
 
+    def last_ended_id(self) -> str:
+        """Where the ended stream is now: an ``after`` for ``follow_ended`` that misses
+        nothing from here on (keep it across a lost connection)."""
+        return self._store.last_ended_id()
+
+    def follow_ended(
+        self,
+        *,
+        after: str = "$",
+        group: str | None = None,
+        consumer: str | None = None,
+        stop: threading.Event | None = None,
+    ) -> Iterator[EndedSession]:
+        """Each session that ends, as it ends (see the module's notes). ``after``: an entry
+        id, ``"0"`` or ``"$"`` (from now on). ``group``: share the events among the
+        group's readers, each named by ``consumer`` (default: host, process and thread)."""
+        stop = stop if stop is not None else threading.Event()
+        name = consumer or f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+        last = self.last_ended_id() if after == "$" and group is None else after
+        while not (stop.is_set() or self.closed):
+            try:
+                if group is None:
+                    entries = self._store.read_ended(last, 100, self._block_ms)
+                else:
+                    entries = self._store.read_ended_group(group, name, 100, self._block_ms)
+            except StoreUnavailable:
+                if self.closed:
+                    return  # closed under a waiting read: its connection went away
+                raise
+            for entry_id, fields in entries:
+                yield EndedSession.of(entry_id, fields)
+                if group is not None:
+                    self._store.ack_ended(group, [entry_id])
+                last = entry_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self) -> None:
-        """Let go of Redis; a store handed in belongs to its bridge and stays open."""
+        """Let go of Redis; a store handed in belongs to its bridge and stays open. A
+        ``follow_ended`` loop ends."""
+        self._closed.set()
         if self._owns_store:
             self._store.close()
 

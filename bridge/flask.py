@@ -85,6 +85,20 @@ an API call gets ``401`` JSON as the bridge gives it. Pair them with the bridge'
 (``aal2``, ``max_age``) on the same paths: the bridge asks Kratos again when a session
 falls short, so the mirror these read is current right after a step-up or a new login.
 
+**Ended sessions.** ``session_ended`` (a blinker signal, as Flask's own) is sent for
+each session that ends (revoked, logged out, expired, idle, refused by Kratos) with the
+app as sender and ``ended``, a ``bridge.client.EndedSession``, e.g. to close a stream::
+
+    @session_ended.connect_via(app)
+    def close_streams(app, ended):
+        streams.close_all_of(ended.session_id)
+
+A thread of the extension's follows the bridge's ended stream (``SessionClient.
+follow_ended``, every event to every app process), started at the first request after a
+receiver was connected; receivers run on it, without an app or request context, so they
+must be quick. A receiver that raises is logged and the others still run; Redis
+unavailable pauses the thread, which then resumes where it stopped.
+
 **Settings** (Flask config; numbers may be given as strings, as from the environment):
 
 - ``KRATOS_SESSION_REDIS_URL`` (required): the bridge's Redis, in any ``BRIDGE_REDIS_URL``
@@ -119,6 +133,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -131,11 +146,18 @@ from urllib.parse import urlsplit
 import flask
 import jwt
 import orjson
+from blinker import Namespace
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.local import LocalProxy
 from werkzeug.wrappers import Response as BaseResponse
 
-from bridge.client import DEFAULT_MAX_BYTES, SessionClient, UnifiedSession, csrf_valid
+from bridge.client import (
+    DEFAULT_MAX_BYTES,
+    EndedSession,
+    SessionClient,
+    UnifiedSession,
+    csrf_valid,
+)
 from bridge.errors import SessionEnded, StoreUnavailable
 from bridge.logs import Throttled
 from bridge.pipeline.dialects import is_navigation, redirect_status
@@ -168,6 +190,11 @@ CSRF_HEADER = "X-CSRF-Token"
 _SESSION_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
 _RANK = {"aal0": 0, "aal1": 1, "aal2": 2, "aal3": 3}
+
+
+session_ended = Namespace().signal("kratos-session-ended")
+"""Sent with the app and ``ended`` (an ``EndedSession``) for each session that ends."""
+_FOLLOW_RETRY_S = 1.0
 
 
 class SessionMissing(RuntimeError):
@@ -761,15 +788,59 @@ class KratosSession:
                 PREFIX,
             )
         app.session_interface = KratosSessionInterface(client, hand_off)
-        app.extensions[EXTENSION] = _State(settings, client)
+        app.extensions[EXTENSION] = _State(settings, client, EndedFollower(app, client))
+        app.before_request(_follow_ended)
         app.before_request(_refuse_when_unavailable)
         app.jinja_env.globals.setdefault("csrf_token", csrf_token)
+
+
+class EndedFollower:
+    """The thread that sends ``session_ended`` for one app, started once."""
+
+    def __init__(self, app: flask.Flask, client: SessionClient) -> None:
+        self._app = app
+        self._client = client
+        self._started = False
+        self._starting = threading.Lock()
+
+    def start_once(self) -> None:
+        if self._started:  # the cheap check, on every request
+            return
+        with self._starting:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._run, name="kratos-session-ended", daemon=True).start()
+
+    def _run(self) -> None:
+        after: str | None = None
+        while not self._client.closed:
+            try:
+                if after is None:
+                    after = self._client.last_ended_id()
+                for ended in self._client.follow_ended(after=after):
+                    after = ended.entry_id
+                    self._send(ended)
+            except StoreUnavailable:
+                time.sleep(_FOLLOW_RETRY_S)
+
+    def _send(self, ended: EndedSession) -> None:
+        for receiver in session_ended.receivers_for(self._app):
+            try:
+                receiver(self._app, ended=ended)
+            except Exception:
+                log.exception("a session_ended receiver failed")
 
 
 @dataclass(frozen=True, slots=True)
 class _State:
     settings: ExtensionSettings
     client: SessionClient
+    ended: EndedFollower
+
+
+def _follow_ended() -> None:
+    if session_ended.receivers:
+        flask.current_app.extensions[EXTENSION].ended.start_once()
 
 
 def _refuse_when_unavailable() -> flask.Response | None:

@@ -178,7 +178,7 @@ class SessionAdmin:
 
     def _end(self, session_id: str) -> None:
         try:
-            self._ender.end(session_id, "revoked")
+            self._ender.end(session_id, "revoked", by="admin")
         except StoreUnavailable as error:
             raise StoreUnavailable(
                 f"session {session_id} is revoked in Kratos, but the bridge could not record "

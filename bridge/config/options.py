@@ -506,7 +506,7 @@ OPTIONS: tuple[Option, ...] = (
         "aal2_stream_maxlen",
         _number(1, 10**9, integer=True),
         1_000_000,
-        "Approximate cap on the AAL2 stream's length (`XADD MAXLEN ~`).",
+        "Approximate cap on the length of the AAL2 and the ended stream (`XADD MAXLEN ~`).",
     ),
     Option(
         "app_data_max_bytes",

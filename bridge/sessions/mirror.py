@@ -34,6 +34,7 @@ from bridge.clock import now_ms
 from bridge.errors import BridgeError, RejectedRecently, SessionInvalid, StoreUnavailable
 from bridge.kratos.whoami import KratosClient
 from bridge.pipeline.credentials import Credential, Fingerprints
+from bridge.sessions.ending import record_end
 from bridge.sessions.refresh import REFRESH_AT, Refresher, refresh_lead_ms
 from bridge.sessions.session import MirroredSession, aal2_event
 from bridge.store.base import Lock, MirrorStore, Rejection
@@ -343,11 +344,15 @@ class SessionMirror:
             # refuses to cache it for as long as such a call can still be under way.
             rejected_at = now_ms()
             keep_ms = max(self._negative_ttl_ms, self._lock_ttl_ms)
+            # The store's mirror is gone once the session expired; this process's copy is not.
+            last_seen = seen if seen is not None else self._recent.get(fingerprint)
             self._recent.pop(fingerprint)
             self._rejected.put(fingerprint, rejected_at)
             self._store.forget(fingerprint, seen, Rejection(rejected_at, keep_ms), lock)
             if seen is not None:
                 self._events.logged_out(seen, rejected_at)
+            if last_seen is not None:
+                self._tell_apps(last_seen, rejected_at)
             raise
         except BaseException:
             self._let_go(lock)
@@ -362,6 +367,17 @@ class SessionMirror:
         if saved.cached:
             session = replace(session, csrf_token=saved.csrf_token)
         return Resolved(session, answer.set_cookies, cacheable=saved.cached)
+
+    def _tell_apps(self, seen: MirroredSession, rejected_at: int) -> None:
+        """Kratos refused a session the bridge knew: the ended stream says so once, as
+        ``expired`` when it was past its expiry, else ``rejected`` (revoked in Kratos, or
+        logged out elsewhere). The rejection is recorded already: a stream that cannot be
+        written costs the event, not the answer."""
+        reason = "expired" if seen.expires_at_ms <= rejected_at else "rejected"
+        try:
+            record_end(self._store, seen.id, seen, reason, rejected_at, by="kratos")
+        except StoreUnavailable:
+            log.warning("the end of session %s is not in the ended stream", seen.id)
 
     def _let_go(self, lock: Lock | None) -> None:
         if lock is None:

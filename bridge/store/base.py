@@ -37,6 +37,9 @@ Slot of the stream: ``<aal2_stream>`` (default ``pevents:aal2``) and, per upgrad
 ``{<aal2_stream>}:upgrade:<upgrade id>`` = the stream entry id (a stream name that has a
 hash tag of its own keeps it: ``<aal2_stream>:upgrade:<id>``).
 
+Slot of the ended stream: ``pevents:ended`` and, per session that ended,
+``{pevents:ended}:session:<sid>`` = the stream entry id of its end.
+
 A save is three independent steps (credential, session, identity; one pipeline, one
 round trip on a standalone Redis), plus, once per session upgrade, the stream step and
 the marker. The invariants, and why they hold:
@@ -69,6 +72,11 @@ the marker. The invariants, and why they hold:
    script. A write changes single fields (HSET, HDEL), so writers of different fields of
    one session never undo each other.
 
+5. Exactly one ended event per session. The stream step appends only if the session's
+   key in the stream's slot is absent, and writes that key, in one script; every process
+   that sees the end (a 401 seen by two processes at once, a revocation retried) runs the
+   same step with the same session id, so all but the first change nothing.
+
 The identity index is written by its own step and may, for a moment after a rejection
 raced a save, name a session that ended; readers check the session key.
 """
@@ -92,6 +100,8 @@ MAX_DEVICE_CHANGES_PER_SESSION = 16
 (a stolen one, say) push everyone else's signals out of the capped stream."""
 MAX_APP_FIELDS = 256
 """Fields one session's app data may hold, beside its byte cap: every write reads them all."""
+ENDED_REASONS = ("revoked", "logged_out", "expired", "idle", "rejected")
+"""Why a session ended, as the ended stream's ``reason`` says (README, "Ended sessions")."""
 ENDED = "!ended"  # the field of ``p{sid}:credentials`` no fingerprint can be (base64url)
 """How long past a session's expiry its "AAL2 recorded" marker stays: Kratos can revive
 an expired session (admin extend), and that must not record the same upgrade twice."""
@@ -155,6 +165,11 @@ class Keys:
         if not self.device_stream:
             object.__setattr__(self, "device_stream", self.prefix + "events:device")
 
+    @property
+    def ended_stream(self) -> str:
+        """The stream of ended sessions, for apps (``bridge.client.SessionClient.follow_ended``)."""
+        return self.prefix + "events:ended"
+
     def session(self, sid: str) -> str:
         return f"{self.prefix}{{{sid}}}:session"
 
@@ -183,24 +198,26 @@ class Keys:
 
     def aal2_upgrade(self, upgrade_id: str) -> str:
         """The key that makes the stream hold one event per upgrade: in the stream's slot."""
-        return (
-            f"{self.aal2_stream}:upgrade:{upgrade_id}"
-            if has_hash_tag(self.aal2_stream)
-            else (f"{{{self.aal2_stream}}}:upgrade:{upgrade_id}")
-        )
+        return in_slot_of(self.aal2_stream, f"upgrade:{upgrade_id}")
 
     def device_session_count(self, session_id: str) -> str:
         """How many device-change signals a session has added: in the device stream's slot."""
-        return self._in_device_slot(f"session:{session_id}")
+        return in_slot_of(self.device_stream, f"session:{session_id}")
 
     def device_change(self, change_id: str) -> str:
         """The key that makes the device stream hold one signal per session and change."""
-        return self._in_device_slot(f"change:{change_id}")
+        return in_slot_of(self.device_stream, f"change:{change_id}")
 
-    def _in_device_slot(self, suffix: str) -> str:
-        if has_hash_tag(self.device_stream):
-            return f"{self.device_stream}:{suffix}"
-        return f"{{{self.device_stream}}}:{suffix}"
+    def session_ended(self, session_id: str) -> str:
+        """The key that makes the ended stream hold one event per session: in its slot."""
+        return in_slot_of(self.ended_stream, f"session:{session_id}")
+
+
+def in_slot_of(stream: str, suffix: str) -> str:
+    """A key beside ``stream`` in Redis Cluster's hash slot of that stream."""
+    if has_hash_tag(stream):
+        return f"{stream}:{suffix}"
+    return f"{{{stream}}}:{suffix}"
 
 
 def has_hash_tag(key: str) -> bool:
@@ -237,7 +254,44 @@ class SessionSaver(Protocol):
         check started."""
 
 
-class MirrorStore(SessionReader, SessionSaver, Protocol):
+StreamEntry = tuple[str, dict[str, str]]
+"""A stream entry: its id (``<ms>-<seq>``) and fields."""
+
+
+class EndedStream(Protocol):
+    """Where the bridge tells apps that a session ended (``<prefix>events:ended``)."""
+
+    def record_ended(
+        self, session_id: str, fields: dict[str, str], keep_until_ms: int
+    ) -> str | None:
+        """Append ``fields`` to the ended stream unless this session's end is in it already
+        (remembered until ``keep_until_ms``), in one step in the stream's slot; the entry
+        id when appended now, ``None`` when it was there."""
+
+
+class EndedReader(Protocol):
+    """Reading the ended stream: ``bridge.client.SessionClient.follow_ended``."""
+
+    def last_ended_id(self) -> str:
+        """The newest entry's id (``0-0`` for an empty stream): where a reader that wants
+        only what comes next starts."""
+
+    def read_ended(self, after_id: str, count: int, block_ms: int) -> list[StreamEntry]:
+        """Up to ``count`` entries after ``after_id``, oldest first; when there is none,
+        wait up to ``block_ms`` (> 0) for one."""
+
+    def read_ended_group(
+        self, group: str, consumer: str, count: int, block_ms: int
+    ) -> list[StreamEntry]:
+        """Up to ``count`` entries no consumer of ``group`` was given yet, now given to
+        ``consumer`` and pending until acknowledged; waits as ``read_ended``. A new group
+        starts at the stream's end."""
+
+    def ack_ended(self, group: str, entry_ids: list[str]) -> None:
+        """The group's consumer is done with these entries."""
+
+
+class MirrorStore(SessionReader, SessionSaver, EndedStream, Protocol):
     """What the session mirror (``bridge.sessions.mirror``) needs."""
 
     def lookup(
@@ -269,7 +323,7 @@ class MirrorStore(SessionReader, SessionSaver, Protocol):
         """Whether someone holds the re-validation lock of this session."""
 
 
-class AppDataStore(SessionReader, Protocol):
+class AppDataStore(SessionReader, EndedReader, Protocol):
     """What the apps' side needs: ``PATCH /whoami/app`` and ``bridge.client``."""
 
     def update_app(
@@ -288,7 +342,7 @@ class AppDataStore(SessionReader, Protocol):
     def close(self) -> None: ...
 
 
-class AdminStore(SessionReader, Protocol):
+class AdminStore(SessionReader, EndedStream, Protocol):
     """What the admin side (``bridge.admin.sessions``) needs: the registry, the sessions
     of an identity, revocations and the streams it shows."""
 

@@ -78,7 +78,7 @@ class SignOut:
         if session_id is None:
             return self._no_session(headers, return_to)
         self._kratos.log_out_token(credential)  # False: ended in Kratos meanwhile; all the same
-        self._ender.end(session_id, "logged_out")
+        self._ender.end(session_id, "logged_out", by="user")
         return Reply(204, (_NO_STORE,), b"")
 
     def _browser(
@@ -92,7 +92,7 @@ class SignOut:
         if done is None:
             return self._no_session(headers, return_to)
         if session_id is not None:
-            self._ender.end(session_id, "logged_out")
+            self._ender.end(session_id, "logged_out", by="user")
         target = return_to or done.location or self._redirects.login(None)
         cookies = tuple(("Set-Cookie", cookie) for cookie in done.set_cookies)
         if is_navigation(headers):

@@ -6,7 +6,9 @@ Pages: ``/account/...`` (sign up, log in, settings, log out: ``selfservice.py``)
 ``/`` (who am I, the identity headers the proxy set, a counter kept in the session
 with a CSRF-protected form), ``/aal2`` (``require_aal2``), ``/recent``
 (``require_recent_login``, 5 minutes), ``/public/`` (no session needed) and ``/internal``
-(shown only if the proxy lets it through: the rules file denies it). The rules file
+(shown only if the proxy lets it through: the rules file denies it), ``/live`` (a
+server-sent event stream of ticks that ends within a second of the session ending, e.g.
+revoked from the dashboard: ``session_ended``). The rules file
 (config/rules.yml) guards the same paths at the bridge, which asks Kratos again after a
 step-up or a new login; the decorators are the app's own check of the same thing.
 
@@ -15,9 +17,11 @@ the defaults are the compose stack's. ``DEMO_PORT`` is the port (5000).
 """
 
 import os
+import threading
+from collections.abc import Iterator
 from datetime import timedelta
 
-from flask import Flask, redirect, render_template_string, request, session
+from flask import Flask, Response, redirect, render_template_string, request, session
 from selfservice import ACCOUNT_LINKS
 from selfservice import blueprint as selfservice_pages
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -28,6 +32,7 @@ from bridge.flask import (
     current_identity,
     require_aal2,
     require_recent_login,
+    session_ended,
 )
 
 PORT = int(os.environ.get("DEMO_PORT", "5000"))
@@ -36,6 +41,7 @@ LINKS = (
     ("/", "who am I (any session)"),
     ("/aal2", "a second-factor page (rule: aal2; require_aal2)"),
     ("/recent", "a recent-login page (rule: max_age 5m; require_recent_login)"),
+    ("/live", "a live stream, closed when the session ends (revoke it from the dashboard)"),
     ("/public/", "a public page (rule: public)"),
     ("/internal", "a closed page (rule: deny)"),
 )
@@ -148,6 +154,47 @@ def count():
 def forget():
     session.clear()
     return redirect("/", 303)
+
+
+TICK_SECONDS = 1.0
+# The open /live streams of each session: what session_ended closes.
+_streams: dict[str, set[threading.Event]] = {}
+_streams_lock = threading.Lock()
+
+
+@session_ended.connect_via(app)
+def close_streams(_app: Flask, ended) -> None:
+    with _streams_lock:
+        for closed in _streams.pop(ended.session_id, ()):
+            closed.set()
+
+
+@app.get("/live")
+def live():
+    if not current_identity:
+        return {"error": "unauthorized", "message": "log in first"}, 401
+    session_id = current_identity.session_id
+    closed = threading.Event()
+    with _streams_lock:
+        _streams.setdefault(session_id, set()).add(closed)
+
+    def ticks() -> Iterator[str]:
+        try:
+            yield f"event: open\ndata: {session_id}\n\n"
+            count = 0
+            while not closed.wait(TICK_SECONDS):
+                count += 1
+                yield f"data: tick {count}\n\n"
+            yield "event: ended\ndata: the session ended\n\n"
+        finally:
+            with _streams_lock:
+                still_open = _streams.get(session_id, set())
+                still_open.discard(closed)
+                if not still_open:
+                    _streams.pop(session_id, None)
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return Response(ticks(), mimetype="text/event-stream", headers=headers)
 
 
 @app.get("/healthz")

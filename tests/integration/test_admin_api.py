@@ -18,10 +18,10 @@ from tests.support.harness import (
     BridgeServer,
     Kratos,
     RedisServer,
-    forwarded,
     free_port,
     wait_until,
 )
+from tests.support.harness import token_status as auth
 
 TOKEN = "admin-token-for-tests-" + "a" * 20
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -57,11 +57,6 @@ def start_bridge(
     yield start
     for server in started:
         server.stop()
-
-
-def auth(bridge: BridgeServer, token: str) -> int:
-    headers = {"X-Session-Token": token, **forwarded("/")}
-    return httpx.get(bridge.url + "/forward-auth", headers=headers).status_code
 
 
 def admin(bridge: BridgeServer, method: str, path: str, **kwargs) -> httpx.Response:

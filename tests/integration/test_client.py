@@ -7,16 +7,19 @@ import dataclasses
 import enum
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 
-from bridge.client import SessionClient, UnifiedSession, csrf_valid
+from bridge.client import EndedSession, SessionClient, UnifiedSession, csrf_valid
 from bridge.errors import AppDataTooLarge, SessionEnded, StoreUnavailable
 from bridge.kratos.whoami import parse_session
+from bridge.sessions.ending import SessionEnder
 from bridge.sessions.session import MirroredSession
 from bridge.store import Keys
 from bridge.store.memory.store import MemoryStore
@@ -363,3 +366,66 @@ def test_a_redis_out_of_reach_is_store_unavailable():
         with pytest.raises(StoreUnavailable):
             sessions.set("any", {"k": 1})
         assert time.monotonic() - started < 5
+
+
+def test_follow_ended_gives_each_end_once_and_a_group_shares_them(client, kratos, sessions, store):
+    sid, user = signed_up(client, kratos)
+    ender = SessionEnder(store, None, 1.0)
+    stop = threading.Event()
+    everything: list[EndedSession] = []
+    shared: dict[str, list[str]] = {"a": [], "b": []}
+    store.read_ended_group("apps", "setup", 1, 1)  # the group, made before any end
+
+    def follow() -> None:
+        everything.extend(sessions.follow_ended(stop=stop))
+
+    def read_in_group(name: str) -> None:
+        for ended in sessions.follow_ended(group="apps", consumer=name, stop=stop):
+            shared[name].append(ended.session_id)
+
+    readers = [threading.Thread(target=follow)]
+    readers += [threading.Thread(target=read_in_group, args=(name,)) for name in shared]
+    for reader in readers:
+        reader.start()
+    time.sleep(0.5)  # the plain reader starts at the stream's end: let it find it
+    ender.end(sid, "revoked", by="admin")
+    ender.end(sid, "revoked", by="admin")  # retried: still one end
+    others = [str(uuid.uuid4()) for _ in range(12)]
+    for other in others:
+        ender.end(other, "idle")
+    deadline = time.monotonic() + 10
+    while len(everything) < 13 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a second event, if there were one, would be in by now
+    stop.set()
+    for reader in readers:
+        reader.join(5)
+
+    first = everything[0]
+    assert (first.session_id, first.identity_id, first.reason, first.by) == (
+        sid,
+        user.identity_id,
+        "revoked",
+        "admin",
+    )
+    assert datetime.fromisoformat(first.at) <= datetime.now(UTC)
+    assert [e.session_id for e in everything] == [sid, *others]
+    assert [(e.identity_id, e.reason, e.by) for e in everything[1:]] == [
+        ("", "idle", "bridge")
+    ] * 12
+    assert sorted(shared["a"] + shared["b"]) == sorted([sid, *others])
+
+
+def test_follow_ended_ends_when_the_client_is_closed(store_url, store, prefix):
+    client = SessionClient(store_url, prefix) if store_url else SessionClient(store=store)
+    done = threading.Event()
+
+    def follow() -> None:
+        for _ in client.follow_ended():
+            pass
+        done.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    time.sleep(0.3)
+    client.close()
+    assert done.wait(2)

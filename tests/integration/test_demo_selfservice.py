@@ -5,8 +5,6 @@ second factor."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -16,8 +14,7 @@ import httpx
 import pyotp
 import pytest
 
-from tests.support.harness import Kratos, free_port, stop_process, wait_until
-from tests.support.proxies import ROOT
+from tests.support.harness import Kratos, free_port, start_demo, stop_process, wait_until
 
 
 @dataclass
@@ -101,16 +98,13 @@ def stack(workdir: Path) -> Iterator[tuple[Kratos, str]]:
             }
         },
     )
-    demo = subprocess.Popen(
-        [sys.executable, str(ROOT / "compose" / "demo" / "app.py")],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DEMO_PORT": str(port),
+    demo = start_demo(
+        port,
+        {
             "DEMO_KRATOS_URL": kratos.public_url,
             "DEMO_KRATOS_BROWSER_URL": kratos.public_url,
         },
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "selfservice-demo.log").open("ab"),
+        workdir / "selfservice-demo.log",
     )
     try:
         wait_until(lambda: httpx.get(demo_url + "/healthz").status_code == 200, 15, "demo")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +37,7 @@ from bridge.flask import (
     current_identity,
     require_aal2,
     require_recent_login,
+    session_ended,
 )
 from bridge.pipeline.tokens import KeyRing, generate_key
 from tests.conftest import SECRET
@@ -49,10 +48,11 @@ from tests.support.harness import (
     RedisServer,
     forwarded,
     free_port,
+    start_demo,
     stop_process,
     wait_until,
 )
-from tests.support.proxies import ROOT, Addresses, start_proxy
+from tests.support.proxies import Addresses, start_proxy
 
 PREFIX = "flaskext:"
 SHARED_SECRET = "proxy-secret-" + "y" * 32
@@ -376,6 +376,36 @@ def test_data_is_gone_once_kratos_revokes_the_session(
     assert "ended before this request's changes were saved; dropped field(s): count" in caplog.text
     session_id = hand_off["X-Session-Id"]
     assert not redis_server.client.exists(f"{PREFIX}{{{session_id}}}:app")
+
+
+def test_session_ended_is_sent_once_when_a_session_ends(make_app, bridge, kratos):
+    app = make_app()
+    received: list[tuple[flask.Flask, str, str, str]] = []
+
+    def failing(sender: flask.Flask, ended: bridge_flask.EndedSession) -> None:
+        raise RuntimeError("a receiver's own trouble")
+
+    def receiver(sender: flask.Flask, ended: bridge_flask.EndedSession) -> None:
+        received.append((sender, ended.session_id, ended.identity_id, ended.reason))
+
+    session_ended.connect(failing, app)
+    session_ended.connect(receiver, app)
+    try:
+        user = flows.register(kratos)
+        hand_off = bridge.hand_off(user.token)
+        get(app, "/me", hand_off)  # the first request starts the follower
+        deleted = httpx.delete(f"{kratos.admin_url}/admin/sessions/{hand_off['X-Session-Id']}")
+        assert deleted.status_code == 204
+        wait_until_refused(bridge, user.token)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a second event, if there were one, would be in by now
+    finally:
+        session_ended.disconnect(failing, app)
+        session_ended.disconnect(receiver, app)
+    session_id = hand_off["X-Session-Id"]
+    assert received == [(app, session_id, user.identity_id, "rejected")]
 
 
 def test_a_save_the_store_refuses_fails_the_request(make_app, bridge, kratos):
@@ -748,11 +778,9 @@ def test_the_shared_secret_may_come_from_a_file(bridge, kratos, tmp_path):
 def nginx_demo(bridge: Bridge, workdir: Path) -> Iterator[str]:
     """compose/demo/app.py as a process, behind nginx with config/nginx/bridge.conf."""
     port = free_port()
-    demo = subprocess.Popen(
-        [sys.executable, str(ROOT / "compose" / "demo" / "app.py")],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DEMO_PORT": str(port),
+    demo = start_demo(
+        port,
+        {
             "KRATOS_SESSION_REDIS_URL": bridge.redis_url,
             "KRATOS_SESSION_KEY_PREFIX": bridge.prefix,
             "KRATOS_SESSION_TRUST": "jwt",
@@ -760,8 +788,7 @@ def nginx_demo(bridge: Bridge, workdir: Path) -> Iterator[str]:
             "KRATOS_SESSION_JWT_AUDIENCE": AUDIENCE,
             "KRATOS_SESSION_LOGIN_URL": LOGIN_URL,
         },
-        stdout=subprocess.DEVNULL,
-        stderr=(workdir / "flask-demo.log").open("ab"),
+        workdir / "flask-demo.log",
     )
     demo_url = f"http://127.0.0.1:{port}"
     try:

@@ -664,3 +664,72 @@ def test_the_stream_step_writes_even_when_the_event_is_there(store):
     save(store, "fp1", session(aal="aal2"))
     assert store._redis.info("replication")["master_repl_offset"] > offset
     assert len(store.aal2_events()) == 1
+
+
+def ended_fields(sid: str, reason: str = "revoked") -> dict[str, str]:
+    return {"session_id": sid, "identity_id": "i1", "reason": reason, "at": "t", "by": "admin"}
+
+
+def test_a_sessions_end_is_recorded_once_however_many_processes_see_it(store):
+    start = store.last_ended_id()
+    keep_until = now_ms() + 60_000
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(
+            pool.map(lambda _: store.record_ended("s1", ended_fields("s1"), keep_until), range(16))
+        )
+    appended = [entry_id for entry_id in ids if entry_id is not None]
+    assert len(appended) == 1
+    # Another reason for the same session later (a 401 after the revocation): still one.
+    assert store.record_ended("s1", ended_fields("s1", "rejected"), keep_until) is None
+    assert store.read_ended(start, 100, 1) == [(appended[0], ended_fields("s1"))]
+    assert store.last_ended_id() == appended[0]
+    assert key_slot(store.keys.session_ended("s1").encode()) == key_slot(
+        store.keys.ended_stream.encode()
+    )
+    assert keep_until - 100 <= expiry_of(store, store.keys.session_ended("s1")) <= keep_until
+
+
+def test_a_reader_waiting_on_the_ended_stream_wakes_at_once(store):
+    start = store.last_ended_id()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(store.read_ended, start, 10, 5000)
+        time.sleep(0.2)
+        began = time.monotonic()
+        store.record_ended("s2", ended_fields("s2"), now_ms() + 60_000)
+        found = waiting.result()
+        assert time.monotonic() - began < 1.0
+    assert [fields["session_id"] for _, fields in found] == ["s2"]
+    assert store.read_ended(found[-1][0], 10, 100) == []  # nothing after it: waited, none
+
+
+def test_a_consumer_group_of_two_readers_gets_each_end_once(store):
+    store.record_ended("before", ended_fields("before"), now_ms() + 60_000)
+    assert store.read_ended_group("apps", "a", 10, 1) == []  # makes the group at the end
+    for sid in ("f1", "f2", "f3"):
+        store.record_ended(sid, ended_fields(sid), now_ms() + 60_000)
+    first = store.read_ended_group("apps", "a", 2, 1)
+    second = store.read_ended_group("apps", "b", 2, 1)
+    assert [f["session_id"] for _, f in first] == ["f1", "f2"]
+    assert [f["session_id"] for _, f in second] == ["f3"]
+    assert store.read_ended_group("apps", "a", 2, 1) == []
+    store.ack_ended("apps", [entry_id for entry_id, _ in first + second])
+
+    sids = [f"g{i}" for i in range(40)]
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    def read(consumer: str) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(got["a"]) + len(got["b"]) < len(sids):
+            for entry_id, fields in store.read_ended_group("apps", consumer, 3, 100):
+                got[consumer].append(fields["session_id"])
+                store.ack_ended("apps", [entry_id])
+
+    readers = [threading.Thread(target=read, args=(c,)) for c in ("a", "b")]
+    for reader in readers:
+        reader.start()
+    for sid in sids:
+        store.record_ended(sid, ended_fields(sid), now_ms() + 60_000)
+        store.record_ended(sid, ended_fields(sid), now_ms() + 60_000)  # a second process
+    for reader in readers:
+        reader.join()
+    assert sorted(got["a"] + got["b"]) == sorted(sids)

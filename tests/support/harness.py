@@ -43,6 +43,24 @@ def forwarded(
     }
 
 
+def token_status(bridge: BridgeServer, token: str) -> int:
+    """What the bridge answers ``/forward-auth`` for a request with this session token."""
+    headers = {"X-Session-Token": token, **forwarded("/")}
+    return httpx.get(bridge.url + "/forward-auth", headers=headers).status_code
+
+
+def start_demo(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """The demo app (``compose/demo/app.py``) as a process on ``port``, importing this
+    checkout's bridge (the venv's editable install may point at another tree)."""
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.Popen(
+        [sys.executable, str(root / "compose" / "demo" / "app.py")],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "DEMO_PORT": str(port), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

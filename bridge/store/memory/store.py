@@ -30,6 +30,7 @@ from bridge.store.base import (
     Lookup,
     Rejection,
     SaveResult,
+    StreamEntry,
 )
 from bridge.store.memory.registry import MemoryRegistry
 
@@ -62,6 +63,10 @@ class MemoryStore:
         self._followers: list[EndedListener] = []
         self._devices: deque[tuple[str, dict[str, str]]] = deque(maxlen=device_stream_maxlen)
         self._lock = threading.Lock()
+        self._ended_appended = threading.Condition(self._lock)
+        self._ended: deque[StreamEntry] = deque(maxlen=stream_maxlen)
+        # Per consumer group: the newest entry given out, and entries given but not acked.
+        self._groups: dict[str, tuple[str, set[str]]] = {}
         self._values: dict[str, Any] = {}
         self._expires: dict[str, int] = {}
         self._stream: deque[tuple[str, dict[str, str]]] = deque(maxlen=stream_maxlen)
@@ -242,6 +247,54 @@ class MemoryStore:
         with self._lock:
             return [(eid, dict(fields)) for eid, fields in itertools.islice(self._devices, count)]
 
+    def record_ended(
+        self, session_id: str, fields: dict[str, str], keep_until_ms: int
+    ) -> str | None:
+        with self._lock:
+            key = self.keys.session_ended(session_id)
+            if self._get(key) is not None:
+                return None
+            entry_id = self._next_event_id()
+            self._ended.append((entry_id, dict(fields)))
+            self._set(key, entry_id, keep_until_ms)
+            self._ended_appended.notify_all()
+            return entry_id
+
+    def last_ended_id(self) -> str:
+        with self._lock:
+            return self._last_ended_id()
+
+    def read_ended(self, after_id: str, count: int, block_ms: int) -> list[StreamEntry]:
+        after = _entry_order(after_id)
+        with self._lock:
+            self._ended_appended.wait_for(
+                lambda: self._ended and _entry_order(self._ended[-1][0]) > after, block_ms / 1000
+            )
+            found = [(e, dict(f)) for e, f in self._ended if _entry_order(e) > after]
+        return found[:count]
+
+    def read_ended_group(
+        self, group: str, consumer: str, count: int, block_ms: int
+    ) -> list[StreamEntry]:
+        with self._lock:
+            if group not in self._groups:
+                self._groups[group] = (self._last_ended_id(), set())
+
+            def unread() -> list[StreamEntry]:
+                given = _entry_order(self._groups[group][0])
+                return [(e, dict(f)) for e, f in self._ended if _entry_order(e) > given][:count]
+
+            self._ended_appended.wait_for(unread, block_ms / 1000)
+            found = unread()
+            if found:
+                self._groups[group] = (found[-1][0], self._groups[group][1] | {e for e, _ in found})
+            return found
+
+    def ack_ended(self, group: str, entry_ids: list[str]) -> None:
+        with self._lock:
+            if group in self._groups:
+                self._groups[group][1].difference_update(entry_ids)
+
     def update_app(
         self, session_id: str, values: Mapping[str, str], delete: Iterable[str], max_bytes: int
     ) -> dict[str, str]:
@@ -418,6 +471,9 @@ class MemoryStore:
         now = now_ms()
         for key in [k for k, e in self._expires.items() if e <= now]:
             self._delete(key)
+
+    def _last_ended_id(self) -> str:
+        return self._ended[-1][0] if self._ended else "0-0"
 
     def _next_event_id(self) -> str:
         """Stream ids shaped like Redis's ``<ms>-<seq>``, strictly increasing."""

@@ -256,3 +256,12 @@ local keep = math.max(tonumber(ARGV[2]), redis.call('PEXPIRETIME', KEYS[1]))
 redis.call('SET', KEYS[1], ARGV[1], 'PXAT', keep)
 return 1
 """
+
+# Ended stream slot. KEYS: stream, the session's key; ARGV: max length, keep key until,
+# field, value, ... Returns the entry id when appended, false when the end is there.
+RECORD_ENDED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'PXAT', ARGV[2])
+return id
+"""

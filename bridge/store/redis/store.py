@@ -35,6 +35,7 @@ from bridge.store.base import (
     Lookup,
     Rejection,
     SaveResult,
+    StreamEntry,
 )
 from bridge.store.redis import scripts
 from bridge.store.redis.calls import failure_log, unavailable_on_error
@@ -116,6 +117,7 @@ class RedisStore:
             self._load_app = register(scripts.LOAD_APP)
             self._mark = register(scripts.MARK)
             self._device_change = register(scripts.DEVICE_CHANGE)
+            self._record_ended = register(scripts.RECORD_ENDED)
             self._target = target
 
     def client(self) -> Any:
@@ -567,6 +569,46 @@ class RedisStore:
         ]
 
     @unavailable_on_error
+    def record_ended(
+        self, session_id: str, fields: dict[str, str], keep_until_ms: int
+    ) -> str | None:
+        keys = [self.keys.ended_stream, self.keys.session_ended(session_id)]
+        args: list[Any] = [self._stream_maxlen, keep_until_ms]
+        args += [part for item in fields.items() for part in item]
+        entry_id = self._record_ended(keys=keys, args=args)
+        return entry_id.decode() if entry_id else None
+
+    @unavailable_on_error
+    def last_ended_id(self) -> str:
+        newest = self._redis.xrevrange(self.keys.ended_stream, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+    @unavailable_on_error
+    def read_ended(self, after_id: str, count: int, block_ms: int) -> list[StreamEntry]:
+        found = self._redis.xread({self.keys.ended_stream: after_id}, count, block_ms)
+        return _stream_entries(found)
+
+    @unavailable_on_error
+    def read_ended_group(
+        self, group: str, consumer: str, count: int, block_ms: int
+    ) -> list[StreamEntry]:
+        stream = self.keys.ended_stream
+        try:
+            found = self._redis.xreadgroup(group, consumer, {stream: ">"}, count, block_ms)
+        except redis.ResponseError as error:
+            if not str(error).startswith("NOGROUP"):
+                raise
+            with contextlib.suppress(redis.ResponseError):  # made meanwhile by another reader
+                self._redis.xgroup_create(stream, group, "$", mkstream=True)
+            return []
+        return _stream_entries(found)
+
+    @unavailable_on_error
+    def ack_ended(self, group: str, entry_ids: list[str]) -> None:
+        if entry_ids:
+            self._redis.xack(self.keys.ended_stream, group, *entry_ids)
+
+    @unavailable_on_error
     def ping(self) -> None:
         """Reachable, and new enough for the scripts (PEXPIRETIME, PEXPIREAT GT: 7.0)."""
         if self._version_checked:
@@ -592,6 +634,22 @@ class RedisStore:
 def _command(connection: redis.connection.AbstractConnection, *args: Any) -> Any:
     connection.send_command(*args)
     return connection.read_response()
+
+
+def _stream_entries(found: Any) -> list[StreamEntry]:
+    """What XREAD and XREADGROUP answer for one stream, as text, in whichever shape the
+    client's protocol gives (``[[stream, entries]]``, ``{stream: entries}``, or
+    ``{stream: [entries]}``); an entry trimmed away while pending has no fields: skipped."""
+    if isinstance(found, dict):
+        batches = list(found.values())
+    else:
+        batches = [entries for _, entries in found or []]
+    return [
+        (eid.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+        for entries in batches
+        for eid, fields in (entries[0] if entries and isinstance(entries[0], list) else entries)
+        if fields
+    ]
 
 
 def _versions(info: dict[str, Any]) -> list[str]:
