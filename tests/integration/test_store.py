@@ -695,14 +695,16 @@ def test_a_session_is_idle_once_its_last_use_is_older_than_the_limit_and_stays_s
 def test_the_last_use_outlives_the_mirror_and_follows_an_extension(store):
     first = session(expires_in_ms=60_000)
     save(store, "fp1", first)
-    assert store.use("s1", now_ms(), 5000) is None
+    start = now_ms()
+    assert store.use("s1", start, 5000) is None
     store.end_session("s1", now_ms(), 1000)  # the mirror goes, the record stays
-    assert store.use("s1", now_ms(), 5000) is None
+    assert store.use("s1", start + 1000, 5000) is None
     assert expiry_of(store, store.keys.last_use("s1")) == first.expires_at_ms
     extended = session(expires_in_ms=120_000)
     save(store, "fp2", extended)
-    store.record_uses({"s1": now_ms()})
+    store.record_uses({"s1": start + 2000})
     assert expiry_of(store, store.keys.last_use("s1")) == extended.expires_at_ms
+    assert store.use("s1", start + 7001, 5000) == Idle("s1", first=True)  # 2000 was kept
 
 
 def test_an_extension_is_claimed_once_per_expiry(store):
