@@ -165,7 +165,6 @@ class KratosAdmin:
             raise self._refusal(status)
         return True
 
-
     def active_session_ids(self, identity_id: str) -> list[str] | None:
         """The identity's active sessions, or ``None`` if Kratos knows no such identity."""
         found = self._identity_sessions(identity_id, active=True)
