@@ -179,13 +179,16 @@ class KratosRateLimited(KratosUnavailable):
 
 
 class SessionEnded(BridgeError):
-    """The session's mirror is gone: it expired, was revoked or logged out."""
+    """The session's mirror is gone: it expired, was revoked or logged out; or it was
+    unused for longer than ``BRIDGE_IDLE_TIMEOUT``."""
 
     code = "session_ended"
     status = 401
 
-    def __init__(self) -> None:
-        super().__init__("the session has ended (expired, revoked or logged out)")
+    def __init__(
+        self, message: str = "the session has ended (expired, revoked or logged out)"
+    ) -> None:
+        super().__init__(message)
 
 
 class AppDataTooLarge(BridgeError):

@@ -23,6 +23,7 @@ from bridge.pipeline.forward_auth import DecisionWatcher, ForwardAuth
 from bridge.pipeline.redirects import BrowserRedirects, Origin, host_origin
 from bridge.pipeline.rules import Rules
 from bridge.pipeline.upstream_headers import UpstreamHeaders
+from bridge.sessions.activity import SessionActivity
 from bridge.sessions.ending import SessionEnder
 from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror
 from bridge.store import Keys, SessionStore
@@ -111,6 +112,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         recorder = Recorder(store.registry)
     session_events = metrics.session_events() if metrics is not None else None
     events = AllOf([w for w in (recorder, session_events) if w is not None])
+    activity = session_activity(settings, store, recorder)
     mirror = SessionMirror(
         store,
         kratos,
@@ -119,6 +121,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         settings.negative_cache_ttl,
         settings.request_budget,
         events=events,
+        activity=activity,
     )
     rules = load_rules(settings)
     redirects = BrowserRedirects(settings.login_url, return_to_origins(settings, rules))
@@ -162,6 +165,23 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         recorder,
         metrics,
         events,
+    )
+
+
+def session_activity(
+    settings: Settings, store: SessionStore, recorder: Recorder | None
+) -> SessionActivity | None:
+    """Sliding sessions and the idle timeout, when either is on."""
+    if not (settings.session_extend or settings.idle_timeout):
+        return None
+    from bridge.kratos.admin import KratosAdmin  # the Ory SDK: slow to import, so only now
+
+    return SessionActivity(
+        store,
+        KratosAdmin.of(settings),
+        SessionEnder(store, recorder, settings.request_budget),
+        settings.session_extend,
+        settings.idle_timeout,
     )
 
 

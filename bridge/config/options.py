@@ -267,7 +267,8 @@ OPTIONS: tuple[Option, ...] = (
         _http_url,
         "http://127.0.0.1:4434",
         "Kratos admin API: revocation and the dashboard's session detail, the web hooks' "
-        "reads, and `check` (it reports the Kratos version).",
+        "reads, `session_extend` and `idle_timeout` (extend, revoke), and `check` (it "
+        "reports the Kratos version).",
     ),
     Option(
         "kratos_admin_token",
@@ -446,6 +447,25 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds a mirrored session is trusted before Kratos is asked again; "
         "`0` asks every time. This is the bound on how late a logout or revocation "
         "takes effect.",
+    ),
+    Option(
+        "session_extend",
+        _number(0, 10 * 365 * 86400),
+        0.0,
+        'Sliding sessions (README, "Sliding sessions and the idle timeout"): seconds before '
+        "its expiry from which a session in use is extended through Kratos's admin API "
+        "(`BRIDGE_KRATOS_ADMIN_URL`), off the request path and once per expiry across every "
+        "bridge process; Kratos's re-issued cookie is passed on. Set it to Kratos's "
+        "`session.earliest_possible_extend`. `0` = off.",
+    ),
+    Option(
+        "idle_timeout",
+        _number(0, 10 * 365 * 86400),
+        0.0,
+        "Seconds a session may go unused before every bridge process refuses it "
+        "(`401 session_ended`) and it is revoked in Kratos: never before, and at its next "
+        "request once unused for this plus a tenth of it (1 to 60 s, the most a recorded use "
+        "lags). At least `2 * revalidate_after` plus that tenth. `0` = off.",
     ),
     Option(
         "negative_cache_ttl",

@@ -17,6 +17,7 @@ from bridge.config.options import BY_NAME, ENV_PREFIX, OPTIONS, parse_api_key, p
 from bridge.errors import ConfigError
 from bridge.pipeline.redirects import Origin
 from bridge.pipeline.rules import Rules
+from bridge.sessions.activity import least_idle_timeout
 from bridge.store.redis.url import parse_redis_url
 
 
@@ -51,6 +52,8 @@ class Settings:
     key_prefix: str
     session_cookie: str
     revalidate_after: float
+    session_extend: float
+    idle_timeout: float
     negative_cache_ttl: float
     secret: bytes = field(repr=False)
     secret_is_random: bool
@@ -206,6 +209,15 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
         from bridge.pipeline.tokens import KeyRing  # cryptography, only when JWTs are on
 
         KeyRing(Path(values["jwt_keys_dir"]))  # raises naming BRIDGE_JWT_KEYS_DIR
+
+    if values["idle_timeout"]:
+        least = least_idle_timeout(values["revalidate_after"])
+        if values["idle_timeout"] < least:
+            raise ConfigError(
+                key_of("idle_timeout"),
+                "must be at least 2 x BRIDGE_REVALIDATE_AFTER plus a tenth of itself (1 to "
+                f"60 s: the most a recorded use lags): {least:g}, or 0 (off)",
+            )
 
     if values["login_url"] is None:
         values["login_url"] = values["kratos_public_url"] + "/self-service/login/browser"

@@ -143,6 +143,28 @@ class KratosAdmin:
             raise self._unavailable(error) from None
         return found.version
 
+    def extend(self, session_id: str) -> bool:
+        """Ask Kratos to extend one session (``PATCH /admin/sessions/{id}/extend``), which
+        it does only within ``session.earliest_possible_extend`` of the expiry (else it
+        answers the same, having done nothing); ``False`` when Kratos knows no such
+        session. The answer (200 with the session, or 204 under Kratos's
+        ``feature_flags.faster_session_extend``) is not read: the caller asks whoami."""
+        self._open()
+        try:
+            answer = self._identities.extend_session_without_preload_content(
+                session_id, _request_timeout=self._timeout, _headers=self._auth()
+            )
+            status, headers = answer.status, answer.headers
+            answer.release_conn()
+        except (OpenApiException, HTTPError, ValueError) as error:
+            raise self._unavailable(error) from None
+        self._saw(status, headers)
+        if status == 404:
+            return False
+        if status not in (200, 204):
+            raise self._refusal(status)
+        return True
+
     def active_session_ids(self, identity_id: str) -> list[str] | None:
         """The identity's active sessions, or ``None`` if Kratos knows no such identity."""
         found = self._identity_sessions(identity_id, active=True)

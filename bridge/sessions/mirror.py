@@ -18,6 +18,9 @@ Rules this module keeps:
   still never used past ``revalidate_after``: a refresh that fails or is slow leaves
   requests to the ordinary path.
 - Kratos unreachable means no answer from a stale copy: ``KratosUnavailable`` (503).
+- Every session answered for a request is told to ``bridge.sessions.activity`` (sliding
+  expiry, last use); with an idle timeout, the lookup a stale copy makes refuses a
+  session unused for too long (``SessionEnded``).
 """
 
 from __future__ import annotations
@@ -27,17 +30,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
 from bridge.bounded import BoundedMap
 from bridge.clock import now_ms
-from bridge.errors import BridgeError, RejectedRecently, SessionInvalid, StoreUnavailable
+from bridge.errors import (
+    BridgeError,
+    RejectedRecently,
+    SessionEnded,
+    SessionInvalid,
+    StoreUnavailable,
+)
 from bridge.kratos.whoami import KratosClient
 from bridge.pipeline.credentials import Credential, Fingerprints
 from bridge.sessions.ending import record_end
 from bridge.sessions.refresh import REFRESH_AT, Refresher, refresh_lead_ms
 from bridge.sessions.session import MirroredSession, aal2_event
-from bridge.store.base import Lock, MirrorStore, Rejection
+from bridge.store.base import Idle, Lock, MirrorStore, Rejection
+
+if TYPE_CHECKING:
+    from bridge.sessions.activity import SessionActivity
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +116,13 @@ class SessionMirror:
         request_budget: float,
         recent_max: int = 50_000,
         events: SessionEvents | None = None,
+        activity: SessionActivity | None = None,
     ) -> None:
         self._store = store
+        self._activity = activity
+        self._idle_limit_ms = activity.idle_limit_ms if activity is not None else 0
+        if activity is not None:
+            activity.bind(self._renew)
         self._events = events if events is not None else SessionEvents()
         self._kratos = kratos
         self._fingerprints = Fingerprints(secret)
@@ -153,6 +170,8 @@ class SessionMirror:
         age = now - recent.validated_at_ms
         if age >= self._refresher.zone * 1000 and self._busy(fingerprint, recent):
             self._schedule_refresh(credential, fingerprint, age)
+        if self._activity is not None:
+            self._activity.used(recent, credential, fingerprint, now)
         cookies = self._refreshed_cookies.get(fingerprint)
         if cookies is not None:
             self._refreshed_cookies.pop(fingerprint)
@@ -170,12 +189,14 @@ class SessionMirror:
         if not (with_app or refresh):
             recent = self._recent.get(fingerprint)
             if recent is not None and recent.is_fresh(started, self._revalidate_after_ms):
+                if self._activity is not None:
+                    self._activity.used(recent, credential, fingerprint, started)
                 return Resolved(recent)
         fresh_for_ms = 0 if refresh else self._revalidate_after_ms
         key = fingerprint + (":refresh" if refresh else ":app" if with_app else "")
 
         def fetch() -> Resolved:
-            return self._fetch(credential, fingerprint, fresh_for_ms, with_app=with_app)
+            return self._fetch(credential, fingerprint, fresh_for_ms, with_app=with_app, used=True)
 
         # Joining a call already under way is only right if it was asked late enough for
         # this request. If not, the next call for this key begins after that one ended,
@@ -188,10 +209,14 @@ class SessionMirror:
             raise SessionInvalid("the session was revoked")
         if resolved.cacheable:
             self._remember(fingerprint, resolved.session)
+        if self._activity is not None:
+            self._activity.used(resolved.session, credential, fingerprint, now_ms())
         return resolved
 
     def close(self) -> None:
         self._refresher.close()
+        if self._activity is not None:
+            self._activity.close()
 
     def _remember(self, fingerprint: str, session: MirroredSession) -> None:
         # A rejection that arrived after this acceptance was asked wins, also here.
@@ -268,6 +293,25 @@ class SessionMirror:
             log.debug("background refresh failed: %s", type(error).__name__)
             self._refresh_retry_at.put(fingerprint, time.monotonic() + self._refresh_pause_s)
             return
+        self._keep_refreshed(fingerprint, resolved)
+
+    def _renew(self, credential: Credential, fingerprint: str) -> MirroredSession | None:
+        """Off the request path, once Kratos extended the session: ask Kratos about the
+        credential now, so that the mirror's expiry moves to Kratos's new one and the
+        cookie Kratos re-issues goes out with this process's next answer for it. The
+        session as Kratos now has it (``None``: Kratos refused the credential)."""
+
+        def fetch() -> Resolved:
+            return self._fetch(credential, fingerprint, 0, with_app=False)
+
+        try:
+            resolved = self._in_flight.do(fingerprint + ":renew", fetch)
+        except SessionInvalid:
+            return None  # the copy is dropped already
+        self._keep_refreshed(fingerprint, resolved)
+        return resolved.session
+
+    def _keep_refreshed(self, fingerprint: str, resolved: Resolved) -> None:
         if resolved.set_cookies:
             # Kratos re-issued the cookie (an extend): the next request relays it.
             self._refreshed_cookies.put(fingerprint, resolved.set_cookies)
@@ -275,12 +319,24 @@ class SessionMirror:
             self._remember(fingerprint, resolved.session)
 
     def _fetch(
-        self, credential: Credential, fingerprint: str, fresh_for_ms: int, *, with_app: bool
+        self,
+        credential: Credential,
+        fingerprint: str,
+        fresh_for_ms: int,
+        *,
+        with_app: bool,
+        used: bool = False,
     ) -> Resolved:
-        """The store's copy if it is fresh for ``fresh_for_ms``, else Kratos's answer."""
+        """The store's copy if it is fresh for ``fresh_for_ms``, else Kratos's answer.
+        ``used`` (a request, not a refresh) records the use and applies the idle limit."""
         now = now_ms()
         lock_ms = self._lock_ttl_ms if fresh_for_ms else 0
-        found = self._store.lookup(fingerprint, now, fresh_for_ms, lock_ms, with_app=with_app)
+        idle_ms = self._idle_limit_ms if used else 0
+        found = self._store.lookup(
+            fingerprint, now, fresh_for_ms, lock_ms, with_app=with_app, idle_ms=idle_ms
+        )
+        if found.idle is not None:
+            self._refuse_idle(fingerprint, found.idle)
         if isinstance(found.entry, Rejection):
             if now - found.entry.rejected_at_ms < self._negative_ttl_ms:
                 self._recent.pop(fingerprint)
@@ -294,6 +350,11 @@ class SessionMirror:
             if fresh is not None:
                 return Resolved(fresh)
         resolved = self._ask_kratos(credential, fingerprint, seen, found.lock)
+        if idle_ms and found.entry is None:
+            # A credential the store did not know yet: its session's use is checked now.
+            idle = self._store.use(resolved.session.id, now, idle_ms)
+            if idle is not None:
+                self._refuse_idle(fingerprint, idle)
         if not with_app:
             return resolved
         # A session first seen through this credential may have app data already.
@@ -302,6 +363,12 @@ class SessionMirror:
         else:
             app = self._app_data(resolved.session.id)
         return replace(resolved, session=replace(resolved.session, app=app))
+
+    def _refuse_idle(self, fingerprint: str, idle: Idle) -> NoReturn:
+        self._recent.pop(fingerprint)
+        if self._activity is not None:
+            self._activity.found_idle(idle)
+        raise SessionEnded("the session has ended: unused for longer than the idle timeout")
 
     def _app_data(self, session_id: str) -> dict[str, str]:
         loaded = self._store.load(session_id, with_app=True)

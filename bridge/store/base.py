@@ -22,6 +22,10 @@ Slot of ``{<sid>}``, everything about one session:
 - ``p{sid}:aal2``         the upgrade id of the session's AAL2 event, written once the event
   is in the stream (and acknowledged by a replica where there is one).
 - ``p{sid}:revalidating`` short lock so one bridge process asks Kratos for a stale session.
+- ``p{sid}:used``         with ``BRIDGE_IDLE_TIMEOUT``: when the session was last used (ms), or
+  ``idle`` once it was found unused for too long; kept until the session's expiry.
+- ``p{sid}:extend:<expires_at ms>`` with ``BRIDGE_SESSION_EXTEND``: the claim of the one
+  process that extends the session expiring then; kept until that expiry.
 
 Slot of the credential: ``pcredential:<hmac>`` = ``<sid> <validated_at ms>`` for a
 credential Kratos accepted, or ``-<rejected_at ms>`` when it rejected it. A credential
@@ -145,6 +149,15 @@ class Lookup:
     session: MirroredSession | None = None  # the mirror, with this credential's validated_at
     lock: Lock | None = None  # the re-validation lock, when this lookup took it
     peer_busy: bool = False  # another process holds that lock
+    idle: Idle | None = None  # with an idle limit: the session was found unused too long
+
+
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """A session found unused for longer than the idle limit."""
+
+    session_id: str
+    first: bool  # found so by this very step, whose caller ends the session
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +197,12 @@ class Keys:
 
     def revalidating(self, sid: str) -> str:
         return f"{self.prefix}{{{sid}}}:revalidating"
+
+    def last_use(self, sid: str) -> str:
+        return f"{self.prefix}{{{sid}}}:used"
+
+    def extension(self, sid: str, expires_at_ms: int) -> str:
+        return f"{self.prefix}{{{sid}}}:extend:{expires_at_ms}"
 
     def credential(self, fingerprint: str) -> str:
         return f"{self.prefix}credential:{fingerprint}"
@@ -295,12 +314,35 @@ class MirrorStore(SessionReader, SessionSaver, EndedStream, Protocol):
     """What the session mirror (``bridge.sessions.mirror``) needs."""
 
     def lookup(
-        self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
+        self,
+        fingerprint: str,
+        now_ms: int,
+        fresh_for_ms: int,
+        lock_ms: int,
+        *,
+        with_app: bool,
+        idle_ms: int = 0,
     ) -> Lookup:
         """The credential's entry and, for an accepted one, its session (with the app data
         when ``with_app``), in one step. When the credential was validated ``fresh_for_ms``
         or longer before ``now_ms`` and ``lock_ms`` > 0, also try to take the session's
-        re-validation lock for ``lock_ms``."""
+        re-validation lock for ``lock_ms``. With ``idle_ms``, first ``use`` the session
+        of a credential whose session is known (``Lookup.idle`` and nothing else when it
+        is idle)."""
+
+    def use(self, session_id: str, at_ms: int, idle_ms: int) -> Idle | None:
+        """Record a use of the session at ``at_ms``, unless its last recorded use is more
+        than ``idle_ms`` older (0: no check): then mark it idle for good and say so (``Idle``,
+        ``first`` when this call marked it). The record lives until the session's expiry
+        (nothing is recorded while its mirror is gone, unless a record is there)."""
+
+    def record_uses(self, uses: Mapping[str, int]) -> None:
+        """``use`` each session at its time, without the idle check (answers a process
+        gave from its copy, written in one batch)."""
+
+    def claim_extension(self, session_id: str, expires_at_ms: int) -> bool:
+        """Claim the extension of the session that expires at ``expires_at_ms``: ``True``
+        for the first caller only, in any process, until that expiry."""
 
     def forget(
         self,

@@ -25,6 +25,7 @@ from bridge.store.base import (
     MAX_APP_FIELDS,
     MAX_DEVICE_CHANGES_PER_SESSION,
     CredentialEntry,
+    Idle,
     Lock,
     Lookup,
     Rejection,
@@ -434,6 +435,8 @@ def test_keys_of_one_session_share_a_cluster_slot(store):
         store.keys.app(sid),
         store.keys.aal2_marker(sid),
         store.keys.revalidating(sid),
+        store.keys.last_use(sid),
+        store.keys.extension(sid, 1_800_000_000_000),
     ]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(sid.encode())}
 
@@ -733,3 +736,51 @@ def test_a_consumer_group_of_two_readers_gets_each_end_once(store):
     for reader in readers:
         reader.join()
     assert sorted(got["a"] + got["b"]) == sorted(sids)
+
+
+def test_a_session_is_idle_once_its_last_use_is_older_than_the_limit_and_stays_so(store):
+    mirrored = session(expires_in_ms=60_000)
+    save(store, "fp1", mirrored)
+    start = now_ms()
+    assert store.use("s1", start, 5000) is None  # the first use: nothing to compare
+    assert expiry_of(store, store.keys.last_use("s1")) == mirrored.expires_at_ms
+    assert store.lookup("fp1", start + 5000, 60_000, 0, with_app=False, idle_ms=5000).idle is None
+    store.record_uses({"s1": start + 9000, "s2": start})  # s2 has no mirror: not recorded
+    assert not exists(store, store.keys.last_use("s2"))
+    assert store.use("s1", start + 4000, 5000) is None  # an older use changes nothing
+
+    found = store.lookup("fp1", start + 14_001, 60_000, 0, with_app=False, idle_ms=5000)
+    assert found == Lookup(None, idle=Idle("s1", first=True))
+    # Found once: every later step, in any process, sees it idle and is not the first.
+    assert store.use("s1", start + 14_002, 5000) == Idle("s1", first=False)
+    store.record_uses({"s1": start + 14_003})
+    again = store.lookup("fp1", start + 14_004, 60_000, 0, with_app=False, idle_ms=5000)
+    assert again.idle == Idle("s1", first=False)
+    assert expiry_of(store, store.keys.last_use("s1")) == mirrored.expires_at_ms
+    # Without an idle limit the lookup is what it always was.
+    assert store.lookup("fp1", start, 60_000, 0, with_app=False).session is not None
+
+
+def test_the_last_use_outlives_the_mirror_and_follows_an_extension(store):
+    first = session(expires_in_ms=60_000)
+    save(store, "fp1", first)
+    start = now_ms()
+    assert store.use("s1", start, 5000) is None
+    store.end_session("s1", now_ms(), 1000)  # the mirror goes, the record stays
+    assert store.use("s1", start + 1000, 5000) is None
+    assert expiry_of(store, store.keys.last_use("s1")) == first.expires_at_ms
+    extended = session(expires_in_ms=120_000)
+    save(store, "fp2", extended)
+    store.record_uses({"s1": start + 2000})
+    assert expiry_of(store, store.keys.last_use("s1")) == extended.expires_at_ms
+    assert store.use("s1", start + 7001, 5000) == Idle("s1", first=True)  # 2000 was kept
+
+
+def test_an_extension_is_claimed_once_per_expiry(store):
+    expires_at = now_ms() + 60_000
+    with ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda _: store.claim_extension("s1", expires_at), range(16)))
+    assert claims.count(True) == 1
+    assert expiry_of(store, store.keys.extension("s1", expires_at)) == expires_at
+    assert store.claim_extension("s1", expires_at + 60_000)  # the next window's own claim
+    assert store.claim_extension("s2", expires_at)

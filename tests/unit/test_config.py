@@ -670,3 +670,29 @@ def test_an_ory_project_slug_names_the_urls_and_the_cookie():
         with pytest.raises(ConfigError) as caught:
             load_settings({"BRIDGE_ORY_PROJECT_SLUG": bad})
         assert caught.value.key == "BRIDGE_ORY_PROJECT_SLUG"
+
+
+def test_sliding_sessions_and_the_idle_timeout_are_off_by_default():
+    settings = load_settings({})
+    assert (settings.session_extend, settings.idle_timeout) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("revalidate_after", "idle_timeout", "least"),
+    [
+        ("1", "2.9", "3"),  # 2 x 1 s, plus the 1 s a recorded use may lag at least
+        ("5", "11", "11.1111"),  # 2 x 5 s, plus a tenth of the timeout
+        ("600", "1200", "1260"),  # 2 x 600 s, plus 60 s at most
+        ("0", "0.5", "1"),
+    ],
+)
+def test_the_idle_timeout_leaves_room_for_the_copy_and_the_recorded_use(
+    revalidate_after, idle_timeout, least
+):
+    env = {"BRIDGE_REVALIDATE_AFTER": revalidate_after, "BRIDGE_IDLE_TIMEOUT": idle_timeout}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert caught.value.key == "BRIDGE_IDLE_TIMEOUT"
+    assert caught.value.problem.endswith(f": {least}, or 0 (off)")
+    env["BRIDGE_IDLE_TIMEOUT"] = str(float(least) + 0.001)
+    assert load_settings(env).idle_timeout == float(least) + 0.001

@@ -25,6 +25,7 @@ from bridge.store.base import (
     MAX_DEVICE_CHANGES_PER_SESSION,
     CredentialEntry,
     EndedListener,
+    Idle,
     Keys,
     Lock,
     Lookup,
@@ -86,12 +87,23 @@ class MemoryStore:
             return self._load(session_id, with_app)
 
     def lookup(
-        self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
+        self,
+        fingerprint: str,
+        now_ms: int,
+        fresh_for_ms: int,
+        lock_ms: int,
+        *,
+        with_app: bool,
+        idle_ms: int = 0,
     ) -> Lookup:
         with self._lock:
             pointer = self._get(self.keys.credential(fingerprint))
             if not isinstance(pointer, CredentialEntry):
                 return Lookup(pointer)
+            if idle_ms:
+                idle = self._use(pointer.session_id, now_ms, idle_ms)
+                if idle is not None:
+                    return Lookup(None, idle=idle)
             entry = self._credential(pointer.session_id, fingerprint)
             if not isinstance(entry, CredentialEntry):
                 return Lookup(entry)
@@ -188,6 +200,24 @@ class MemoryStore:
     def follow_ended(self, listener: EndedListener) -> None:
         with self._lock:
             self._followers.append(listener)
+
+    def use(self, session_id: str, at_ms: int, idle_ms: int) -> Idle | None:
+        with self._lock:
+            return self._use(session_id, at_ms, idle_ms)
+
+    def record_uses(self, uses: Mapping[str, int]) -> None:
+        with self._lock:
+            for session_id, at_ms in uses.items():
+                self._use(session_id, at_ms, 0)
+
+    def claim_extension(self, session_id: str, expires_at_ms: int) -> bool:
+        with self._lock:
+            self._maybe_sweep()
+            key = self.keys.extension(session_id, expires_at_ms)
+            if self._get(key) is not None:
+                return False
+            self._set(key, True, expires_at_ms)
+            return True
 
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
         with self._lock:
@@ -376,6 +406,25 @@ class MemoryStore:
             return "unrecorded"
         self._keep_until(marker, expires_at + AAL2_MARKER_GRACE_MS)
         return "recorded"
+
+    def _use(self, sid: str, at: int, idle_ms: int) -> Idle | None:
+        """The Redis store's ``use`` script."""
+        used_key = self.keys.last_use(sid)
+        used = self._get(used_key)
+        if used == "idle":
+            return Idle(sid, first=False)
+        if used is not None and idle_ms and at - used > idle_ms:
+            self._values[used_key] = "idle"
+            return Idle(sid, first=True)
+        if used is not None and used >= at:
+            return None
+        session_key = self.keys.session(sid)
+        if self._get(session_key) is not None:
+            expires_at = max(self._expires[session_key], self._expires.get(used_key, 0))
+            self._set(used_key, at, expires_at)
+        elif used is not None:
+            self._values[used_key] = at
+        return None
 
     def _record_upgrade(self, sid: str, event: dict[str, str], expires_at: int) -> str | None:
         keep_until = expires_at + AAL2_MARKER_GRACE_MS

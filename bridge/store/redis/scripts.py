@@ -180,11 +180,47 @@ return redis.call('DEL', KEYS[1], KEYS[2]) > 0 and 1 or 0
 """
 )
 
+# A session's last use (see ``bridge.store.base``: ``p{sid}:used``). ``use`` records ``at``
+# (ms, text) unless the last recorded use is more than ``idle`` ms older (0: no check),
+# which marks the session idle for good. Returns 0 (recorded), 1 (found idle now) or
+# 2 (idle before). The record expires with the session key (it is not written while that
+# key is gone and no record is there).
+_USE = """
+local function use(used_key, session_key, at, idle)
+  local used = redis.call('GET', used_key)
+  if used == 'idle' then return 2 end
+  if used and idle > 0 and tonumber(at) - tonumber(used) > idle then
+    redis.call('SET', used_key, 'idle', 'KEEPTTL')
+    return 1
+  end
+  if used and tonumber(used) >= tonumber(at) then return 0 end
+  local expires_at = redis.call('PEXPIRETIME', session_key)
+  if expires_at > 0 then
+    expires_at = math.max(expires_at, redis.call('PEXPIRETIME', used_key))
+    redis.call('SET', used_key, at, 'PXAT', expires_at)
+  elseif used then
+    redis.call('SET', used_key, at, 'KEEPTTL')
+  end
+  return 0
+end
+"""
+
+# Session slot. KEYS: last use, session; ARGV: at, idle limit ms (0: record only)
+USE = _USE + "return use(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]))"
+
 # Session slot: one round trip for a request this process's copy cannot answer.
-# KEYS: session, app, credentials, lock
-# ARGV: fingerprint, now ms, fresh-for ms, lock ms (0: take none), lock token, "1" for app
-# Returns {credential entry, session fields, app fields, lock: false | 1 (taken) | 0 (busy)}
-LOOKUP = """
+# KEYS: session, app, credentials, lock, last use
+# ARGV: fingerprint, now ms, fresh-for ms, lock ms (0: take none), lock token, "1" for app,
+#       idle limit ms (0: none)
+# Returns {credential entry, session fields, app fields, lock: false | 1 (taken) | 0 (busy)},
+# or {'idle', 1 | 2} for a session found idle (``use``).
+LOOKUP = (
+    _USE
+    + """
+if ARGV[7] ~= '0' then
+  local idle = use(KEYS[5], KEYS[1], ARGV[2], tonumber(ARGV[7]))
+  if idle ~= 0 then return {'idle', idle} end
+end
 local entry = redis.call('HGET', KEYS[3], ARGV[1])
 if not entry then return {false} end
 if string.sub(entry, 1, 1) == '-' then return {entry} end
@@ -200,6 +236,7 @@ if redis.call('SET', KEYS[4], ARGV[5], 'NX', 'PX', ARGV[4]) then
 end
 return {entry, fields, app, 0}
 """
+)
 
 # Session slot. KEYS: session, app
 # ARGV: max bytes, number of fields to set n, n names and values in turn, names to delete

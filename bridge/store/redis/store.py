@@ -30,6 +30,7 @@ from bridge.store.base import (
     MAX_DEVICE_CHANGES_PER_SESSION,
     CredentialEntry,
     EndedListener,
+    Idle,
     Keys,
     Lock,
     Lookup,
@@ -118,6 +119,7 @@ class RedisStore:
             self._mark = register(scripts.MARK)
             self._device_change = register(scripts.DEVICE_CHANGE)
             self._record_ended = register(scripts.RECORD_ENDED)
+            self._use = register(scripts.USE)
             self._target = target
 
     def client(self) -> Any:
@@ -152,7 +154,14 @@ class RedisStore:
 
     @unavailable_on_error
     def lookup(
-        self, fingerprint: str, now_ms: int, fresh_for_ms: int, lock_ms: int, *, with_app: bool
+        self,
+        fingerprint: str,
+        now_ms: int,
+        fresh_for_ms: int,
+        lock_ms: int,
+        *,
+        with_app: bool,
+        idle_ms: int = 0,
     ) -> Lookup:
         sid = self._pointers.get(fingerprint)
         if sid is None:
@@ -167,6 +176,7 @@ class RedisStore:
             self.keys.app(sid),
             self.keys.credentials(sid),
             self.keys.revalidating(sid),
+            self.keys.last_use(sid),
         ]
         args: list[str | int] = [
             fingerprint,
@@ -175,8 +185,11 @@ class RedisStore:
             lock_ms,
             token,
             "1" if with_app else "0",
+            idle_ms,
         ]
         raw_entry, *rest = self._lookup(keys=keys, args=args)
+        if raw_entry == b"idle":
+            return Lookup(None, idle=Idle(sid, rest[0] == 1))
         entry = _credential(sid, raw_entry)
         if not isinstance(entry, CredentialEntry) or not rest or not rest[0]:
             return Lookup(entry)
@@ -498,6 +511,25 @@ class RedisStore:
         if app is None:
             raise SessionEnded()
         return _text_pairs(app)
+
+    @unavailable_on_error
+    def use(self, session_id: str, at_ms: int, idle_ms: int) -> Idle | None:
+        (state,) = self._pipeline([self._use_call(session_id, at_ms, idle_ms)])
+        return Idle(session_id, state == 1) if state else None
+
+    @unavailable_on_error
+    def record_uses(self, uses: Mapping[str, int]) -> None:
+        if uses:
+            self._pipeline([self._use_call(sid, at, 0) for sid, at in uses.items()])
+
+    def _use_call(self, session_id: str, at_ms: int, idle_ms: int) -> _Call:
+        keys = [self.keys.last_use(session_id), self.keys.session(session_id)]
+        return _Call(self._use, keys, [at_ms, idle_ms])
+
+    @unavailable_on_error
+    def claim_extension(self, session_id: str, expires_at_ms: int) -> bool:
+        key = self.keys.extension(session_id, expires_at_ms)
+        return bool(self._redis.set(key, "1", nx=True, pxat=expires_at_ms))
 
     @unavailable_on_error
     def claim_revalidation(self, session_id: str, ttl_ms: int) -> Lock | None:
