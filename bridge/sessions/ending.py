@@ -9,13 +9,12 @@ the ended stream for apps, once per session (``record_end``; README, "Ended sess
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from bridge.clock import iso, now_ms
 from bridge.store.base import AAL2_MARKER_GRACE_MS, ENDED_REASONS
 
 if TYPE_CHECKING:
-    from bridge.observe.analytics import Recorder
     from bridge.sessions.session import MirroredSession
     from bridge.store.base import AdminStore, EndedStream
 
@@ -23,8 +22,17 @@ if TYPE_CHECKING:
 _KEEP_BEYOND_BUDGET_MS = 60_000
 
 
+class EndCounter(Protocol):
+    """What counts ended sessions (the analytics' recorder), as the ender uses it; a
+    protocol, so that sessions/ needs nothing from observe/, which watches it."""
+
+    def end_now(self, session_id: str, reason: str, at_ms: int) -> None: ...
+
+
 class SessionEnder:
-    def __init__(self, store: AdminStore, recorder: Recorder | None, request_budget: float) -> None:
+    def __init__(
+        self, store: AdminStore, recorder: EndCounter | None, request_budget: float
+    ) -> None:
         self._store = store
         self._recorder = recorder
         self._keep_ms = int(request_budget * 1000) + _KEEP_BEYOND_BUDGET_MS
