@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if kind not in KINDS or item.path.parent.parent != Path(__file__).parent:
             raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(KINDS)}}}/")
         item.add_marker(kind)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the browser tests put their screenshots: $BRIDGE_SCREENSHOTS_DIR (tests/run.sh
+    sets it; not committed), else a temporary folder."""
+    named = os.environ.get("BRIDGE_SCREENSHOTS_DIR")
+    folder = Path(named) if named else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -85,14 +85,6 @@ def browser(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    named = os.environ.get("BRIDGE_SCREENSHOTS_DIR")
-    folder = Path(named) if named else tmp_path_factory.mktemp("screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def person() -> dict[str, str]:
     """Who signs up through Traefik and logs in again through nginx."""
     return {"email": f"rehearsal-{secrets.token_hex(4)}@example.com"}
