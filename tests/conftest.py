@@ -137,7 +137,9 @@ def prefix(request: pytest.FixtureRequest) -> str:
     return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10] + ":"
 
 
-def bridge_settings(kratos: Kratos, redis_url: str | None, prefix: str, **env: str) -> Settings:
+def bridge_env(kratos: Kratos, redis_url: str | None, prefix: str, **env: str) -> dict[str, str]:
+    """A bridge's settings for ``kratos`` and ``redis_url`` (none: the embedded store),
+    with ``env`` on top: for a bridge in process or a ``BridgeServer``."""
     values = {
         "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
         "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
@@ -147,7 +149,11 @@ def bridge_settings(kratos: Kratos, redis_url: str | None, prefix: str, **env: s
     }
     if redis_url:
         values["BRIDGE_REDIS_URL"] = redis_url
-    return load_settings(values)
+    return values
+
+
+def bridge_settings(kratos: Kratos, redis_url: str | None, prefix: str, **env: str) -> Settings:
+    return load_settings(bridge_env(kratos, redis_url, prefix, **env))
 
 
 @pytest.fixture(params=["redis", "embedded"])

@@ -22,7 +22,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import SECRET
+from tests.conftest import bridge_env
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, stop_process
 
@@ -103,17 +103,15 @@ def test_a_bridge_with_half_the_cpu_it_needs_keeps_answering(kratos, redis_serve
     server = None
     try:
         server = BridgeServer(
-            {
-                "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
-                "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
-                "BRIDGE_REDIS_URL": redis_server.url,
-                "BRIDGE_SECRET": SECRET,
-                "BRIDGE_KEY_PREFIX": prefix,
-                "BRIDGE_WORKERS": "1",
-                "BRIDGE_REVALIDATE_AFTER": str(REVALIDATE_AFTER),
-                "BRIDGE_KRATOS_TIMEOUT": str(KRATOS_TIMEOUT),
-                "BRIDGE_REDIS_TIMEOUT": str(REDIS_TIMEOUT),
-            },
+            bridge_env(
+                kratos,
+                redis_server.url,
+                prefix,
+                BRIDGE_WORKERS="1",
+                BRIDGE_REVALIDATE_AFTER=str(REVALIDATE_AFTER),
+                BRIDGE_KRATOS_TIMEOUT=str(KRATOS_TIMEOUT),
+                BRIDGE_REDIS_TIMEOUT=str(REDIS_TIMEOUT),
+            ),
             workdir,
             launcher=pinned,
         )

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bridge.clock import now_ms, parse_timestamp_ms
-from tests.conftest import SECRET
+from tests.conftest import bridge_env
 from tests.support import kratos_flows as flows
 from tests.support.harness import (
     BridgeServer,
@@ -42,17 +42,17 @@ def two_bridges(
 
     def start(kratos: Kratos, **env: str) -> tuple[list[BridgeServer], str]:
         prefix = f"ended{uuid.uuid4().hex[:8]}:"
-        values = {
-            "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
-            "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
-            "BRIDGE_REDIS_URL": redis_server.url,
-            "BRIDGE_KEY_PREFIX": prefix,
-            "BRIDGE_SECRET": SECRET,
-            "BRIDGE_ADMIN_TOKEN": TOKEN,
-            "BRIDGE_REVALIDATE_AFTER": "1",
-            "BRIDGE_WORKERS": "2",
-            **env,
-        }
+        values = bridge_env(
+            kratos,
+            redis_server.url,
+            prefix,
+            **{
+                "BRIDGE_ADMIN_TOKEN": TOKEN,
+                "BRIDGE_REVALIDATE_AFTER": "1",
+                "BRIDGE_WORKERS": "2",
+                **env,  # a test's own settings win
+            },
+        )
         pair = [BridgeServer(values, workdir) for _ in range(2)]
         started.extend(pair)
         return pair, prefix

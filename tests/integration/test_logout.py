@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SECRET
+from tests.conftest import bridge_env
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, Kratos, RedisServer, forwarded, wait_until
 
@@ -35,18 +35,18 @@ def two_bridges(
     started: list[BridgeServer] = []
 
     def start(**env: str) -> list[BridgeServer]:
-        values = {
-            "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
-            "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
-            "BRIDGE_REDIS_URL": redis_server.url,
-            "BRIDGE_KEY_PREFIX": f"logout{uuid.uuid4().hex[:8]}:",
-            "BRIDGE_SECRET": SECRET,
-            "BRIDGE_REVALIDATE_AFTER": "300",  # a refusal seen here is the sign-out's
-            "BRIDGE_RETURN_TO_ORIGINS": "http://127.0.0.1:4455",
-            "BRIDGE_WORKERS": "2",
-            "BRIDGE_ADMIN_PORT": "0",
-            **env,
-        }
+        values = bridge_env(
+            kratos,
+            redis_server.url,
+            f"logout{uuid.uuid4().hex[:8]}:",
+            **{
+                "BRIDGE_REVALIDATE_AFTER": "300",  # a refusal seen here is the sign-out's
+                "BRIDGE_RETURN_TO_ORIGINS": "http://127.0.0.1:4455",
+                "BRIDGE_WORKERS": "2",
+                "BRIDGE_ADMIN_PORT": "0",
+                **env,  # a test's own settings win
+            },
+        )
         pair = [BridgeServer(values, workdir) for _ in range(2)]
         started.extend(pair)
         return pair
