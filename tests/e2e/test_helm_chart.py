@@ -22,6 +22,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.connection import parse_url
 
+from bridge.config.options import OPTIONS
 from bridge.pipeline.upstream_headers import DEFAULT_MAPPING
 from bridge.store.redis.url import parse_redis_url
 from tests.conftest import SECRET
@@ -322,6 +323,51 @@ def test_the_redis_url_in_the_secret_is_the_bridge_s_own_form_with_the_password_
     assert (address.username, address.password) == ("bridge", password)
     if nodes is not None:
         assert address.nodes == nodes
+
+
+def test_every_variable_the_chart_sets_is_a_setting_and_every_file_it_names_is_mounted(
+    files: Path, secrets_file: Path
+) -> None:
+    """With every optional part on, including those the pod test below cannot run (Secrets
+    the chart does not make: the gRPC certificate, Redis's CA): each variable is one the
+    bridge reads, and each path it names is a file a volume puts there."""
+    values = {
+        "secrets": {"kratosAdminToken": "k", "hookSecret": "h", "appToken": "a"},
+        "redis": {"mode": "sentinel", "hosts": ["s:26379"], "sentinelPassword": "sp",
+                  "tls": {"enabled": True, "caSecret": "redis-ca"}},
+        "jwt": {"header": "X-Bridge-Jwt", "existingSecret": "jwt-keys"},
+        "grpc": {"enabled": True, "tlsSecret": "grpc-tls"},
+        "rules": RULES,
+        "env": {"BRIDGE_REVALIDATE_AFTER": "5"},
+    }  # fmt: skip
+    objects = render(secrets_file, values_file(files, values))
+    pod = the(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    known = {option.env for option in OPTIONS}
+    env = {entry["name"]: entry.get("value") for entry in container["env"]}
+    assert set(env) <= known, set(env) - known
+    for name in (
+        "BRIDGE_SECRET_FILE", "BRIDGE_ADMIN_TOKEN_FILE", "BRIDGE_KRATOS_ADMIN_TOKEN_FILE",
+        "BRIDGE_HOOK_SECRET_FILE", "BRIDGE_APP_TOKEN_FILE", "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE",
+        "BRIDGE_RULES_FILE", "BRIDGE_JWT_KEYS_DIR", "BRIDGE_GRPC_TLS_CERT_FILE",
+        "BRIDGE_GRPC_TLS_KEY_FILE", "BRIDGE_REDIS_URL",
+    ):  # fmt: skip
+        assert name in env, name
+
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    provided = set()  # every file (or, for a whole volume, directory) the mounts give
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        source = volume.get("secret") or volume.get("configMap") or {}
+        items = source.get("items")
+        if items is None:
+            provided.add(mount["mountPath"])
+        for item in items or []:
+            provided.add(f"{mount['mountPath']}/{item['path']}")
+    named = {value for value in env.values() if value and value.startswith("/")}
+    url = base64.b64decode(the(objects, "Secret")["data"]["redis-url"]).decode()
+    named |= set(re.findall(r"ssl_ca_certs=([^&]+)", url))
+    assert named and named <= provided, named - provided
 
 
 # The pod.
