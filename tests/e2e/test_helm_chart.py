@@ -485,6 +485,10 @@ def _break(objects: list[dict], how: str) -> list[dict]:
         container["readinessProbe"]["httpGet"]["path"] = "/health/readiness"
     elif how == "probe port":
         container["livenessProbe"]["httpGet"]["port"] = "admin"
+    elif how == "file mode":  # owner-only: the pod's user is not root
+        for volume in the(broken, "Deployment")["spec"]["template"]["spec"]["volumes"]:
+            if volume["name"] == "secrets":
+                volume["secret"]["defaultMode"] = 0o400
     return broken
 
 
@@ -495,6 +499,7 @@ def _break(objects: list[dict], how: str) -> list[dict]:
         ("mount path", "BRIDGE_SECRET_FILE"),
         ("readiness path", "/health/readiness: 404"),
         ("probe port", "liveness probe failed"),
+        ("file mode", "uid 10001 (groups [10001]) cannot read it"),
     ],
 )
 def test_a_pod_rendered_wrong_fails_to_become_ready(
@@ -502,10 +507,12 @@ def test_a_pod_rendered_wrong_fails_to_become_ready(
 ) -> None:
     """The check above can fail: the same rendering, broken in one place, is caught."""
     objects = render(values_file(files, pod_values(kratos, redis_server.url, prefix, files)))
-    pod = PodRun(_break(objects, how), workdir).start()
+    started: list[PodRun] = []
     try:
         with pytest.raises(PodFailed) as failed:
-            pod.become_ready(readiness_budget=5)
+            started.append(PodRun(_break(objects, how), workdir).start())
+            started[0].become_ready(readiness_budget=5)
         assert said in str(failed.value)
     finally:
-        pod.stop()
+        for pod in started:
+            pod.stop()

@@ -16,8 +16,8 @@ does what the kubelet does before and after starting it, as far as the bridge ca
 - each mounted file must be readable by the pod's user as the kubelet leaves it (owner
   root, group ``fsGroup``, the volume's ``defaultMode`` or the item's ``mode``), judged
   from the pod's ``runAsUser``, ``runAsGroup``, ``fsGroup`` and ``supplementalGroups``: a
-  Secret the user could not read fails here as it would in the pod. (The process itself
-  runs as the test's user: this machine's Python lives where another uid cannot reach it.);
+  Secret the user could not read fails here as it would in the pod. The process itself
+  runs as the test's user: this machine's Python lives where another uid cannot reach it;
 - the probes run as the kubelet runs them: an HTTP GET on the probe's port (a name is looked
   up among the container's ports) and path, success on 200-399, the startup probe first
   within ``periodSeconds * failureThreshold``.
