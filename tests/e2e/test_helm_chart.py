@@ -135,11 +135,13 @@ def test_the_service_monitor_scrapes_the_admin_service_with_the_admin_token(
 def _bridge_references(node: object, found: set[tuple[int, str | None]]) -> None:
     """Every place an example points at the bridge's Service: (port, path or None)."""
     if isinstance(node, dict):
-        names_bridge = (
-            node.get("name") == "kratos-session-bridge" or node.get("service") == BRIDGE_HOST
+        names_bridge = "kratos-session-bridge" == node.get("name") or BRIDGE_HOST in (
+            node.get("service"),
+            node.get("host"),
         )
         if names_bridge and "port" in node:
-            found.add((int(node["port"]), None))
+            port = node["port"]  # a number, or {number: N} (Ingress, Istio)
+            found.add((int(port["number"] if isinstance(port, dict) else port), None))
         for key, value in node.items():
             if key == "backendRefs":  # Envoy Gateway's: the path is the extAuth's, beside them
                 for ref in value:
@@ -174,10 +176,10 @@ def _forwarded_headers(node: object, found: list[list[str]]) -> None:
 
 # What each example asks the bridge, by the Service port's target and the path.
 EXPECTED_ENDPOINTS = {
-    "ingress-nginx": {("http", "/auth")},
+    "ingress-nginx": {("http", "/auth"), ("http", None)},
     "traefik": {("http", "/forward-auth"), ("http", None)},
     "envoy-gateway": {("http", "/ext-authz"), ("http", None)},
-    "istio": {("grpc", None)},
+    "istio": {("grpc", None), ("http", None)},
     "contour": {("grpc", None), ("http", None)},
 }
 
