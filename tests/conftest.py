@@ -3,7 +3,9 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if kind not in KINDS or item.path.parent.parent != Path(__file__).parent:
             raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(KINDS)}}}/")
         item.add_marker(kind)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# The browser tests run Debian's Chromium (Playwright's own download is not used); where it
+# is missing they are skipped, unless CI_REQUIRE_BROWSER says a missing browser is a failure.
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI_REQUIRE_BROWSER"),
+    reason="Debian's chromium is not installed (tests/run.sh installs it)",
+)
+
+
+@contextmanager
+def chromium(*args: str, executable: str | None = CHROMIUM) -> Iterator[object]:
+    """Chromium under Playwright, as the browser tests launch it, with ``args`` added."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", "--disable-gpu", *args]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")

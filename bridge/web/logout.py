@@ -66,12 +66,17 @@ class SignOut:
         asked = parse_qs(query, keep_blank_values=True).get("return_to", [None])[0]
         return_to = self._redirects.allowed_return_to(asked)
         try:
-            credential = extract(headers, self._cookie_name)
+            credential: Credential | None = extract(headers, self._cookie_name)
         except (CredentialMissing, SessionInvalid):
-            return self._no_session(headers, return_to)
+            credential = None
+        # Before anything else, with or without a credential: a browser keeps Kratos's
+        # SameSite=Lax cookie from another site's form POST or image, and such a request
+        # is refused all the same rather than sent on to the login.
         problem = cross_site(headers, method, credential)
         if problem is not None:
             return responses.json_reply(403, {"error": "forbidden", "message": problem})
+        if credential is None:
+            return self._no_session(headers, return_to)
         session_id = self._session_id(credential)
         if credential.kind is Kind.COOKIE:
             return self._browser(headers, credential, session_id, return_to)
@@ -118,8 +123,9 @@ class SignOut:
         return responses.json_reply(401, body)
 
 
-def cross_site(headers: HeaderView, method: str, credential: Credential) -> str | None:
-    """Why the sign-out may have been sent by a page of another site, or ``None``."""
+def cross_site(headers: HeaderView, method: str, credential: Credential | None) -> str | None:
+    """Why the sign-out may have been sent by a page of another site, or ``None``
+    (``credential``: none when the request carries none)."""
     site = (headers.get("sec-fetch-site") or "").lower()
     origin = headers.get("origin")
     if site and site not in _SAME_SITE:
@@ -127,7 +133,8 @@ def cross_site(headers: HeaderView, method: str, credential: Credential) -> str 
     own = _own_host(headers)
     if origin is not None and (not own or urlsplit(origin).netloc.lower() != own):
         return "sent from another origin (Origin)"
-    if credential.kind is Kind.COOKIE and not site and (method != "POST" or origin is None):
+    cookie = credential is not None and credential.kind is Kind.COOKIE
+    if cookie and not site and (method != "POST" or origin is None):
         return "a sign-out by cookie needs Sec-Fetch-Site, or a POST with a matching Origin"
     return None
 

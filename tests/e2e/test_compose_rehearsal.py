@@ -20,6 +20,7 @@ from pathlib import Path
 import pyotp
 import pytest
 
+from tests.conftest import CHROMIUM, chromium, needs_chromium
 from tests.support.compose_rehearsal import (
     IMAGES,
     TRAEFIK_BIN,
@@ -35,7 +36,6 @@ from tests.support.proxies import ROOT
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VIEWPORT = {"width": 1280, "height": 860}
 PASSWORD = "correct-horse-battery-" + secrets.token_hex(6)
 # Password hashing and Kratos's checks on a shared 2-core machine: generous, never hit.
@@ -46,10 +46,7 @@ STEP_TIMEOUT_MS = 30_000
 ANSWERED_WHEN_UP = {"proxy": {302, 303}, "nginx": {302, 303}}
 
 pytestmark = [
-    pytest.mark.skipif(
-        CHROMIUM is None and not os.environ.get("CI_REQUIRE_BROWSER"),
-        reason="Debian's chromium is not installed (tests/run.sh installs it)",
-    ),
+    needs_chromium,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
 ]
 
@@ -76,12 +73,8 @@ def browser(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     wrapper = tmp_path_factory.mktemp("chromium") / "chromium"
     wrapper.write_text("#!/bin/sh\nexec " + " ".join(stack.in_host([str(CHROMIUM)])) + ' "$@"\n')
     wrapper.chmod(0o755)
-    with playwright_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(wrapper), args=["--no-sandbox", "--disable-gpu"]
-        )
+    with chromium(executable=str(wrapper)) as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")

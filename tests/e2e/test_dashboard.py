@@ -6,8 +6,6 @@ Screenshots of every page, at desktop and phone width, go to ``$BRIDGE_SCREENSHO
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,20 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SECRET
+from tests.conftest import SECRET, chromium, needs_chromium
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, Kratos, RedisServer, forwarded, wait_until
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 TOKEN = "dashboard-token-for-tests-" + "d" * 20
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SIZES = {"desktop": {"width": 1280, "height": 860}, "phone": {"width": 390, "height": 844}}
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI_REQUIRE_BROWSER"),
-    reason="Debian's chromium is not installed (tests/run.sh installs it)",
-)
+pytestmark = needs_chromium
 
 
 class Scene:
@@ -90,12 +84,8 @@ def scene(kratos: Kratos, redis_server: RedisServer, workdir: Path) -> Iterator[
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture

@@ -168,6 +168,17 @@ def test_a_cross_site_sign_out_is_refused_and_changes_nothing(kratos: Kratos, tw
         response = httpx.request(method, bridge.url + LOGOUT, headers=headers)
         assert response.status_code == 403, (method, sent, response.text)
         assert response.json()["error"] == "forbidden"
+    # No cookie at all (a browser keeps a SameSite=Lax one from another site's form POST or
+    # image): refused all the same, not sent on to the login.
+    for sent in (
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"},
+        {"Origin": "https://evil.example"},
+    ):
+        nobody = httpx.post(
+            bridge.url + LOGOUT,
+            headers={"Accept": "text/html", "X-Forwarded-Host": APP_HOST, **sent},
+        )
+        assert nobody.status_code == 403, (sent, nobody.text)
     refused_token = httpx.post(
         bridge.url + LOGOUT, headers={"X-Session-Token": token, "Sec-Fetch-Site": "cross-site"}
     )

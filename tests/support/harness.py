@@ -45,7 +45,17 @@ def forwarded(
 
 def token_status(bridge: BridgeServer, token: str) -> int:
     """What the bridge answers ``/forward-auth`` for a request with this session token."""
-    headers = {"X-Session-Token": token, **forwarded("/")}
+    return _forward_auth_status(bridge, {"X-Session-Token": token})
+
+
+def cookie_status(bridge: BridgeServer, cookie: str) -> int:
+    """What the bridge answers ``/forward-auth`` for a request with this session cookie
+    (Kratos's default name), asked directly as a proxy would ask it."""
+    return _forward_auth_status(bridge, {"Cookie": f"ory_kratos_session={cookie}"})
+
+
+def _forward_auth_status(bridge: BridgeServer, credential: dict[str, str]) -> int:
+    headers = {**credential, **forwarded("/")}
     return httpx.get(bridge.url + "/forward-auth", headers=headers).status_code
 
 

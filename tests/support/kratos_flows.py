@@ -116,11 +116,7 @@ def browser_login(kratos: Kratos, user: User) -> str:
     """Log in through the browser flow with a cookie jar; return the session cookie's value."""
     with httpx.Client(follow_redirects=False, headers=JSON) as browser:
         flow = _check(browser.get(kratos.public_url + "/self-service/login/browser"), 200)
-        csrf = next(
-            node["attributes"]["value"]
-            for node in flow["ui"]["nodes"]
-            if node["attributes"].get("name") == "csrf_token"
-        )
+        csrf = csrf_token(flow)
         response = browser.post(
             flow["ui"]["action"],
             json={
@@ -132,6 +128,15 @@ def browser_login(kratos: Kratos, user: User) -> str:
         )
         _check(response, 200)
         return browser.cookies["ory_kratos_session"]
+
+
+def csrf_token(flow: dict) -> str:
+    """The CSRF token of a browser flow (its hidden ``csrf_token`` node)."""
+    return next(
+        node["attributes"]["value"]
+        for node in flow["ui"]["nodes"]
+        if node["attributes"].get("name") == "csrf_token"
+    )
 
 
 def session_of(kratos: Kratos, **credential: str) -> httpx.Response:
