@@ -26,7 +26,7 @@ from bridge.web.app import create_app
 from bridge.web.envoy_grpc import SERVICE, GrpcAuthz
 from tests.conftest import bridge_settings
 from tests.support import kratos_flows as flows
-from tests.support.harness import free_port
+from tests.support.harness import RedisServer, free_port, wait_until
 from tests.support.stand_in_kratos import StandInKratos
 
 HOST = "app.example.test"
@@ -100,10 +100,17 @@ def check_request(
     return CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
 
 
+def grpc_server(app, settings) -> GrpcAuthz:
+    """The gRPC server of ``app``'s bridge, started."""
+    bridge = app.extensions["bridge"]
+    server = GrpcAuthz(bridge.forward_auth, settings, bridge.ready)
+    server.start()
+    return server
+
+
 def start(settings) -> Pair:
     app = create_app(settings)
-    server = GrpcAuthz(app.extensions["bridge"].forward_auth, settings)
-    server.start()
+    server = grpc_server(app, settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     return Pair(app.test_client(use_cookies=False), AuthorizationStub(channel), channel, server)
 
@@ -319,11 +326,88 @@ def test_hostile_check_requests_are_denials(pair, kratos, caplog):
     assert "Traceback" not in caplog.text
 
 
-def test_the_health_service_says_serving(pair):
-    stub = health_pb2_grpc.HealthStub(pair.channel)
-    for service in ("", SERVICE):
-        answer = stub.Check(health_pb2.HealthCheckRequest(service=service))
-        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+# The health service follows readiness (/health/ready): a real Redis stopped and started.
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Bounds, not expectations: readiness is kept a second, the store's client reconnects.
+WATCH_DEADLINE_S = 120
+
+
+def _health(stub, service: str = "") -> int:
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+
+
+def test_the_health_service_follows_readiness(kratos, workdir, prefix):
+    redis_server = RedisServer(workdir)
+    settings = bridge_settings(
+        kratos,
+        redis_server.url,
+        prefix,
+        BRIDGE_GRPC_PORT=str(free_port()),
+        BRIDGE_REDIS_TIMEOUT="0.5",
+    )
+    app = create_app(settings)
+    server = grpc_server(app, settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        assert [_health(stub, service) for service in ("", SERVICE)] == [SERVING, SERVING]
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
+        assert next(watch).status == SERVING
+
+        redis_server.stop()  # the stream hears of it without a Check
+        assert next(watch).status == NOT_SERVING
+        assert [_health(stub, service) for service in ("", SERVICE)] == [NOT_SERVING] * 2
+        assert app.test_client().get("/health/ready").status_code == 503
+
+        redis_server.start()
+        assert next(watch).status == SERVING
+        assert _health(stub) == SERVING
+        assert app.test_client().get("/health/ready").status_code == 200
+        watch.cancel()
+
+        with pytest.raises(grpc.RpcError) as unknown:
+            _health(stub, "no.such.Service")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # Stopping: NOT_SERVING to the streams before the server goes.
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
+        assert next(watch).status == SERVING
+        server.stop()
+        assert next(watch).status == NOT_SERVING
+    finally:
+        channel.close()
+        server.stop()
+        redis_server.stop()
+        app.extensions["bridge"].close()
+
+
+def test_a_check_alone_sees_readiness_change(kratos, workdir, prefix):
+    """Without a stream open, each ``Check`` asks (readiness kept a second): polled."""
+    redis_server = RedisServer(workdir)
+    settings = bridge_settings(
+        kratos,
+        redis_server.url,
+        prefix,
+        BRIDGE_GRPC_PORT=str(free_port()),
+        BRIDGE_REDIS_TIMEOUT="0.5",
+    )
+    app = create_app(settings)
+    server = grpc_server(app, settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        assert _health(stub, SERVICE) == SERVING
+        redis_server.stop()
+        wait_until(lambda: _health(stub, SERVICE) == NOT_SERVING, 60, "NOT_SERVING")
+        redis_server.start()
+        wait_until(lambda: _health(stub, SERVICE) == SERVING, 60, "SERVING again")
+    finally:
+        channel.close()
+        server.stop()
+        redis_server.stop()
+        app.extensions["bridge"].close()
 
 
 def _self_signed(tmp_path) -> tuple[str, str, bytes]:
@@ -368,9 +452,7 @@ def test_tls_when_a_certificate_and_key_are_set(kratos, redis_server, prefix, tm
         BRIDGE_GRPC_TLS_CERT_FILE=cert,
         BRIDGE_GRPC_TLS_KEY_FILE=key,
     )
-    app = create_app(settings)
-    server = GrpcAuthz(app.extensions["bridge"].forward_auth, settings)
-    server.start()
+    server = grpc_server(create_app(settings), settings)
     user = flows.register(kratos)
     request = check_request("GET", "/x", HOST, "https", {"x-session-token": user.token})
     try:
