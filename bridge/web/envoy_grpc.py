@@ -57,7 +57,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bridge.bounded import BoundedMap
 from bridge.config import Settings
 from bridge.logs import log_unexpected
-from bridge.pipeline.forward_auth import ForwardAuth
+from bridge.pipeline.forward_auth import ForwardAuth, Pending
 from bridge.web import responses
 from bridge.web.asgi import off_loop
 from bridge.web.health import PUBLIC_READY_FOR_S
@@ -108,11 +108,15 @@ class Checks:
             log_unexpected(log, "CHECK", self._dialect.route)
             return _INTERNAL
 
-    async def _reply(self, data: bytes, peer: str | None) -> Reply:
+    def begin(self, data: bytes, peer: str | None) -> Reply | Pending:
+        """The no-I/O step of a check: its answer, or what ``finish`` must ask."""
         http = _http_attributes(data)
         method = http.method if _METHOD_LIKE.fullmatch(http.method) else "?"
         headers = HeaderView(_header_pairs(http), peer)
-        step = self._forward_auth.begin(self._dialect, headers, method, http.path, "")
+        return self._forward_auth.begin(self._dialect, headers, method, http.path, "")
+
+    async def _reply(self, data: bytes, peer: str | None) -> Reply:
+        step = self.begin(data, peer)
         if isinstance(step, Reply):
             return step
         timed_out = partial(self._forward_auth.timed_out, step)
