@@ -21,7 +21,15 @@ from bridge.pipeline.tokens import generate_key
 from tests.conftest import SECRET
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, free_port
-from tests.support.proxies import ROOT, Addresses, RunningProxy, start_proxy, start_upstream
+from tests.support.proxies import (
+    ROOT,
+    Addresses,
+    RunningProxy,
+    grpc_address,
+    grpc_settings,
+    start_proxy,
+    start_upstream,
+)
 
 BROWSER = {
     "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
@@ -59,7 +67,7 @@ def stack(request, kratos, redis_server, workdir) -> Iterator[Stack]:
     rules.write_text(shipped.replace("max_age: 5m", "max_age: 2s"))
     generate_key(home / "jwt")
     proxy_port = free_port()
-    grpc = {"BRIDGE_GRPC_PORT": str(free_port())} if kind == "envoy-grpc" else {}
+    grpc = grpc_settings(kind)
     bridge = BridgeServer(
         {
             **grpc,
@@ -78,8 +86,7 @@ def stack(request, kratos, redis_server, workdir) -> Iterator[Stack]:
         workdir,
     )
     upstream_url, stop_upstream = start_upstream()
-    grpc_address = f"127.0.0.1:{grpc['BRIDGE_GRPC_PORT']}" if grpc else None
-    addresses = Addresses(bridge.url, upstream_url, kratos.public_url, grpc_address)
+    addresses = Addresses(bridge.url, upstream_url, kratos.public_url, grpc_address(grpc))
     proxy = start_proxy(kind, addresses, home, port=proxy_port)
     yield Stack(proxy, bridge, kratos.public_url)
     proxy.stop()

@@ -54,6 +54,18 @@ ENVOY_KINDS = {"envoy": "envoy.yaml", "envoy-grpc": "envoy-grpc.yaml"}
 START_TIMEOUT = 30.0
 
 
+def grpc_settings(kind: str) -> dict[str, str]:
+    """The bridge settings a ``kind`` proxy needs besides the usual: Envoy over gRPC asks
+    on ``BRIDGE_GRPC_PORT``."""
+    return {"BRIDGE_GRPC_PORT": str(free_port())} if kind == "envoy-grpc" else {}
+
+
+def grpc_address(settings: dict[str, str]) -> str | None:
+    """Where the bridge with ``settings`` answers gRPC checks, if it does."""
+    port = settings.get("BRIDGE_GRPC_PORT")
+    return f"127.0.0.1:{port}" if port else None
+
+
 @dataclass
 class Addresses:
     """Where the proxy should send what the shipped configs send to the placeholders."""
