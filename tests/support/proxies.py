@@ -377,7 +377,10 @@ def _start_envoy(config_file: Path, addresses: Addresses, home: Path, port: int)
                 where = endpoint["endpoint"]["address"]["socket_address"]
                 key = (where["address"], where["port_value"])
                 if key not in targets:
-                    raise ValueError(f"{config_file}: cluster {cluster['name']} names {key}")
+                    raise ValueError(
+                        f"{config_file}: cluster {cluster['name']} sends to {key[0]}:{key[1]}, "
+                        f"not to a placeholder ({', '.join(f'{a}:{p}' for a, p in targets)})"
+                    )
                 host, _, to_port = _host_port(targets[key]).rpartition(":")
                 where.update(address=host, port_value=int(to_port))
                 found[key] += 1
