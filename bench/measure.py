@@ -1,10 +1,12 @@
-"""What the benchmarks read: wrk's summary, and a process tree's CPU time and memory from /proc.
+"""What the benchmarks read: wrk's and ghz's summaries, and a process tree's CPU time and
+memory from /proc.
 
 Shared by bench/auth_bench.py and bench/peers.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -63,6 +65,74 @@ def parse_wrk(out: str) -> dict[str, float]:
         "requests": int(re.search(r"(\d+) requests in", out).group(1)),
         "errors": int(errors.group(1)) if errors else 0,
         "socket_errors": sum(map(int, socket_errors.groups())) if socket_errors else 0,
+    }
+
+
+def run_ghz(
+    ghz: Path,
+    target: str,
+    *,
+    protoset: Path,
+    call: str,
+    data: Path,
+    concurrency: int,
+    connections: int,
+    duration: float,
+    prefix: tuple[str, ...] = (),
+) -> str:
+    """Run ghz (a gRPC load generator) for ``duration`` seconds: ``concurrency`` calls at a
+    time over ``connections`` HTTP/2 connections, each call the next message of the JSON
+    array in ``data`` (round robin); return its JSON summary."""
+    result = subprocess.run(
+        [
+            *prefix,
+            str(ghz),
+            "--insecure",
+            f"--protoset={protoset}",
+            f"--call={call}",
+            f"--data-file={data}",
+            f"--concurrency={concurrency}",
+            f"--connections={connections}",
+            f"--duration={duration:g}s",
+            "--format=json",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 60,
+    )
+    return result.stdout
+
+
+# How ghz's calls still in flight when the duration ends fail: ghz closes its own
+# connections under them (seen with v0.120.0), or cancels them.
+_CUT_AT_THE_END = ("use of closed network connection", "code = Canceled")
+
+
+def parse_ghz(out: str) -> dict:
+    """The figures ``parse_wrk`` gives, from ghz's JSON summary, and ``sent``, ``codes``
+    (calls by gRPC status) and ``error_kinds`` (calls by error message). The calls cut
+    when the duration ends were sent but not completed, as wrk's in flight; every other
+    call that did not end OK is an error (a denial is an OK call with a denied answer:
+    not one)."""
+    summary = json.loads(out)
+    latency = {row["percentage"]: row["latency"] for row in summary["latencyDistribution"] or []}
+    codes = summary.get("statusCodeDistribution") or {}
+    kinds = summary.get("errorDistribution") or {}
+    cut = sum(n for kind, n in kinds.items() if any(c in kind for c in _CUT_AT_THE_END))
+    failed = sum(n for code, n in codes.items() if code != "OK")
+    completed = int(summary["count"]) - cut
+    return {
+        "rps": completed / (summary["total"] / 1e9),  # ns
+        "p50": latency.get(50, 0) / 1e6,  # ns -> ms
+        "p99": latency.get(99, 0) / 1e6,
+        "requests": completed,
+        "errors": failed - cut,
+        "socket_errors": 0,
+        "sent": int(summary["count"]),
+        "codes": codes,
+        "error_kinds": kinds,
     }
 
 

@@ -6,7 +6,8 @@ Not a test: it prints figures and writes them to JSON and a PNG chart.
         [--rounds cpu-limit,started-pinned[,unpinned]]
         [--scenarios warm-100,warm-1000,zipf-10000,invalid-10]
         [--systems bridge,bridge-1worker,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
-                   [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare,bridge-analytics]]
+                   [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare,bridge-analytics]
+                   [,bridge-grpc]]
         [--base-tree CHECKOUT] [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
 
 With --base-tree, `bridge-base` (the bridge run from that other checkout, e.g. a
@@ -28,8 +29,10 @@ name, the bridge on /forward-auth with Traefik's X-Forwarded-* headers: plain
 (`bridge-forward`), with the 20-rule file bench/peers/rules-20.yml (`bridge-rules`, the
 request matching none of the first 19), with the JWT on (`bridge-jwt`), with both
 (`bridge-rules-jwt`), with analytics and metrics off (`bridge-bare`, to see what they
-cost) and with metrics alone off (`bridge-analytics`). Missing binaries are built first
-(Kratos, heimdall, Oathkeeper: minutes, once per machine).
+cost) and with metrics alone off (`bridge-analytics`); and, asked for by name, the
+bridge's Envoy gRPC ext_authz (`bridge-grpc`: BRIDGE_GRPC_PORT, the same original request
+as a CheckRequest), driven by ghz instead of wrk (see Load). Missing binaries are built
+first (Kratos, heimdall, Oathkeeper, ghz: minutes, once per machine).
 
 Rounds: every server (the systems, Kratos, Redis) is started afresh for each round, and
 the servers share CPU 0 while wrk has CPU 1 to itself:
@@ -52,9 +55,14 @@ the token list are cached in --sessions-cache, keyed by their number, and reused
 N tokens of a bigger set) while sampled tokens still answer 200 at whoami.
 
 Load: `wrk -t1 -c{connections} -d{duration}s` with bench/wrk/tokens.lua, one
-X-Session-Token per request. For each round and scenario the systems are driven one after
-another with the same load, each warmed first (one request per token, then 2 s of the same
-load, not counted):
+X-Session-Token per request. `bridge-grpc` gets the same tokens in the same order from
+ghz (`--concurrency {connections} --connections 8`: Envoy keeps a few HTTP/2 connections
+to an ext_authz cluster, and each server process takes its own), one CheckRequest per
+call from a JSON array it goes through in turn (a Zipf run: 20,000 draws, fixed seed);
+not in invalid-10, whose 401s are inside OK calls where ghz cannot count them. For it
+"non-2xx" is the calls that did not end OK. For each round and scenario the systems are
+driven one after another with the same load, each warmed first (one request per token,
+then 2 s of the same load, not counted):
   warm-100     100 sessions, tokens in rotation
   warm-1000    1,000 sessions, tokens in rotation
   zipf-10000   10,000 sessions, token rank k drawn with weight k^-1.1 (fixed seed)
@@ -127,9 +135,11 @@ from bench.measure import (  # noqa: E402
     allowed_cpus,
     child_pids,
     cpu_seconds,
+    parse_ghz,
     parse_wrk,
     process_tree,
     rss_mb,
+    run_ghz,
     run_wrk,
 )
 from bridge.pipeline.tokens import generate_key  # noqa: E402
@@ -149,6 +159,7 @@ CACHE = Path(os.environ.get("KSB_CACHE") or Path.home() / ".cache" / "kratos-ses
 PEERS = ROOT / "bench" / "peers"
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "tokens.lua"
 PEER_VERSIONS = {"heimdall": "v0.17.2", "oathkeeper": "v0.40.9"}
+GHZ_VERSION = "v0.120.0"
 SYSTEMS = ("bridge", "heimdall", "oathkeeper", "kratos")
 # The bridge with a fixed worker count beside its default one (BRIDGE_WORKERS unset).
 BRIDGE_WORKERS = {"bridge-1worker": 1}
@@ -178,10 +189,16 @@ BRIDGE_FEATURES = {
     "bridge-bare": {"bare": True},  # analytics and metrics off: what they cost
     "bridge-analytics": {"analytics_only": True},  # metrics off, analytics on
 }
+# The bridge's Envoy gRPC ext_authz, driven by ghz: asked for by name.
+GRPC = "bridge-grpc"
+GRPC_CALL = "envoy.service.auth.v3.Authorization.Check"
+GRPC_CONNECTIONS = 8
+GRPC_SCENARIOS = {"warm-100", "warm-1000", "zipf-10000"}  # invalid-10: see Load
+ZIPF_DRAWS = 20_000
 # The bridge from another checkout (--base-tree), beside this one: a change's cost, with
 # both trees driven in turn by the same load in the same run.
 BASE = "bridge-base"
-ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_WORKERS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES, BASE)
+ALL_SYSTEMS = (*SYSTEMS, *BRIDGE_WORKERS, *BRIDGE_TOPOLOGIES, *BRIDGE_FEATURES, GRPC, BASE)
 SESSION_LIFESPAN = "720h"
 WARMUP_SECONDS = 2
 SETTLE_SECONDS = 0.5  # after wrk stops, for the requests it left in flight to finish
@@ -253,6 +270,16 @@ def peer_binary(name: str) -> Path:
             check=True,
             env={**os.environ, "KSB_CACHE": str(CACHE)},
         )
+    return binary
+
+
+def ghz_binary() -> Path:
+    """ghz from the cache, built by bench/peers/build-ghz.sh if missing."""
+    binary = CACHE / f"ghz-{GHZ_VERSION}" / "ghz"
+    if not binary.exists():
+        print(f"building ghz {GHZ_VERSION} (minutes, once)", flush=True)
+        build = PEERS / "build-ghz.sh"
+        subprocess.run(["bash", str(build), str(binary), GHZ_VERSION], check=True)
     return binary
 
 
@@ -412,6 +439,7 @@ class System:
     url: str  # the endpoint wrk drives
     processes: list[subprocess.Popen]  # roots of the process trees that are the system's own
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request
+    grpc: bool = False  # url is host:port of Envoy's gRPC Check, driven by ghz
 
     @property
     def pids(self) -> list[int]:
@@ -463,6 +491,7 @@ class Stack:
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_WORKERS},
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_TOPOLOGIES},
             **{name: functools.partial(self._bridge, name) for name in BRIDGE_FEATURES},
+            GRPC: functools.partial(self._bridge, GRPC),
             BASE: functools.partial(self._bridge, BASE),
         }
         with self._placed("kratos"):
@@ -608,10 +637,15 @@ class Stack:
                 if not keys.exists():
                     generate_key(keys)
                 env.update(BRIDGE_JWT_HEADER="X-Bridge-Jwt", BRIDGE_JWT_KEYS_DIR=str(keys))
+        if name == GRPC:
+            env.update(BRIDGE_KEY_PREFIX=f"bench-{name}:", BRIDGE_GRPC_PORT=str(free_port()))
         argv = [sys.executable, "-m", "bridge", "serve", "--port", str(port)]
         process = self._spawn(argv, log, env)
         url = f"http://127.0.0.1:{port}"
         self._wait(process, url + "/health/alive", name, log)
+        if name == GRPC:
+            target = f"127.0.0.1:{env['BRIDGE_GRPC_PORT']}"
+            return System(name, target, [process, *redis_processes], grpc=True)
         if features is not None:
             return System(name, url + "/forward-auth", [process, *redis_processes], dict(FORWARDED))
         return System(name, url + "/auth", [process, *redis_processes])
@@ -749,6 +783,8 @@ def measure(stack: Stack, system: System, scenario: Scenario, args, tokens: Path
             prefix=prefix,
         )
 
+    if system.grpc:
+        return measure_grpc(stack, system, scenario, args, tokens, prefix)
     warm_statuses = warm(system, tokens.read_text().split()[: scenario.sessions])
     wrk(WARMUP_SECONDS, scenario.seed + 1)  # another seed: no invalid token seen before
     time.sleep(SETTLE_SECONDS)
@@ -758,14 +794,127 @@ def measure(stack: Stack, system: System, scenario: Scenario, args, tokens: Path
     time.sleep(SETTLE_SECONDS)
     after = Counters.read(stack, system)
     row = {"round": stack.round, "scenario": scenario.name, "system": system.name}
-    row.update(summarise(out, before, after, kratos_is_system=system.name == "kratos"))
+    figures, counts = parse_wrk(out), parse_lua_counts(out)
+    row.update(summarise(figures, counts, before, after, system.name == "kratos"))
     row.update(rss_mb=rss, warm_statuses=warm_statuses)
     return row
 
 
-def summarise(out: str, before: Counters, after: Counters, kratos_is_system: bool) -> dict:
-    """One run's figures; per request means per request sent (see requests_sent)."""
-    figures, counts = parse_wrk(out), parse_lua_counts(out)
+def check_request_json(token: str) -> dict:
+    """The CheckRequest Envoy sends for FORWARDED's original request, in protobuf's JSON."""
+    http = {
+        "method": FORWARDED["X-Forwarded-Method"],
+        "path": FORWARDED["X-Forwarded-Uri"],
+        "host": FORWARDED["X-Forwarded-Host"],
+        "scheme": FORWARDED["X-Forwarded-Proto"],
+        "headers": {"x-session-token": token, "x-forwarded-proto": FORWARDED["X-Forwarded-Proto"]},
+    }
+    return {"attributes": {"request": {"http": http}}}
+
+
+def grpc_order(scenario: Scenario, tokens: list[str]) -> list[str]:
+    """The tokens in the order ghz sends them (it goes round the list): as tokens.lua
+    picks them, rank k of a Zipf run with weight k^-s."""
+    chosen = tokens[: scenario.sessions]
+    if scenario.pattern != "zipf":
+        return chosen
+    weights = [k**-ZIPF_S for k in range(1, len(chosen) + 1)]
+    return random.Random(scenario.seed).choices(chosen, weights, k=ZIPF_DRAWS)
+
+
+def grpc_protoset(work: Path) -> Path:
+    """Envoy's Authorization service and every file it imports, as a FileDescriptorSet
+    (ghz's --protoset), from the protos the bridge itself uses (xds-protos)."""
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.protobuf.descriptor_pb2 import FileDescriptorProto, FileDescriptorSet
+
+    path = work / "envoy-authz.protoset"
+    if path.exists():
+        return path
+    ordered, seen = [], set()
+
+    def add(descriptor) -> None:  # dependencies first
+        if descriptor.name in seen:
+            return
+        seen.add(descriptor.name)
+        for dependency in descriptor.dependencies:
+            add(dependency)
+        proto = FileDescriptorProto()
+        descriptor.CopyToProto(proto)
+        ordered.append(proto)
+
+    add(external_auth_pb2.DESCRIPTOR)
+    path.write_bytes(FileDescriptorSet(file=ordered).SerializeToString())
+    return path
+
+
+def warm_grpc(system: System, tokens: list[str]) -> dict[str, int]:
+    """One Check per token, 8 at a time; the HTTP statuses the answers carry."""
+    import grpc
+    from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+    from google.protobuf.json_format import ParseDict
+
+    with grpc.insecure_channel(system.url) as channel:
+        check = channel.unary_unary(
+            f"/{GRPC_CALL.rpartition('.')[0]}/Check",
+            request_serializer=CheckRequest.SerializeToString,
+            response_deserializer=CheckResponse.FromString,
+        )
+
+        def status(token: str) -> str:
+            try:
+                answer = check(ParseDict(check_request_json(token), CheckRequest()), timeout=10)
+            except grpc.RpcError as error:
+                return str(error.code())
+            return "200" if answer.status.code == 0 else str(answer.denied_response.status.code)
+
+        return dict(Counter(in_parallel(status, tokens)))
+
+
+def measure_grpc(
+    stack: Stack, system: System, scenario: Scenario, args, tokens: Path, prefix: tuple
+) -> dict:
+    """As ``measure``, with ghz sending CheckRequests in place of wrk."""
+    order = grpc_order(scenario, tokens.read_text().split())
+    data = stack.work / f"grpc-{scenario.name}.json"
+    data.write_text(json.dumps([check_request_json(token) for token in order]))
+    protoset = grpc_protoset(stack.work)
+
+    def ghz(duration: float) -> str:
+        return run_ghz(
+            ghz_binary(),
+            system.url,
+            protoset=protoset,
+            call=GRPC_CALL,
+            data=data,
+            concurrency=args.connections,
+            connections=GRPC_CONNECTIONS,
+            duration=duration,
+            prefix=prefix,
+        )
+
+    warm_statuses = warm_grpc(system, tokens.read_text().split()[: scenario.sessions])
+    ghz(WARMUP_SECONDS)
+    time.sleep(SETTLE_SECONDS)
+    before = Counters.read(stack, system)
+    out = ghz(args.duration)
+    rss = sum(rss_mb(pid) for pid in system.pids)
+    time.sleep(SETTLE_SECONDS)
+    after = Counters.read(stack, system)
+    figures = parse_ghz(out)
+    counts = {"sent_valid": figures["sent"], "sent_invalid": 0, "statuses": {}}
+    row = {"round": stack.round, "scenario": scenario.name, "system": system.name}
+    row.update(summarise(figures, counts, before, after, kratos_is_system=False))
+    row.update(rss_mb=rss, warm_statuses=warm_statuses, load="ghz", grpc_codes=figures["codes"])
+    row["grpc_errors"] = figures["error_kinds"]
+    return row
+
+
+def summarise(
+    figures: dict, counts: dict, before: Counters, after: Counters, kratos_is_system: bool
+) -> dict:
+    """One run's figures (the load generator's summary and, from wrk, what tokens.lua
+    counted); per request means per request sent (see requests_sent)."""
     # Sent: wrk's completed requests plus the few (at most one per connection) still in
     # flight when it stopped, which the systems and Kratos worked on too.
     sent = (counts["sent_valid"] or 0) + (counts["sent_invalid"] or 0) or figures["requests"]
@@ -804,6 +953,8 @@ def run_round(stack: Stack, scenarios: list[Scenario], args, tokens: Path) -> li
         for name in stack.names:
             system = stack.systems.get(name)
             if system is None or scenario.name not in args.scenarios_of.get(name, SCENARIOS):
+                continue
+            if system.grpc and scenario.name not in GRPC_SCENARIOS:
                 continue
             row = {"round": stack.round, "scenario": scenario.name, "system": name}
             if not system.alive():
@@ -1008,7 +1159,7 @@ def meta(args, rounds: dict) -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "bridge_commit": commit,
-        "versions": {"kratos": KRATOS_VERSION, **PEER_VERSIONS},
+        "versions": {"kratos": KRATOS_VERSION, **PEER_VERSIONS, "ghz": GHZ_VERSION},
         "wrk": f"wrk -t1 -c{args.connections} -d{args.duration:g}s --latency",
         "duration_s": args.duration,
         "connections": args.connections,
@@ -1108,6 +1259,8 @@ def main() -> None:
     for name in ("heimdall", "oathkeeper"):
         if name in args.systems:
             peer_binary(name)
+    if GRPC in args.systems:
+        ghz_binary()
     scenarios = [SCENARIOS[name] for name in args.scenarios]
     needed = max(s.sessions for s in scenarios)
     work = Path(tempfile.mkdtemp(prefix="peers-bench-"))

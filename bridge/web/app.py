@@ -105,16 +105,11 @@ def create_flask_app(bridge: Bridge) -> Flask:
     def alive() -> Response:
         return as_flask(responses.json_reply(200, {"status": "ok"}))
 
-    ready_now = health.KeptStatus(
-        lambda: health.check(bridge.store, bridge.kratos, with_topology=False).ready,
-        health.PUBLIC_READY_FOR_S,
-    )
-
     @app.get("/health/ready", provide_automatic_options=False)
     def ready() -> Response:
         """Status only, and checked at most once a second: anyone may ask
         (``bridge.web.health``)."""
-        return as_flask(health.status_reply(ready_now()))
+        return as_flask(health.status_reply(bridge.ready()))
 
     openapi.add_routes(app)
 

@@ -21,9 +21,11 @@
   without its http attributes, are a 400 denial, and an unexpected failure is a 500 denial.
   A gRPC error is what Envoy's ``failure_mode_allow: true`` would let through: keep it false.
 - Every server process serves the port (``SO_REUSEPORT``), each on a thread and event loop
-  of its own, from its own copy of sessions, as Granian's workers share the HTTP port; the
-  standard health service (``grpc.health.v1.Health``) says ``SERVING`` while it runs. TLS
+  of its own, from its own copy of sessions, as Granian's workers share the HTTP port. TLS
   when ``BRIDGE_GRPC_TLS_CERT_FILE`` and ``_KEY_FILE`` are set.
+- The standard health service (``grpc.health.v1.Health``, ``ReadinessHealth``) says
+  ``SERVING`` only while the bridge is ready as ``/health/ready`` says (Redis and Kratos
+  answer), ``NOT_SERVING`` otherwise and once the server stops.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import asyncio
 import logging
 import re
 import threading
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -49,14 +52,15 @@ from envoy.service.auth.v3.external_auth_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.message import DecodeError
 from google.rpc.status_pb2 import Status
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bridge.bounded import BoundedMap
 from bridge.config import Settings
 from bridge.logs import log_unexpected
-from bridge.pipeline.forward_auth import ForwardAuth
+from bridge.pipeline.forward_auth import ForwardAuth, Pending
 from bridge.web import responses
 from bridge.web.asgi import off_loop
+from bridge.web.health import PUBLIC_READY_FOR_S
 from bridge.web.request import HeaderView, declared
 from bridge.web.responses import Reply
 
@@ -104,11 +108,15 @@ class Checks:
             log_unexpected(log, "CHECK", self._dialect.route)
             return _INTERNAL
 
-    async def _reply(self, data: bytes, peer: str | None) -> Reply:
+    def begin(self, data: bytes, peer: str | None) -> Reply | Pending:
+        """The no-I/O step of a check: its answer, or what ``finish`` must ask."""
         http = _http_attributes(data)
         method = http.method if _METHOD_LIKE.fullmatch(http.method) else "?"
         headers = HeaderView(_header_pairs(http), peer)
-        step = self._forward_auth.begin(self._dialect, headers, method, http.path, "")
+        return self._forward_auth.begin(self._dialect, headers, method, http.path, "")
+
+    async def _reply(self, data: bytes, peer: str | None) -> Reply:
+        step = self.begin(data, peer)
         if isinstance(step, Reply):
             return step
         timed_out = partial(self._forward_auth.timed_out, step)
@@ -197,14 +205,106 @@ def _peer(peer: str) -> str | None:
     return match.group(1) if match else None
 
 
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class ReadinessHealth(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1.Health`` for the server (``""``) and ``SERVICE``: ``SERVING`` while
+    ``ready()`` (the bridge's readiness, kept a second) says so, else ``NOT_SERVING``.
+
+    Readiness is asked when someone asks, never on its own: a ``Check`` asks it (on a pool
+    thread: it does I/O), and while ``Watch`` streams are open it is asked every
+    ``every_s``, each change written to every stream. Asks that come while one is under
+    way wait for its answer. A failure to ask is ``NOT_SERVING``."""
+
+    SERVICES = frozenset(("", SERVICE))
+
+    def __init__(self, ready: Callable[[], bool], pool: ThreadPoolExecutor, every_s: float):
+        self._ready, self._pool, self._every_s = ready, pool, every_s
+        self._status = _NOT_SERVING
+        self._changed = asyncio.Condition()
+        self._asking: asyncio.Future[int] | None = None
+        self._watchers = 0
+        self._following: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        if request.service not in self.SERVICES:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=await self.now())
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        if request.service not in self.SERVICES:  # as the protocol says: kept open
+            yield health_pb2.HealthCheckResponse(status=_UNKNOWN)
+            await asyncio.Event().wait()
+            return
+        self._watchers += 1
+        if self._following is None:
+            self._following = asyncio.create_task(self._follow())
+        try:
+            status = await self.now()
+            while True:
+                yield health_pb2.HealthCheckResponse(status=status)
+                async with self._changed:
+                    while self._status == status:
+                        await self._changed.wait()
+                    status = self._status
+        finally:
+            self._watchers -= 1
+
+    async def now(self) -> int:
+        """The status after asking readiness (or joining the ask under way)."""
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask())
+        return await asyncio.shield(self._asking)
+
+    async def stop(self) -> None:
+        """``NOT_SERVING`` from now on, told to every stream."""
+        self._stopped = True
+        await self._tell(_NOT_SERVING)
+
+    async def _ask(self) -> int:
+        try:
+            ready = await asyncio.get_running_loop().run_in_executor(self._pool, self._ready)
+        except Exception:  # when unsure, not ready
+            log_unexpected(log, "HEALTH", "grpc.health.v1.Health")
+            ready = False
+        finally:
+            self._asking = None
+        await self._tell(_SERVING if ready and not self._stopped else _NOT_SERVING)
+        return self._status
+
+    async def _tell(self, status: int) -> None:
+        async with self._changed:
+            if status != self._status:
+                self._status = status
+                self._changed.notify_all()
+
+    async def _follow(self) -> None:
+        try:
+            while self._watchers:
+                await self.now()
+                await asyncio.sleep(self._every_s)
+        finally:
+            self._following = None
+
+
 class GrpcAuthz:
     """One process's gRPC server: ``start`` it once the process's parts are built; it
-    serves from a daemon thread with its own event loop until ``stop``."""
+    serves from a daemon thread with its own event loop until ``stop``. ``ready``: the
+    bridge's readiness, which the health service reports."""
 
-    def __init__(self, forward_auth: ForwardAuth, settings: Settings) -> None:
+    def __init__(
+        self, forward_auth: ForwardAuth, settings: Settings, ready: Callable[[], bool]
+    ) -> None:
         self._settings = settings
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="bridge-grpc")
         self._checks = Checks(forward_auth, self._pool, settings.request_budget)
+        self._ready = ready
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -248,10 +348,8 @@ class GrpcAuthz:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),)
         )
-        health_service = health.aio.HealthServicer()
-        for name in ("", SERVICE):
-            await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+        health = ReadinessHealth(self._ready, self._pool, PUBLIC_READY_FOR_S)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
         address = _address(settings.host, settings.grpc_port or 0)
         if settings.grpc_tls_cert_file and settings.grpc_tls_key_file:
             key = Path(settings.grpc_tls_key_file).read_bytes()
@@ -264,6 +362,7 @@ class GrpcAuthz:
         self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
         self._started.set()
         await self._stopping.wait()
+        await health.stop()
         await server.stop(STOP_GRACE_SECONDS)
 
 

@@ -4,7 +4,8 @@ The admin listener answers in full: the store's topology, or what failed and why
 how many server processes run and why. The public listener, which anyone who reaches the
 bridge may ask, answers the status only (the topology and the error text are for
 operators), from a result kept for ``PUBLIC_READY_FOR_S`` per process: a flood of asks
-costs at most one check a second.
+costs at most one check a second. The gRPC health service (``bridge.web.envoy_grpc``)
+answers from the same kept result.
 """
 
 from __future__ import annotations
@@ -89,3 +90,9 @@ class KeptStatus:
                 self._ready = self._is_ready()
                 self._fresh_until = self._clock() + self._keep_for_s
             return self._ready
+
+
+def kept_readiness(store: HealthStore, kratos: KratosClient) -> KeptStatus:
+    """The public answer's readiness: Redis and Kratos asked at most once per
+    ``PUBLIC_READY_FOR_S``."""
+    return KeptStatus(lambda: check(store, kratos, with_topology=False).ready, PUBLIC_READY_FOR_S)

@@ -86,7 +86,7 @@ def _load_app(settings: Settings, workers: WorkerCount, *_: Any) -> Any:
     if settings.grpc_port:
         from bridge.web.envoy_grpc import GrpcAuthz  # grpcio and Envoy's protos: only when on
 
-        grpc_server = GrpcAuthz(bridge.forward_auth, settings)
+        grpc_server = GrpcAuthz(bridge.forward_auth, settings, bridge.ready)
         grpc_server.start()
         stops.append(grpc_server.stop)
     return Front(bridge, create_flask_app(bridge), stops)

@@ -1,8 +1,9 @@
 """The path-reading bypass class (issue 18, section 1) through the real proxies with the
 shipped configs: nginx with config/nginx, Caddy with config/caddy, Traefik with
-config/traefik, each in front of the real bridge (with a real Kratos and Redis) and of
-tests/upstreams/route.js, a Node app that reports which route a raw router and a WHATWG
-router reach for the path the proxy sent it.
+config/traefik, Envoy with config/envoy (ext_authz over HTTP and over gRPC), each in front
+of the real bridge (with a real Kratos and Redis) and of tests/upstreams/route.js, a Node
+app that reports which route a raw router and a WHATWG router reach for the path the proxy
+sent it.
 
 Rules: ``/public`` public, ``/admin`` aal2, ``/internal`` deny, everything else
 authenticated. Every request is anonymous (no credential at all). The promise: an
@@ -27,7 +28,14 @@ import pytest
 
 from tests.conftest import SECRET
 from tests.support.harness import BridgeServer
-from tests.support.proxies import Addresses, RunningProxy, start_proxy, start_upstream
+from tests.support.proxies import (
+    Addresses,
+    RunningProxy,
+    grpc_address,
+    grpc_settings,
+    start_proxy,
+    start_upstream,
+)
 
 RULES = """\
 default: authenticated
@@ -106,15 +114,17 @@ class Stack:
         return f"{self.proxy.kind} {target!r}: {answer.status} {answer.body[:300]!r}"
 
 
-@pytest.fixture(scope="module", params=["nginx", "caddy", "traefik"])
+@pytest.fixture(scope="module", params=["nginx", "caddy", "traefik", "envoy", "envoy-grpc"])
 def stack(request, kratos, redis_server, workdir) -> Iterator[Stack]:
     kind = request.param
     home = workdir / f"bypass-{kind}"
     home.mkdir(exist_ok=True)
     rules = home / "rules.yml"
     rules.write_text(RULES)
+    grpc = grpc_settings(kind)
     bridge = BridgeServer(
         {
+            **grpc,
             "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
             "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
             "BRIDGE_REDIS_URL": redis_server.url,
@@ -127,7 +137,8 @@ def stack(request, kratos, redis_server, workdir) -> Iterator[Stack]:
     )
     upstream_url, stop_upstream = start_upstream("route")
     try:
-        proxy = start_proxy(kind, Addresses(bridge.url, upstream_url, kratos.public_url), home)
+        addresses = Addresses(bridge.url, upstream_url, kratos.public_url, grpc_address(grpc))
+        proxy = start_proxy(kind, addresses, home)
     except BaseException:
         stop_upstream()
         bridge.stop()

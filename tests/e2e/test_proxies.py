@@ -1,8 +1,10 @@
 """The shipped proxy configs, run for real in front of the bridge, a real Kratos and Redis:
 nginx (Debian) with config/nginx, Caddy v2.11.9 with config/caddy, Traefik v3.6.12 with
-config/traefik. The upstream is tests/support/echo_upstream.py, which answers with the headers it
-received. Each test runs once per proxy; the rules are config/rules.yml's (with a 2 s
-``max_age`` instead of 5 minutes)."""
+config/traefik, Envoy v1.40.0 with config/envoy/envoy.yaml (ext_authz over HTTP) and
+envoy-grpc.yaml (over gRPC, to BRIDGE_GRPC_PORT). The upstream is
+tests/support/echo_upstream.py, which answers with the headers it received. Each test runs
+once per proxy; the rules are config/rules.yml's (with a 2 s ``max_age`` instead of 5
+minutes)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,15 @@ from bridge.pipeline.tokens import generate_key
 from tests.conftest import SECRET
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, free_port
-from tests.support.proxies import ROOT, Addresses, RunningProxy, start_proxy, start_upstream
+from tests.support.proxies import (
+    ROOT,
+    Addresses,
+    RunningProxy,
+    grpc_address,
+    grpc_settings,
+    start_proxy,
+    start_upstream,
+)
 
 BROWSER = {
     "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
@@ -46,7 +56,7 @@ class Stack:
         return f"{self.kratos_public_url}/self-service/login/browser"
 
 
-@pytest.fixture(scope="module", params=["nginx", "caddy", "traefik"])
+@pytest.fixture(scope="module", params=["nginx", "caddy", "traefik", "envoy", "envoy-grpc"])
 def stack(request, kratos, redis_server, workdir) -> Iterator[Stack]:
     kind = request.param
     home = workdir / f"proxy-{kind}"
@@ -57,8 +67,10 @@ def stack(request, kratos, redis_server, workdir) -> Iterator[Stack]:
     rules.write_text(shipped.replace("max_age: 5m", "max_age: 2s"))
     generate_key(home / "jwt")
     proxy_port = free_port()
+    grpc = grpc_settings(kind)
     bridge = BridgeServer(
         {
+            **grpc,
             "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
             "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
             "BRIDGE_REDIS_URL": redis_server.url,
@@ -74,7 +86,7 @@ def stack(request, kratos, redis_server, workdir) -> Iterator[Stack]:
         workdir,
     )
     upstream_url, stop_upstream = start_upstream()
-    addresses = Addresses(bridge.url, upstream_url, kratos.public_url)
+    addresses = Addresses(bridge.url, upstream_url, kratos.public_url, grpc_address(grpc))
     proxy = start_proxy(kind, addresses, home, port=proxy_port)
     yield Stack(proxy, bridge, kratos.public_url)
     proxy.stop()

@@ -14,9 +14,12 @@ import pytest
 
 from tests.support.harness import free_port
 from tests.support.proxies import (
+    ENVOY_KINDS,
     KINDS,
+    ROOT,
     Addresses,
     RunningProxy,
+    _start_envoy,
     rewrite,
     start_proxy,
     start_upstream,
@@ -184,3 +187,32 @@ def test_rewrite_refuses_a_config_without_a_placeholder(kind: str, addresses: Ad
     listen = {"nginx": "listen 8080", "caddy": ":8080 {", "traefik": '":8080"'}[kind]
     with pytest.raises(ValueError, match="listen"):
         rewrite(text.replace(listen, listen.replace("8080", "8081")), kind, addresses, 1234)
+
+
+@pytest.mark.parametrize("kind", ["envoy", "envoy-grpc"])
+def test_an_envoy_config_without_a_placeholder_is_refused(
+    kind: str, addresses: Addresses, tmp_path
+):
+    """Envoy's shipped config, with one placeholder address changed: the harness names it
+    instead of starting an Envoy that sends checks elsewhere."""
+    shipped = ROOT / "config" / "envoy" / ENVOY_KINDS[kind]
+    grpc = Addresses(**{**vars(addresses), "bridge_grpc": "127.0.0.1:1"})
+    text = shipped.read_text()
+    # Each placeholder, and what the refusal names once its port is changed (1 in front).
+    placeholders = {
+        "bridge, port_value: 4480": "bridge:14480",
+        "demo, port_value: 5000": "demo:15000",
+        "port_value: 8080": "port 8080",
+    }
+    if kind == "envoy-grpc":
+        placeholders["bridge, port_value: 4482"] = "bridge:14482"
+    for placeholder, named in placeholders.items():
+        assert placeholder in text
+        broken = tmp_path / f"{named.replace(':', '-').replace(' ', '-')}.yaml"
+        broken.write_text(
+            text.replace(placeholder, placeholder.replace("port_value: ", "port_value: 1"))
+        )
+        home = tmp_path / named.replace(":", "-").replace(" ", "-")
+        home.mkdir()
+        with pytest.raises(ValueError, match=named):
+            _start_envoy(broken, grpc, home, 1234)

@@ -4,10 +4,15 @@ for the same request, on the same bridge, with the real Kratos and Redis."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
+import json
 import logging
+import random
+import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -26,7 +31,7 @@ from bridge.web.app import create_app
 from bridge.web.envoy_grpc import SERVICE, GrpcAuthz
 from tests.conftest import bridge_settings
 from tests.support import kratos_flows as flows
-from tests.support.harness import free_port
+from tests.support.harness import RedisServer, free_port, wait_until
 from tests.support.stand_in_kratos import StandInKratos
 
 HOST = "app.example.test"
@@ -47,6 +52,14 @@ rules:
   - id: internal
     match: { path: /internal }
     access: deny
+  - id: app-one
+    match: { path: /one/ }
+    access: authenticated
+    jwt_audience: app-one
+  - id: app-two
+    match: { path: /two/ }
+    access: authenticated
+    jwt_audience: app-two
 """
 OK, PERMISSION_DENIED, UNAUTHENTICATED = 0, 7, 16
 
@@ -100,10 +113,17 @@ def check_request(
     return CheckRequest(attributes=AttributeContext(request=AttributeContext.Request(http=http)))
 
 
+def grpc_server(app, settings) -> GrpcAuthz:
+    """The gRPC server of ``app``'s bridge, started."""
+    bridge = app.extensions["bridge"]
+    server = GrpcAuthz(bridge.forward_auth, settings, bridge.ready)
+    server.start()
+    return server
+
+
 def start(settings) -> Pair:
     app = create_app(settings)
-    server = GrpcAuthz(app.extensions["bridge"].forward_auth, settings)
-    server.start()
+    server = grpc_server(app, settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     return Pair(app.test_client(use_cookies=False), AuthorizationStub(channel), channel, server)
 
@@ -257,6 +277,129 @@ def test_the_scheme_comes_from_the_check_request_when_envoy_sends_no_header(pair
     assert "X-Forwarded-Proto" in refused.denied_response.body
 
 
+# State the gRPC path keeps between checks (the dialect's memo of how a request was read,
+# the allow memo by session copy and audience, the serialized allows of ``Checks``) must
+# never answer one caller with another's identity.
+
+IDENTITY = ("x-user-id", "x-session-id", "x-user-email", "x-user-aal", "x-bridge-jwt")
+AUDIENCES = {"/one/page": "app-one", "/two/page": "app-two", "/reports?x=1": None}
+
+
+def _claims(jwt: str) -> dict:
+    payload = jwt.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    headers: dict[str, str]
+    user: flows.User | None  # None: no session
+
+
+def _leaks(callers: list[Caller], path: str, check: CheckResponse, caller: Caller) -> None:
+    """``check`` answers ``caller`` on ``path`` with its own identity, or none; no other
+    caller's identity id or email is anywhere in it."""
+    others = [c.user for c in callers if c.user is not None and c.user is not caller.user]
+    sent = check.SerializeToString()
+    for other in others:
+        assert other.identity_id.encode() not in sent, (caller.name, path)
+        assert other.email.encode() not in sent, (caller.name, path)
+    if caller.user is None:
+        if check.status.code == OK:  # the anonymous allow of a public route: empty headers
+            assert path.startswith("/public/"), (caller.name, path)
+            headers = [(h.header.key, h.header.value) for h in check.ok_response.headers]
+            assert all(value == "" for key, value in headers if key in IDENTITY), headers
+        else:
+            assert check.status.code == UNAUTHENTICATED, (caller.name, path)
+        return
+    assert check.status.code == OK, (caller.name, path)
+    headers = {h.header.key: h.header.value for h in check.ok_response.headers}
+    assert headers["x-user-id"] == caller.user.identity_id, (caller.name, path)
+    assert headers["x-user-email"] == caller.user.email, (caller.name, path)
+    claims = _claims(headers["x-bridge-jwt"])
+    assert (claims["sub"], claims["sid"]) == (caller.user.identity_id, headers["x-session-id"])
+    assert claims.get("aud") == AUDIENCES.get(path), (caller.name, path)
+
+
+def _callers(kratos) -> list[Caller]:
+    a, b = flows.register(kratos, "a"), flows.register(kratos, "b")
+    b_cookie = flows.browser_login(kratos, b)
+    return [
+        Caller("a", {"x-session-token": a.token}, a),
+        Caller("b-token", {"x-session-token": b.token}, b),
+        Caller("b-cookie", {**BROWSER, "cookie": f"ory_kratos_session={b_cookie}"}, b),
+        Caller("anonymous", dict(API), None),
+        Caller("anonymous-forging-a", {"x-user-id": a.identity_id, "x-user-email": a.email}, None),
+    ]
+
+
+def test_one_users_check_never_answers_the_next_caller(pair, kratos):
+    """A, then B (token and cookie), then nobody, on the same path and host, over and over
+    (each order, so every memo is warm with another caller's answer when asked)."""
+    callers = _callers(kratos)
+    paths = [*AUDIENCES, "/public/page"]
+    for round_ in range(4):
+        order = callers if round_ % 2 == 0 else callers[::-1]
+        for path in paths:
+            for caller in order:
+                check = pair.stub.Check(check_request("GET", path, HOST, "https", caller.headers))
+                _leaks(callers, path, check, caller)
+
+
+def test_concurrent_checks_of_several_users_each_get_their_own(pair, kratos):
+    callers = _callers(kratos)
+    paths = [*AUDIENCES, "/public/page"]
+    jobs = [(caller, path) for caller in callers for path in paths] * 8
+    random.Random(23).shuffle(jobs)
+
+    def ask(job: tuple[Caller, str]) -> tuple[Caller, str, CheckResponse]:
+        caller, path = job
+        return (
+            caller,
+            path,
+            pair.stub.Check(check_request("GET", path, HOST, "https", caller.headers)),
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        for caller, path, check in pool.map(ask, jobs):
+            _leaks(callers, path, check, caller)
+
+
+def _changed(value: str, at: int) -> str:
+    """``value`` with the character at ``at`` replaced by another of the same kind."""
+    swap = "B" if value[at] == "A" else "A"
+    return value[:at] + swap + value[at + 1 :]
+
+
+def test_a_forged_credential_right_after_a_valid_one_is_refused(pair, kratos):
+    a = flows.register(kratos, "a")
+    cookie = flows.browser_login(kratos, a)
+    valid = {"x-session-token": a.token}
+    forged = {
+        "token-last-changed": {"x-session-token": _changed(a.token, -1)},
+        "token-middle-changed": {"x-session-token": _changed(a.token, len(a.token) // 2)},
+        "token-longer": {"x-session-token": a.token + "A"},
+        "token-shorter": {"x-session-token": a.token[:-1]},
+        "token-upper": {"x-session-token": a.token.upper()},
+        "token-random": {"x-session-token": "ory_st_" + secrets.token_hex(16)},
+        "bearer-changed": {"authorization": "Bearer " + _changed(a.token, -2)},
+        "cookie-changed": {"cookie": "ory_kratos_session=" + _changed(cookie, len(cookie) // 2)},
+        "cookie-shorter": {"cookie": "ory_kratos_session=" + cookie[:-2]},
+        "identity-headers": {"x-user-id": a.identity_id, "x-user-email": a.email},
+        "a-repeated-token": {"x-session-token": a.token + ", " + a.token},
+    }
+    for name, headers in forged.items():
+        for path in AUDIENCES:
+            good = pair.stub.Check(check_request("GET", path, HOST, "https", valid))
+            assert good.status.code == OK, name
+            check = pair.stub.Check(check_request("GET", path, HOST, "https", {**API, **headers}))
+            assert check.status.code == UNAUTHENTICATED, (name, path)
+            assert check.denied_response.status.code == 401, (name, path)
+            sent = check.SerializeToString()
+            assert a.identity_id.encode() not in sent and a.email.encode() not in sent, name
+
+
 # Hostile check requests: each is a denial, never a gRPC error (which Envoy's
 # failure_mode_allow: true would let through) and never an allow.
 
@@ -319,11 +462,88 @@ def test_hostile_check_requests_are_denials(pair, kratos, caplog):
     assert "Traceback" not in caplog.text
 
 
-def test_the_health_service_says_serving(pair):
-    stub = health_pb2_grpc.HealthStub(pair.channel)
-    for service in ("", SERVICE):
-        answer = stub.Check(health_pb2.HealthCheckRequest(service=service))
-        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+# The health service follows readiness (/health/ready): a real Redis stopped and started.
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Bounds, not expectations: readiness is kept a second, the store's client reconnects.
+WATCH_DEADLINE_S = 120
+
+
+def _health(stub, service: str = "") -> int:
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+
+
+def test_the_health_service_follows_readiness(kratos, workdir, prefix):
+    redis_server = RedisServer(workdir)
+    settings = bridge_settings(
+        kratos,
+        redis_server.url,
+        prefix,
+        BRIDGE_GRPC_PORT=str(free_port()),
+        BRIDGE_REDIS_TIMEOUT="0.5",
+    )
+    app = create_app(settings)
+    server = grpc_server(app, settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        assert [_health(stub, service) for service in ("", SERVICE)] == [SERVING, SERVING]
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
+        assert next(watch).status == SERVING
+
+        redis_server.stop()  # the stream hears of it without a Check
+        assert next(watch).status == NOT_SERVING
+        assert [_health(stub, service) for service in ("", SERVICE)] == [NOT_SERVING] * 2
+        assert app.test_client().get("/health/ready").status_code == 503
+
+        redis_server.start()
+        assert next(watch).status == SERVING
+        assert _health(stub) == SERVING
+        assert app.test_client().get("/health/ready").status_code == 200
+        watch.cancel()
+
+        with pytest.raises(grpc.RpcError) as unknown:
+            _health(stub, "no.such.Service")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # Stopping: NOT_SERVING to the streams before the server goes.
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
+        assert next(watch).status == SERVING
+        server.stop()
+        assert next(watch).status == NOT_SERVING
+    finally:
+        channel.close()
+        server.stop()
+        redis_server.stop()
+        app.extensions["bridge"].close()
+
+
+def test_a_check_alone_sees_readiness_change(kratos, workdir, prefix):
+    """Without a stream open, each ``Check`` asks (readiness kept a second): polled."""
+    redis_server = RedisServer(workdir)
+    settings = bridge_settings(
+        kratos,
+        redis_server.url,
+        prefix,
+        BRIDGE_GRPC_PORT=str(free_port()),
+        BRIDGE_REDIS_TIMEOUT="0.5",
+    )
+    app = create_app(settings)
+    server = grpc_server(app, settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        assert _health(stub, SERVICE) == SERVING
+        redis_server.stop()
+        wait_until(lambda: _health(stub, SERVICE) == NOT_SERVING, 60, "NOT_SERVING")
+        redis_server.start()
+        wait_until(lambda: _health(stub, SERVICE) == SERVING, 60, "SERVING again")
+    finally:
+        channel.close()
+        server.stop()
+        redis_server.stop()
+        app.extensions["bridge"].close()
 
 
 def _self_signed(tmp_path) -> tuple[str, str, bytes]:
@@ -368,9 +588,7 @@ def test_tls_when_a_certificate_and_key_are_set(kratos, redis_server, prefix, tm
         BRIDGE_GRPC_TLS_CERT_FILE=cert,
         BRIDGE_GRPC_TLS_KEY_FILE=key,
     )
-    app = create_app(settings)
-    server = GrpcAuthz(app.extensions["bridge"].forward_auth, settings)
-    server.start()
+    server = grpc_server(create_app(settings), settings)
     user = flows.register(kratos)
     request = check_request("GET", "/x", HOST, "https", {"x-session-token": user.token})
     try:

@@ -511,6 +511,233 @@ def check_forward_auth(given: DialectInput) -> None:
         _holds(all(v == "" for n, v in step.headers if n == name), f"{name} is set")
 
 
+# Envoy's gRPC check, read independently: the test holds the request as bytes on the wire,
+# then says it as Envoy's CheckRequest would and as Envoy's HTTP ext_authz would (a request
+# to /ext-authz<path>, read as the HTTP front reads one: ``HeaderView.from_asgi``). The
+# gRPC answer must be the HTTP dialect's, in Envoy's terms.
+
+_PEER = ("ipv4:127.0.0.1:40000", "127.0.0.1")  # the gRPC peer, and the HTTP front's
+_ENVOY_EXTRA = {
+    "x-forwarded-proto": _mostly(st.sampled_from(["https", "http"]), hostile_text(2)),
+    "x-user-id": hostile_text(),  # a client's forged identity header
+    "user-agent": st.sampled_from(["Mozilla/5.0", ""]) | hostile_text(),
+    "x-forwarded-for": st.sampled_from(["203.0.113.7", "203.0.113.7, 10.0.0.1"]),
+}
+
+
+class _Envoy:
+    """The gRPC context ``Checks.check`` reads: only its peer."""
+
+    def peer(self) -> str:
+        return _PEER[0]
+
+
+@dataclass(frozen=True)
+class GrpcCheckInput:
+    method: str
+    path: str  # with the query
+    host: str
+    scheme: str
+    headers: tuple[tuple[str, bytes], ...]  # lower-case names, as sent, repeats kept
+    raw_headers: bool  # Envoy's encode_raw_headers (header_map), else the headers map
+    # (which holds only UTF-8: other bytes come as header_map's raw_value)
+    host_header: str | None  # a "host" entry in the headers, which http.host overrides
+    mangle: tuple[str, int, bytes] | None  # the serialized request broken: how, where, what
+
+    @property
+    def header_map(self) -> bool:
+        if self.raw_headers:
+            return True
+        try:
+            for _, value in self.headers:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        return False
+
+    def wire(self) -> list[tuple[bytes, bytes]]:
+        """The request's headers as the HTTP front would get them: with the headers map,
+        Envoy has joined a repeated header's values with commas."""
+        if self.header_map:
+            return [(name.encode(), value) for name, value in self.headers]
+        joined: dict[str, list[bytes]] = {}
+        for name, value in self.headers:
+            joined.setdefault(name, []).append(value)
+        return [(name.encode(), b",".join(values)) for name, values in joined.items()]
+
+    def check_request(self) -> bytes:
+        from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+        from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+        from envoy.service.auth.v3.external_auth_pb2 import CheckRequest
+
+        pseudo = {":authority": self.host, ":path": self.path, ":method": self.method}
+        if self.host_header is not None:
+            pseudo["host"] = self.host_header
+        http = AttributeContext.HttpRequest(
+            method=self.method, path=self.path, host=self.host, scheme=self.scheme
+        )
+        if self.header_map:
+            entries = [HeaderValue(key=k, value=v) for k, v in pseudo.items()]
+            for name, value in self.headers:
+                try:
+                    entries.append(HeaderValue(key=name, value=value.decode("utf-8")))
+                except UnicodeDecodeError:
+                    entries.append(HeaderValue(key=name, raw_value=value))
+            http.header_map.CopyFrom(HeaderMap(headers=entries))
+        else:
+            http.headers.update(pseudo)
+            http.headers.update({n.decode(): v.decode("utf-8") for n, v in self.wire()})
+        request = CheckRequest(
+            attributes=AttributeContext(request=AttributeContext.Request(http=http))
+        )
+        data = request.SerializeToString()
+        if self.mangle is None:
+            return data
+        how, at, garbage = self.mangle
+        at %= len(data) + 1
+        if how == "truncate":
+            return data[:at]
+        if how == "insert":
+            return data[:at] + garbage + data[at:]
+        return data[:at] + garbage + data[at + len(garbage) :]  # overwrite
+
+    def over_http(self) -> tuple[HeaderView, str, str, str] | None:
+        """The same request to ``/ext-authz``: headers, method, path, query; ``None`` when
+        its path cannot follow the prefix (it does not start with ``/``)."""
+        target, _, query = self.path.partition("?")
+        if not target.startswith("/"):
+            return None
+        wire = [(name, value) for name, value in self.wire() if name != b"host"]
+        wire.append((b"host", self.host.encode()))
+        if self.scheme and not any(name == b"x-forwarded-proto" for name, _ in wire):
+            wire.append((b"x-forwarded-proto", self.scheme.encode()))
+        as_read = lambda text: text.encode().decode("latin-1")  # noqa: E731
+        view = HeaderView.from_asgi(wire, _PEER[1])
+        return view, as_read(self.method), "/ext-authz" + as_read(target), as_read(query)
+
+
+def grpc_check_input() -> st.SearchStrategy[GrpcCheckInput]:
+    def without_bare_query(p: str) -> str:
+        # A bare "?" reaches /ext-authz as no query at all (the HTTP server drops it).
+        return p[:-1] if p.endswith("?") else p
+
+    headers = st.tuples(
+        _one_of_each(_CREDENTIAL), _one_of_each(_CALLER), _one_of_each(_ENVOY_EXTRA)
+    ).map(lambda g: tuple((n, v.encode("latin-1")) for group in g for n, v in group))
+    mangle = st.one_of(
+        st.none(),
+        st.none(),
+        st.none(),
+        st.tuples(
+            st.sampled_from(["truncate", "insert", "overwrite"]),
+            st.integers(0, 2000),
+            st.binary(min_size=1, max_size=8),
+        ),
+    )
+    return st.builds(
+        GrpcCheckInput,
+        method(),
+        path().map(without_bare_query),
+        host(),
+        scheme(),
+        headers,
+        st.booleans(),
+        st.one_of(st.none(), host()),
+        mangle,
+    )
+
+
+def _grpc_checks() -> Any:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bridge.web.envoy_grpc import Checks
+
+    # Only begin's answers are asked for in full: the pool is never used.
+    return Checks(_BRIDGE.forward_auth, ThreadPoolExecutor(1), 1.0)
+
+
+_GRPC_CHECKS = _grpc_checks()
+
+
+def check_envoy_grpc(given: GrpcCheckInput) -> None:
+    """The gRPC check agrees with ``/ext-authz`` for the same request: the same hand-over
+    to Kratos (credential, original request, rule), or the same answer (status, headers,
+    body) as a ``CheckResponse``: an allow only where ``/ext-authz`` allows. Bytes that are
+    no ``CheckRequest`` are a denial or the anonymous allow. Never an exception, never a
+    500."""
+    import asyncio
+
+    from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
+
+    data = given.check_request()
+    got = _GRPC_CHECKS.begin(data, _PEER[1])
+    if isinstance(got, Pending):
+        _holds(got.credential is not None, "handed over without a credential")
+    else:
+        clean_headers(got)
+    expected: Reply | Pending | None = None
+    over_http = given.over_http() if given.mangle is None else None
+    if over_http is not None:
+        view, method_, bridge_path, query = over_http
+        dialect = _DIALECTS.ext_authz
+        expected = _BRIDGE.forward_auth.begin(dialect, view, method_, bridge_path, query)
+    if isinstance(expected, Pending):
+        _holds(isinstance(got, Pending), f"gRPC answered {got!r}, HTTP asks Kratos")
+        assert isinstance(got, Pending)
+        same = (got.original, got.rule, got.aal, got.credential) == (
+            expected.original,
+            expected.rule,
+            expected.aal,
+            expected.credential,
+        )
+        _holds(same, f"gRPC hands over {got.original!r}, HTTP {expected.original!r}")
+        return
+    if isinstance(got, Pending):
+        _holds(expected is None, f"gRPC asks Kratos, HTTP answered {expected!r}")
+        return
+    answer = CheckResponse.FromString(asyncio.run(_GRPC_CHECKS.check(data, _Envoy())))
+    _holds(answer.denied_response.status.code != 500, f"a 500: {answer.denied_response.body}")
+    if expected is None:
+        if given.mangle is None:  # a path that is not one: malformed
+            _holds(answer.denied_response.status.code == 400, f"{given.path!r}: {answer}")
+        elif answer.status.code == 0:  # whatever it parsed as: no identity without a session
+            identity = [h.header for h in answer.ok_response.headers if h.header.key in _IDENTITY]
+            _holds(
+                all(h.value == "" for h in identity), f"an identity without a session: {identity}"
+            )
+        return
+    _same_answer(expected, answer)
+
+
+_IDENTITY = frozenset(name.lower() for name in _UPSTREAM.names)
+
+
+def _same_answer(reply: Reply, answer: Any) -> None:
+    """``answer`` (a ``CheckResponse``) says what ``reply`` (``/ext-authz``'s) says."""
+    headers = [(name.lower(), value) for name, value in reply.headers]
+    if reply.status == 200:
+        _holds(answer.status.code == 0, f"HTTP allows, gRPC says {answer.status}")
+        ok = answer.ok_response
+        upstream = [(h.header.key, h.header.value) for h in ok.headers]
+        skipped = ("cache-control", "set-cookie")
+        _holds(upstream == [(n, v) for n, v in headers if n not in skipped], f"{upstream}")
+        cookies = [(h.header.key, h.header.value) for h in ok.response_headers_to_add]
+        _holds(cookies == [(n, v) for n, v in headers if n == "set-cookie"], f"{cookies}")
+        return
+    _holds(answer.status.code != 0, f"HTTP refuses {reply.status}, gRPC allows")
+    login = reply.status in (302, 303, 401)
+    _holds(answer.status.code == (16 if login else 7), f"{reply.status}: {answer.status}")
+    denied = answer.denied_response
+    _holds(denied.status.code == reply.status, f"{denied.status.code} for {reply.status}")
+    got_headers = [(h.header.key, h.header.value) for h in denied.headers]
+    _holds(got_headers == headers, f"{got_headers} != {headers}")
+    if reply.status == 400:  # the message names where the request said it (path, header)
+        error = orjson.loads(denied.body)["error"]
+        _holds(error == orjson.loads(reply.body)["error"], f"{denied.body}")
+    else:
+        _holds(denied.body.encode() == reply.body, f"{denied.body!r} != {reply.body!r}")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -527,4 +754,5 @@ TARGETS = (
     Target("header_mapping", _kratos_session_body, check_header_mapping),
     Target("header_value", json_values, check_header_value),
     Target("forward_auth", dialect_input, check_forward_auth),
+    Target("envoy_grpc", grpc_check_input, check_envoy_grpc),
 )

@@ -94,29 +94,33 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 class RedisServer:
+    """A redis-server of its own on a free port; ``stop`` it and ``start`` it again on the
+    same port (empty: nothing is saved), as an outage and its end."""
+
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; run the README test command")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        self._command = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ]
         self.client = redis.Redis(port=self.port)
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL)
         wait_until(self.client.ping, 10, "redis-server")
 
     def stop(self) -> None:

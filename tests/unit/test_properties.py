@@ -1,6 +1,7 @@
 """Properties of every entry point hostile input reaches (``tests/support/fuzz_targets.py``):
 credential extraction, cookie parsing, each dialect's headers, return_to, rules,
-identity headers, and the whole no-I/O step of a forward-auth decision. For any input,
+identity headers, the whole no-I/O step of a forward-auth decision, and Envoy's gRPC
+check against ``/ext-authz`` for the same request. For any input,
 built from pieces that smuggle CR/LF, NUL, separators and escapes: only the documented
 exceptions, no header with CR, LF or NUL, no allow without a session on a route that is
 not public. ``tests/fuzz.py`` runs the same targets for a time budget.
