@@ -6,11 +6,11 @@
 #   - Kratos, Caddy and Traefik: built once per machine from their Go modules into
 #     ~/.cache/kratos-session-bridge (see tests/tools; $KRATOS_BIN, $CADDY_BIN, $TRAEFIK_BIN
 #     name other paths); so is compose-config, Compose's own loader (compose-go) for the
-#     compose rehearsal ($COMPOSE_CONFIG_BIN); so are etcd and kube-apiserver, the
-#     Kubernetes API server the Helm chart's manifests are dry-run on ($ETCD_BIN,
-#     $KUBE_APISERVER_BIN). With empty caches the builds take minutes (Traefik about 5.5 on
-#     2 cores, kube-apiserver about 11 minutes of CPU), so the missing ones run at the same
-#     time, in the background, while the virtualenv is set up.
+#     compose rehearsal ($COMPOSE_CONFIG_BIN), Helm for the chart's tests ($HELM_BIN), and
+#     etcd and kube-apiserver, the Kubernetes API server the chart's manifests are dry-run on
+#     ($ETCD_BIN, $KUBE_APISERVER_BIN). With empty caches the builds take minutes (Traefik
+#     about 5.5 on 2 cores, kube-apiserver about 11 minutes of CPU), so the missing ones run
+#     at the same time, in the background, while the virtualenv is set up.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`. After pytest, a 60 s fuzz
 # run (FUZZ_SECONDS; 0 skips it).
 set -euo pipefail
@@ -43,6 +43,7 @@ export KRATOS_BIN="${KRATOS_BIN:-$cache/kratos-v1.3.1/kratos}"
 export CADDY_BIN="${CADDY_BIN:-$cache/caddy-v2.11.9/caddy}"
 export TRAEFIK_BIN="${TRAEFIK_BIN:-$cache/traefik-v3.6.12/traefik}"
 export COMPOSE_CONFIG_BIN="${COMPOSE_CONFIG_BIN:-$cache/compose-go-v2.16.2/compose-config}"
+export HELM_BIN="${HELM_BIN:-$cache/helm-v4.3.2/helm}"
 export ETCD_BIN="${ETCD_BIN:-$cache/etcd-v3.7.3/etcd}"
 export KUBE_APISERVER_BIN="${KUBE_APISERVER_BIN:-$cache/kube-apiserver-v1.37.2/kube-apiserver}"
 build_logs=$(mktemp -d)
@@ -67,6 +68,7 @@ start_build kratos "$KRATOS_BIN" v1.3.1
 start_build caddy "$CADDY_BIN" v2.11.9
 start_build traefik "$TRAEFIK_BIN" v3.6.12
 start_build compose-config "$COMPOSE_CONFIG_BIN" v2.16.2
+start_build helm "$HELM_BIN" v4.3.2
 start_build etcd "$ETCD_BIN" v3.7.3
 start_build kube-apiserver "$KUBE_APISERVER_BIN" v1.37.2
 
