@@ -23,7 +23,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,10 +201,11 @@ class KubeAPI:
                     stderr=subprocess.STDOUT,
                 )
             )
-        wait_until(
+        self._wait_up(
             lambda: httpx.get(self.etcd_url + "/health").json()["health"] == "true",
             30,
-            f"etcd (log: {self.etcd_log})",
+            "etcd",
+            self.etcd_log,
         )
 
     def _start_apiserver(self) -> None:
@@ -230,6 +231,9 @@ class KubeAPI:
                         f"--etcd-servers={self.etcd_url}",
                         "--bind-address=127.0.0.1",
                         "--advertise-address=127.0.0.1",
+                        # The endpoints of the `kubernetes` Service may not be on loopback;
+                        # nothing here reaches the API server through that Service.
+                        "--endpoint-reconciler-type=none",
                         f"--secure-port={self.port}",
                         f"--cert-dir={certs}",
                         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -246,21 +250,38 @@ class KubeAPI:
             )
         # --cert-dir gets a self-signed serving certificate (and its CA) on first start.
         serving = certs / "apiserver.crt"
-        wait_until(serving.exists, 60, f"kube-apiserver's certificate (log: {self.apiserver_log})")
+        self._wait_up(serving.exists, 60, "kube-apiserver's certificate", self.apiserver_log)
         self.client = httpx.Client(
             base_url=self.url,
             verify=ssl.create_default_context(cafile=str(serving)),
             headers={"Authorization": f"Bearer {self._token}"},
             timeout=60,
         )
-        wait_until(self._ready, 120, f"kube-apiserver (log: {self.apiserver_log})")
+        self._wait_up(
+            lambda: self.client.get("/readyz").text == "ok",
+            120,
+            "kube-apiserver",
+            self.apiserver_log,
+        )
         self.start_seconds = time.monotonic() - started
 
-    def _ready(self) -> bool:
-        for process in self.processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args[0]} exited; see {self.home}")
-        return self.client.get("/readyz").text == "ok"
+    def _wait_up(self, check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+        """Until ``check`` holds; a process that exits meanwhile fails at once, with the end
+        of its log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for process in self.processes:
+                if process.poll() is not None:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                    raise RuntimeError(f"{what}: {process.args[0]} exited; {log} ends:\n{tail}")
+            try:
+                if check():
+                    return
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not come up within {timeout}s (log: {log})")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         client = getattr(self, "client", None)
@@ -337,10 +358,13 @@ class KubeAPI:
 
     def check(self, manifests: Iterable[dict], namespace: str) -> list[str]:
         """Every object of ``manifests`` as ``kubectl apply --dry-run=server`` into
-        ``namespace`` would see it: the namespace and the ServiceAccounts created for real
-        first, the rest dry-run. Kubernetes's error messages, one per refused object."""
+        ``namespace`` would see it: the namespaces (``namespace`` and any an object names)
+        and the ServiceAccounts created for real first, the rest dry-run. Kubernetes's error
+        messages, one per refused object."""
         manifests = list(manifests)
-        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        named = {(m.get("metadata") or {}).get("namespace") for m in manifests}
+        for name in sorted({namespace, *named} - {None}):
+            self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         errors = []
         for kind in PREREQUISITE_KINDS:
             for manifest in manifests:
