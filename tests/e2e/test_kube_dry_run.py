@@ -61,7 +61,8 @@ def middleware(forward_auth: dict) -> dict:
 
 
 def test_a_valid_deployment_is_accepted(kube_api: KubeAPI):
-    assert kube_api.check([deployment()], "checker-valid") == []
+    errors = kube_api.check([deployment()], "checker-valid")
+    assert not errors, "\n".join(errors)
 
 
 def test_an_unknown_field_is_rejected_by_its_path(kube_api: KubeAPI):
@@ -92,7 +93,8 @@ def test_a_custom_resource_is_checked_against_its_crds_schema(kube_api: KubeAPI)
     bad = copy.deepcopy(good)
     bad["spec"]["forwardAuth"]["adress"] = bad["spec"]["forwardAuth"].pop("address")
 
-    assert kube_api.check([good], "checker-crd") == []
+    errors = kube_api.check([good], "checker-crd")
+    assert not errors, "\n".join(errors)
     errors = kube_api.check([bad], "checker-crd")
 
     assert len(errors) == 1, errors
@@ -115,7 +117,8 @@ def test_a_pod_is_admitted_only_with_its_service_account(kube_api: KubeAPI):
     assert len(alone) == 1, alone
     assert 'serviceaccount "bridge" not found' in alone[0]
     # Listed after the Pod, as a chart may render it: still created first.
-    assert kube_api.check([pod, account], "checker-pod-with-account") == []
+    errors = kube_api.check([pod, account], "checker-pod-with-account")
+    assert not errors, "\n".join(errors)
 
 
 # The chart.
@@ -145,7 +148,8 @@ def test_the_default_values_render_objects_kubernetes_accepts(
     objects, _ = rendered(secrets_file)
     assert {o["kind"] for o in objects} >= {"Deployment", "Service", "Secret"}
 
-    assert kube_api.check(objects, NAMESPACE) == []
+    errors = kube_api.check(objects, NAMESPACE)
+    assert not errors, "\n".join(errors)
 
 
 def every_optional_part(files: Path) -> dict:
@@ -220,7 +224,8 @@ def test_every_template_with_every_optional_part_renders_objects_kubernetes_acce
     objects, sources = rendered(values_file(files, every_optional_part(files)))
     assert sources == set(TEMPLATES), "a template rendered nothing; switch it on above"
 
-    assert kube_api.check(objects, NAMESPACE) == []
+    errors = kube_api.check(objects, NAMESPACE)
+    assert not errors, "\n".join(errors)
 
 
 def example_manifests(folder: Path) -> list[dict]:
@@ -241,4 +246,5 @@ def test_each_example_renders_objects_kubernetes_accepts(kube_api: KubeAPI, exam
     manifests = example_manifests(folder)
     assert manifests, f"{example}: no manifests beside values.yaml"
 
-    assert kube_api.check([*objects, *manifests], NAMESPACE) == []
+    errors = kube_api.check([*objects, *manifests], NAMESPACE)
+    assert not errors, "\n".join(errors)
