@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,9 @@ import httpx
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.connection import parse_url
 
+from bridge.config.options import OPTIONS
 from bridge.pipeline.upstream_headers import DEFAULT_MAPPING
 from bridge.store.redis.url import parse_redis_url
 from tests.conftest import SECRET
@@ -132,18 +135,20 @@ def test_the_service_monitor_scrapes_the_admin_service_with_the_admin_token(
 def _bridge_references(node: object, found: set[tuple[int, str | None]]) -> None:
     """Every place an example points at the bridge's Service: (port, path or None)."""
     if isinstance(node, dict):
-        names_bridge = (
-            node.get("name") == "kratos-session-bridge" or node.get("service") == BRIDGE_HOST
+        names_bridge = "kratos-session-bridge" == node.get("name") or BRIDGE_HOST in (
+            node.get("service"),
+            node.get("host"),
         )
         if names_bridge and "port" in node:
-            found.add((int(node["port"]), None))
+            port = node["port"]  # a number, or {number: N} (Ingress, Istio)
+            found.add((int(port["number"] if isinstance(port, dict) else port), None))
         for key, value in node.items():
-            if key == "backendRefs" and any(
-                ref.get("name") == "kratos-session-bridge" for ref in value
-            ):
+            if key == "backendRefs":  # Envoy Gateway's: the path is the extAuth's, beside them
                 for ref in value:
-                    found.add((int(ref["port"]), node.get("path")))
-            _bridge_references(value, found)
+                    if ref.get("name") == "kratos-session-bridge":
+                        found.add((int(ref["port"]), node.get("path")))
+            else:
+                _bridge_references(value, found)
     elif isinstance(node, list):
         for item in node:
             _bridge_references(item, found)
@@ -171,10 +176,10 @@ def _forwarded_headers(node: object, found: list[list[str]]) -> None:
 
 # What each example asks the bridge, by the Service port's target and the path.
 EXPECTED_ENDPOINTS = {
-    "ingress-nginx": {("http", "/auth")},
+    "ingress-nginx": {("http", "/auth"), ("http", None)},
     "traefik": {("http", "/forward-auth"), ("http", None)},
-    "envoy-gateway": {("http", "/ext-authz")},
-    "istio": {("grpc", None)},
+    "envoy-gateway": {("http", "/ext-authz"), ("http", None)},
+    "istio": {("grpc", None), ("http", None)},
     "contour": {("grpc", None), ("http", None)},
 }
 
@@ -227,7 +232,7 @@ def _forwarded_headers_of(documents: list[dict]) -> list[list[str]]:
         ({"secrets": {"secret": "short"}}, "/secrets/secret"),
         ({"env": {"LOG_LEVEL": "debug"}}, "/env"),
         ({"ports": {"http": 70000}}, "/ports/http"),
-        ({"resources": {"limits": {"memory": "1Gi"}}}, "/resources/limits"),
+        ({"resources": {"limits": {"cpu": None}}}, "/resources/limits"),
         ({"networkPolicy": {"proxyFrom": [{"podSelecter": {}}]}}, "/networkPolicy/proxyFrom/0"),
         (
             {"secrets": {"existingSecretOptionalKeys": ["hook_secret"]}},
@@ -269,7 +274,7 @@ def test_a_value_the_templates_cannot_use_is_refused_by_name(
 
 
 @pytest.mark.parametrize(
-    ("redis", "kind", "nodes", "service", "db"),
+    ("redis_values", "kind", "nodes", "service", "db"),
     [
         (
             {"mode": "standalone", "hosts": ["redis.ns.svc:6380"], "db": 3},
@@ -299,7 +304,7 @@ def test_a_value_the_templates_cannot_use_is_refused_by_name(
     ],
 )
 def test_the_redis_url_in_the_secret_is_the_bridge_s_own_form_with_the_password_intact(
-    redis: dict,
+    redis_values: dict,
     kind: str,
     nodes: tuple | None,
     service: str | None,
@@ -308,13 +313,63 @@ def test_the_redis_url_in_the_secret_is_the_bridge_s_own_form_with_the_password_
     secrets_file: Path,
 ) -> None:
     password = "p@ss w+rd:/%?#é"
-    values = {"redis": {**redis, "username": "bridge", "password": password}}
+    values = {"redis": {**redis_values, "username": "bridge", "password": password}}
     secret = the(render(secrets_file, values_file(files, values)), "Secret")
-    address = parse_redis_url(base64.b64decode(secret["data"]["redis-url"]).decode())
+    url = base64.b64decode(secret["data"]["redis-url"]).decode()
+    address = parse_redis_url(url)
+    if kind == "standalone":  # redis-py reads this form itself
+        parsed = parse_url(url)
+        address = replace(address, db=parsed["db"], username=parsed["username"])
+        address = replace(address, password=parsed["password"])
     assert (address.kind, address.service, address.db) == (kind, service, db)
     assert (address.username, address.password) == ("bridge", password)
     if nodes is not None:
         assert address.nodes == nodes
+
+
+def test_every_variable_the_chart_sets_is_a_setting_and_every_file_it_names_is_mounted(
+    files: Path, secrets_file: Path
+) -> None:
+    """With every optional part on, including those the pod test below cannot run (Secrets
+    the chart does not make: the gRPC certificate, Redis's CA): each variable is one the
+    bridge reads, and each path it names is a file a volume puts there."""
+    values = {
+        "secrets": {"kratosAdminToken": "k", "hookSecret": "h", "appToken": "a"},
+        "redis": {"mode": "sentinel", "hosts": ["s:26379"], "sentinelPassword": "sp",
+                  "tls": {"enabled": True, "caSecret": "redis-ca"}},
+        "jwt": {"header": "X-Bridge-Jwt", "existingSecret": "jwt-keys"},
+        "grpc": {"enabled": True, "tlsSecret": "grpc-tls"},
+        "rules": RULES,
+        "env": {"BRIDGE_REVALIDATE_AFTER": "5"},
+    }  # fmt: skip
+    objects = render(secrets_file, values_file(files, values))
+    pod = the(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    known = {option.env for option in OPTIONS}
+    env = {entry["name"]: entry.get("value") for entry in container["env"]}
+    assert set(env) <= known, set(env) - known
+    for name in (
+        "BRIDGE_SECRET_FILE", "BRIDGE_ADMIN_TOKEN_FILE", "BRIDGE_KRATOS_ADMIN_TOKEN_FILE",
+        "BRIDGE_HOOK_SECRET_FILE", "BRIDGE_APP_TOKEN_FILE", "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE",
+        "BRIDGE_RULES_FILE", "BRIDGE_JWT_KEYS_DIR", "BRIDGE_GRPC_TLS_CERT_FILE",
+        "BRIDGE_GRPC_TLS_KEY_FILE", "BRIDGE_REDIS_URL",
+    ):  # fmt: skip
+        assert name in env, name
+
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    provided = set()  # every file (or, for a whole volume, directory) the mounts give
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        source = volume.get("secret") or volume.get("configMap") or {}
+        items = source.get("items")
+        if items is None:
+            provided.add(mount["mountPath"])
+        for item in items or []:
+            provided.add(f"{mount['mountPath']}/{item['path']}")
+    named = {value for value in env.values() if value and value.startswith("/")}
+    url = base64.b64decode(the(objects, "Secret")["data"]["redis-url"]).decode()
+    named |= set(re.findall(r"ssl_ca_certs=([^&]+)", url))
+    assert named and named <= provided, named - provided
 
 
 # The pod.
@@ -432,6 +487,10 @@ def _break(objects: list[dict], how: str) -> list[dict]:
         container["readinessProbe"]["httpGet"]["path"] = "/health/readiness"
     elif how == "probe port":
         container["livenessProbe"]["httpGet"]["port"] = "admin"
+    elif how == "file mode":  # owner-only: the pod's user is not root
+        for volume in the(broken, "Deployment")["spec"]["template"]["spec"]["volumes"]:
+            if volume["name"] == "secrets":
+                volume["secret"]["defaultMode"] = 0o400
     return broken
 
 
@@ -442,6 +501,7 @@ def _break(objects: list[dict], how: str) -> list[dict]:
         ("mount path", "BRIDGE_SECRET_FILE"),
         ("readiness path", "/health/readiness: 404"),
         ("probe port", "liveness probe failed"),
+        ("file mode", "uid 10001 (groups [10001]) cannot read it"),
     ],
 )
 def test_a_pod_rendered_wrong_fails_to_become_ready(
@@ -449,10 +509,12 @@ def test_a_pod_rendered_wrong_fails_to_become_ready(
 ) -> None:
     """The check above can fail: the same rendering, broken in one place, is caught."""
     objects = render(values_file(files, pod_values(kratos, redis_server.url, prefix, files)))
-    pod = PodRun(_break(objects, how), workdir).start()
+    started: list[PodRun] = []
     try:
         with pytest.raises(PodFailed) as failed:
-            pod.become_ready(readiness_budget=5)
+            started.append(PodRun(_break(objects, how), workdir).start())
+            started[0].become_ready(readiness_budget=5)
         assert said in str(failed.value)
     finally:
-        pod.stop()
+        for pod in started:
+            pod.stop()

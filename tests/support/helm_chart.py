@@ -13,9 +13,11 @@ does what the kubelet does before and after starting it, as far as the bridge ca
   read from the rendered objects. Nothing of the test's own environment leaks in;
 - the command is the container's ``command`` + ``args``; ``kratos-bridge``, the image's
   console script (pyproject.toml), runs as ``python -m bridge`` of this checkout;
-- run as root, the process gets the pod's ``runAsUser``, ``runAsGroup`` and ``fsGroup``
-  (setpriv), and the mounted files its owner and modes, so a Secret the user cannot read
-  fails here as it would in the pod;
+- each mounted file must be readable by the pod's user as the kubelet leaves it (owner
+  root, group ``fsGroup``, the volume's ``defaultMode`` or the item's ``mode``), judged
+  from the pod's ``runAsUser``, ``runAsGroup``, ``fsGroup`` and ``supplementalGroups``: a
+  Secret the user could not read fails here as it would in the pod. The process itself
+  runs as the test's user: this machine's Python lives where another uid cannot reach it;
 - the probes run as the kubelet runs them: an HTTP GET on the probe's port (a name is looked
   up among the container's ports) and path, success on 200-399, the startup probe first
   within ``periodSeconds * failureThreshold``.
@@ -28,7 +30,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,7 +123,6 @@ class PodRun:
         self.pod = deployment["spec"]["template"]["spec"]
         (self.container,) = self.pod["containers"]
         self.root = Path(tempfile.mkdtemp(prefix="pod-", dir=self.workdir))
-        self.root.chmod(0o755)  # the pod's user must reach its mounts
         self.log_path = self.root / "container.log"
         self._mount_volumes()
         self.env = self._environment()
@@ -157,8 +157,7 @@ class PodRun:
                 path = directory / item["path"]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data[item["key"]])
-                self._own(path, item.get("mode", mode))
-            self._own(directory, 0o1777 if "emptyDir" in volume else 0o755)
+                self._require_readable(path, item.get("mode", mode), volume["name"])
             self.mounts[mount["mountPath"]] = directory
 
     def _secret_data(self, name: str) -> dict[str, bytes]:
@@ -171,12 +170,26 @@ class PodRun:
         config_map = the(self.objects, "ConfigMap", name)
         return {key: value.encode() for key, value in (config_map.get("data") or {}).items()}
 
-    def _own(self, path: Path, mode: int) -> None:
-        """As the kubelet leaves it: owned by root and the pod's fsGroup, with the mode."""
-        fs_group = self.pod.get("securityContext", {}).get("fsGroup")
-        if os.geteuid() == 0 and fs_group is not None:
-            os.chown(path, 0, fs_group)
-        path.chmod(mode)
+    def _require_readable(self, path: Path, mode: int, volume: str) -> None:
+        """``PodFailed`` unless the pod's user can read a file the kubelet mounts as root's,
+        in group ``fsGroup``, with ``mode``."""
+        context = {
+            **self.pod.get("securityContext", {}),
+            **self.container.get("securityContext", {}),
+        }
+        uid = context.get("runAsUser", 0)
+        groups = {context.get("runAsGroup", 0), *context.get("supplementalGroups", [])}
+        file_group = context.get("fsGroup", 0)
+        groups.add(file_group)
+        readable = (
+            (uid == 0 and mode & 0o400) or (file_group in groups and mode & 0o040) or mode & 0o004
+        )
+        if not readable:
+            raise PodFailed(
+                f"volume {volume}: {path.name} has mode {mode:o}, owner root, group {file_group}: "
+                f"uid {uid} (groups {sorted(groups)}) cannot read it"
+            )
+        path.chmod(mode | 0o400)  # this test's own user reads it
 
     def _to_host(self, text: str) -> str:
         """``text`` with a mount path (the whole value, or a path under it) put where it is here."""
@@ -227,29 +240,13 @@ class PodRun:
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [*self._as_pod_user(), *self.argv],
+                self.argv,
                 env=env,
                 cwd="/",
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         return self
-
-    def _as_pod_user(self) -> list[str]:
-        context = {
-            **self.pod.get("securityContext", {}),
-            **self.container.get("securityContext", {}),
-        }
-        if os.geteuid() != 0 or "runAsUser" not in context:
-            return []
-        groups = ",".join(str(g) for g in [context.get("fsGroup")] if g is not None)
-        return [
-            shutil.which("setpriv") or "setpriv",
-            f"--reuid={context['runAsUser']}",
-            f"--regid={context.get('runAsGroup', context['runAsUser'])}",
-            f"--groups={groups}" if groups else "--clear-groups",
-            "--no-new-privs",
-        ]
 
     def stop(self) -> None:
         if self.process is not None:
