@@ -205,3 +205,28 @@ def test_the_admin_api_is_asked_only_for_mirrored_sessions_and_within_a_budget(
     budget = CONFIRM_BURST + int(elapsed_ms // CONFIRM_EVERY_MS)
     asked = own_kratos.calls(ADMIN_READ) - before
     assert 1 <= asked <= budget, (asked, budget)
+
+
+def test_one_client_spending_its_budget_spends_nobody_else_s(
+    make_client, own_kratos: Kratos
+) -> None:
+    """What the check keeps between requests is per session (the budget of questions)
+    and per credential (how long a refusal has been doubted): a client replaying its own
+    refused credential through a blip neither holds up nor ends another user's session.
+    Revoked meanwhile, the other session is asked about at once (its own budget) and
+    ends; the first is still kept."""
+    client = make_client(own_kratos, **EVERY_TIME)
+    attacker, victim = flows.register(own_kratos, "spender"), flows.register(own_kratos, "other")
+    assert auth(client, attacker.token) == (200, None)
+    assert auth(client, victim.token) == (200, None)
+    attacker_session = write_app_data(client, attacker.token)
+    victim_session = flows.session_of(own_kratos, token=victim.token).json()["id"]
+    with table_away(own_kratos, "identity_credentials"):
+        for _ in range(CONFIRM_BURST * 5):
+            assert auth(client, attacker.token) == (503, "kratos_unavailable")
+        revoked = httpx.delete(f"{own_kratos.admin_url}/admin/sessions/{victim_session}")
+        assert revoked.status_code == 204
+        assert auth(client, victim.token) == (401, "session_invalid")
+        assert_nothing_lost(client, attacker_session)
+    assert [e["reason"] for e in ended_events(client, victim_session)] == ["rejected"]
+    assert auth(client, attacker.token) == (200, None)
