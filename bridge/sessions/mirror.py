@@ -449,6 +449,8 @@ class SessionMirror:
         except BaseException:
             self._let_go(lock)
             raise
+        if self._rejections is not None:
+            self._rejections.accepted(fingerprint)
         session = MirroredSession.from_kratos(answer, asked_at)
         seen_at = now_ms()
         event = aal2_event(session, seen_at)

@@ -118,5 +118,9 @@ class RejectionCheck:
             raise KratosUnavailable(problem)
         return Verdict.CREDENTIAL_REFUSED
 
+    def accepted(self, fingerprint: str) -> None:
+        """Kratos accepted the credential again: a later refusal is doubted afresh."""
+        self._doubts.pop(fingerprint)
+
     def close(self) -> None:
         self._admin.close()

@@ -28,10 +28,10 @@ import httpx
 import orjson
 import pytest
 
-from bridge.sessions.rejection import CONFIRM_BURST, CONFIRM_EVERY_MS
+from bridge.sessions.rejection import CONFIRM_BURST, CONFIRM_EVERY_MS, DOUBT_MS
 from tests.conftest import store_of
 from tests.support import kratos_flows as flows
-from tests.support.harness import Kratos, free_port
+from tests.support.harness import Kratos, free_port, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +230,30 @@ def test_one_client_spending_its_budget_spends_nobody_else_s(
         assert_nothing_lost(client, attacker_session)
     assert [e["reason"] for e in ended_events(client, victim_session)] == ["rejected"]
     assert auth(client, attacker.token) == (200, None)
+
+
+def test_a_long_blip_stays_503_for_a_token_and_costs_a_cookie_a_login_never_its_data(
+    make_client, own_kratos: Kratos
+) -> None:
+    """Past ``DOUBT_MS``: a token, which is its session, is still 503 while Kratos holds
+    the session active; a cookie, which could have lapsed, is refused alone (401). Neither
+    session loses its mirror or data, nor gets an ended event, and both work once the
+    database does (the cookie once the process's memory of refusing it,
+    ``BRIDGE_NEGATIVE_CACHE_TTL``, is past)."""
+    client = make_client(own_kratos, BRIDGE_NEGATIVE_CACHE_TTL="1", **EVERY_TIME)
+    user = flows.register(own_kratos, "long-blip")
+    cookie = flows.browser_login(own_kratos, user)
+    token_session = write_app_data(client, token=user.token)
+    cookie_session = write_app_data(client, cookie=cookie)
+    with table_away(own_kratos, "identity_credentials"):
+        started = time.monotonic()
+        while auth(client, cookie=cookie) != (401, "session_invalid"):
+            assert time.monotonic() - started < DOUBT_MS / 1000 + 10, "the cookie kept 503"
+            assert auth(client, token=user.token) == (503, "kratos_unavailable")
+            time.sleep(0.5)
+        assert time.monotonic() - started >= DOUBT_MS / 1000 - 1
+        assert auth(client, token=user.token) == (503, "kratos_unavailable")
+        for session in (token_session, cookie_session):
+            assert_nothing_lost(client, session)
+    assert auth(client, token=user.token) == (200, None)
+    wait_until(lambda: auth(client, cookie=cookie) == (200, None), 10, "the cookie again")
