@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.clock import iso, now_ms, parse_timestamp_ms
@@ -305,8 +306,8 @@ def from_kratos(found: dict[str, Any]) -> dict[str, Any]:
         "session_id": found.get("id"),
         "identity_id": identity.get("id"),
         "label": traits.get("email") if isinstance(traits.get("email"), str) else None,
-        "aal": found.get("authenticator_assurance_level"),
-        "methods": [m.get("method") for m in found.get("authentication_methods") or []],
+        "aal": _plain(found.get("authenticator_assurance_level")),
+        "methods": [_plain(m.get("method")) for m in found.get("authentication_methods") or []],
         "device": {
             "ip_address": device.get("ip_address") or "",
             "user_agent": device.get("user_agent") or "",
@@ -330,11 +331,11 @@ def kratos_fields(found: dict[str, Any]) -> dict[str, Any]:
         "issued_at": _text_time(found.get("issued_at")),
         "authenticated_at": _text_time(found.get("authenticated_at")),
         "expires_at": _text_time(found.get("expires_at")),
-        "aal": found.get("authenticator_assurance_level"),
+        "aal": _plain(found.get("authenticator_assurance_level")),
         "authentication_methods": [
             {
-                "method": method.get("method"),
-                "aal": method.get("aal"),
+                "method": _plain(method.get("method")),
+                "aal": _plain(method.get("aal")),
                 "completed_at": _text_time(method.get("completed_at")),
                 "provider": method.get("provider"),
             }
@@ -391,6 +392,12 @@ def _time_ms(value: Any) -> int:
     """Milliseconds since the epoch of a time Kratos gave (0 when it gave none)."""
     text = _text_time(value)
     return parse_timestamp_ms(text) if text else 0
+
+
+def _plain(value: Any) -> Any:
+    """A value the SDK gives as an enum (an AAL), as Kratos's own text: ``aal1``, not the
+    enum's name, wherever it is shown."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def _text_time(value: Any) -> str | None:
