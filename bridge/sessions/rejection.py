@@ -107,11 +107,14 @@ class RejectionCheck:
                 session.id,
             )
         except KratosUnavailable as error:
-            problem = f"Kratos refused the session and its admin API could not confirm it ({error})"
+            # Its class only: the message may name the admin key's setting, which is not
+            # for whoever sent the request.
+            kind = type(error).__name__
+            problem = f"Kratos refused the session and its admin API could not say ({kind})"
             _doubted.warning(
                 "kratos whoami refused a mirrored session and its admin API could not "
                 "confirm it (%s): refused with 503, nothing dropped",
-                type(error).__name__,
+                kind,
             )
         self._doubts.put(fingerprint, _Doubt(doubt.since_ms, now, held_active))
         if (held_active and not may_lapse) or now - doubt.since_ms < DOUBT_MS:
