@@ -1,7 +1,9 @@
-"""A size-capped dict for per-process copies that refill from the store."""
+"""Per-process state that must stay small under any load: a size-capped dict for copies
+that refill from the store, and per-key token buckets built on it."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -36,3 +38,26 @@ class BoundedMap(Generic[K, T]):
         for key, value in list(self._items.items()):
             if doomed(value):
                 self._items.pop(key, None)
+
+
+class TokenBuckets:
+    """A token bucket per key (a session id): ``burst`` takes at once, refilled one per
+    ``every_ms``. What bounds the Kratos calls a client can cause for one session, however
+    fast it asks; at most ``max_keys`` buckets (a full set is dropped whole, which only
+    ever grants more)."""
+
+    def __init__(self, burst: int, every_ms: int, max_keys: int = 50_000) -> None:
+        self._burst, self._every_ms = burst, every_ms
+        self._left: BoundedMap[str, tuple[float, int]] = BoundedMap(max_keys)
+        self._lock = threading.Lock()  # worker threads: the bound holds under a burst too
+
+    def take(self, key: str, now_ms: int) -> bool:
+        with self._lock:
+            entry = self._left.get(key)
+            left = float(self._burst)
+            if entry is not None:
+                left = min(left, entry[0] + (now_ms - entry[1]) / self._every_ms)
+            if left < 1:
+                return False
+            self._left.put(key, (left - 1, now_ms))
+            return True

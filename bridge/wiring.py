@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from bridge.clock import now_ms
 from bridge.config import Settings
+from bridge.kratos.admin_session import AdminSession
 from bridge.kratos.logout import KratosLogout
 from bridge.kratos.whoami import KratosClient
 from bridge.observe import decision_log
@@ -26,6 +27,7 @@ from bridge.pipeline.upstream_headers import UpstreamHeaders
 from bridge.sessions.activity import SessionActivity
 from bridge.sessions.ending import SessionEnder
 from bridge.sessions.mirror import AllOf, SessionEvents, SessionMirror
+from bridge.sessions.rejection import RejectionCheck
 from bridge.store import Keys, SessionStore
 from bridge.web import health
 from bridge.web.hooks import KratosHooks
@@ -126,6 +128,10 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         settings.request_budget,
         events=events,
         activity=activity,
+        rejections=RejectionCheck(
+            AdminSession(settings.kratos_admin_url, settings.kratos_admin_token),
+            settings.kratos_timeout,
+        ),
     )
     rules = load_rules(settings)
     redirects = BrowserRedirects(settings.login_url, return_to_origins(settings, rules))

@@ -334,7 +334,8 @@ def sessions_show(client: AdminClient, args: argparse.Namespace, out: Output) ->
     session = detail.get("session") or {}
     device = session.get("device") or {}
     unified = detail.get("unified") or {}
-    identity = unified.get("identity") or {}
+    in_kratos = detail.get("kratos") or {}
+    identity = in_kratos.get("identity") or unified.get("identity") or {}
     rows = [
         ("session", session.get("session_id")),
         ("identity", session.get("identity_id")),
@@ -342,7 +343,9 @@ def sessions_show(client: AdminClient, args: argparse.Namespace, out: Output) ->
         ("aal", session.get("aal")),
         ("methods", ", ".join(session.get("methods") or ())),
         ("active in kratos", "yes" if detail.get("active_in_kratos") else "no"),
+        ("seen by bridge", "yes" if session.get("seen_by_bridge") else "no"),
         ("started", _time(session.get("started_at"))),
+        ("authenticated", _time(in_kratos.get("authenticated_at"))),
         ("first seen", _time(session.get("first_seen_at"))),
         ("last seen", _time(session.get("last_seen_at"))),
         ("expires", _time(session.get("expires_at"))),
@@ -351,15 +354,14 @@ def sessions_show(client: AdminClient, args: argparse.Namespace, out: Output) ->
         ("ip address", device.get("ip_address")),
         ("user agent", device.get("user_agent")),
         ("location", device.get("location")),
+        ("device changes", len(detail.get("device_changes") or ())),
+        ("schema", identity.get("schema_id")),
+        ("state", identity.get("state")),
+        ("traits", orjson.dumps(identity.get("traits") or {}).decode()),
         ("mirrored", "yes" if detail.get("unified") else "no"),
     ]
     if unified:
-        rows += [
-            ("validated", _time(unified.get("validated_at"))),
-            ("schema", identity.get("schema_id")),
-            ("state", identity.get("state")),
-            ("traits", orjson.dumps(identity.get("traits") or {}).decode()),
-        ]
+        rows.append(("validated", _time(unified.get("validated_at"))))
     rows.append(("app keys", ", ".join(detail.get("app_keys") or ()) or "none"))
     table = out.table("field", "value", header=False)
     for name, value in rows:

@@ -1,5 +1,6 @@
 """What the admin API and the dashboard do with sessions, in one place: list, find, show
-and revoke them, read the AAL2 events and the statistics.
+and revoke them, read the AAL2 events and the statistics. An identity's sessions and one
+session's detail are Kratos's (its admin API), joined with what the bridge saw.
 
 A revocation is Kratos's first: the session is disabled through Kratos's admin API, and
 only once Kratos said so is the mirror dropped, with an announcement that makes every
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.clock import iso, now_ms, parse_timestamp_ms
@@ -132,19 +134,28 @@ class SessionAdmin:
         return found
 
     def show(self, session_id: str, *, app_values: bool = False) -> dict[str, Any]:
-        """The session as the bridge and Kratos know it; with ``app_values`` (an operator
-        asked to see them), also its app data as stored, under ``app``."""
-        found = self._store.registry.records([session_id])
+        """The session as Kratos holds it (``kratos``: its own fields, devices and identity
+        included), joined with what the bridge saw of it where it did (``session``, as a
+        row of an identity's list, with ``seen_by_bridge``; its device-change signals;
+        the mirror's view and the app data's names). With ``app_values`` (an operator asked
+        to see them), also the app data as stored, under ``app``. Kratos is asked first
+        and is the truth: ``NotFound`` when it knows no such session, whatever the bridge
+        saw, and ``KratosUnavailable`` when it cannot say, never an answer of only what the
+        bridge saw."""
         in_kratos = self.kratos.session(session_id)
-        if not found and in_kratos is None:
-            raise NotFound("neither the bridge nor Kratos knows this session")
+        if in_kratos is None:
+            raise NotFound("Kratos knows no such session")
+        found = self._store.registry.records([session_id])
+        identity_id = (in_kratos.get("identity") or {}).get("id") or ""
         mirrored = self._store.load(session_id, with_app=True)
         unified = None
         if mirrored is not None:  # the app data's names only, not its values
             unified = {k: v for k, v in mirrored.to_json().items() if k != "app"}
         shown = {
-            "session": summary(found[0]) if found else from_kratos(in_kratos or {}),
-            "active_in_kratos": bool(in_kratos and in_kratos.get("active")),
+            "session": joined(in_kratos, found[0] if found else None, identity_id),
+            "kratos": kratos_fields(in_kratos),
+            "device_changes": self.device_changes(session_id),
+            "active_in_kratos": in_kratos.get("active") is True,
             "unified": unified,
             "app_keys": sorted(mirrored.app) if mirrored is not None else [],
         }
@@ -295,8 +306,8 @@ def from_kratos(found: dict[str, Any]) -> dict[str, Any]:
         "session_id": found.get("id"),
         "identity_id": identity.get("id"),
         "label": traits.get("email") if isinstance(traits.get("email"), str) else None,
-        "aal": found.get("authenticator_assurance_level"),
-        "methods": [m.get("method") for m in found.get("authentication_methods") or []],
+        "aal": _plain(found.get("authenticator_assurance_level")),
+        "methods": [_plain(m.get("method")) for m in found.get("authentication_methods") or []],
         "device": {
             "ip_address": device.get("ip_address") or "",
             "user_agent": device.get("user_agent") or "",
@@ -307,6 +318,54 @@ def from_kratos(found: dict[str, Any]) -> dict[str, Any]:
         "first_seen_at": None,
         "last_seen_at": None,
         "requests": 0,
+    }
+
+
+def kratos_fields(found: dict[str, Any]) -> dict[str, Any]:
+    """Kratos's own fields of a session (as its admin API gives it, with devices and
+    identity), as the session detail shows them: what an operator judges a session by,
+    without the identity's admin metadata or Kratos's bookkeeping."""
+    identity = found.get("identity") or {}
+    return {
+        "active": found.get("active") is True,
+        "issued_at": _text_time(found.get("issued_at")),
+        "authenticated_at": _text_time(found.get("authenticated_at")),
+        "expires_at": _text_time(found.get("expires_at")),
+        "aal": _plain(found.get("authenticator_assurance_level")),
+        "authentication_methods": [
+            {
+                "method": _plain(method.get("method")),
+                "aal": _plain(method.get("aal")),
+                "completed_at": _text_time(method.get("completed_at")),
+                "provider": method.get("provider"),
+            }
+            for method in found.get("authentication_methods") or []
+        ],
+        "devices": [
+            {
+                "id": device.get("id"),
+                "ip_address": device.get("ip_address"),
+                "user_agent": device.get("user_agent"),
+                "location": device.get("location") or None,
+            }
+            for device in found.get("devices") or []
+        ],
+        "identity": {
+            "id": identity.get("id"),
+            "schema_id": identity.get("schema_id"),
+            "state": identity.get("state"),
+            "traits": identity.get("traits"),
+            "metadata_public": identity.get("metadata_public"),
+            "verifiable_addresses": [
+                {
+                    "value": address.get("value"),
+                    "via": address.get("via"),
+                    "verified": address.get("verified") is True,
+                    "status": address.get("status"),
+                }
+                for address in identity.get("verifiable_addresses") or []
+            ],
+        },
     }
 
 
@@ -333,6 +392,12 @@ def _time_ms(value: Any) -> int:
     """Milliseconds since the epoch of a time Kratos gave (0 when it gave none)."""
     text = _text_time(value)
     return parse_timestamp_ms(text) if text else 0
+
+
+def _plain(value: Any) -> Any:
+    """A value the SDK gives as an enum (an AAL), as Kratos's own text: ``aal1``, not the
+    enum's name, wherever it is shown."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def _text_time(value: Any) -> str | None:

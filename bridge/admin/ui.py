@@ -309,7 +309,6 @@ def create_ui(bridge: AdminParts, admin: SessionAdmin, gate: Gate) -> Blueprint:
             shown=shown,
             values=shown.get("app"),
             aal2=admin.aal2_events(since, now_ms(), 10, session_id=sid).events,
-            changes=admin.device_changes(sid),
         )
 
     def confirm(heading: str, question: str, action: str, back: str) -> Response:

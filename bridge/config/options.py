@@ -267,8 +267,9 @@ OPTIONS: tuple[Option, ...] = (
         _http_url,
         "http://127.0.0.1:4434",
         "Kratos admin API: revocation and the dashboard's session detail, the web hooks' "
-        "reads, `session_extend` and `idle_timeout` (extend, revoke), and `check` (it "
-        "reports the Kratos version).",
+        "reads, the check of a whoami `401` for a mirrored session (is it really ended, or "
+        "Kratos's own trouble?), `session_extend` and `idle_timeout` (extend, revoke), and "
+        "`check` (it reports the Kratos version).",
     ),
     Option(
         "kratos_admin_token",

@@ -1,6 +1,6 @@
 """Kratos's admin API: the session admin's reads and revocations through the Ory SDK
-(``ory-kratos-client``), and the web hooks' read of the session they name through the
-whoami client's transport (``bridge.kratos.http_client``: one deadline, no retries).
+(``ory-kratos-client``), and the web hooks' read of the session they name without it
+(``bridge.kratos.admin_session``: one deadline, no retries).
 
 One SDK client per user of it, shared by its requests: it holds a connection pool and
 the admin URL, and nothing that belongs to a request (no default header is ever set).
@@ -19,36 +19,24 @@ it. The public client (``bridge.kratos.whoami``) is built without it. A ``401`` 
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from ory_kratos_client import ApiClient, Configuration, IdentityApi, MetadataApi
 from ory_kratos_client.exceptions import NotFoundException, OpenApiException
 from urllib3 import Retry
 from urllib3.exceptions import HTTPError
 
-from bridge.errors import (
-    KratosAdminRefused,
-    KratosRateLimited,
-    KratosUnavailable,
-    KratosUnreachable,
-)
-from bridge.kratos.http_client import HTTPClient, RequestFailed
-from bridge.kratos.rate_limit import RateLimit
-from bridge.kratos.whoami import VouchedSession, parse_session
-from bridge.logs import Throttled
+from bridge.errors import KratosUnavailable, KratosUnreachable
+from bridge.kratos.admin_session import AdminSession
+from bridge.kratos.whoami import VouchedSession
 
 if TYPE_CHECKING:
     from bridge.config import Settings
 
-log = logging.getLogger(__name__)
-_refused = Throttled(log, interval=60.0)
-
 _PAGE_SIZE = 500
 _MAX_PAGES = 20
 _EXPAND = ["identity", "devices"]
-_KEY_SETTING = "BRIDGE_KRATOS_ADMIN_TOKEN"
 
 
 class KratosAdmin:
@@ -61,14 +49,11 @@ class KratosAdmin:
         # The SDK hints retries as an int; urllib3, which gets it, also takes a Retry.
         self._client = ApiClient(Configuration(host=admin_url, retries=retries))  # type: ignore[arg-type]
         self._identities = IdentityApi(self._client)
-        # The web hooks' read goes through the whoami client's transport, not the SDK's:
-        # one deadline for the whole exchange (urllib3's timeout is per socket read, so a
-        # Kratos that trickles its answer could hold a hook far longer), no retries, no
-        # redirects followed, and an answer capped at 1 MiB.
-        self._http = HTTPClient(admin_url)
+        # The web hooks' read goes without the SDK (bridge.kratos.admin_session), which
+        # also keeps the key and what Kratos says of the admin API's rate limit.
+        self._reads = AdminSession(admin_url, token)
         self._timeout = timeout
-        self._token = token
-        self.rate_limit = RateLimit()  # what Kratos says of the admin API's budget
+        self.rate_limit = self._reads.rate_limit
 
     @classmethod
     def of(cls, settings: Settings) -> KratosAdmin:
@@ -90,26 +75,8 @@ class KratosAdmin:
         return answer.data.to_dict()
 
     def vouched_session(self, session_id: str, timeout: float) -> VouchedSession | None:
-        """Kratos's session checked and reduced as a whoami answer is (``parse_session``),
-        or ``None`` if Kratos does not know it (404). ``KratosUnreachable`` when no answer
-        came within ``timeout`` (all of it: connect, send and read); ``KratosUnavailable``
-        for any other answer."""
-        self._open()
-        path = f"/admin/sessions/{quote(session_id, safe='')}?expand=identity&expand=devices"
-        headers = [("Accept", "application/json"), *self._auth().items()]
-        try:
-            answer = self._http.get(path, headers, timeout)
-        except RequestFailed as error:
-            raise KratosUnreachable(f"Kratos admin API unreachable ({error})") from None
-        self.rate_limit.saw(answer.status, answer.text_header)
-        if answer.status == 404:
-            return None
-        if answer.status != 200:
-            raise self._refusal(answer.status)
-        view, expires_at_ms = parse_session(answer.body)
-        if view["session_id"] != session_id:
-            raise KratosUnavailable("Kratos answered for another session")
-        return VouchedSession(view, expires_at_ms, ())
+        """``AdminSession.vouched_session``: the session as a whoami answer is read."""
+        return self._reads.vouched_session(session_id, timeout)
 
     def revoke(self, session_id: str) -> bool:
         """Revoke one session; ``False`` when Kratos knows no such session."""
@@ -222,18 +189,13 @@ class KratosAdmin:
     def close(self) -> None:
         # The SDK's ApiClient (v25) has no close(): its connections are urllib3's.
         self._client.rest_client.pool_manager.clear()
-        self._http.close()
+        self._reads.close()
 
     def _auth(self) -> dict[str, str]:
-        """The header for one request: a new dict each time (the SDK adds to the one it
-        is given)."""
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        return self._reads.auth()
 
     def _open(self) -> None:
-        """``KratosRateLimited`` at once, sending nothing, while a ``429`` holds."""
-        wait = self.rate_limit.closed_for()
-        if wait:
-            raise _rate_limited(wait)
+        self._reads.check_open()
 
     def _saw(self, status: int, headers: Any) -> None:
         self.rate_limit.saw(status, lambda name: (headers or {}).get(name))
@@ -248,18 +210,7 @@ class KratosAdmin:
         return KratosUnavailable(f"Kratos admin API answered unusably ({type(error).__name__})")
 
     def _refusal(self, status: int) -> KratosUnavailable:
-        """The error for an answer other than 200 or 404, naming the setting to fix when
-        Kratos (or Ory Network) refuses the bridge."""
-        if status == 429:
-            return _rate_limited(self.rate_limit.closed_for())
-        if status not in (401, 403):
-            return KratosUnavailable(f"Kratos admin API answered {status}")
-        if self._token is None:
-            problem = f"it needs an API key: set {_KEY_SETTING} or {_KEY_SETTING}_FILE"
-        else:
-            problem = f"it does not accept the key in {_KEY_SETTING}"
-        _refused.warning("kratos admin API answered %d: %s", status, problem)
-        return KratosAdminRefused(f"Kratos admin API answered {status}: {problem}")
+        return self._reads.refusal(status)
 
 
 def _next_page_token(headers: Any) -> str | None:
@@ -274,9 +225,3 @@ def _next_page_token(headers: Any) -> str | None:
             if name == "page_token" and value:
                 return unquote(value)
     return None
-
-
-def _rate_limited(wait: int) -> KratosRateLimited:
-    return KratosRateLimited(
-        str(wait), f"Kratos admin API is rate limiting the bridge: retry in {wait} s"
-    )

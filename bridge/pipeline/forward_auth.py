@@ -24,12 +24,11 @@ the path as sent and the query, and send back the ``Reply``.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge.bounded import BoundedMap
+from bridge.bounded import BoundedMap, TokenBuckets
 from bridge.clock import now_ms
 from bridge.errors import (
     BadRequest,
@@ -81,31 +80,6 @@ class Pending:
         return self.rule.access is Access.PUBLIC and self.aal is None
 
 
-class AskAgainBudget:
-    """How often Kratos may be asked again about a session whose known AAL or login age
-    falls short of a route: a token bucket per session, ``ASK_AGAIN_BURST`` asks at once,
-    refilled one per ``ASK_AGAIN_EVERY_MS``. A client refused once or twice that then
-    steps up (or logs in again), however fast, is let in on its next request; a page
-    hammering such a route costs Kratos about one call a second per session and process,
-    and once it has spent the burst, its step-up is seen within ``ASK_AGAIN_EVERY_MS``."""
-
-    def __init__(self, burst: int, every_ms: int, max_sessions: int = 50_000) -> None:
-        self._burst, self._every_ms = burst, every_ms
-        self._left: BoundedMap[str, tuple[float, int]] = BoundedMap(max_sessions)
-        self._lock = threading.Lock()  # worker threads: the bound holds under a burst too
-
-    def take(self, session_id: str, now: int) -> bool:
-        with self._lock:
-            entry = self._left.get(session_id)
-            left = float(self._burst)
-            if entry is not None:
-                left = min(left, entry[0] + (now - entry[1]) / self._every_ms)
-            if left < 1:
-                return False
-            self._left.put(session_id, (left - 1, now))
-            return True
-
-
 class ForwardAuth:
     def __init__(
         self,
@@ -133,7 +107,11 @@ class ForwardAuth:
         self._allows: BoundedMap[tuple[int, str | None], tuple[MirroredSession, Reply, int]] = (
             BoundedMap(50_000)
         )
-        self._ask_again = AskAgainBudget(ASK_AGAIN_BURST, ASK_AGAIN_EVERY_MS)
+        # How often Kratos may be asked again about a session whose known AAL or login age
+        # falls short of a route: a client refused once or twice that then steps up (or logs
+        # in again), however fast, is let in on its next request; a page hammering such a
+        # route costs Kratos about one call a second per session and process.
+        self._ask_again = TokenBuckets(ASK_AGAIN_BURST, ASK_AGAIN_EVERY_MS)
 
     @property
     def anonymous(self) -> Reply:

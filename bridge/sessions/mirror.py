@@ -7,6 +7,10 @@ Rules this module keeps:
   Kratos is asked again, so a logout or revocation takes effect within that bound.
 - Kratos rejecting a credential drops the mirror and this process's copy at once, and
   is remembered for ``negative_cache_ttl`` seconds (in the store and in this process).
+  For a session the store mirrors, the admin API confirms the rejection first
+  (``bridge.sessions.rejection``): Kratos answers ``401`` on its own database errors too,
+  and such a blip is refused as Kratos unavailable, dropping nothing; a credential
+  refused while its session lives (a lapsed cookie) is refused alone, the session kept.
 - A request the process's copy cannot answer costs one store round trip to read what
   the store knows (and, for a stale session, to take the re-validation lock), then at
   most one Kratos call and one more round trip to save (and let go of the lock).
@@ -42,9 +46,10 @@ from bridge.errors import (
     StoreUnavailable,
 )
 from bridge.kratos.whoami import KratosClient
-from bridge.pipeline.credentials import Credential, Fingerprints
+from bridge.pipeline.credentials import Credential, Fingerprints, Kind
 from bridge.sessions.ending import record_end
 from bridge.sessions.refresh import REFRESH_AT, Refresher, refresh_lead_ms
+from bridge.sessions.rejection import RejectionCheck, Verdict
 from bridge.sessions.session import MirroredSession, aal2_event
 from bridge.store.base import Idle, Lock, MirrorStore, Rejection
 
@@ -117,8 +122,12 @@ class SessionMirror:
         recent_max: int = 50_000,
         events: SessionEvents | None = None,
         activity: SessionActivity | None = None,
+        rejections: RejectionCheck | None = None,
     ) -> None:
+        """``rejections``: what confirms a ``401`` for a mirrored session before it is
+        acted on (without one, every ``401`` is taken at its word)."""
         self._store = store
+        self._rejections = rejections
         self._activity = activity
         self._idle_limit_ms = activity.idle_limit_ms if activity is not None else 0
         if activity is not None:
@@ -217,6 +226,8 @@ class SessionMirror:
         self._refresher.close()
         if self._activity is not None:
             self._activity.close()
+        if self._rejections is not None:
+            self._rejections.close()
 
     def _remember(self, fingerprint: str, session: MirroredSession) -> None:
         # A rejection that arrived after this acceptance was asked wins, also here.
@@ -404,9 +415,23 @@ class SessionMirror:
         # Freshness counts from when we asked: Kratos's answer may describe any moment
         # between the question and the answer.
         asked_at = now_ms()
+        asked_at_clock = time.monotonic()
         try:
             answer = self._kratos.whoami(credential)
         except SessionInvalid:
+            if seen is not None and self._rejections is not None:
+                try:  # a blip of Kratos's is not a logout: KratosUnavailable, all kept
+                    verdict = self._rejections.confirm(
+                        seen, fingerprint, credential.kind is Kind.COOKIE, asked_at_clock
+                    )
+                except BaseException:
+                    self._let_go(lock)
+                    raise
+                if verdict is Verdict.CREDENTIAL_REFUSED:  # the session lives on: kept
+                    self._recent.pop(fingerprint)
+                    self._rejected.put(fingerprint, now_ms())
+                    self._let_go(lock)
+                    raise
             # Any acceptance asked before this answer arrived is older news: the store
             # refuses to cache it for as long as such a call can still be under way.
             rejected_at = now_ms()
@@ -424,6 +449,8 @@ class SessionMirror:
         except BaseException:
             self._let_go(lock)
             raise
+        if self._rejections is not None:
+            self._rejections.accepted(fingerprint)
         session = MirroredSession.from_kratos(answer, asked_at)
         seen_at = now_ms()
         event = aal2_event(session, seen_at)

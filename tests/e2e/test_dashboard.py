@@ -228,6 +228,33 @@ def test_the_sessions_page_refreshes_itself(page, scene: Scene) -> None:
     assert page.evaluate("window.notReloaded") is True
 
 
+def test_a_session_the_bridge_never_saw_is_shown_from_kratos(page, scene: Scene) -> None:
+    user = flows.register(scene.kratos, "unseen")
+    sid = flows.session_of(scene.kratos, token=flows.login_api(scene.kratos, user)).json()["id"]
+    sign_in(page, scene)
+    page.goto(f"{scene.bridge.admin_url}/admin/ui/sessions/{sid}")
+    assert page.locator("#not-seen").inner_text() == "not seen by the bridge"
+    assert page.locator("#active-in-kratos").inner_text() == "yes"
+    facts = page.locator("dl#in-kratos").inner_text()
+    assert user.email in facts and "password (aal1" in facts
+    assert page.locator("dl#seen").count() == 0
+    assert httpx.delete(f"{scene.kratos.admin_url}/admin/sessions/{sid}").status_code == 204
+    page.reload()
+    assert page.locator("#active-in-kratos").inner_text() == "no"
+    assert page.locator("span.badge.ended").count() == 1
+
+
+def test_a_session_the_bridge_saw_shows_what_it_saw(page, scene: Scene) -> None:
+    ada = scene.users[0]
+    sid = scene.session_ids[ada.email]
+    sign_in(page, scene)
+    page.goto(f"{scene.bridge.admin_url}/admin/ui/sessions/{sid}")
+    assert page.locator("#not-seen").count() == 0
+    seen = page.locator("dl#seen").inner_text()
+    assert "Requests" in seen and "(script)" in seen
+    assert ada.email in page.locator("dl#in-kratos").inner_text()
+
+
 HOSTILE_AGENT = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 
 
@@ -244,7 +271,7 @@ def test_what_users_control_is_shown_as_text(page, scene: Scene) -> None:
     sid = flows.session_of(scene.kratos, token=token).json()["id"]
     sign_in(page, scene)
     page.goto(f"{scene.bridge.admin_url}/admin/ui/sessions/{sid}")
-    assert HOSTILE_AGENT in page.locator("dl.facts").inner_text()
+    assert HOSTILE_AGENT in page.locator("dl#in-kratos").inner_text()
     assert page.locator("main script, main img").count() == 0
     assert page.evaluate("window.pwned") is None
 

@@ -215,16 +215,108 @@ def ended_session_id(kratos: Kratos, user: flows.User) -> str:
     return only["id"]
 
 
-def test_an_identity_listing_with_kratos_down_is_an_error_not_a_partial_list(
-    kratos: Kratos, start_bridge
+@pytest.mark.parametrize("view", ["identity", "detail"])
+def test_with_kratos_down_the_operators_view_is_an_error_not_what_the_bridge_saw(
+    kratos: Kratos, start_bridge, view: str
 ) -> None:
+    """An identity's sessions, or one session's detail: never a partial answer."""
     closed = f"http://127.0.0.1:{free_port()}"
     bridge = start_bridge(BRIDGE_KRATOS_ADMIN_URL=closed)
     user = flows.register(kratos, "partial")
     assert auth(bridge, user.token) == 200
-    response = admin(bridge, "GET", f"/admin/identities/{user.identity_id}/sessions")
-    assert response.status_code == 502
+    sid = session_id(kratos, user.token)
+    wait_until(lambda: sid in listed(bridge), 10, "the session in the registry")
+    path = f"/admin/identities/{user.identity_id}/sessions"
+    response = admin(bridge, "GET", path if view == "identity" else f"/admin/sessions/{sid}")
+    assert response.status_code == 502, response.text
     assert response.json()["error"] == "kratos_unavailable"
+
+
+def logged_in(kratos: Kratos, name: str) -> tuple[flows.User, str, str]:
+    """A new user, logged in by API: the user, the session's token and its id."""
+    user = flows.register(kratos, name)
+    token = flows.login_api(kratos, user)
+    return user, token, session_id(kratos, token)
+
+
+def detail(bridge: BridgeServer, sid: str) -> dict:
+    response = admin(bridge, "GET", f"/admin/sessions/{sid}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_detail_of_a_session_never_sent_through_the_bridge_is_kratos_s(
+    kratos: Kratos, start_bridge
+) -> None:
+    bridge = start_bridge()
+    user, _, sid = logged_in(kratos, "unseen-detail")  # by API, never through the bridge
+
+    shown = detail(bridge, sid)
+    row, in_kratos = shown["session"], shown["kratos"]
+    assert row["session_id"] == sid and row["identity_id"] == user.identity_id
+    assert row["seen_by_bridge"] is False and row["active"] is True
+    assert row["first_seen_at"] is None and row["last_seen_at"] is None and row["requests"] == 0
+    assert row["label"] == user.email
+    assert in_kratos["active"] is True and shown["active_in_kratos"] is True
+    assert in_kratos["aal"] == "aal1"
+    assert [m["method"] for m in in_kratos["authentication_methods"]] == ["password"]
+    assert all(in_kratos[t] for t in ("issued_at", "authenticated_at", "expires_at"))
+    assert len(in_kratos["devices"]) == 1 and in_kratos["devices"][0]["user_agent"]
+    assert in_kratos["identity"]["id"] == user.identity_id
+    assert in_kratos["identity"]["traits"]["email"] == user.email
+    assert "metadata_admin" not in in_kratos["identity"]
+    assert "credentials" not in in_kratos["identity"]
+    assert shown["device_changes"] == []
+    assert shown["unified"] is None and shown["app_keys"] == []
+
+
+def test_the_detail_right_after_login_then_joined_with_what_the_bridge_saw(
+    kratos: Kratos, start_bridge
+) -> None:
+    bridge = start_bridge()
+    user, token, sid = logged_in(kratos, "fresh-detail")
+    shown = detail(bridge, sid)  # at once: Kratos's answer, no wait for anything
+    assert shown["kratos"]["active"] is True and shown["session"]["active"] is True
+
+    for _ in range(3):
+        assert auth(bridge, token) == 200
+    shown = detail(bridge, sid)  # the mirror is there as soon as the bridge answered
+    assert shown["unified"]["session_id"] == sid
+    assert shown["unified"]["identity"]["id"] == user.identity_id
+    wait_until(lambda: detail(bridge, sid)["session"]["seen_by_bridge"], 10, "the registry")
+    row = detail(bridge, sid)["session"]
+    assert row["first_seen_at"] and row["last_seen_at"] and row["requests"] >= 1
+    assert row["device"]["device_kind"] == "script"
+    assert detail(bridge, sid)["kratos"]["active"] is True
+
+
+def test_the_detail_of_a_revoked_session_says_it_is_not_active(
+    kratos: Kratos, start_bridge
+) -> None:
+    bridge = start_bridge()
+    user, token, sid = logged_in(kratos, "revoked-detail")
+    assert auth(bridge, token) == 200
+    assert httpx.delete(f"{kratos.admin_url}/admin/sessions/{sid}").status_code == 204
+
+    shown = detail(bridge, sid)  # revoked behind the bridge's back: Kratos says so at once
+    assert shown["kratos"]["active"] is False and shown["session"]["active"] is False
+    assert shown["active_in_kratos"] is False
+    assert shown["kratos"]["identity"]["id"] == user.identity_id
+
+
+def test_the_detail_of_a_session_kratos_does_not_know_is_404_whatever_the_bridge_saw(
+    kratos: Kratos, start_bridge
+) -> None:
+    bridge = start_bridge()
+    user = flows.register(kratos, "deleted-detail")
+    assert auth(bridge, user.token) == 200
+    sid = session_id(kratos, user.token)
+    wait_until(lambda: sid in listed(bridge), 10, "the session in the registry")
+    deleted = httpx.delete(f"{kratos.admin_url}/admin/identities/{user.identity_id}")
+    assert deleted.status_code == 204  # and its sessions with it
+    response = admin(bridge, "GET", f"/admin/sessions/{sid}")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"] == "not_found"
 
 
 def test_a_revocation_is_real_in_kratos_and_at_once_on_every_process(

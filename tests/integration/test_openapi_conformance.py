@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -196,3 +197,30 @@ def test_admin_listener(
 ) -> None:
     """With ``user_token``'s session seen, the admin lists and stats are not all empty."""
     _conforms(served, method, path, bridge.admin_url, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+
+def test_a_session_detail_is_as_the_document_says(bridge: BridgeServer, kratos: Kratos) -> None:
+    """Generated session ids name no session Kratos knows, so schemathesis meets only the
+    detail's 404: a real session's detail is checked against ``SessionDetail`` here, one
+    the bridge saw and one it never did, active and revoked. (Its own user: the generated
+    sign-outs end ``user_token``'s session.)"""
+    document = openapi.document()
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/SessionDetail", "components": document["components"]},
+        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+    )
+    user = flows.register(kratos, "conformance-detail")
+    whoami = httpx.get(bridge.url + "/whoami", headers={"X-Session-Token": user.token})
+    assert whoami.status_code == 200, whoami.text
+    seen = whoami.json()["session_id"]
+    unseen = flows.session_of(kratos, token=flows.login_api(kratos, user)).json()["id"]
+    revoked = flows.session_of(kratos, token=flows.login_api(kratos, user)).json()["id"]
+    assert httpx.delete(f"{kratos.admin_url}/admin/sessions/{revoked}").status_code == 204
+    for sid in (seen, unseen, revoked):
+        answer = httpx.get(
+            f"{bridge.admin_url}/admin/sessions/{sid}",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        assert answer.status_code == 200, answer.text
+        errors = [error.message for error in validator.iter_errors(answer.json())]
+        assert errors == [], (sid, errors)

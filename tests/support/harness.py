@@ -186,6 +186,7 @@ class Kratos:
         config["session"]["lifespan"] = lifespan
         database = workdir / f"kratos-{self.public_port}.sqlite"
         shutil.copyfile(_migrated_database(workdir), database)
+        self.database = database  # for tests that make it fail under Kratos
         config["dsn"] = f"sqlite://{database}?{SQLITE_OPTIONS}"
         if extra_config:
             _merge(config, extra_config)
