@@ -8,6 +8,11 @@ clients, and the kernel's share of their sockets; not the server's HTTP layer, w
 ``bench/peers.py`` measures whole) and the Redis round trips per request (script calls,
 counted where redis-py sends a command or a pipeline).
 
+The rows marked "steps on the loop" drive the coroutine pieces of a miss directly
+(``RedisStore.on_loop()`` and ``KratosClient.whoami_async``: lookup, whoami, save or
+forget, as the mirror's miss makes them), with no mirror, single flight or deadline
+around them: what a miss on the event loop would cost at least, before it is wired.
+
     python bench/costs.py [--requests 2000] [--sessions 20]
         [--topology standalone|sentinel|cluster]
 """
@@ -28,10 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+import redis.asyncio.connection  # noqa: E402
 
+from bridge.clock import now_ms  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
+from bridge.errors import SessionInvalid  # noqa: E402
+from bridge.pipeline.credentials import Credential, Fingerprints, Kind  # noqa: E402
 from bridge.pipeline.forward_auth import Pending  # noqa: E402
 from bridge.pipeline.tokens import generate_key  # noqa: E402
+from bridge.sessions.session import MirroredSession, aal2_event  # noqa: E402
+from bridge.store.base import Rejection  # noqa: E402
 from bridge.web.request import HeaderView  # noqa: E402
 from bridge.wiring import build_bridge  # noqa: E402
 from tests.support import kratos_flows as flows  # noqa: E402
@@ -62,6 +73,13 @@ class RoundTrips:
             return original(self, command, check_health)
 
         redis.connection.AbstractConnection.send_packed_command = counted
+        on_loop = redis.asyncio.connection.AbstractConnection.send_packed_command
+
+        async def counted_on_loop(self, command, check_health=True):
+            cls.count += 1
+            return await on_loop(self, command, check_health)
+
+        redis.asyncio.connection.AbstractConnection.send_packed_command = counted_on_loop
 
 
 def measure(name, bridge, views, requests, *, warm=False, path="/auth"):
@@ -84,6 +102,47 @@ def measure(name, bridge, views, requests, *, warm=False, path="/auth"):
     cpu_us = (time.process_time() - started) / requests * 1e6
     per_request = (RoundTrips.count - trips) / requests
     print(f"{name:<52}{reply.status:>7}{cpu_us:>12.1f}{per_request:>16.2f}")
+
+
+def measure_steps_on_loop(name, bridge, tokens, requests):
+    """A miss's steps as coroutines on one event loop, as ``SessionMirror._fetch`` and
+    ``_ask_kratos`` make them with ``BRIDGE_REVALIDATE_AFTER=0`` (no lock): lookup, whoami,
+    then save (accepted) or forget (refused). Not the request path: no mirror, single
+    flight, deadline or answer around them."""
+    fingerprints = Fingerprints(bridge.settings.secret)
+    credentials = [Credential(Kind.TOKEN, (token,)) for token in tokens]
+    kratos = bridge.kratos
+
+    async def run(first: int, count: int) -> int:
+        store = bridge.store.on_loop()
+        status = 0
+        for i in range(first, first + count):
+            credential = credentials[i % len(credentials)]
+            fingerprint = fingerprints.of(credential)
+            found = await store.lookup(fingerprint, now_ms(), 0, 0, with_app=False)
+            asked_at = now_ms()
+            try:
+                answer = await kratos.whoami_async(credential)
+            except SessionInvalid:
+                rejection = Rejection(now_ms(), 5000)
+                await store.forget(fingerprint, found.session, rejection, None)
+                status = 401
+                continue
+            session = MirroredSession.from_kratos(answer, asked_at)
+            seen_at = now_ms()
+            await store.save(fingerprint, session, aal2_event(session, seen_at), seen_at, None)
+            status = 200
+        await store.aclose()
+        return status
+
+    warm_up = 200
+    asyncio.run(run(0, warm_up))
+    trips = RoundTrips.count
+    started = time.process_time()
+    status = asyncio.run(run(warm_up, requests))
+    cpu_us = (time.process_time() - started) / requests * 1e6
+    per_request = (RoundTrips.count - trips) / requests
+    print(f"{name:<52}{status:>7}{cpu_us:>12.1f}{per_request:>16.2f}")
 
 
 class _Envoy:
@@ -233,9 +292,15 @@ def main() -> None:
             )
         measure("re-validation (Kratos asked)", bridge("0"), valid, args.requests)
         measure("rejection (forged token)", bridge("0"), forged, args.requests)
+        if hasattr(bridge("0").store, "on_loop"):
+            tokens = [user.token for user in users]
+            forged_tokens = [view.get("x-session-token") or "" for view in forged]
+            loop_steps = "steps on the loop: "
+            measure_steps_on_loop(loop_steps + "re-validation", bridge("0"), tokens, args.requests)
+            measure_steps_on_loop(
+                loop_steps + "rejection", bridge("0"), forged_tokens, args.requests
+            )
         # Envoy's gRPC ext_authz: the same decisions, read from and written as protobuf.
-        tokens = [user.token for user in users]
-        forged_tokens = [view.get("x-session-token") or "" for view in forged]
         grpc = "warm hit, gRPC Check"
         measure_grpc(grpc, bridge("3600"), tokens, args.requests * 10, warm=True)
         measure_grpc(

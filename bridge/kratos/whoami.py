@@ -31,7 +31,7 @@ import orjson
 
 from bridge.clock import parse_timestamp_ms
 from bridge.errors import KratosRateLimited, KratosUnavailable, SessionInvalid, StepUpRequired
-from bridge.kratos.http_client import Answer, HTTPClient, RequestFailed
+from bridge.kratos.http_client import Answer, AsyncHTTPClient, HTTPClient, RequestFailed
 from bridge.kratos.rate_limit import RateLimit, seconds
 from bridge.logs import Throttled
 from bridge.pipeline.credentials import Credential
@@ -66,7 +66,10 @@ class VouchedSession:
 
 
 class KratosClient:
-    """Asks Kratos about credentials; one per process, holding nothing but idle sockets."""
+    """Asks Kratos about credentials; one per process, holding nothing but idle sockets.
+    ``whoami`` blocks its thread; ``whoami_async`` is the same call as a coroutine on the
+    running event loop (its own idle connections, the same headers, the same reading of
+    the answer)."""
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class KratosClient:
         self._cookie_name = cookie_name
         self._timeout = timeout
         self._public = HTTPClient(public_url)
+        self._public_on_loop = AsyncHTTPClient(public_url)
         self._observe = observe
         self.rate_limit = RateLimit()  # what Kratos says of the public API's budget
 
@@ -88,18 +92,38 @@ class KratosClient:
         return self._public
 
     def whoami(self, credential: Credential) -> VouchedSession:
-        headers = [_ACCEPT_JSON, *credential.headers(self._cookie_name).items()]
-        observe = self._observe
-        started = time.perf_counter() if observe is not None else 0.0
+        started = time.perf_counter()
         try:
-            answer = self._public.get("/sessions/whoami", headers, self._timeout)
+            answer = self._public.get("/sessions/whoami", self._headers(credential), self._timeout)
         except RequestFailed as error:
-            if observe is not None:
-                observe("error", time.perf_counter() - started)
-            _failures.warning("kratos whoami failed: %s", error)
-            raise KratosUnavailable(f"Kratos could not be reached ({error})") from None
-        if observe is not None:
-            observe(answer.status, time.perf_counter() - started)
+            raise self._unreachable(error, started) from None
+        return self._vouched(answer, started)
+
+    async def whoami_async(self, credential: Credential) -> VouchedSession:
+        """``whoami`` on the running event loop; a cancelled call keeps no connection."""
+        started = time.perf_counter()
+        try:
+            answer = await self._public_on_loop.get(
+                "/sessions/whoami", self._headers(credential), self._timeout
+            )
+        except RequestFailed as error:
+            raise self._unreachable(error, started) from None
+        return self._vouched(answer, started)
+
+    def _headers(self, credential: Credential) -> list[tuple[str, str]]:
+        """All that is sent: a pure function of this credential."""
+        return [_ACCEPT_JSON, *credential.headers(self._cookie_name).items()]
+
+    def _unreachable(self, error: RequestFailed, started: float) -> KratosUnavailable:
+        if self._observe is not None:
+            self._observe("error", time.perf_counter() - started)
+        _failures.warning("kratos whoami failed: %s", error)
+        return KratosUnavailable(f"Kratos could not be reached ({error})")
+
+    def _vouched(self, answer: Answer, started: float) -> VouchedSession:
+        """Kratos's answer as one of the four outcomes."""
+        if self._observe is not None:
+            self._observe(answer.status, time.perf_counter() - started)
         self.rate_limit.saw(answer.status, answer.text_header)
 
         if answer.status == 200:
@@ -128,6 +152,7 @@ class KratosClient:
 
     def close(self) -> None:
         self._public.close()
+        self._public_on_loop.close()
 
 
 def parse_session(raw: bytes) -> tuple[dict[str, Any], int]:

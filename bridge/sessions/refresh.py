@@ -15,6 +15,12 @@ session is found busy before its refresh is due. The work stays bounded: a few t
 run the refreshes, the next is taken only when one is free, and a refresh that could
 only start once its copy is stale is dropped (a request that still needs the session
 re-validates it on the ordinary path; the next window schedules a refresh again).
+
+Each refresh's due time is moved earlier by a random part of a slice of the window
+(``JITTER_SHARE``, less whatever the lead already takes of the last quarter). Sessions
+first validated together (a warm-up, a restart) would otherwise come due together in
+every window after, a herd larger than Kratos and the CPU can take at once; with the
+jitter they spread a little further apart each window.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +44,13 @@ _behind = Throttled(log, interval=60.0)
 REFRESH_AT = 0.75
 """Share of ``revalidate_after`` after which a copy in use is scheduled for a refresh
 (while refreshes keep up; see ``refresh_zone``)."""
+
+JITTER_SHARE = 0.15
+"""Share of ``revalidate_after`` over which refreshes' due times are spread, before the
+lead (while refreshes keep up, due between 80% and 95% of the window). With the lead
+never more than the part after ``REFRESH_AT``, so no refresh is due earlier than one
+was without the jitter at the longest lead; on average a session costs Kratos about 8%
+more calls."""
 
 LEAD_PER_DELAY = 2.0
 """The lead as a multiple of the recent delay: room for a refresh twice as slow."""
@@ -62,6 +76,21 @@ def refresh_lead(revalidate_after: float, recent_delay: float) -> float:
     return max(base, min(most, LEAD_PER_DELAY * recent_delay))
 
 
+def jitter_slice(revalidate_after: float, lead: float) -> float:
+    """Seconds over which a refresh's due time is spread before the lead: ``JITTER_SHARE``
+    of the window, or what the lead leaves of the part after ``REFRESH_AT``."""
+    most = (1 - REFRESH_AT) * revalidate_after
+    return max(0.0, min(JITTER_SHARE * revalidate_after, most - lead))
+
+
+_jitter_source = random.Random()  # noqa: S311 (when a refresh runs is no secret)
+
+
+def draw_jitter() -> float:
+    """The share of the slice one refresh is moved earlier by, uniform in [0, 1)."""
+    return _jitter_source.random()
+
+
 def refresh_zone(revalidate_after: float, lead: float) -> float:
     """Seconds into the window from which a copy asked for twice is scheduled: at
     ``REFRESH_AT``, or earlier when the lead is long, so that a busy session is found
@@ -80,7 +109,8 @@ def recent_delay(previous: float, elapsed: float, observed: float, window: float
 
 @dataclass(frozen=True, slots=True)
 class Taken:
-    """A refresh handed to a thread: ``due`` is when it was due, by the lead then."""
+    """A refresh handed to a thread: ``due`` is when it was due, by the lead then (and
+    its jitter)."""
 
     fingerprint: str
     credential: Credential
@@ -89,12 +119,16 @@ class Taken:
 
 
 class RefreshQueue:
-    """Refreshes waiting for their time, the one whose copy goes stale soonest first. No
-    threads and no clock: times are ``time.monotonic()`` seconds, passed in."""
+    """Refreshes waiting for their time, the one due soonest first. No threads and no
+    clock: times are ``time.monotonic()`` seconds, passed in. ``jitter`` draws each
+    refresh's share of the jitter slice (``draw_jitter`` when not given)."""
 
-    def __init__(self, revalidate_after: float) -> None:
+    def __init__(self, revalidate_after: float, jitter: Callable[[], float] | None = None) -> None:
         self._window = revalidate_after
-        self._waiting: list[tuple[float, int, str, Credential, float]] = []
+        self._jitter = jitter
+        # (stale_at less the jitter, order, fingerprint, credential, added_at, stale_at):
+        # the jitter is drawn once, so the order by due time holds as the lead changes.
+        self._waiting: list[tuple[float, int, str, Credential, float, float]] = []
         self._order = itertools.count()
         self._pending: set[str] = set()
         self._recent_delay = 0.0
@@ -117,7 +151,9 @@ class RefreshQueue:
         if fingerprint in self._pending:
             return False
         self._pending.add(fingerprint)
-        entry = (stale_at, next(self._order), fingerprint, credential, now)
+        share = (self._jitter or draw_jitter)()
+        jittered = stale_at - share * jitter_slice(self._window, self.lead())
+        entry = (jittered, next(self._order), fingerprint, credential, now, stale_at)
         heapq.heappush(self._waiting, entry)
         return self._waiting[0][2] == fingerprint
 
@@ -126,9 +162,11 @@ class RefreshQueue:
         (``None``: none waits). One whose copy is stale by ``now`` is dropped: it would
         cost Kratos a call that no copy in use gains from."""
         while self._waiting:
-            stale_at, _, fingerprint, credential, added_at = self._waiting[0]
+            jittered, _, fingerprint, credential, added_at, stale_at = self._waiting[0]
+            # Never due before the part after REFRESH_AT, however long the lead grew.
+            early = min(stale_at - jittered + self.lead(), (1 - REFRESH_AT) * self._window)
             # Scheduled after the lead began (the copy was asked for late): due at once.
-            due = max(stale_at - self.lead(), added_at)
+            due = max(stale_at - early, added_at)
             if now < due:
                 return due - now
             heapq.heappop(self._waiting)

@@ -364,6 +364,50 @@ class MirrorStore(SessionReader, SessionSaver, EndedStream, Protocol):
     def revalidation_pending(self, session_id: str) -> bool:
         """Whether someone holds the re-validation lock of this session."""
 
+    def on_loop(self) -> MissStepsOnLoop:
+        """The steps of a miss as coroutines, for the event loop that calls this."""
+
+
+class MissStepsOnLoop(Protocol):
+    """What a miss asks of the store, as coroutines on one event loop: each is the
+    ``MirrorStore`` method of the same name, with the same answers and guarantees."""
+
+    async def lookup(
+        self,
+        fingerprint: str,
+        now_ms: int,
+        fresh_for_ms: int,
+        lock_ms: int,
+        *,
+        with_app: bool,
+        idle_ms: int = 0,
+    ) -> Lookup: ...
+
+    async def save(
+        self,
+        fingerprint: str,
+        session: MirroredSession,
+        aal2_event: dict[str, str] | None,
+        now_ms: int,
+        release: Lock | None = None,
+    ) -> SaveResult: ...
+
+    async def forget(
+        self,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        rejection: Rejection,
+        release: Lock | None = None,
+    ) -> None: ...
+
+    async def release_revalidation(self, lock: Lock) -> None: ...
+
+    async def revalidation_pending(self, session_id: str) -> bool: ...
+
+    async def use(self, session_id: str, at_ms: int, idle_ms: int) -> Idle | None: ...
+
+    async def aclose(self) -> None: ...
+
 
 class AppDataStore(SessionReader, EndedReader, Protocol):
     """What the apps' side needs: ``PATCH /whoami/app`` and ``bridge.client``."""

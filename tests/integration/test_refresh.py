@@ -7,11 +7,13 @@ ask it the same way, with the real Kratos and store behind it.
 
 from __future__ import annotations
 
+import itertools
 import time
 from types import SimpleNamespace
 
 from bridge.errors import SessionInvalid
 from bridge.pipeline.credentials import extract
+from bridge.sessions import refresh
 from bridge.sessions.refresh import REFRESH_AT
 from bridge.web.request import HeaderView
 from tests.support import kratos_flows as flows
@@ -153,10 +155,43 @@ def test_only_a_session_asked_for_again_is_refreshed_ahead(make_client, kratos):
     assert mirror.from_memory(_credential(twice)) is not None
 
 
-def test_a_refresh_that_came_back_late_makes_the_next_one_due_earlier(make_client, kratos):
+def test_the_jitter_spreads_refreshes_of_sessions_validated_together(
+    make_client, kratos, monkeypatch
+):
+    """Two sessions validated together, both busy: the one whose refresh drew the most
+    jitter is renewed a slice of the window earlier than the one that drew none."""
+    shares = itertools.chain([0.999, 0.0], itertools.repeat(0.0))
+    monkeypatch.setattr(refresh, "draw_jitter", lambda: next(shares))
+    revalidate_after = 3 * REVALIDATE_AFTER  # a slice of 0.45 s between the two
+    client = make_client(kratos, BRIDGE_REVALIDATE_AFTER=str(revalidate_after))
+    mirror = _mirror(client)
+    early, late = flows.register(kratos), flows.register(kratos)
+    credentials = [_credential(early), _credential(late)]
+    first = [mirror.resolve(credential).session.validated_at_ms for credential in credentials]
+    time.sleep(REFRESH_AT * revalidate_after + 0.05)
+    for credential in credentials:  # scheduled in this order: "early" draws 0.999
+        assert mirror.from_memory(credential) is not None
+        assert mirror.from_memory(credential) is not None
+    renewed: dict[int, int] = {}  # the first renewal of each, after its validation
+    deadline = time.monotonic() + revalidate_after
+    while len(renewed) < 2 and time.monotonic() < deadline:
+        for n, credential in enumerate(credentials):
+            known = mirror.from_memory(credential)
+            if n not in renewed and known is not None:
+                if known.session.validated_at_ms > first[n]:
+                    renewed[n] = known.session.validated_at_ms - first[n]
+        time.sleep(0.02)
+    assert sorted(renewed) == [0, 1], renewed
+    assert renewed[0] < renewed[1], renewed
+
+
+def test_a_refresh_that_came_back_late_makes_the_next_one_due_earlier(
+    make_client, kratos, monkeypatch
+):
     """Kratos slower than the lead allows: the first refresh's answer lands after the copy
     went stale, and the next refresh is due that much earlier, so the copy is renewed in
-    time from then on."""
+    time from then on. (No jitter: the lead alone sets when each refresh is due.)"""
+    monkeypatch.setattr(refresh, "draw_jitter", lambda: 0.0)
     link = SlowLink(kratos.public_port, delay=0)
     try:
         # A base lead of 150 ms, at most 750 ms: room for a 250 ms answer, twice over.

@@ -19,7 +19,7 @@ from redis.crc import key_slot
 import bridge.store.memory.store
 import bridge.store.redis.store
 from bridge.errors import AppDataTooLarge, SessionEnded, TooManyAppFields
-from bridge.sessions.session import MirroredSession, aal2_event, upgrade_id
+from bridge.sessions.session import aal2_event, upgrade_id
 from bridge.store.base import (
     AAL2_MARKER_GRACE_MS,
     MAX_APP_FIELDS,
@@ -33,6 +33,7 @@ from bridge.store.base import (
 from bridge.wiring import build_store
 from tests.conftest import bridge_settings, topology_url
 from tests.support.harness import free_port, stop_process, wait_until
+from tests.support.mirrored import now_ms, session
 
 ROOT = Path(__file__).resolve().parents[2]
 CAP = 65536
@@ -53,28 +54,6 @@ def store_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
 @pytest.fixture
 def settings(store_url, kratos, prefix):
     return bridge_settings(kratos, store_url, prefix)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def session(sid="s1", identity="i1", aal="aal1", expires_in_ms=60_000, validated_at=None):
-    methods = [{"method": "password", "aal": "aal1", "completed_at": "2026-11-22T10:00:00Z"}]
-    if aal == "aal2":
-        methods.append({"method": "totp", "aal": "aal2", "completed_at": "2026-11-22T10:01:00Z"})
-    return MirroredSession(
-        kratos={
-            "session_id": sid,
-            "identity": {"id": identity, "traits": {"email": "a@b.test"}},
-            "aal": aal,
-            "authentication_methods": methods,
-            "device": {"ip_address": "10.1.2.3", "user_agent": "UA"},
-            "expires_at": "unused",
-        },
-        validated_at_ms=validated_at or now_ms(),
-        expires_at_ms=now_ms() + expires_in_ms,
-    )
 
 
 def save(store, fingerprint, mirrored):

@@ -361,6 +361,10 @@ class MemoryStore:
     def topology(self) -> dict[str, object]:
         return {"kind": "embedded"}
 
+    def on_loop(self) -> MemoryStoreOnLoop:
+        """The steps of a miss as coroutines (``MissStepsOnLoop``)."""
+        return MemoryStoreOnLoop(self)
+
     def close(self) -> None:
         with self._lock:
             self._followers.clear()
@@ -530,3 +534,56 @@ class MemoryStore:
         if now > self._last_event_ms:
             self._last_event_ms, self._event_seq = now, itertools.count()
         return f"{self._last_event_ms}-{next(self._event_seq)}"
+
+
+class MemoryStoreOnLoop:
+    """The embedded store's steps of a miss as coroutines. It does no I/O, so each runs at
+    once on the loop (its lock is held for microseconds, by one caller at a time)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    async def lookup(
+        self,
+        fingerprint: str,
+        now_ms: int,
+        fresh_for_ms: int,
+        lock_ms: int,
+        *,
+        with_app: bool,
+        idle_ms: int = 0,
+    ) -> Lookup:
+        return self._store.lookup(
+            fingerprint, now_ms, fresh_for_ms, lock_ms, with_app=with_app, idle_ms=idle_ms
+        )
+
+    async def save(
+        self,
+        fingerprint: str,
+        session: MirroredSession,
+        aal2_event: dict[str, str] | None,
+        now_ms: int,
+        release: Lock | None = None,
+    ) -> SaveResult:
+        return self._store.save(fingerprint, session, aal2_event, now_ms, release)
+
+    async def forget(
+        self,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        rejection: Rejection,
+        release: Lock | None = None,
+    ) -> None:
+        self._store.forget(fingerprint, seen, rejection, release)
+
+    async def release_revalidation(self, lock: Lock) -> None:
+        self._store.release_revalidation(lock)
+
+    async def revalidation_pending(self, session_id: str) -> bool:
+        return self._store.revalidation_pending(session_id)
+
+    async def use(self, session_id: str, at_ms: int, idle_ms: int) -> Idle | None:
+        return self._store.use(session_id, at_ms, idle_ms)
+
+    async def aclose(self) -> None:
+        return None

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from bridge.errors import StoreUnavailable
 from bridge.logs import Throttled
@@ -52,9 +53,31 @@ def unavailable_on_error(
             store.client()
             return method(self, *args, **kwargs)
         except redis.RedisError as error:
-            failure_log.warning("redis %s failed: %s", method.__name__, type(error).__name__)
-            if store.error_observer is not None:
-                store.error_observer(method.__name__)
-            raise StoreUnavailable(f"Redis: {type(error).__name__}") from None
+            raise _unavailable(store, method.__name__, error) from None
 
     return wrapper
+
+
+def unavailable_on_error_async(
+    method: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """``unavailable_on_error`` for the coroutines of the store on an event loop (whose
+    store is ``self.store``; it is connected already). ``redis.asyncio``'s cluster client
+    also fails with ``RedisClusterException``, which is no ``RedisError``."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
+        store = cast(SharedConnection, getattr(self, "store", self))
+        try:
+            return await method(self, *args, **kwargs)
+        except (redis.RedisError, RedisClusterException) as error:
+            raise _unavailable(store, method.__name__, error) from None
+
+    return wrapper
+
+
+def _unavailable(store: SharedConnection, operation: str, error: Exception) -> StoreUnavailable:
+    failure_log.warning("redis %s failed: %s", operation, type(error).__name__)
+    if store.error_observer is not None:
+        store.error_observer(operation)
+    return StoreUnavailable(f"Redis: {type(error).__name__}")

@@ -11,6 +11,10 @@ Cluster (``redis[s]+cluster://``). Each client follows its own kind of failover:
   retry, so the promoted replica serves its slots as soon as the cluster agrees on it.
 
 Every failure is a ``redis.RedisError``, which the store turns into ``StoreUnavailable``.
+
+The same settings also build a client for coroutines on an event loop (redis-py's
+``redis.asyncio``, each topology's own), for the steps the server's loop takes itself
+(``RedisTarget.on_loop``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.exceptions import RedisClusterException
@@ -68,6 +75,13 @@ class RedisTarget:
     kind: str  # "standalone" | "sentinel" | "cluster"
     address: RedisAddress = field(repr=False)
     sentinel: Sentinel | None = field(default=None, repr=False)
+    timeout: float = 5.0
+    sentinel_password: str | None = field(default=None, repr=False)
+
+    def on_loop(self) -> Any:
+        """A new ``redis.asyncio`` client for the same servers with the same bounds, for
+        one event loop (its connections belong to the loop that opens them)."""
+        return _async_client(self.address, self.timeout, self.sentinel_password)
 
     def topology(self) -> dict[str, object]:
         """What the client sees now, without secrets; raises ``redis.RedisError`` when
@@ -117,46 +131,89 @@ def redis_target(url: str, timeout: float, sentinel_password: str | None = None)
     client asks its seed nodes for the slot map now; the others connect on first use."""
     address = parse_redis_url(url)
     if address.kind == "sentinel":
-        return _sentinel_target(address, timeout, sentinel_password)
+        target = _sentinel_target(address, timeout, sentinel_password)
+    elif address.kind == "cluster":
+        target = _cluster_target(address, timeout)
+    else:
+        client = redis.Redis.from_url(url, **_standalone_kwargs(timeout))
+        target = RedisTarget(client, "standalone", address)
+    target.timeout, target.sentinel_password = timeout, sentinel_password
+    return target
+
+
+def _standalone_kwargs(timeout: float) -> dict[str, Any]:
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": _HEALTH_CHECK_SECONDS,
+        "max_connections": _POOL_SIZE,
+    }
+
+
+def _sentinel_kwargs(
+    address: RedisAddress, timeout: float, sentinel_password: str | None, retry: Any
+) -> dict[str, Any]:
+    """How to ask the Sentinels: bounded, TLS as the URL says, their own password if set."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry,
+        **_tls_kwargs(address),
+    }
+    if sentinel_password is not None:
+        kwargs["password"] = sentinel_password
+    else:
+        kwargs.update(username=address.username, password=address.password)
+    return kwargs
+
+
+def _master_kwargs(address: RedisAddress, timeout: float, retry: Any) -> dict[str, Any]:
+    """How to talk to the master a Sentinel names (and to a cluster's nodes, but db)."""
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry,
+        "max_connections": _POOL_SIZE,
+        "username": address.username,
+        "password": address.password,
+        **_tls_kwargs(address),
+    }
+
+
+def _async_client(address: RedisAddress, timeout: float, sentinel_password: str | None) -> Any:
+    """``redis_target``'s client, as a ``redis.asyncio`` one."""
+    retry = redis.asyncio.retry.Retry(NoBackoff(), retries=1)
+    if address.kind == "sentinel":
+        assert address.service is not None
+        no_retry = redis.asyncio.retry.Retry(NoBackoff(), retries=0)
+        sentinel = redis.asyncio.sentinel.Sentinel(
+            list(address.nodes),
+            sentinel_kwargs=_sentinel_kwargs(address, timeout, sentinel_password, no_retry),
+            health_check_interval=_HEALTH_CHECK_SECONDS,
+            db=address.db,
+            **_master_kwargs(address, timeout, retry),
+        )
+        return sentinel.master_for(address.service)
     if address.kind == "cluster":
-        return _cluster_target(address, timeout)
-    client = redis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=_HEALTH_CHECK_SECONDS,
-        max_connections=_POOL_SIZE,
-    )
-    return RedisTarget(client, "standalone", address)
+        nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in address.nodes]
+        return redis.asyncio.cluster.RedisCluster(
+            startup_nodes=nodes, **_master_kwargs(address, timeout, retry)
+        )
+    return redis.asyncio.Redis.from_url(address.url, **_standalone_kwargs(timeout))
 
 
 def _sentinel_target(
     address: RedisAddress, timeout: float, sentinel_password: str | None
 ) -> RedisTarget:
     assert address.service is not None
-    tls = _tls_kwargs(address)
-    sentinel_kwargs: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": _sentinel_query_retry(),
-        **tls,
-    }
-    if sentinel_password is not None:
-        sentinel_kwargs["password"] = sentinel_password
-    else:
-        sentinel_kwargs.update(username=address.username, password=address.password)
     sentinel = Sentinel(
         list(address.nodes),
-        sentinel_kwargs=sentinel_kwargs,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=_command_retry(),
+        sentinel_kwargs=_sentinel_kwargs(
+            address, timeout, sentinel_password, _sentinel_query_retry()
+        ),
         health_check_interval=_HEALTH_CHECK_SECONDS,
-        max_connections=_POOL_SIZE,
-        username=address.username,
-        password=address.password,
         db=address.db,
-        **tls,
+        **_master_kwargs(address, timeout, _command_retry()),
     )
     return RedisTarget(sentinel.master_for(address.service), "sentinel", address, sentinel)
 
@@ -165,13 +222,7 @@ def _cluster_target(address: RedisAddress, timeout: float) -> RedisTarget:
     with _as_redis_errors():  # building it asks the seeds for the slot map
         client = _Cluster(
             startup_nodes=[ClusterNode(host, port) for host, port in address.nodes],
-            retry=_command_retry(),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=_POOL_SIZE,
-            username=address.username,
-            password=address.password,
-            **_tls_kwargs(address),
+            **_master_kwargs(address, timeout, _command_retry()),
         )
     return RedisTarget(client, "cluster", address)
 

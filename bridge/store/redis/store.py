@@ -8,11 +8,12 @@ client pipelines no scripts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,7 +40,11 @@ from bridge.store.base import (
     StreamEntry,
 )
 from bridge.store.redis import scripts
-from bridge.store.redis.calls import failure_log, unavailable_on_error
+from bridge.store.redis.calls import (
+    failure_log,
+    unavailable_on_error,
+    unavailable_on_error_async,
+)
 from bridge.store.redis.connection import RedisTarget
 from bridge.store.redis.registry import RedisRegistry
 
@@ -163,13 +168,36 @@ class RedisStore:
         with_app: bool,
         idle_ms: int = 0,
     ) -> Lookup:
-        sid = self._pointers.get(fingerprint)
+        sid: str | Lookup | None = self._pointers.get(fingerprint)
         if sid is None:
-            pointer = _entry(self._redis.get(self.keys.credential(fingerprint)))
-            if not isinstance(pointer, CredentialEntry):
-                return Lookup(pointer)
-            sid = pointer.session_id
-            self._pointers.put(fingerprint, sid)
+            sid = self._pointer(fingerprint, self._redis.get(self.keys.credential(fingerprint)))
+        if isinstance(sid, Lookup):
+            return sid
+        call, token = self._lookup_call(
+            fingerprint, sid, now_ms, fresh_for_ms, lock_ms, with_app, idle_ms
+        )
+        return _lookup_result(sid, token, call.script(keys=call.keys, args=call.args))
+
+    def _pointer(self, fingerprint: str, raw: bytes | None) -> str | Lookup:
+        """The session a credential's pointer names (kept: it never changes), or the
+        lookup's answer when there is none (unknown, or a rejection)."""
+        pointer = _entry(raw)
+        if not isinstance(pointer, CredentialEntry):
+            return Lookup(pointer)
+        self._pointers.put(fingerprint, pointer.session_id)
+        return pointer.session_id
+
+    def _lookup_call(
+        self,
+        fingerprint: str,
+        sid: str,
+        now_ms: int,
+        fresh_for_ms: int,
+        lock_ms: int,
+        with_app: bool,
+        idle_ms: int,
+    ) -> tuple[_Call, str]:
+        """The lookup script's call, and the token of the lock it may take."""
         token = os.urandom(12).hex() if lock_ms else ""
         keys = [
             self.keys.session(sid),
@@ -187,20 +215,7 @@ class RedisStore:
             "1" if with_app else "0",
             idle_ms,
         ]
-        raw_entry, *rest = self._lookup(keys=keys, args=args)
-        if raw_entry == b"idle":
-            return Lookup(None, idle=Idle(sid, rest[0] == 1))
-        entry = _credential(sid, raw_entry)
-        if not isinstance(entry, CredentialEntry) or not rest or not rest[0]:
-            return Lookup(entry)
-        fields, app, lock_state = _pairs(rest[0]), _pairs(rest[1] or []), rest[2]
-        session = replace(_session(fields, app), validated_at_ms=entry.validated_at_ms)
-        return Lookup(
-            entry,
-            session,
-            lock=Lock(sid, token) if lock_state == 1 else None,
-            peer_busy=lock_state == 0,
-        )
+        return _Call(self._lookup, keys, args), token
 
     @unavailable_on_error
     def save(
@@ -211,6 +226,19 @@ class RedisStore:
         now_ms: int,
         release: Lock | None = None,
     ) -> SaveResult:
+        calls = self._save_calls(fingerprint, session, aal2_event, now_ms, release)
+        return self._saved(fingerprint, session, aal2_event, now_ms, self._pipeline(calls))
+
+    def _save_calls(
+        self,
+        fingerprint: str,
+        session: MirroredSession,
+        aal2_event: dict[str, str] | None,
+        now_ms: int,
+        release: Lock | None,
+    ) -> list[_Call]:
+        """The save's one round trip: pointer, session (letting go of its own lock),
+        identity, and the release of a lock on another session."""
         sid, expires_at = session.id, session.expires_at_ms
         own_lock = release is not None and release.session_id == sid
         calls = [
@@ -247,7 +275,20 @@ class RedisStore:
         ]
         if release is not None and not own_lock:
             calls.append(self._release_call(release))
-        pointer, (state, follow, session_expires_at, csrf_token), *_ = self._pipeline(calls)
+        return calls
+
+    def _saved(
+        self,
+        fingerprint: str,
+        session: MirroredSession,
+        aal2_event: dict[str, str] | None,
+        now_ms: int,
+        results: list[Any],
+    ) -> SaveResult:
+        """What the save's round trip answered, with the follow-ups it calls for (blocking,
+        and rare: ``_save_follows_up``)."""
+        sid, expires_at = session.id, session.expires_at_ms
+        pointer, (state, follow, session_expires_at, csrf_token), *_ = results
         self._pointers.put(fingerprint, sid)
         if pointer != 0:
             # A newer rejection of this credential that the session's slot may not know
@@ -364,6 +405,23 @@ class RedisStore:
         rejection: Rejection,
         release: Lock | None = None,
     ) -> None:
+        steps = self._forget_steps(fingerprint, seen, rejection, release)
+        try:
+            calls = next(steps)
+            while True:
+                calls = steps.send(self._pipeline(calls))
+        except StopIteration:
+            return
+
+    def _forget_steps(
+        self,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        rejection: Rejection,
+        release: Lock | None,
+    ) -> Generator[list[_Call], list[Any], None]:
+        """The round trips of ``forget``: each yields its calls and is sent their results.
+        One, or two when the session is not known here (the pointer names it)."""
         keep_ms = max(rejection.keep_ms, 1)
         pointer = _Call(
             self._pointer_forget,
@@ -373,7 +431,7 @@ class RedisStore:
         sid = seen.id if seen is not None else self._pointers.get(fingerprint)
         calls = [pointer]
         if sid is None:
-            _, named = self._pipeline(calls)[0]
+            _, named = (yield calls)[0]
             sid = named.decode() if named else None
             calls = []
         if sid is not None:
@@ -390,7 +448,7 @@ class RedisStore:
         elif release is not None:
             calls.append(self._release_call(release))
         if calls:
-            self._pipeline(calls)
+            yield calls
 
     @unavailable_on_error
     def end_session(self, session_id: str, ended_at_ms: int, keep_ms: int) -> bool:
@@ -473,16 +531,16 @@ class RedisStore:
             for call in calls:
                 pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
             results = pipe.execute(raise_on_error=False)
-            missing = [r for r in results if isinstance(r, NoScriptError)]
-            if missing and attempt == 1:
+            if _scripts_missing(results, attempt):
                 for script in {call.script.script for call in calls}:
                     self._redis.script_load(script)
                 continue
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
             return results
         raise AssertionError("unreachable")
+
+    def on_loop(self) -> RedisStoreOnLoop:
+        """The steps of a miss as coroutines, for the event loop that calls this."""
+        return RedisStoreOnLoop(self)
 
     @unavailable_on_error
     def update_app(
@@ -691,6 +749,43 @@ def _versions(info: dict[str, Any]) -> list[str]:
     return [str(node.get("redis_version", "0")) for node in info.values()] or ["0"]
 
 
+def _scripts_missing(results: list[Any], attempt: int) -> bool:
+    """Whether a pipeline's scripts must be loaded and the pipeline run again (a new or
+    restarted Redis, first attempt); raises the first other error it answered."""
+    if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+        return True
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return False
+
+
+def _lookup_result(sid: str, token: str, result: list[Any]) -> Lookup:
+    """What the lookup script answered about session ``sid`` (``token``: of the lock it
+    was asked to take)."""
+    raw_entry, *rest = result
+    if raw_entry == b"idle":
+        return Lookup(None, idle=Idle(sid, rest[0] == 1))
+    entry = _credential(sid, raw_entry)
+    if not isinstance(entry, CredentialEntry) or not rest or not rest[0]:
+        return Lookup(entry)
+    fields, app, lock_state = _pairs(rest[0]), _pairs(rest[1] or []), rest[2]
+    session = replace(_session(fields, app), validated_at_ms=entry.validated_at_ms)
+    return Lookup(
+        entry,
+        session,
+        lock=Lock(sid, token) if lock_state == 1 else None,
+        peer_busy=lock_state == 0,
+    )
+
+
+def _save_follows_up(results: list[Any], aal2_event: dict[str, str] | None) -> bool:
+    """Whether the save's answer calls for more round trips (a rejection to carry to the
+    session's slot, an extend to follow, an upgrade event to record): rare, and blocking."""
+    pointer, (state, follow, _, _), *_ = results
+    return pointer != 0 or (state != -1 and (bool(follow) or (state == 1 and bool(aal2_event))))
+
+
 def _entry(value: bytes | None) -> CredentialEntry | Rejection | None:
     """A credential's pointer: ``<sid> <validated_at>`` or ``-<rejected_at>``."""
     if value is None:
@@ -735,3 +830,132 @@ def _session(fields: dict[bytes, bytes], app: dict[bytes, bytes]) -> MirroredSes
         app=_text(app),
         csrf_token=fields.get(b"csrf", b"").decode(),
     )
+
+
+class RedisStoreOnLoop:
+    """What a miss asks of the Redis store (``lookup``, ``save``, ``forget``, letting go of
+    the lock, ``revalidation_pending``, ``use``), as coroutines on one event loop, through
+    ``redis.asyncio`` on the store's topology. The same scripts, the same calls and the
+    same reading of their answers as ``RedisStore``'s (whose builders it uses), so the
+    two may serve the same keys side by side. The rare follow-ups of a save (a newer
+    rejection to carry, an extend to follow, an AAL2 event to record durably with
+    ``WAIT`` on one connection) run as ``RedisStore`` runs them, on a thread."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.error_observer = store.error_observer
+        self._client: Any = None
+
+    def _connected(self) -> Any:
+        """The client on this loop; the first call connects the store itself first (a
+        cluster client asks its seeds), blocking once."""
+        if self._client is None:
+            self.store.client()
+            assert self.store._target is not None
+            self._client = self.store._target.on_loop()
+        return self._client
+
+    @unavailable_on_error_async
+    async def lookup(
+        self,
+        fingerprint: str,
+        now_ms: int,
+        fresh_for_ms: int,
+        lock_ms: int,
+        *,
+        with_app: bool,
+        idle_ms: int = 0,
+    ) -> Lookup:
+        """As ``RedisStore.lookup``."""
+        store, client = self.store, self._connected()
+        sid: str | Lookup | None = store._pointers.get(fingerprint)
+        if sid is None:
+            sid = store._pointer(fingerprint, await client.get(store.keys.credential(fingerprint)))
+        if isinstance(sid, Lookup):
+            return sid
+        call, token = store._lookup_call(
+            fingerprint, sid, now_ms, fresh_for_ms, lock_ms, with_app, idle_ms
+        )
+        (result,) = await self._run([call])
+        return _lookup_result(sid, token, result)
+
+    @unavailable_on_error_async
+    async def save(
+        self,
+        fingerprint: str,
+        session: MirroredSession,
+        aal2_event: dict[str, str] | None,
+        now_ms: int,
+        release: Lock | None = None,
+    ) -> SaveResult:
+        """As ``RedisStore.save``: one round trip on the loop, and rarely more on a thread."""
+        store = self.store
+        calls = store._save_calls(fingerprint, session, aal2_event, now_ms, release)
+        results = await self._run(calls)
+        if _save_follows_up(results, aal2_event):
+            return await asyncio.to_thread(
+                store._saved, fingerprint, session, aal2_event, now_ms, results
+            )
+        return store._saved(fingerprint, session, aal2_event, now_ms, results)
+
+    @unavailable_on_error_async
+    async def forget(
+        self,
+        fingerprint: str,
+        seen: MirroredSession | None,
+        rejection: Rejection,
+        release: Lock | None = None,
+    ) -> None:
+        """As ``RedisStore.forget``."""
+        steps = self.store._forget_steps(fingerprint, seen, rejection, release)
+        try:
+            calls = next(steps)
+            while True:
+                calls = steps.send(await self._run(calls))
+        except StopIteration:
+            return
+
+    @unavailable_on_error_async
+    async def release_revalidation(self, lock: Lock) -> None:
+        await self._run([self.store._release_call(lock)])
+
+    @unavailable_on_error_async
+    async def revalidation_pending(self, session_id: str) -> bool:
+        key = self.store.keys.revalidating(session_id)
+        return bool(await self._connected().exists(key))
+
+    @unavailable_on_error_async
+    async def use(self, session_id: str, at_ms: int, idle_ms: int) -> Idle | None:
+        (state,) = await self._run([self.store._use_call(session_id, at_ms, idle_ms)])
+        return Idle(session_id, state == 1) if state else None
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _run(self, calls: list[_Call]) -> list[Any]:
+        """As ``RedisStore._pipeline``."""
+        client = self._connected()
+        if len(calls) == 1 or self.store.clustered:
+            return [await _evalsha(client, call) for call in calls]
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            results = await pipe.execute(raise_on_error=False)
+            if _scripts_missing(results, attempt):
+                for script in {call.script.script for call in calls}:
+                    await client.script_load(script)
+                continue
+            return list(results)
+        raise AssertionError("unreachable")
+
+
+async def _evalsha(client: Any, call: _Call) -> Any:
+    """One script call; loaded first if this Redis (new, or restarted) lacks it."""
+    try:
+        return await client.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+    except NoScriptError:
+        await client.script_load(call.script.script)
+        return await client.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
