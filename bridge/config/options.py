@@ -405,7 +405,14 @@ OPTIONS: tuple[Option, ...] = (
         "instead of `redis` means TLS (to the Sentinels too), with the query options "
         "`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` (files, read at start-up), "
         "`ssl_cert_reqs` (`none`, `optional`, `required`: the default) and "
-        "`ssl_check_hostname` (`true`, `false`).",
+        "`ssl_check_hostname` (`true`, `false`). The URL holds the password: prefer "
+        "`BRIDGE_REDIS_URL_FILE`.",
+    ),
+    Option(
+        "redis_url_file",
+        str,
+        None,
+        "File holding `redis_url` (trailing newline ignored); wins over `BRIDGE_REDIS_URL`.",
     ),
     Option(
         "redis_sentinel_password",

@@ -176,6 +176,8 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
             "address (set BRIDGE_ADMIN_TOKEN or BRIDGE_ADMIN_TOKEN_FILE, or BRIDGE_ADMIN_PORT=0)",
         )
 
+    # Before the Sentinel password's check and the secret's, which both read the URL.
+    values["redis_url"] = _secret_or_file(values, "redis_url", key_of, BY_NAME["redis_url"].parse)
     values["redis_sentinel_password"] = _sentinel_password(
         values.pop("redis_sentinel_password"),
         values.pop("redis_sentinel_password_file"),
@@ -185,7 +187,9 @@ def _resolve(values: dict[str, Any], keys: dict[str, str]) -> Settings:
 
     if secret_text is None and values["redis_url"] is not None:
         raise ConfigError(
-            "BRIDGE_SECRET", "required when BRIDGE_REDIS_URL is set, so that replicas agree"
+            "BRIDGE_SECRET",
+            "required when BRIDGE_REDIS_URL or BRIDGE_REDIS_URL_FILE is set, so that replicas "
+            "agree",
         )
     values["secret_is_random"] = secret_text is None
     values["secret"] = os.urandom(32) if secret_text is None else secret_text.encode()
@@ -234,7 +238,8 @@ def _secret_or_file(
     key_of: Callable[[str], str],
     parse: Callable[[str], str] = parse_secret,
 ) -> str | None:
-    """A secret option, or the content of its ``<name>_file`` twin, which wins."""
+    """A secret option, or the content of its ``<name>_file`` twin, which wins. The
+    file's content is checked by ``parse``, whose message must not quote the secret."""
     secret, secret_file = values.pop(name), values.pop(name + "_file")
     if secret_file is None:
         return secret
@@ -244,7 +249,7 @@ def _secret_or_file(
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(key_of(name + "_file"), f"cannot be read ({error})") from None
     except ValueError as error:
-        raise ConfigError(key_of(name + "_file"), f"secret {error}") from None
+        raise ConfigError(key_of(name + "_file"), f"the file's content: {error}") from None
 
 
 def _ory_network_defaults(values: dict[str, Any], given: dict[str, str]) -> None:

@@ -696,3 +696,52 @@ def test_the_idle_timeout_leaves_room_for_the_copy_and_the_recorded_use(
     assert caught.value.problem.endswith(f": {least}, or 0 (off)")
     env["BRIDGE_IDLE_TIMEOUT"] = str(float(least) + 0.001)
     assert load_settings(env).idle_timeout == float(least) + 0.001
+
+
+def test_the_redis_url_from_its_file_wins_and_is_what_every_reader_sees(tmp_path):
+    """The URL holds the password: a file keeps it out of the environment."""
+    path = tmp_path / "redis-url"
+    path.write_text("redis+sentinel://:from-file@s1,s2/mymaster\n")
+    settings = load_settings(
+        {
+            "BRIDGE_REDIS_URL_FILE": str(path),
+            "BRIDGE_REDIS_URL": "redis://:from-env@r:6379/0",
+            "BRIDGE_REDIS_SENTINEL_PASSWORD": "sentinel-pw",  # needs the file's Sentinel URL
+            "BRIDGE_SECRET": "s" * 40,
+        }
+    )
+    assert settings.redis_url == "redis+sentinel://:from-file@s1,s2/mymaster"
+    assert parse_redis_url(settings.redis_url).kind == "sentinel"
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_REDIS_URL_FILE": str(path)})
+    assert caught.value.key == "BRIDGE_SECRET"  # Redis is configured: replicas must agree
+
+
+def test_an_unreadable_redis_url_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            {"BRIDGE_REDIS_URL_FILE": str(tmp_path / "missing"), "BRIDGE_SECRET": "s" * 40}
+        )
+    assert caught.value.key == "BRIDGE_REDIS_URL_FILE"
+    assert "cannot be read" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://:hunter2@redis:6379/0", "not a redis://"),
+        ("redis://:hunter2@redis:6379/zero", "database 'zero' is not a number"),
+        ("redis://:hunter2/x@redis:6379/0", ""),  # a "/" in the password ends the host early
+        ("redis+cluster://:hunter2@n1/2", "a Redis Cluster has only database 0"),
+        ("redis+sentinel://:hunter2@s1,s1/m", "lists the same host and port twice"),
+    ],
+)
+def test_a_bad_url_in_the_redis_url_file_names_the_key_not_the_password(tmp_path, url, problem):
+    path = tmp_path / "redis-url"
+    path.write_text(url + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"BRIDGE_REDIS_URL_FILE": str(path), "BRIDGE_SECRET": "s" * 40})
+    assert caught.value.key == "BRIDGE_REDIS_URL_FILE"
+    assert caught.value.problem.startswith("the file's content: ")
+    assert problem in caught.value.problem
+    assert "hunter2" not in str(caught.value)
