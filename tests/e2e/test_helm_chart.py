@@ -360,9 +360,12 @@ def test_every_variable_the_chart_sets_is_a_setting_and_every_file_it_names_is_m
         "BRIDGE_SECRET_FILE", "BRIDGE_ADMIN_TOKEN_FILE", "BRIDGE_KRATOS_ADMIN_TOKEN_FILE",
         "BRIDGE_HOOK_SECRET_FILE", "BRIDGE_APP_TOKEN_FILE", "BRIDGE_REDIS_SENTINEL_PASSWORD_FILE",
         "BRIDGE_RULES_FILE", "BRIDGE_JWT_KEYS_DIR", "BRIDGE_GRPC_TLS_CERT_FILE",
-        "BRIDGE_GRPC_TLS_KEY_FILE", "BRIDGE_REDIS_URL",
+        "BRIDGE_GRPC_TLS_KEY_FILE", "BRIDGE_REDIS_URL_FILE",
     ):  # fmt: skip
         assert name in env, name
+    # Every secret, the Redis URL with its password too, is a file: none is in the
+    # environment, where /proc/1/environ and `kubectl exec env` would show it.
+    assert [e["name"] for e in container["env"] if "valueFrom" in e] == []
 
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     provided = set()  # every file (or, for a whole volume, directory) the mounts give
@@ -485,8 +488,8 @@ def _break(objects: list[dict], how: str) -> list[dict]:
     (container,) = the(broken, "Deployment")["spec"]["template"]["spec"]["containers"]
     if how == "env name":
         for entry in container["env"]:
-            if entry["name"] == "BRIDGE_REDIS_URL":
-                entry["name"] = "BRIDGE_REDIS_URI"
+            if entry["name"] == "BRIDGE_REDIS_URL_FILE":
+                entry["name"] = "BRIDGE_REDIS_URI_FILE"
     elif how == "mount path":
         for entry in container["env"]:
             if entry["name"] == "BRIDGE_SECRET_FILE":
@@ -505,7 +508,7 @@ def _break(objects: list[dict], how: str) -> list[dict]:
 @pytest.mark.parametrize(
     ("how", "said"),
     [
-        ("env name", "BRIDGE_REDIS_URI"),
+        ("env name", "BRIDGE_REDIS_URI_FILE"),
         ("mount path", "BRIDGE_SECRET_FILE"),
         ("readiness path", "/health/readiness: 404"),
         ("probe port", "liveness probe failed"),
