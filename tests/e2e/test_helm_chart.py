@@ -232,6 +232,7 @@ def _forwarded_headers_of(documents: list[dict]) -> list[list[str]]:
         ({"secrets": {"secret": "short"}}, "/secrets/secret"),
         ({"env": {"LOG_LEVEL": "debug"}}, "/env"),
         ({"ports": {"http": 70000}}, "/ports/http"),
+        ({"service": {"type": "NodePort"}}, "/service/type"),  # only the proxy reaches it
         ({"resources": {"limits": {"cpu": None}}}, "/resources/limits"),
         ({"networkPolicy": {"proxyFrom": [{"podSelecter": {}}]}}, "/networkPolicy/proxyFrom/0"),
         (
@@ -279,6 +280,19 @@ def test_a_value_the_templates_cannot_use_is_refused_by_name(
     done = template(secrets_file, values_file(files, values))
     assert done.returncode != 0
     assert named in done.stderr, done.stderr
+
+
+def test_a_public_service_clients_could_reach_is_refused_with_the_schema_skipped(
+    files: Path, secrets_file: Path
+) -> None:
+    """The schema refuses it (above); the template too, for an install that skips it."""
+    extra = values_file(files, {"service": {"type": "LoadBalancer"}})
+    done = helm(
+        "template", "bridge", str(CHART), "--skip-schema-validation",
+        "-f", str(secrets_file), "-f", str(extra),
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "service.type: LoadBalancer would let clients reach" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
