@@ -122,14 +122,27 @@ def test_default_values_lint_and_render_what_the_chart_promises(secrets_file: Pa
 def test_the_service_monitor_scrapes_the_admin_service_with_the_admin_token(
     files: Path, secrets_file: Path
 ) -> None:
-    extra = values_file(files, {"serviceMonitor": {"enabled": True}})
-    objects = render(secrets_file, extra)
+    prometheus = [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]
+    values = {"serviceMonitor": {"enabled": True}, "networkPolicy": {"adminFrom": prometheus}}
+    objects = render(secrets_file, values_file(files, values))
     (endpoint,) = the(objects, "ServiceMonitor")["spec"]["endpoints"]
     assert endpoint["port"] == "admin" and endpoint["path"] == "/metrics"
     assert endpoint["authorization"]["credentials"] == {
         "name": the(objects, "Secret")["metadata"]["name"],
         "key": "admin-token",
     }
+    admin_rules = [
+        rule
+        for rule in the(objects, "NetworkPolicy")["spec"]["ingress"]
+        if [p["port"] for p in rule["ports"]] == ["admin"]
+    ]
+    assert [rule["from"] for rule in admin_rules] == [prometheus]
+
+    # Without a NetworkPolicy nothing blocks the scrape, and no adminFrom is needed.
+    values = {"serviceMonitor": {"enabled": True}, "networkPolicy": {"enabled": False}}
+    objects = render(secrets_file, values_file(files, values))
+    assert the(objects, "ServiceMonitor")
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
 
 
 def _bridge_references(node: object, found: set[tuple[int, str | None]]) -> None:
@@ -272,6 +285,11 @@ def test_the_schema_rejects_a_bad_value_by_name(
             "env.BRIDGE_TRUSTED_PROXIES: set by the chart from trustedProxies",
         ),
         ({"jwt": {"header": "X-Bridge-Jwt"}}, "jwt.header: needs signing keys"),
+        (  # the NetworkPolicy would silently keep Prometheus from the admin port
+            {"serviceMonitor": {"enabled": True}, "networkPolicy": {"adminFrom": []}},
+            "serviceMonitor.enabled: Prometheus could not reach /metrics, "
+            "networkPolicy.adminFrom is empty",
+        ),
     ],
 )
 def test_a_value_the_templates_cannot_use_is_refused_by_name(
