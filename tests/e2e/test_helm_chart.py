@@ -145,6 +145,26 @@ def test_the_service_monitor_scrapes_the_admin_service_with_the_admin_token(
     assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
 
 
+def test_a_changed_secret_or_rule_of_the_chart_s_own_rolls_the_pods(
+    files: Path, secrets_file: Path
+) -> None:
+    """The bridge reads them at start: the pod template changes with them, so Kubernetes
+    rolls the pods. (A Secret the user manages is out of Helm's sight: README says so.)"""
+
+    def pod_annotations(values: dict) -> dict:
+        objects = render(secrets_file, values_file(files, values))
+        return the(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+
+    before = pod_annotations({"rules": RULES})
+    assert pod_annotations({"rules": RULES}) == before
+    changed_secret = pod_annotations({"rules": RULES, "redis": {"password": "new"}})
+    assert changed_secret["checksum/secret"] != before["checksum/secret"]
+    changed_rules = pod_annotations(
+        {"rules": RULES + "  - id: more\n    match: { path: /x/ }\n    access: public\n"}
+    )
+    assert changed_rules["checksum/rules"] != before["checksum/rules"]
+
+
 def _bridge_references(node: object, found: set[tuple[int, str | None]]) -> None:
     """Every place an example points at the bridge's Service: (port, path or None)."""
     if isinstance(node, dict):
