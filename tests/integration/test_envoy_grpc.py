@@ -474,7 +474,18 @@ def _health(stub, service: str = "") -> int:
     return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
 
 
-def test_the_health_service_follows_readiness(kratos, workdir, prefix):
+@dataclass
+class HealthRig:
+    """A bridge with its gRPC port on a Redis of its own, which a test may stop and start."""
+
+    redis_server: RedisServer
+    app: object
+    server: GrpcAuthz
+    stub: health_pb2_grpc.HealthStub
+
+
+@pytest.fixture
+def health_rig(kratos, workdir, prefix) -> Iterator[HealthRig]:
     redis_server = RedisServer(workdir)
     settings = bridge_settings(
         kratos,
@@ -486,32 +497,8 @@ def test_the_health_service_follows_readiness(kratos, workdir, prefix):
     app = create_app(settings)
     server = grpc_server(app, settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    stub = health_pb2_grpc.HealthStub(channel)
     try:
-        assert [_health(stub, service) for service in ("", SERVICE)] == [SERVING, SERVING]
-        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
-        assert next(watch).status == SERVING
-
-        redis_server.stop()  # the stream hears of it without a Check
-        assert next(watch).status == NOT_SERVING
-        assert [_health(stub, service) for service in ("", SERVICE)] == [NOT_SERVING] * 2
-        assert app.test_client().get("/health/ready").status_code == 503
-
-        redis_server.start()
-        assert next(watch).status == SERVING
-        assert _health(stub) == SERVING
-        assert app.test_client().get("/health/ready").status_code == 200
-        watch.cancel()
-
-        with pytest.raises(grpc.RpcError) as unknown:
-            _health(stub, "no.such.Service")
-        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
-
-        # Stopping: NOT_SERVING to the streams before the server goes.
-        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
-        assert next(watch).status == SERVING
-        server.stop()
-        assert next(watch).status == NOT_SERVING
+        yield HealthRig(redis_server, app, server, health_pb2_grpc.HealthStub(channel))
     finally:
         channel.close()
         server.stop()
@@ -519,31 +506,47 @@ def test_the_health_service_follows_readiness(kratos, workdir, prefix):
         app.extensions["bridge"].close()
 
 
-def test_a_check_alone_sees_readiness_change(kratos, workdir, prefix):
+def test_the_health_service_follows_readiness(health_rig):
+    redis_server, app, server, stub = (
+        health_rig.redis_server,
+        health_rig.app,
+        health_rig.server,
+        health_rig.stub,
+    )
+    assert [_health(stub, service) for service in ("", SERVICE)] == [SERVING, SERVING]
+    watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
+    assert next(watch).status == SERVING
+
+    redis_server.stop()  # the stream hears of it without a Check
+    assert next(watch).status == NOT_SERVING
+    assert [_health(stub, service) for service in ("", SERVICE)] == [NOT_SERVING] * 2
+    assert app.test_client().get("/health/ready").status_code == 503
+
+    redis_server.start()
+    assert next(watch).status == SERVING
+    assert _health(stub) == SERVING
+    assert app.test_client().get("/health/ready").status_code == 200
+    watch.cancel()
+
+    with pytest.raises(grpc.RpcError) as unknown:
+        _health(stub, "no.such.Service")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # Stopping: NOT_SERVING to the streams before the server goes.
+    watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=WATCH_DEADLINE_S)
+    assert next(watch).status == SERVING
+    server.stop()
+    assert next(watch).status == NOT_SERVING
+
+
+def test_a_check_alone_sees_readiness_change(health_rig):
     """Without a stream open, each ``Check`` asks (readiness kept a second): polled."""
-    redis_server = RedisServer(workdir)
-    settings = bridge_settings(
-        kratos,
-        redis_server.url,
-        prefix,
-        BRIDGE_GRPC_PORT=str(free_port()),
-        BRIDGE_REDIS_TIMEOUT="0.5",
-    )
-    app = create_app(settings)
-    server = grpc_server(app, settings)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    stub = health_pb2_grpc.HealthStub(channel)
-    try:
-        assert _health(stub, SERVICE) == SERVING
-        redis_server.stop()
-        wait_until(lambda: _health(stub, SERVICE) == NOT_SERVING, 60, "NOT_SERVING")
-        redis_server.start()
-        wait_until(lambda: _health(stub, SERVICE) == SERVING, 60, "SERVING again")
-    finally:
-        channel.close()
-        server.stop()
-        redis_server.stop()
-        app.extensions["bridge"].close()
+    redis_server, stub = health_rig.redis_server, health_rig.stub
+    assert _health(stub, SERVICE) == SERVING
+    redis_server.stop()
+    wait_until(lambda: _health(stub, SERVICE) == NOT_SERVING, 60, "NOT_SERVING")
+    redis_server.start()
+    wait_until(lambda: _health(stub, SERVICE) == SERVING, 60, "SERVING again")
 
 
 def test_the_health_service_answers_while_every_check_thread_waits_on_kratos(redis_server, prefix):
