@@ -28,13 +28,7 @@ cd "$work"  # away from any go.mod or go.work of the caller's directory
 # shellcheck source=../../tests/tools/go-toolchain.sh
 source "$here/../../tests/tools/go-toolchain.sh"
 use_go_for_module "github.com/bojand/ghz@$version"
-if ! GOBIN="$work/bin" go install -trimpath -ldflags "-s -w -X main.version=${version#v}" \
-    "github.com/bojand/ghz/cmd/ghz@$version"; then
-  echo "$me: 'go install github.com/bojand/ghz/cmd/ghz@$version' failed (see above);" \
-    "is that version on the Go module proxy?" >&2
-  exit 1
-fi
-mkdir -p "$(dirname "$out")"
-cp "$work/bin/ghz" "$out.tmp"
-mv "$out.tmp" "$out"
+go_install_in "$work/bin" "github.com/bojand/ghz/cmd/ghz@$version" \
+  "-s -w -X main.version=${version#v}"
+put_binary "$work/bin/ghz" "$out"
 echo "$me: built $out ($("$out" --version 2>&1)) in ${SECONDS}s"

@@ -31,14 +31,7 @@ cd "$work"  # away from any go.mod or go.work of the caller's directory
 # shellcheck source=go-toolchain.sh
 source "$here/go-toolchain.sh"
 use_go_for_module "github.com/caddyserver/caddy/v2@$version"
-if ! GOBIN="$work/bin" go install -trimpath \
-    -ldflags "-s -w -X github.com/caddyserver/caddy/v2.CustomVersion=$version" \
-    "github.com/caddyserver/caddy/v2/cmd/caddy@$version"; then
-  echo "$me: 'go install github.com/caddyserver/caddy/v2/cmd/caddy@$version' failed (see above);" \
-    "is that version on the Go module proxy?" >&2
-  exit 1
-fi
-mkdir -p "$(dirname "$out")"
-cp "$work/bin/caddy" "$out.tmp"
-mv "$out.tmp" "$out"
+go_install_in "$work/bin" "github.com/caddyserver/caddy/v2/cmd/caddy@$version" \
+  "-s -w -X github.com/caddyserver/caddy/v2.CustomVersion=$version"
+put_binary "$work/bin/caddy" "$out"
 echo "$me: built $out ($("$out" version)) in ${SECONDS}s"

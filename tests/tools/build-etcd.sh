@@ -16,10 +16,7 @@ cd "$work"  # away from any go.mod or go.work of the caller's directory
 # shellcheck source=go-toolchain.sh
 source "$here/go-toolchain.sh"
 use_go_for_module "go.etcd.io/etcd/server/v3@$version"
-dir=$(go mod download -json "go.etcd.io/etcd/server/v3@$version" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
-cp -r "$dir" "$work/src"
-chmod -R u+w "$work/src"
+go_module_source "go.etcd.io/etcd/server/v3@$version" "$work/src"
 cd "$work/src"
 args=()
 while read -r name; do

@@ -34,16 +34,9 @@ cd "$work"  # away from any go.mod or go.work of the caller's directory
 # shellcheck source=go-toolchain.sh
 source "$here/go-toolchain.sh"
 use_go_for_module "$module@$version"
-if ! GOBIN="$work/bin" go install -trimpath \
-    -ldflags "-s -w -X $module/internal/version.version=$version" \
-    "$module/cmd/helm@$version"; then
-  echo "$me: 'go install $module/cmd/helm@$version' failed (see above);" \
-    "is that version on the Go module proxy?" >&2
-  exit 1
-fi
+go_install_in "$work/bin" "$module/cmd/helm@$version" \
+  "-s -w -X $module/internal/version.version=$version"
 got=$("$work/bin/helm" version --template '{{.Version}}')
 [[ $got == "$version" ]] || { echo "$me: the built helm says it is $got, not $version" >&2; exit 1; }
-mkdir -p "$(dirname "$out")"
-cp "$work/bin/helm" "$out.tmp"
-mv "$out.tmp" "$out"
+put_binary "$work/bin/helm" "$out"
 echo "$me: built $out ($("$out" version --short)) in ${SECONDS}s"

@@ -15,10 +15,7 @@ cd "$work"  # away from any go.mod or go.work of the caller's directory
 # shellcheck source=go-toolchain.sh
 source "$here/go-toolchain.sh"
 use_go_for_module "github.com/ory/kratos@$version"
-dir=$(go mod download -json "github.com/ory/kratos@$version" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
-cp -r "$dir" "$work/src"
-chmod -R u+w "$work/src"
+go_module_source "github.com/ory/kratos@$version" "$work/src"
 cd "$work/src"
 # go.mod replaces github.com/ory/client-go with ./internal/client-go, which the module zip
 # lacks; the binary never imports it, so an empty module satisfies the replace.

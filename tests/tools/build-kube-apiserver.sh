@@ -19,10 +19,7 @@ cd "$work"  # away from any go.mod or go.work of the caller's directory
 # shellcheck source=go-toolchain.sh
 source "$here/go-toolchain.sh"
 use_go_for_module "k8s.io/kubernetes@$version"
-dir=$(go mod download -json "k8s.io/kubernetes@$version" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
-cp -r "$dir" "$work/src"
-chmod -R u+w "$work/src"
+go_module_source "k8s.io/kubernetes@$version" "$work/src"
 cd "$work/src"
 rm -f go.work go.work.sum
 args=()

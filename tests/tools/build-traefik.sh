@@ -41,15 +41,7 @@ cd "$work"  # away from any go.mod or go.work of the caller's directory
 source "$here/go-toolchain.sh"
 use_go_for_module "$module@$version"
 
-info=$(go mod download -json "$module@$version") || {
-  err=$(python3 -c 'import json,sys; print(json.load(sys.stdin).get("Error", ""))' <<<"$info" 2>/dev/null) || err=$info
-  echo "$me: 'go mod download $module@$version' failed: $err" >&2
-  exit 1
-}
-dir=$(python3 -c 'import json,sys; print(json.load(sys.stdin).get("Dir", ""))' <<<"$info")
-[[ -n $dir && -d $dir ]] || { echo "$me: go mod download gave no source directory for $module@$version: $info" >&2; exit 1; }
-cp -r "$dir" "$work/src"
-chmod -R u+w "$work/src"
+go_module_source "$module@$version" "$work/src"
 cd "$work/src"
 
 if [[ ! -f webui/static/index.html ]]; then
@@ -65,8 +57,6 @@ if ! go build -trimpath -ldflags "-s -w -X $pkg.Version=$bare -X $pkg.Codename=c
   echo "$me: building $module@$version (./cmd/traefik) failed (see above)" >&2
   exit 1
 fi
-mkdir -p "$(dirname "$out")"
-cp "$work/traefik" "$out.tmp"
-mv "$out.tmp" "$out"
+put_binary "$work/traefik" "$out"
 "$out" version
 echo "$me: built $out in ${SECONDS}s"

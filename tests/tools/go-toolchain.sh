@@ -12,6 +12,15 @@
 #   - else (Debian 12's golang-go is Go 1.19, which knows no GOTOOLCHAIN): the same toolchain
 #     module fetched with `go mod download` and put first on PATH. It lands where a newer go
 #     would put it, so it is shared with the case above.
+# Then, for the build itself:
+#   go_module_source MODULE@VERSION DEST
+# puts a writable copy of the module's source (its zip, as the Go module proxy serves it) at
+# DEST, for builds that edit its go.mod or add files; and
+#   go_install_in DIR PACKAGE@VERSION LDFLAGS
+# runs `go install -trimpath` of a command with GOBIN=DIR. Each says which module failed.
+#   put_binary BUILT OUT
+# puts a built binary at OUT: a copy beside it first, then a rename, so OUT is never half
+# written.
 # Needs python3 (reads go mod download's JSON).
 
 _go_semver() {  # "go1.26.8", "1.26", "go1.22rc1" -> "1.26.8", "1.26.0", "1.22.0"
@@ -74,4 +83,31 @@ use_go_for_module() {
     echo "go-toolchain.sh: go$ask from the Go module proxy, at $dir (needs go$need;" \
       "the local go$local_version predates GOTOOLCHAIN)"
   fi
+}
+
+go_module_source() {
+  local info dir
+  info=$(go mod download -json "$1") || true
+  dir=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read() or "{}").get("Dir", ""))' \
+    <<<"$info" 2>/dev/null) || dir=
+  [[ -n $dir && -d $dir ]] || {
+    echo "go-toolchain.sh: 'go mod download $1' gave no source: $info" >&2
+    return 1
+  }
+  cp -r "$dir" "$2"
+  chmod -R u+w "$2"
+}
+
+go_install_in() {
+  GOBIN="$1" go install -trimpath -ldflags "$3" "$2" || {
+    echo "go-toolchain.sh: 'go install $2' failed (see above); is that version on the Go" \
+      "module proxy?" >&2
+    return 1
+  }
+}
+
+put_binary() {
+  mkdir -p "$(dirname "$2")"
+  cp "$1" "$2.tmp"
+  mv "$2.tmp" "$2"
 }
