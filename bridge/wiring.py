@@ -57,6 +57,9 @@ class Bridge:
     recorder: Recorder | None = None  # when analytics are on
     metrics: Metrics | None = None  # when metrics are on
     events: SessionEvents = field(default_factory=SessionEvents)  # what watches sessions
+    # The process's reader of Kratos's admin API, with its rate-limit state, which every
+    # admin client of the bridge's (the 401 check, sliding sessions, the web hooks) shares.
+    admin_reads: AdminSession | None = None
 
     def close(self) -> None:
         if self.recorder is not None:
@@ -118,7 +121,9 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         recorder = Recorder(store.registry)
     session_events = metrics.session_events() if metrics is not None else None
     events = AllOf([w for w in (recorder, session_events) if w is not None])
-    activity = session_activity(settings, store, recorder)
+    # Owned by the 401 check (the mirror closes it); the others borrow it.
+    admin_reads = AdminSession(settings.kratos_admin_url, settings.kratos_admin_token)
+    activity = session_activity(settings, store, recorder, admin_reads)
     mirror = SessionMirror(
         store,
         kratos,
@@ -128,10 +133,7 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         settings.request_budget,
         events=events,
         activity=activity,
-        rejections=RejectionCheck(
-            AdminSession(settings.kratos_admin_url, settings.kratos_admin_token),
-            settings.kratos_timeout,
-        ),
+        rejections=RejectionCheck(admin_reads, settings.kratos_timeout),
     )
     rules = load_rules(settings)
     redirects = BrowserRedirects(settings.login_url, return_to_origins(settings, rules))
@@ -176,11 +178,15 @@ def build_bridge(settings: Settings, store: SessionStore | None = None) -> Bridg
         recorder,
         metrics,
         events,
+        admin_reads,
     )
 
 
 def session_activity(
-    settings: Settings, store: SessionStore, recorder: Recorder | None
+    settings: Settings,
+    store: SessionStore,
+    recorder: Recorder | None,
+    admin_reads: AdminSession | None = None,
 ) -> SessionActivity | None:
     """Sliding sessions and the idle timeout, when either is on."""
     if not (settings.session_extend or settings.idle_timeout):
@@ -189,7 +195,7 @@ def session_activity(
 
     return SessionActivity(
         store,
-        KratosAdmin.of(settings),
+        KratosAdmin.of(settings, admin_reads),
         SessionEnder(store, recorder, settings.request_budget),
         settings.session_extend,
         settings.idle_timeout,
@@ -241,7 +247,7 @@ def kratos_hooks(bridge: Bridge) -> KratosHooks | None:
     return KratosHooks(
         settings.hook_secret,
         bridge.store,
-        KratosAdmin.of(settings),
+        KratosAdmin.of(settings, bridge.admin_reads),
         settings.kratos_timeout,
         events=bridge.events,
     )

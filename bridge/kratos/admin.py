@@ -40,7 +40,16 @@ _EXPAND = ["identity", "devices"]
 
 
 class KratosAdmin:
-    def __init__(self, admin_url: str, timeout: float, token: str | None = None) -> None:
+    def __init__(
+        self,
+        admin_url: str,
+        timeout: float,
+        token: str | None = None,
+        reads: AdminSession | None = None,
+    ) -> None:
+        """``reads``: the process's SDK-free admin reader, whose rate-limit state every
+        admin client of the process then shares (a ``429`` one of them sees holds back the
+        others); its owner closes it. Without it, this client has one of its own."""
         self._admin_url = admin_url
         # urllib3's default retries, but never its sleep on a 429's Retry-After (which
         # could hold an operator's call for as long as Kratos says): a 429 is answered at
@@ -51,14 +60,17 @@ class KratosAdmin:
         self._identities = IdentityApi(self._client)
         # The web hooks' read goes without the SDK (bridge.kratos.admin_session), which
         # also keeps the key and what Kratos says of the admin API's rate limit.
-        self._reads = AdminSession(admin_url, token)
+        self._owns_reads = reads is None
+        self._reads = reads if reads is not None else AdminSession(admin_url, token)
         self._timeout = timeout
         self.rate_limit = self._reads.rate_limit
 
     @classmethod
-    def of(cls, settings: Settings) -> KratosAdmin:
+    def of(cls, settings: Settings, reads: AdminSession | None = None) -> KratosAdmin:
         """The admin client the settings describe, with their API key if any."""
-        return cls(settings.kratos_admin_url, settings.kratos_timeout, settings.kratos_admin_token)
+        return cls(
+            settings.kratos_admin_url, settings.kratos_timeout, settings.kratos_admin_token, reads
+        )
 
     def session(self, session_id: str) -> dict[str, Any] | None:
         """Kratos's session (with identity and devices), or ``None`` if it knows none."""
@@ -189,7 +201,8 @@ class KratosAdmin:
     def close(self) -> None:
         # The SDK's ApiClient (v25) has no close(): its connections are urllib3's.
         self._client.rest_client.pool_manager.clear()
-        self._reads.close()
+        if self._owns_reads:
+            self._reads.close()
 
     def _auth(self) -> dict[str, str]:
         return self._reads.auth()

@@ -27,7 +27,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bridge.config import load_settings
+from bridge.errors import KratosRateLimited
 from bridge.pipeline.credentials import extract
+from bridge.web.app import create_app
 from bridge.web.request import HeaderView
 from tests.conftest import SECRET
 from tests.support import harness
@@ -312,6 +315,44 @@ def test_a_429_from_the_admin_api_holds_admin_calls_until_retry_after(
         assert hooked.json()["error"] == "kratos_rate_limited"
         assert 0 < int(hooked.headers["Retry-After"]) <= RETRY_AFTER
         assert asked() == before + 2
+
+
+def test_a_429_one_admin_client_sees_holds_the_others_in_its_process(
+    ory: OryStandIn, kratos: Kratos, redis_server: RedisServer, prefix: str
+):
+    """The web hooks' read, sliding sessions and the check of a whoami ``401`` share the
+    process's admin reader: after the hooks are told ``429``, the ``401`` check's question
+    (``is_active``) is not sent until ``Retry-After``."""
+    app = create_app(
+        load_settings(
+            {
+                "BRIDGE_KRATOS_PUBLIC_URL": ory.public_url,
+                "BRIDGE_KRATOS_ADMIN_URL": ory.limited_admin_url,
+                "BRIDGE_KRATOS_ADMIN_TOKEN": API_KEY,
+                "BRIDGE_REDIS_URL": redis_server.url,
+                "BRIDGE_SECRET": SECRET,
+                "BRIDGE_KEY_PREFIX": prefix,
+                "BRIDGE_HOOK_SECRET": HOOK_SECRET,
+            }
+        )
+    )
+    _, session_id = _signed_in(kratos)
+    port = ory.limited_admin_url.rsplit(":", 1)[1]
+
+    def asked() -> int:
+        return ory.admin_log().count(f"{port} GET /admin/")
+
+    try:
+        before = asked()
+        body = {"session": {"id": session_id, "aal": "aal1", "methods": 1}}
+        hooked = app.test_client().post("/hooks/kratos/login", json=body, headers=HOOK)
+        assert hooked.status_code == 429
+        assert asked() == before + 1
+        with pytest.raises(KratosRateLimited):
+            app.extensions["bridge"].admin_reads.is_active(session_id, 5.0)
+        assert asked() == before + 1
+    finally:
+        app.extensions["bridge"].close()
 
 
 def test_a_nearly_used_rate_limit_holds_refresh_ahead_back(
