@@ -4,6 +4,7 @@ import hashlib
 import os
 import resource
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ def chromium(*args: str, executable: str | None = CHROMIUM) -> Iterator[object]:
             yield browser
         finally:
             browser.close()
+
+
+def screenshot(page, path: Path, **options: object) -> None:
+    """Saves what ``page`` shows to ``path``, for people to look at; nothing asserts on it.
+    A Chromium that cannot capture (its DevTools answers "Unable to capture screenshot" now
+    and then on a loaded machine) costs the picture, with a warning, not the test."""
+    from playwright.sync_api import Error
+
+    try:
+        page.screenshot(path=str(path), **options)
+    except Error as error:
+        warnings.warn(f"no screenshot {path.name}: {error.message.splitlines()[0]}", stacklevel=2)
 
 
 @pytest.fixture(scope="module")

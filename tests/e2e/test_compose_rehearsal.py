@@ -20,7 +20,7 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from tests.conftest import CHROMIUM, chromium, needs_chromium
+from tests.conftest import CHROMIUM, chromium, needs_chromium, screenshot
 from tests.support.compose_rehearsal import (
     IMAGES,
     TRAEFIK_BIN,
@@ -102,7 +102,7 @@ def test_the_loader_reads_what_compose_runs_and_the_stand_ins_match_the_images(p
 
 
 def _shot(page, shots: Path, name: str) -> None:
-    page.screenshot(path=str(shots / f"compose-{name}.png"), full_page=True)
+    screenshot(page, shots / f"compose-{name}.png", full_page=True)
 
 
 def _log_in(page, email: str) -> None:

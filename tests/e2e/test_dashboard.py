@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import SECRET, chromium, needs_chromium
+from tests.conftest import screenshot as take_screenshot
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, Kratos, RedisServer, forwarded, wait_until
 
@@ -115,7 +116,7 @@ def sign_in(page, scene: Scene, token: str = TOKEN) -> None:
 def screenshot(page, shots: Path, name: str) -> None:
     for size, viewport in SIZES.items():
         page.set_viewport_size(viewport)
-        page.screenshot(path=str(shots / f"{name}-{size}.png"), full_page=True)
+        take_screenshot(page, shots / f"{name}-{size}.png", full_page=True)
     page.set_viewport_size(SIZES["desktop"])
 
 

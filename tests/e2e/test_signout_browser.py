@@ -39,7 +39,7 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import pytest
 
-from tests.conftest import bridge_env, chromium, needs_chromium
+from tests.conftest import bridge_env, chromium, needs_chromium, screenshot
 from tests.support import kratos_flows as flows
 from tests.support.harness import (
     BridgeServer,
@@ -301,7 +301,7 @@ def test_signing_out_in_chromium_ends_the_session_everywhere_and_clears_the_cook
     assert signed_out.request.method == ("GET" if how == "link" else "POST")
     assert signed_out.status == 303, (signed_out.text(), stack.proxy.log())
     assert page.locator("h1").inner_text() == "Signed out"
-    page.screenshot(path=str(shots / f"signout-{stack.kind}-{how}.png"))
+    screenshot(page, shots / f"signout-{stack.kind}-{how}.png")
 
     # Kratos's Set-Cookie that clears its cookie reached Chromium through the proxy.
     assert session_cookie(context) is None, context.cookies()
@@ -340,7 +340,7 @@ def test_another_sites_page_cannot_sign_the_user_out(
             # Chromium sent Kratos's (SameSite=Lax) cookie along: the bridge alone refused.
             assert f"{COOKIE}={cookie}" in sent.get("cookie", ""), attempt
         if how == "form":
-            page.screenshot(path=str(shots / f"signout-{stack.kind}-{site}-refused.png"))
+            screenshot(page, shots / f"signout-{stack.kind}-{site}-refused.png")
 
     # Still signed in: in Chromium's jar, in Kratos, on both bridges.
     assert session_cookie(context) == cookie
