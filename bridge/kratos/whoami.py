@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -290,4 +291,10 @@ def _redirect_browser_to(answer: Answer) -> str | None:
     error = body.get("error")
     if target is None and isinstance(error, dict) and isinstance(error.get("details"), dict):
         target = error["details"].get("redirect_browser_to")
-    return target if isinstance(target, str) and _BROWSER_URL.fullmatch(target) else None
+    if not isinstance(target, str) or not _BROWSER_URL.fullmatch(target):
+        return None
+    try:  # "https://[" is visible ASCII after "https://", and no URL
+        urlsplit(target)
+    except ValueError:
+        return None
+    return target

@@ -104,7 +104,10 @@ class BrowserRedirects:
         allow-listed origin; else ``None``."""
         if not url or len(url) > MAX_REDIRECT or not _VISIBLE.fullmatch(url) or "\\" in url:
             return None
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # brackets that hold no IPv6 address: "https://["
+            return None
         if parts.scheme not in _DEFAULT_PORTS or not parts.netloc or "@" in parts.netloc:
             return None
         return url if self._admits(parts.scheme, parts.netloc) else None

@@ -152,3 +152,22 @@ def test_without_retry_after_ory_networks_reset_is_passed_on(stand_in, redis_ser
     )
     client = _client(stand_in, redis_server, prefix)
     assert client.get("/whoami", headers={"X-Session-Token": token}).headers["Retry-After"] == "12"
+
+
+def test_a_step_up_url_that_is_no_url_leaves_the_browser_to_the_login(
+    stand_in, redis_server, prefix
+):
+    """Kratos's 403 may say where the browser steps up; "https://[" is visible ASCII after
+    a scheme, and no URL (urlsplit refuses it; the fuzz run found it): the step-up goes to
+    the login URL at aal2, not to a 500."""
+    token = "ory_st_" + "u" * 32
+    stand_in.answers[token] = (403, {}, b'{"redirect_browser_to":"https://["}')
+    client = _client(stand_in, redis_server, prefix)
+
+    response = client.get("/auth", headers={"X-Session-Token": token})
+    assert response.status_code == 401, response.get_data()
+    body = response.get_json()
+    assert body["error"] == "aal2_required"
+    login = f"{stand_in.public_url}/self-service/login/browser?aal=aal2"
+    assert body["redirect_browser_to"] == login
+    assert response.headers["X-Bridge-Redirect"] == login

@@ -202,7 +202,12 @@ def test_a_cross_site_sign_out_is_refused_and_changes_nothing(kratos: Kratos, tw
 def test_return_to_off_the_allow_list_is_left_out(kratos: Kratos, two_bridges) -> None:
     bridge, _ = two_bridges()
     user = flows.register(kratos, "return-to")
-    for elsewhere in ("https://evil.example/", "http://127.0.0.1:4455@evil.example/", "//evil"):
+    for elsewhere in (
+        "https://evil.example/",
+        "http://127.0.0.1:4455@evil.example/",
+        "//evil",
+        "https://[",  # no URL: urlsplit raises on it
+    ):
         cookie = flows.browser_login(kratos, user)
         headers = {**BROWSER, "Cookie": f"ory_kratos_session={cookie}"}
         response = httpx.get(bridge.url + LOGOUT, params={"return_to": elsewhere}, headers=headers)
