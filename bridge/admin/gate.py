@@ -21,9 +21,10 @@ import hmac
 import ipaddress
 import time
 import uuid
-from urllib.parse import urlsplit
 
 from flask import request
+
+from bridge.pipeline.redirects import host_of
 
 COOKIE = "bridge_admin_ui"
 SIGNED_IN_FOR = 12 * 3600
@@ -83,7 +84,7 @@ def same_site() -> bool:
     if request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin"):
         return False
     origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc.lower() == request.host.lower()
+    return origin is None or host_of(origin) == request.host.lower()
 
 
 def local_and_same_site() -> bool:

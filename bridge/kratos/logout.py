@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote
 
 import orjson
 
 from bridge.errors import KratosUnavailable
 from bridge.kratos.http_client import Answer, HTTPClient, RequestFailed
 from bridge.pipeline.credentials import Credential, Kind
+from bridge.pipeline.redirects import url_parts
 
 _ACCEPT_JSON = ("Accept", "application/json")
 # Kratos's redirect and cookies become response headers: visible ASCII (and space) only.
@@ -98,8 +99,9 @@ def _logout_token(body: bytes) -> str:
         token = flow.get("logout_token")
     except (orjson.JSONDecodeError, AttributeError):
         raise KratosUnavailable("Kratos's browser logout did not answer JSON") from None
-    if isinstance(url, str):
-        token = (parse_qs(urlsplit(url).query).get("token") or [token])[0]
+    parts = url_parts(url) if isinstance(url, str) else None
+    if parts is not None:
+        token = (parse_qs(parts.query).get("token") or [token])[0]
     if not (isinstance(token, str) and _HEADER_VALUE.fullmatch(token)):
         raise KratosUnavailable("Kratos's browser logout gave no usable logout token")
     return token

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -36,6 +35,7 @@ from bridge.kratos.http_client import Answer, AsyncHTTPClient, HTTPClient, Reque
 from bridge.kratos.rate_limit import RateLimit, seconds
 from bridge.logs import Throttled
 from bridge.pipeline.credentials import Credential
+from bridge.pipeline.redirects import url_parts
 
 log = logging.getLogger(__name__)
 _failures = Throttled(log)
@@ -291,10 +291,6 @@ def _redirect_browser_to(answer: Answer) -> str | None:
     error = body.get("error")
     if target is None and isinstance(error, dict) and isinstance(error.get("details"), dict):
         target = error["details"].get("redirect_browser_to")
-    if not isinstance(target, str) or not _BROWSER_URL.fullmatch(target):
-        return None
-    try:  # "https://[" is visible ASCII after "https://", and no URL
-        urlsplit(target)
-    except ValueError:
-        return None
-    return target
+    if isinstance(target, str) and _BROWSER_URL.fullmatch(target) and url_parts(target) is not None:
+        return target
+    return None

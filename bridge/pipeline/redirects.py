@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlencode, urlsplit
 
 from bridge.web.request import OriginalRequest
 
@@ -104,11 +104,10 @@ class BrowserRedirects:
         allow-listed origin; else ``None``."""
         if not url or len(url) > MAX_REDIRECT or not _VISIBLE.fullmatch(url) or "\\" in url:
             return None
-        try:
-            parts = urlsplit(url)
-        except ValueError:  # brackets that hold no IPv6 address: "https://["
+        parts = url_parts(url)
+        if parts is None or parts.scheme not in _DEFAULT_PORTS:
             return None
-        if parts.scheme not in _DEFAULT_PORTS or not parts.netloc or "@" in parts.netloc:
+        if not parts.netloc or "@" in parts.netloc:
             return None
         return url if self._admits(parts.scheme, parts.netloc) else None
 
@@ -116,6 +115,22 @@ class BrowserRedirects:
         host, port = split_host(host_and_port)
         port = port or _DEFAULT_PORTS[scheme]
         return any(origin.admits(scheme, host, port) for origin in self._origins)
+
+
+def url_parts(url: str) -> SplitResult | None:
+    """``urlsplit(url)``, or ``None`` for text it refuses: brackets that hold no IPv6
+    address (``https://[``) pass every check of visible ASCII after a scheme."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def host_of(url: str) -> str | None:
+    """The lower-case ``host[:port]`` of ``url`` (an ``Origin`` header, say); ``None`` for
+    text that is no URL."""
+    parts = url_parts(url)
+    return parts.netloc.lower() if parts is not None else None
 
 
 def split_host(host: str) -> tuple[str, int | None]:

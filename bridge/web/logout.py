@@ -22,13 +22,13 @@ attached by the browser, so a client without either header may use it.
 from __future__ import annotations
 
 from typing import Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from bridge.errors import CredentialMissing, SessionInvalid, StepUpRequired
 from bridge.kratos.logout import KratosLogout
 from bridge.pipeline.credentials import Credential, Kind, extract
 from bridge.pipeline.dialects import is_navigation
-from bridge.pipeline.redirects import BrowserRedirects
+from bridge.pipeline.redirects import BrowserRedirects, host_of
 from bridge.sessions.ending import SessionEnder
 from bridge.sessions.mirror import Resolved
 from bridge.web import responses
@@ -131,7 +131,7 @@ def cross_site(headers: HeaderView, method: str, credential: Credential | None) 
     if site and site not in _SAME_SITE:
         return "sent from another site (Sec-Fetch-Site)"
     own = _own_host(headers)
-    if origin is not None and (not own or urlsplit(origin).netloc.lower() != own):
+    if origin is not None and (not own or host_of(origin) != own):
         return "sent from another origin (Origin)"
     cookie = credential is not None and credential.kind is Kind.COOKIE
     if cookie and not site and (method != "POST" or origin is None):

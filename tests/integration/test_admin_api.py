@@ -438,6 +438,7 @@ def test_without_a_token_only_local_same_site_requests_are_answered(start_bridge
     for headers in (
         {"Host": "evil.example"},  # a page on a rebound DNS name
         {"Origin": "https://evil.example"},
+        {"Origin": "https://["},  # no URL: names no origin of ours
         {"Sec-Fetch-Site": "cross-site"},
     ):
         response = httpx.get(url, headers=headers)

@@ -147,6 +147,7 @@ CROSS_SITE = [
     ("GET", {"Sec-Fetch-Site": "same-site"}),
     ("POST", {"Sec-Fetch-Site": "same-origin", "Origin": "https://evil.example"}),
     ("POST", {"Origin": "null"}),
+    ("POST", {"Origin": "https://["}),  # no URL: names no origin of ours
     ("POST", {}),  # a cookie, and nothing to tell where the request came from
     ("GET", {"Origin": f"https://{APP_HOST}"}),  # without Sec-Fetch-Site, only a POST
 ]
