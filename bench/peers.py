@@ -1334,6 +1334,7 @@ def parse_args() -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
+        metavar="N",
         help="measure each scenario's systems N times, interleaved; report medians",
     )
     parser.add_argument("--sessions-cache", type=Path, default=CACHE / "bench")
