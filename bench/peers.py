@@ -8,11 +8,26 @@ Not a test: it prints figures and writes them to JSON and a PNG chart.
         [--systems bridge,bridge-1worker,heimdall,oathkeeper,kratos[,bridge-sentinel,bridge-cluster]
                    [,bridge-forward,bridge-rules,bridge-jwt,bridge-rules-jwt,bridge-bare,bridge-analytics]
                    [,bridge-grpc]]
-        [--base-tree CHECKOUT] [--sessions-cache DIR] [--out FILE.json] [--chart FILE.png]
+        [--base-tree CHECKOUT] [--repeat N] [--sessions-cache DIR] [--out FILE.json]
+        [--chart FILE.png]
 
 With --base-tree, `bridge-base` (the bridge run from that other checkout, e.g. a
 `git worktree` of the commit before a change) is driven right after `bridge` in every
 scenario: what a change costs, both trees under the same load in the same run.
+
+With --repeat N (N > 1; odd is best), each scenario of a round drives its systems N times,
+interleaved (every system once, then every system again, ...), on the same started servers,
+so that drift on the machine hits each system alike; one run's figures swing by a third on a
+shared machine, too much to see a 5-10% change in one A/B. Each repeat warms its system
+again as the first does (see Load): heimdall's cache and the bridge's revalidation last 5 s,
+less than the other systems' runs in between, so an unwarmed repeat would start colder than
+the first one did. Repeat r's wrk runs use the scenario's seed + 2r (warm-up + 2r + 1), so
+the invalid tokens of invalid-10 are new to each repeat (the bridge caches rejections) and
+the same for every system within it. Every figure reported is then the median over the
+repeats (the lower middle for an even N: a figure a repeat measured), with the min-max of
+req/s, p99 and CPU per request beside it; and bridge-base/bridge, for req/s and CPU per
+request, is the median of the per-repeat ratios: both figures of a pair measured moments
+apart. The JSON keeps every repeat's figures ("runs") beside the medians ("results").
 
 What runs: redis-server, Kratos v1.3.1 on a SQLite file (the test suite's build and config,
 sessions valid for 720h), the bridge started as a user starts it (`python -m bridge serve`,
@@ -111,6 +126,7 @@ import resource
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -767,8 +783,11 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(stack: Stack, system: System, scenario: Scenario, args, tokens: Path) -> dict:
-    """Warm SYSTEM, then one counted wrk run of SCENARIO against it."""
+def measure(
+    stack: Stack, system: System, scenario: Scenario, args, tokens: Path, repeat: int = 0
+) -> dict:
+    """Warm SYSTEM, then one counted wrk run of SCENARIO against it; REPEAT (from 0) picks
+    the seeds, so that each repeat sends invalid tokens none before it sent."""
     prefix = ("taskset", "-c", WRK_CPUS) if stack.round != "unpinned" else ()
 
     def wrk(duration: float, seed: int) -> str:
@@ -786,10 +805,11 @@ def measure(stack: Stack, system: System, scenario: Scenario, args, tokens: Path
     if system.grpc:
         return measure_grpc(stack, system, scenario, args, tokens, prefix)
     warm_statuses = warm(system, tokens.read_text().split()[: scenario.sessions])
-    wrk(WARMUP_SECONDS, scenario.seed + 1)  # another seed: no invalid token seen before
+    seed = scenario.seed + 2 * repeat
+    wrk(WARMUP_SECONDS, seed + 1)  # another seed: no invalid token seen before
     time.sleep(SETTLE_SECONDS)
     before = Counters.read(stack, system)
-    out = wrk(args.duration, scenario.seed)
+    out = wrk(args.duration, seed)
     rss = sum(rss_mb(pid) for pid in system.pids)
     time.sleep(SETTLE_SECONDS)
     after = Counters.read(stack, system)
@@ -947,26 +967,105 @@ def summarise(
 
 
 def run_round(stack: Stack, scenarios: list[Scenario], args, tokens: Path) -> list[dict]:
-    """Each scenario in turn, every system once in it (interleaved)."""
+    """Each scenario in turn, every system once in it (interleaved), --repeat times over;
+    with repeats each row says which one it is."""
     results = []
     for scenario in scenarios:
-        for name in stack.names:
-            system = stack.systems.get(name)
-            if system is None or scenario.name not in args.scenarios_of.get(name, SCENARIOS):
-                continue
-            if system.grpc and scenario.name not in GRPC_SCENARIOS:
-                continue
-            row = {"round": stack.round, "scenario": scenario.name, "system": name}
-            if not system.alive():
-                row["error"] = "process exited"
-            else:
-                try:
-                    row = measure(stack, system, scenario, args, tokens)
-                except Exception as error:  # a system misbehaving must not stop the others
-                    row["error"] = f"{type(error).__name__}: {error}"
-            print(progress_line(row), flush=True)
-            results.append(row)
+        for repeat in range(args.repeat):
+            for name in stack.names:
+                system = stack.systems.get(name)
+                if system is None or scenario.name not in args.scenarios_of.get(name, SCENARIOS):
+                    continue
+                if system.grpc and scenario.name not in GRPC_SCENARIOS:
+                    continue
+                row = {"round": stack.round, "scenario": scenario.name, "system": name}
+                if not system.alive():
+                    row["error"] = "process exited"
+                else:
+                    try:
+                        row = measure(stack, system, scenario, args, tokens, repeat)
+                    except Exception as error:  # a system misbehaving must not stop the others
+                        row["error"] = f"{type(error).__name__}: {error}"
+                if args.repeat > 1:
+                    row["repeat"] = repeat + 1
+                print(progress_line(row), flush=True)
+                results.append(row)
     return results
+
+
+# ---------------------------------------------------------------- repeats
+
+# The figures whose min-max is shown beside their median.
+SPREAD = ("rps", "p99_ms", "cpu_us_per_req")
+# bridge-base / bridge per repeat: the figures compared, as pairs measured moments apart.
+PAIRED = ("rps", "cpu_us_per_req")
+
+
+def median(values: list):
+    """The lower middle for an even count: a figure some repeat measured (counts stay whole)."""
+    return statistics.median_low(values)
+
+
+def median_of(rows: list[dict]) -> dict:
+    """One row of the medians of ROWS' figures, nested counts (statuses, ...) included, a count
+    absent from a row being 0; text (round, scenario, ...) is the first row's."""
+    merged = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [row.get(key, 0) for row in rows]
+        if isinstance(values[0], dict):
+            merged[key] = median_of(values)
+        elif all(isinstance(value, (int, float)) for value in values):
+            merged[key] = median(values)
+        else:
+            merged[key] = values[0]
+    return merged
+
+
+def medians(runs: list[dict]) -> list[dict]:
+    """Per round, scenario and system, in the order first run: the median of its repeats
+    that did not fail, with REPEATS (how many) and the min-max of SPREAD; when all failed,
+    the first failure."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in runs:
+        groups.setdefault((row["round"], row["scenario"], row["system"]), []).append(row)
+    out = []
+    for rows in groups.values():
+        measured = [
+            {k: v for k, v in row.items() if k != "repeat"} for row in rows if "error" not in row
+        ]
+        if not measured:
+            out.append({k: v for k, v in rows[0].items() if k != "repeat"})
+            continue
+        row = median_of(measured)
+        row["repeats"] = len(measured)
+        row["spread"] = {
+            key: [min(r[key] for r in measured), max(r[key] for r in measured)] for key in SPREAD
+        }
+        out.append(row)
+    return out
+
+
+def paired_ratios(runs: list[dict]) -> list[dict]:
+    """bridge-base / bridge per round and scenario: the median, over the repeats where both
+    were measured, of each repeat's ratio of PAIRED (req/s above 1: the base tree serves more;
+    CPU per request above 1: it costs more)."""
+    pairs: dict[tuple, list[tuple[dict, dict]]] = {}
+    for row in runs:
+        if row["system"] != BASE or "error" in row:
+            continue
+        for other in runs:
+            same = all(other[k] == row[k] for k in ("round", "scenario", "repeat"))
+            if same and other["system"] == "bridge" and "error" not in other:
+                pairs.setdefault((row["round"], row["scenario"]), []).append((row, other))
+    out = []
+    for (round_, scenario), both in pairs.items():
+        entry = {"round": round_, "scenario": scenario, "repeats": len(both)}
+        for key in PAIRED:
+            per_repeat = [base[key] / bridge[key] for base, bridge in both if bridge[key]]
+            entry[key] = median(per_repeat) if per_repeat else None
+            entry[f"{key}_per_repeat"] = per_repeat
+        out.append(entry)
+    return out
 
 
 # ---------------------------------------------------------------- derived figures
@@ -1037,6 +1136,8 @@ def invalid_summary(results: list[dict]) -> list[dict]:
 
 def progress_line(row: dict) -> str:
     where = f"[{row['round']}] {row['scenario']:<11} {row['system']:<15}"
+    if "repeat" in row:
+        where += f" #{row['repeat']}"
     if "error" in row:
         return f"{where} ERROR {row['error']}"
     return (
@@ -1052,11 +1153,23 @@ def non_2xx_cell(row: dict) -> str:
     return str(row["non_2xx"] + row["socket_errors"])
 
 
+def spread_cell(row: dict, key: str, form: str) -> str:
+    """ROW's KEY in FORM, with its min-max over the repeats beside it when there were some."""
+    cell = format(row[key], form)
+    if "spread" in row:
+        low, high = row["spread"][key]
+        cell += f" ({low:{form}}\u2013{high:{form}})"
+    return cell
+
+
 def print_results(results: list[dict], rounds: dict[str, dict]) -> None:
+    # The columns with a spread beside their median are wider when there is one.
+    wide = any("spread" in row for row in results)
+    rps_w, p99_w, cpu_w = (22, 22, 20) if wide else (9, 9, 12)
     header = (
-        f"{'scenario':<12}{'system':<16}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>11}"
-        f"{'kratos/1k':>11}{'CPU us/req':>12}{'kratos us/req':>15}{'RSS MB':>9}{'wrk CPU':>9}"
-        f"{'other CPU':>11}"
+        f"{'scenario':<12}{'system':<16}{'req/s':>{rps_w}}{'p50 ms':>9}{'p99 ms':>{p99_w}}"
+        f"{'non-2xx':>11}{'kratos/1k':>11}{'CPU us/req':>{cpu_w}}{'kratos us/req':>15}"
+        f"{'RSS MB':>9}{'wrk CPU':>9}{'other CPU':>11}"
     )
     for round_, placed in rounds.items():
         rows = [r for r in results if r["round"] == round_]
@@ -1076,9 +1189,10 @@ def print_results(results: list[dict], rounds: dict[str, dict]) -> None:
                 continue
             kratos_us = "" if row["system"] == "kratos" else f"{row['kratos_cpu_us_per_req']:.0f}"
             print(
-                f"{row['scenario']:<12}{row['system']:<16}{row['rps']:>9.0f}"
-                f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{non_2xx_cell(row):>11}"
-                f"{row['kratos_calls_per_1000']:>11.1f}{row['cpu_us_per_req']:>12.0f}"
+                f"{row['scenario']:<12}{row['system']:<16}{spread_cell(row, 'rps', '.0f'):>{rps_w}}"
+                f"{row['p50_ms']:>9.2f}{spread_cell(row, 'p99_ms', '.2f'):>{p99_w}}"
+                f"{non_2xx_cell(row):>11}{row['kratos_calls_per_1000']:>11.1f}"
+                f"{spread_cell(row, 'cpu_us_per_req', '.0f'):>{cpu_w}}"
                 f"{kratos_us:>15}{row['rss_mb']:>9.0f}{100 * row['wrk_cpu_share']:>8.0f}%"
                 f"{100 * row['other_cpu_share']:>10.0f}%"
             )
@@ -1096,6 +1210,20 @@ def print_ratios(table: list[dict]) -> None:
             f"{row['round']:<16}{row['scenario']:<12}{row['system']:<16}{row['peer']:<16}"
             f"{rps:>8}{p99:>8}"
         )
+
+
+def print_paired(table: list[dict]) -> None:
+    if not table:
+        return
+    print(
+        f"\n{BASE} / bridge, median of the per-repeat ratios "
+        "(req/s above 1: base serves more; CPU/req above 1: base costs more)"
+    )
+    print(f"{'round':<16}{'scenario':<12}{'repeats':>8}{'req/s':>8}{'CPU/req':>9}")
+    for row in table:
+        rps = f"{row['rps']:.3f}" if row["rps"] else "-"
+        cpu = f"{row['cpu_us_per_req']:.3f}" if row["cpu_us_per_req"] else "-"
+        print(f"{row['round']:<16}{row['scenario']:<12}{row['repeats']:>8}{rps:>8}{cpu:>9}")
 
 
 def print_invalid(table: list[dict]) -> None:
@@ -1120,7 +1248,8 @@ def print_invalid(table: list[dict]) -> None:
 
 
 def draw_chart(pyplot, results: list[dict], path: Path, title: str) -> None:
-    """Grouped bars: req/s per scenario and system above, p99 below."""
+    """Grouped bars: req/s per scenario and system above, p99 below; with repeats, the
+    medians, with whiskers from the lowest to the highest repeat."""
     rows = [r for r in results if "error" not in r]
     groups = list(dict.fromkeys((r["round"], r["scenario"]) for r in rows))
     systems = [s for s in ALL_SYSTEMS if any(r["system"] == s for r in rows)]
@@ -1128,15 +1257,21 @@ def draw_chart(pyplot, results: list[dict], path: Path, title: str) -> None:
     figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(11, 8), sharex=True)
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
-        positions, rps, p99 = [], [], []
+        positions: list[float] = []
+        bars: dict[str, list[float]] = {"rps": [], "p99_ms": []}
+        whiskers: dict[str, list[list[float]]] = {"rps": [[], []], "p99_ms": [[], []]}
         for g, (round_, scenario) in enumerate(groups):
             row = find(rows, round_, scenario, system)
             if row:
                 positions.append(g + (i - (len(systems) - 1) / 2) * width)
-                rps.append(row["rps"])
-                p99.append(row["p99_ms"])
-        top.bar(positions, rps, width, label=system)
-        bottom.bar(positions, p99, width, label=system)
+                for key in bars:
+                    low, high = row.get("spread", {}).get(key, (row[key], row[key]))
+                    bars[key].append(row[key])
+                    whiskers[key][0].append(row[key] - low)
+                    whiskers[key][1].append(high - row[key])
+        for axes, key in ((top, "rps"), (bottom, "p99_ms")):
+            spread = whiskers[key] if any("spread" in row for row in rows) else None
+            axes.bar(positions, bars[key], width, label=system, yerr=spread, capsize=2)
     top.set_ylabel("requests/s (higher is better)")
     bottom.set_ylabel("p99 latency, ms (lower is better)")
     bottom.set_xticks(range(len(groups)), labels)
@@ -1166,6 +1301,7 @@ def meta(args, rounds: dict) -> dict:
         "warmup_s": WARMUP_SECONDS,
         "zipf_s": ZIPF_S,
         "session_lifespan": SESSION_LIFESPAN,
+        **({"repeat": args.repeat} if args.repeat > 1 else {}),
         "bridge_settings": "Redis store, BRIDGE_REVALIDATE_AFTER=5, BRIDGE_WORKERS unset",
         "rounds": rounds,
     }
@@ -1194,12 +1330,21 @@ def parse_args() -> argparse.Namespace:
         type=Path,
         help=f"another checkout of this repository: adds {BASE}, the bridge run from it",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure each scenario's systems N times, interleaved; report medians",
+    )
     parser.add_argument("--sessions-cache", type=Path, default=CACHE / "bench")
     parser.add_argument("--out", type=Path, help="JSON results (default: in the cache)")
     parser.add_argument("--chart", type=Path, help="PNG chart (default: beside the JSON)")
     args = parser.parse_args()
     args.rounds = [r for r in args.rounds.split(",") if r]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: at least 1")
     for name in args.rounds:
         if name not in ROUNDS:
             parser.error(f"unknown round {name!r}: choose from {', '.join(ROUNDS)}")
@@ -1278,15 +1423,21 @@ def main() -> None:
     report(args, results, rounds, pyplot)
 
 
-def report(args, results: list[dict], rounds: dict, pyplot) -> None:
+def report(args, runs: list[dict], rounds: dict, pyplot) -> None:
+    """Print and write RUNS' figures; with repeats, every figure is the median of its repeats
+    (the raw runs are kept in the JSON) and bridge-base / bridge is paired per repeat."""
+    results = medians(runs) if args.repeat > 1 else runs
     ratio_table, invalid_table = ratios(results), invalid_summary(results)
+    paired_table = paired_ratios(runs) if args.repeat > 1 else []
     print(
         f"\n{os.cpu_count()} CPUs; wrk -t1 -c{args.connections} -d{args.duration:g}s per run, "
         f"{WARMUP_SECONDS}s warm-up; Kratos {KRATOS_VERSION}, heimdall "
         f"{PEER_VERSIONS['heimdall']}, Oathkeeper {PEER_VERSIONS['oathkeeper']}"
+        + (f"; median (min\u2013max) of {args.repeat} repeats" if args.repeat > 1 else "")
     )
     print_results(results, rounds)
     print_ratios(ratio_table)
+    print_paired(paired_table)
     print_invalid(invalid_table)
     document = {
         "meta": meta(args, rounds),
@@ -1294,6 +1445,8 @@ def report(args, results: list[dict], rounds: dict, pyplot) -> None:
         "ratios": ratio_table,
         "invalid_10": invalid_table,
     }
+    if args.repeat > 1:
+        document.update(runs=runs, base_ratios=paired_table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nJSON:  {args.out}")
