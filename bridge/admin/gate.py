@@ -57,7 +57,10 @@ class Gate:
         if self.bearer_ok():
             return True
         issued, _, mac = (request.cookies.get(COOKIE) or "").partition(".")
-        if not issued.isdigit() or not 0 <= time.time() - int(issued) <= SIGNED_IN_FOR:
+        # isdigit() alone admits "²" (a Latin-1 byte of a header), which int() refuses.
+        if not (issued.isascii() and issued.isdigit()):
+            return False
+        if not 0 <= time.time() - int(issued) <= SIGNED_IN_FOR:
             return False
         return hmac.compare_digest(mac.encode(), self._mac("signed-in|" + issued).encode())
 

@@ -90,6 +90,18 @@ def test_every_admin_route_wants_the_token(start_bridge) -> None:
     assert admin(bridge, "GET", "/admin/sessions").status_code == 200
 
 
+def test_a_dashboard_cookie_that_is_no_timestamp_is_the_login_page(start_bridge) -> None:
+    """The cookie is read from a header's bytes as Latin-1: byte B2 is "\u00b2", a digit to
+    str.isdigit() and none to int(), so it has to be refused as no timestamp, not a 500."""
+    bridge = start_bridge()
+    for cookie in (b"\xb2.mac", b"12x.mac", b"0.mac"):
+        response = httpx.get(
+            bridge.admin_url + "/admin/ui/", headers={"Cookie": b"bridge_admin_ui=" + cookie}
+        )
+        assert response.status_code == 303, (cookie, response.text)
+        assert response.headers["Location"].endswith("/admin/ui/login"), cookie
+
+
 def test_the_admin_api_is_not_on_the_public_listener(start_bridge) -> None:
     bridge = start_bridge()
     response = httpx.get(bridge.url + "/admin/sessions", headers=BEARER)
