@@ -78,7 +78,8 @@ def screenshot(page, path: Path, **options: object) -> None:
     try:
         page.screenshot(path=str(path), **options)
     except Error as error:
-        warnings.warn(f"no screenshot {path.name}: {error.message.splitlines()[0]}", stacklevel=2)
+        first_line = error.message.partition("\n")[0]
+        warnings.warn(f"no screenshot {path.name}: {first_line}", stacklevel=2)
 
 
 @pytest.fixture(scope="module")

@@ -139,9 +139,9 @@ def split_host(host: str) -> tuple[str, int | None]:
     if host.startswith("["):
         address, _, rest = host[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
-        return address, int(port) if port.isdigit() else None
+        return address, int(port) if port.isascii() and port.isdigit() else None
     name, colon, port = host.rpartition(":")
-    if colon and port.isdigit():
+    if colon and port.isascii() and port.isdigit():
         return name.rstrip("."), int(port)
     return host.rstrip("."), None
 
