@@ -15,7 +15,7 @@ import pytest
 import redis
 from redis.sentinel import MasterNotFoundError
 
-from bridge.store.redis.connection import RedisTarget, redis_target
+from bridge.store.redis.connection import HiredisPacker, RedisTarget, redis_target
 from tests.support.harness import free_port, wait_until
 from tests.support.topologies import (
     Address,
@@ -94,6 +94,22 @@ def own_topology(
     """A topology of the test's own, of the kind its ``own(...)`` names."""
     with started_ahead[request.param].take() as topology:
         yield topology
+
+
+def test_every_topology_packs_with_hiredis_directly(redis_topology, monkeypatch):
+    """The packer reaches each topology's connections (a cluster's nodes take only the
+    keys redis-py lists); the bytes themselves are checked in tests/unit."""
+    packed: list[object] = []
+    pack = HiredisPacker.pack
+    monkeypatch.setattr(
+        HiredisPacker, "pack", lambda self, *args: packed.append(args[0]) or pack(self, *args)
+    )
+    with closing(redis_target(redis_topology.url, 0.5)) as target:
+        target.client.set("connect:packed", "1")
+        pipe = target.client.pipeline(transaction=False)
+        pipe.get("connect:packed")
+        assert pipe.execute() == [b"1"]
+    assert "SET" in packed and "GET" in packed
 
 
 def test_standalone(redis_server):

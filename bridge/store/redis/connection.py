@@ -15,6 +15,10 @@ Every failure is a ``redis.RedisError``, which the store turns into ``StoreUnava
 The same settings also build a client for coroutines on an event loop (redis-py's
 ``redis.asyncio``, each topology's own), for the steps the server's loop takes itself
 (``RedisTarget.on_loop``).
+
+Every threaded client packs its commands with hiredis directly (``HiredisPacker``): the
+bytes are the same as redis-py's own packer makes, for about a third of its CPU on the
+lookup's and the save's ~30 arguments.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -39,6 +45,34 @@ from bridge.store.redis.url import RedisAddress, parse_redis_url
 
 _POOL_SIZE = 256
 _HEALTH_CHECK_SECONDS = 30
+
+
+class HiredisPacker:
+    """Packs a command into RESP with one call to ``hiredis.pack_command``.
+
+    redis-py 8.1+ runs every argument through its Python encoder (and a scan for
+    memoryviews) before handing it to hiredis: 25.6 µs for a lookup's 40 arguments against
+    8.2 µs in 8.0 and 4.1 µs in 7.4, paid twice per miss. hiredis encodes ``str`` as UTF-8
+    (an unpaired surrogate raises ``UnicodeEncodeError``, as redis-py's strict encoder
+    does), ``int`` and ``float`` as their ``repr``, and refuses anything else with a
+    ``TypeError``, raised as the ``redis.DataError`` redis-py gives for such an argument
+    (redis-py also takes a ``bytearray``, which the bridge never sends). Like redis-py's
+    packers, a command name with spaces (``"SCRIPT LOAD"``) is sent as separate words. It
+    keeps no state, so one instance serves every connection on every thread."""
+
+    def pack(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if isinstance(name, str):
+            name = name.encode()
+        if b" " in name:
+            args = (*name.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as error:
+            raise redis.DataError(str(error)) from error
+
+
+_PACKER = HiredisPacker()
 
 
 def _command_retry() -> Retry:
@@ -135,7 +169,7 @@ def redis_target(url: str, timeout: float, sentinel_password: str | None = None)
     elif address.kind == "cluster":
         target = _cluster_target(address, timeout)
     else:
-        client = redis.Redis.from_url(url, **_standalone_kwargs(timeout))
+        client = redis.Redis.from_url(url, command_packer=_PACKER, **_standalone_kwargs(timeout))
         target = RedisTarget(client, "standalone", address)
     target.timeout, target.sentinel_password = timeout, sentinel_password
     return target
@@ -213,6 +247,7 @@ def _sentinel_target(
         ),
         health_check_interval=_HEALTH_CHECK_SECONDS,
         db=address.db,
+        command_packer=_PACKER,
         **_master_kwargs(address, timeout, _command_retry()),
     )
     return RedisTarget(sentinel.master_for(address.service), "sentinel", address, sentinel)
@@ -222,6 +257,8 @@ def _cluster_target(address: RedisAddress, timeout: float) -> RedisTarget:
     with _as_redis_errors():  # building it asks the seeds for the slot map
         client = _Cluster(
             startup_nodes=[ClusterNode(host, port) for host, port in address.nodes],
+            # The nodes' connections take only the keys redis-py lists, not the packer.
+            connection_pool_class=partial(redis.ConnectionPool, command_packer=_PACKER),
             **_master_kwargs(address, timeout, _command_retry()),
         )
     return RedisTarget(client, "cluster", address)
