@@ -130,7 +130,7 @@ def _refused_as_ended(response) -> bool:
 
 
 def _assert_answered(response) -> None:
-    """A 200, or the refusal's own words in the failure (which error, after how long)."""
+    """A 200, or the refusal's own words in the failure: its status and body."""
     assert response.status_code == 200, (response.status_code, response.get_data(as_text=True))
 
 
