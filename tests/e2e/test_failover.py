@@ -21,7 +21,7 @@ from bridge.store.redis.connection import redis_target
 from tests.conftest import SECRET
 from tests.support import kratos_flows as flows
 from tests.support.harness import BridgeServer, wait_until
-from tests.support.topologies import ClusterSet, SentinelSet
+from tests.support.topologies import FAST_FAILURE_AFTER_MS, ClusterSet, SentinelSet
 
 RECOVERY_BOUND_S = 30  # generous: Sentinel and Cluster need a few seconds to elect
 
@@ -165,7 +165,7 @@ def run_failover(topology, fail, kratos, workdir, prefix, credentials) -> None:
 
 
 def test_sentinel_master_killed(kratos, workdir, prefix, credentials):
-    topology = SentinelSet(workdir, appendonly=True)
+    topology = SentinelSet(workdir, appendonly=True, failure_after_ms=FAST_FAILURE_AFTER_MS)
     try:
 
         def fail() -> None:
@@ -179,7 +179,7 @@ def test_sentinel_master_killed(kratos, workdir, prefix, credentials):
 
 @pytest.mark.parametrize("how", ["cluster_failover", "master_killed"])
 def test_cluster(how, kratos, workdir, prefix, credentials):
-    topology = ClusterSet(workdir, appendonly=True)
+    topology = ClusterSet(workdir, appendonly=True, failure_after_ms=FAST_FAILURE_AFTER_MS)
     stream = prefix + "events:aal2"
     try:
 

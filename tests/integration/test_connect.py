@@ -18,6 +18,7 @@ from redis.sentinel import MasterNotFoundError
 from bridge.store.redis.connection import HiredisPacker, RedisTarget, redis_target
 from tests.support.harness import free_port, wait_until
 from tests.support.topologies import (
+    FAST_FAILURE_AFTER_MS,
     Address,
     ClusterSet,
     SentinelSet,
@@ -70,9 +71,12 @@ def started_ahead(
     tls = tls_files(workdir)
     makers: dict[str, Callable[[], SentinelSet | ClusterSet]] = {
         "sentinel with passwords": lambda: SentinelSet(
-            workdir, password=DATA_PASSWORD, sentinel_password=SENTINEL_PASSWORD
+            workdir,
+            password=DATA_PASSWORD,
+            sentinel_password=SENTINEL_PASSWORD,
+            failure_after_ms=FAST_FAILURE_AFTER_MS,
         ),
-        "cluster": lambda: ClusterSet(workdir),
+        "cluster": lambda: ClusterSet(workdir, failure_after_ms=FAST_FAILURE_AFTER_MS),
         "sentinel over TLS": lambda: SentinelSet(workdir, tls=tls),
         "cluster over TLS": lambda: ClusterSet(workdir, tls=tls),
     }

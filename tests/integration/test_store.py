@@ -454,14 +454,14 @@ def test_lookup_of_a_stale_credential_takes_the_lock_once(store):
 def test_forget_lets_go_of_the_lock(store):
     save(store, "fp1", session(validated_at=now_ms() - 6000))
     found = store.lookup("fp1", now_ms(), 5000, 10_000, with_app=False)
-    store.forget("fp1", found.session, Rejection(now_ms(), 1000), found.lock)
+    store.forget("fp1", found.session, Rejection(now_ms(), keep_ms=10_000), found.lock)
     assert not store.revalidation_pending("s1")
     assert isinstance(store.lookup("fp1", now_ms(), 5000, 100, with_app=False).entry, Rejection)
 
 
 def test_lookup_of_a_rejected_credential(store):
     save(store, "fp1", session())
-    rejection = Rejection(now_ms(), 1000)
+    rejection = Rejection(now_ms(), keep_ms=10_000)
     store.forget("fp1", None, rejection)
     found = store.lookup("fp1", now_ms(), 5000, 100, with_app=False)
     assert found == Lookup(Rejection(rejection.rejected_at_ms))

@@ -19,6 +19,7 @@ from tests.conftest import bridge_settings, topology_url
 from tests.support.harness import free_port
 from tests.support.mirrored import now_ms, session
 
+# Freshness, locks and remembered rejections: far longer than a busy machine stalls a step.
 WINDOW_MS = 60_000
 
 
@@ -84,12 +85,12 @@ def test_the_loops_lock_keeps_another_process_waiting_until_let_go(open_store):
     store.save("fp-lock", stale, None, now_ms())
 
     async def take(on_loop):
-        found = await on_loop.lookup("fp-lock", now_ms(), WINDOW_MS, 5000, with_app=False)
+        found = await on_loop.lookup("fp-lock", now_ms(), WINDOW_MS, WINDOW_MS, with_app=False)
         return found, await on_loop.revalidation_pending("s-lock")
 
     found, pending = on_a_loop(store, take)
     assert isinstance(found.lock, Lock) and pending
-    waiting = other_process.lookup("fp-lock", now_ms(), WINDOW_MS, 5000, with_app=False)
+    waiting = other_process.lookup("fp-lock", now_ms(), WINDOW_MS, WINDOW_MS, with_app=False)
     assert waiting.lock is None and waiting.peer_busy
 
     async def let_go(on_loop):
@@ -97,7 +98,7 @@ def test_the_loops_lock_keeps_another_process_waiting_until_let_go(open_store):
         return await on_loop.revalidation_pending("s-lock")
 
     assert on_a_loop(store, let_go) is False
-    again = other_process.lookup("fp-lock", now_ms(), WINDOW_MS, 5000, with_app=False)
+    again = other_process.lookup("fp-lock", now_ms(), WINDOW_MS, WINDOW_MS, with_app=False)
     assert isinstance(again.lock, Lock)
     other_process.release_revalidation(again.lock)
 
@@ -109,14 +110,14 @@ def test_a_save_on_the_loop_lets_go_of_the_lock_it_took(open_store):
     )
 
     async def renew(on_loop):
-        found = await on_loop.lookup("fp-renew", now_ms(), WINDOW_MS, 5000, with_app=False)
+        found = await on_loop.lookup("fp-renew", now_ms(), WINDOW_MS, WINDOW_MS, with_app=False)
         assert isinstance(found.lock, Lock)
         saved = await on_loop.save("fp-renew", session("s-renew"), None, now_ms(), found.lock)
         return saved, await on_loop.revalidation_pending("s-renew")
 
     saved, pending = on_a_loop(store, renew)
     assert saved.cached and not pending
-    fresh = open_store().lookup("fp-renew", now_ms(), WINDOW_MS, 5000, with_app=False)
+    fresh = open_store().lookup("fp-renew", now_ms(), WINDOW_MS, WINDOW_MS, with_app=False)
     assert fresh.session is not None and fresh.lock is None and not fresh.peer_busy
 
 
@@ -130,8 +131,8 @@ def test_a_rejection_forgotten_on_the_loop_is_seen_by_every_process(open_store, 
     store = writer if known_here else open_store()
 
     async def reject(on_loop):
-        found = await on_loop.lookup("fp-gone", now_ms(), WINDOW_MS, 5000, with_app=False)
-        rejection = Rejection(now_ms(), 5000)
+        found = await on_loop.lookup("fp-gone", now_ms(), WINDOW_MS, WINDOW_MS, with_app=False)
+        rejection = Rejection(now_ms(), keep_ms=WINDOW_MS)
         await on_loop.forget("fp-gone", found.session, rejection, found.lock)
         return await on_loop.revalidation_pending("s-gone")
 

@@ -15,7 +15,14 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from tests.support.topologies import ClusterSet, SentinelSet, Standalone, TlsFiles, tls_files
+from tests.support.topologies import (
+    FAST_FAILURE_AFTER_MS,
+    ClusterSet,
+    SentinelSet,
+    Standalone,
+    TlsFiles,
+    tls_files,
+)
 
 FAILOVER_BOUND_S = 15
 
@@ -77,7 +84,7 @@ def test_a_write_on_the_sentinel_master_reaches_the_replica(sentinel_set):
 
 
 def test_the_sentinels_promote_the_replica_when_the_master_dies(workdir):
-    topology = SentinelSet(workdir, appendonly=True)
+    topology = SentinelSet(workdir, appendonly=True, failure_after_ms=FAST_FAILURE_AFTER_MS)
     try:
         client = Sentinel([s.address for s in topology.sentinels], socket_timeout=2).master_for(
             topology.service, decode_responses=True
@@ -120,7 +127,7 @@ def test_cluster_keys_of_different_slots_land_on_different_masters(cluster_set):
 
 
 def test_cluster_failover_swaps_master_and_replica(workdir):
-    topology = ClusterSet(workdir)
+    topology = ClusterSet(workdir, failure_after_ms=FAST_FAILURE_AFTER_MS)
     try:
         topology.client().set("swapped", "1")
         master = topology.master_for_key("swapped")
@@ -137,7 +144,7 @@ def test_cluster_failover_swaps_master_and_replica(workdir):
 
 
 def test_cluster_replica_takes_over_a_killed_master(workdir):
-    topology = ClusterSet(workdir, appendonly=True)
+    topology = ClusterSet(workdir, appendonly=True, failure_after_ms=FAST_FAILURE_AFTER_MS)
     try:
         client = topology.client()
         client.set("survives", "1")

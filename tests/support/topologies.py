@@ -39,6 +39,13 @@ SETUP_TIMEOUT_S = 20
 # about 1 s on an idle machine, but past 20 s once in a full run with the disk busy.
 SENTINEL_SETTLE_TIMEOUT_S = 45
 CLUSTER_SLOTS = 16384
+# How long a server may stay silent before its Sentinels or its cluster judge it failed
+# and promote its replica (``failure_after_ms``). A set that nobody fails over waits long:
+# a 2.5 s stall of a busy machine's Redis promoted the replica of a cluster given 1 s, and
+# a write its old master took in the meantime was lost. A test that kills or pauses a
+# master asks for fast detection, and builds a set of its own.
+STEADY_FAILURE_AFTER_MS = 60_000
+FAST_FAILURE_AFTER_MS = 1000
 
 Address = tuple[str, int]
 
@@ -246,6 +253,16 @@ class RedisProcess:
             self.process.send_signal(signal.SIGCONT)
 
 
+def _fails_over_fast(topology: SentinelSet | ClusterSet) -> None:
+    """A killed master is replaced only after ``failure_after_ms``: a steady set would
+    keep a test waiting for a minute, then fail it on a timeout that names no cause."""
+    if topology.failure_after_ms > FAST_FAILURE_AFTER_MS:
+        raise RuntimeError(
+            f"this {topology.kind} set was built steady (failure_after_ms="
+            f"{topology.failure_after_ms}): build it with FAST_FAILURE_AFTER_MS to fail it over"
+        )
+
+
 def _stop_all(nodes: Sequence[RedisProcess]) -> None:
     """``SIGTERM`` to all at once, then wait for each (killing any that lingers)."""
     for node in nodes:
@@ -311,7 +328,6 @@ class SentinelSet:
     the master's ``INFO``, which they ask for on connecting and then only every 10 s."""
 
     kind = "sentinel"
-    DOWN_AFTER_MS = 1000
     FAILOVER_TIMEOUT_MS = 4000
 
     def __init__(
@@ -323,9 +339,11 @@ class SentinelSet:
         service: str = "bridge",
         password: str | None = None,
         sentinel_password: str | None = None,
+        failure_after_ms: int = STEADY_FAILURE_AFTER_MS,
     ) -> None:
         self.tls = tls
         self.service = service
+        self.failure_after_ms = failure_after_ms
         self.password = password
         self.sentinel_password = sentinel_password
         self.folder = _new_folder(workdir, "sentinel")
@@ -361,7 +379,7 @@ class SentinelSet:
             f"bind {HOST}",
             f"dir {folder}",
             f"sentinel monitor {s} {master[0]} {master[1]} 2",
-            f"sentinel down-after-milliseconds {s} {self.DOWN_AFTER_MS}",
+            f"sentinel down-after-milliseconds {s} {self.failure_after_ms}",
             f"sentinel failover-timeout {s} {self.FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {s} 1",
         ]
@@ -447,6 +465,7 @@ class SentinelSet:
         return [a for a, server in self.servers.items() if server.running and a != master]
 
     def kill_master(self) -> Address:
+        _fails_over_fast(self)
         master = self.master_address()
         self.servers[master].kill()
         return master
@@ -548,12 +567,17 @@ class ClusterSet:
 
     kind = "cluster"
     NODES = 6
-    NODE_TIMEOUT_MS = 1000
 
     def __init__(
-        self, workdir: Path, *, appendonly: bool = False, tls: TlsFiles | None = None
+        self,
+        workdir: Path,
+        *,
+        appendonly: bool = False,
+        tls: TlsFiles | None = None,
+        failure_after_ms: int = STEADY_FAILURE_AFTER_MS,
     ) -> None:
         self.tls = tls
+        self.failure_after_ms = failure_after_ms
         self.folder = _new_folder(workdir, "cluster")
         self.nodes: dict[Address, RedisProcess] = {}
         try:
@@ -573,7 +597,7 @@ class ClusterSet:
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",  # in the node's own --dir
             "--cluster-port", str(_fresh_port()),
-            "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+            "--cluster-node-timeout", str(self.failure_after_ms),
             # A replica takes over however long ago it last heard from its master: a
             # test may kill a master that sat idle.
             "--cluster-replica-validity-factor", "0",
@@ -647,6 +671,7 @@ class ClusterSet:
         self.wait_ok(timeout)
 
     def kill_master_for_key(self, key: str | bytes) -> Address:
+        _fails_over_fast(self)
         master = self.master_for_key(key)
         self.nodes[master].kill()
         return master
