@@ -111,7 +111,7 @@ def main() -> None:
             "BRIDGE_LOG_LEVEL": "warning",
         }
         if args.server == "granian":
-            bridge = BridgeServer(env, work)
+            bridge = BridgeServer(env, work, patient=False)
             bridge_process, bridge_url = bridge.process, bridge.url
         else:
             bridge_process, bridge_url = start_waitress(env, args.threads)

@@ -17,7 +17,7 @@ from bridge.config import Settings, load_settings
 from bridge.store import SessionStore
 from bridge.web.app import create_app
 from bridge.wiring import build_store
-from tests.support.harness import Kratos, RedisServer
+from tests.support.harness import PATIENT_TIMEOUTS, Kratos, RedisServer
 from tests.support.kube import KubeAPI, require_binaries
 from tests.support.topologies import ClusterSet, SentinelSet
 
@@ -195,8 +195,10 @@ def prefix(request: pytest.FixtureRequest) -> str:
 
 def bridge_env(kratos: Kratos, redis_url: str | None, prefix: str, **env: str) -> dict[str, str]:
     """A bridge's settings for ``kratos`` and ``redis_url`` (none: the embedded store),
-    with ``env`` on top: for a bridge in process or a ``BridgeServer``."""
+    with the tests' ``PATIENT_TIMEOUTS`` and then ``env`` on top: for a bridge in process
+    or a ``BridgeServer``."""
     values = {
+        **PATIENT_TIMEOUTS,
         "BRIDGE_KRATOS_PUBLIC_URL": kratos.public_url,
         "BRIDGE_KRATOS_ADMIN_URL": kratos.admin_url,
         "BRIDGE_KEY_PREFIX": prefix,

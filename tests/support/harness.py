@@ -238,8 +238,17 @@ def _merge(into: dict, extra: dict) -> None:
             into[key] = value
 
 
+# The Redis and Kratos timeouts of a bridge in a test, unless the test names its own: a
+# busy CI machine stalls a process for seconds (a full run took 36 min there against 20),
+# and with the product's defaults (0.5 s, 2 s) such a stall is a 503 in whatever test runs
+# at that moment. A dependency that is down refuses at once; tests of slowness set theirs.
+PATIENT_TIMEOUTS = {"BRIDGE_REDIS_TIMEOUT": "5", "BRIDGE_KRATOS_TIMEOUT": "15"}
+
+
 class BridgeServer:
-    """``kratos-bridge serve`` as a real process; ``launcher`` runs it (``taskset -c 1``)."""
+    """``kratos-bridge serve`` as a real process; ``launcher`` runs it (``taskset -c 1``).
+    ``patient``: with ``PATIENT_TIMEOUTS`` under ``env``; a benchmark passes False to run
+    the defaults a user gets."""
 
     def __init__(
         self,
@@ -247,6 +256,8 @@ class BridgeServer:
         workdir: Path,
         extra_args: list[str] = (),
         launcher: list[str] = (),
+        *,
+        patient: bool = True,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -256,6 +267,7 @@ class BridgeServer:
         self.admin_port = int(env.get("BRIDGE_ADMIN_PORT") or free_port())
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         full_env["BRIDGE_ADMIN_PORT"] = str(self.admin_port)
+        full_env.update(PATIENT_TIMEOUTS if patient else {})
         full_env.update(env)
         serve = [sys.executable, "-m", "bridge", "serve"]
         with self.log_path.open("ab") as log:
