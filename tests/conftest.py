@@ -106,8 +106,8 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def sentinel_set(workdir: Path) -> Iterator[SentinelSet]:
-    """A master, a replica and three Sentinels, shared by the session: a test that
-    fails it over builds a ``SentinelSet`` of its own."""
+    """A master, a replica and three Sentinels, shared by the session and steady: a test
+    that fails it over builds a ``SentinelSet`` of its own, with fast failure detection."""
     topology = SentinelSet(workdir)
     yield topology
     topology.stop()
@@ -115,8 +115,8 @@ def sentinel_set(workdir: Path) -> Iterator[SentinelSet]:
 
 @pytest.fixture(scope="session")
 def cluster_set(workdir: Path) -> Iterator[ClusterSet]:
-    """A six-node Redis Cluster, shared by the session: a test that fails it over
-    builds a ``ClusterSet`` of its own."""
+    """A six-node Redis Cluster, shared by the session and steady: a test that fails it
+    over builds a ``ClusterSet`` of its own, with fast failure detection."""
     topology = ClusterSet(workdir)
     yield topology
     topology.stop()

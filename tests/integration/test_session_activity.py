@@ -155,9 +155,9 @@ def test_a_session_idle_past_the_timeout_is_refused_and_revoked(make_client, kra
 def test_a_session_used_in_time_is_not_refused(make_client, kratos):
     """Answers from the process's copy count as uses too, though they write nothing on
     the request path: here the last ones are 12.5 s before the next request, which the
-    limit (14 + 1.4 s) lets through, while the last use the lookups saw (the /whoami, about
-    when Kratos was asked) is at least 16.5 s before. Windows of seconds, not tenths: a
-    busy machine's stall of 2 s must not decide the test."""
+    limit (14 + 1.4 s) lets through, while the last use the lookups saw (the /whoami's)
+    is some 16 s before. Windows of seconds, not tenths: a busy machine's stall of 2 s
+    must not decide the test."""
     env = {"BRIDGE_IDLE_TIMEOUT": "14", "BRIDGE_REVALIDATE_AFTER": "6"}
     client = make_client(kratos, **env)
     user = flows.register(kratos)

@@ -247,8 +247,8 @@ PATIENT_TIMEOUTS = {"BRIDGE_REDIS_TIMEOUT": "5", "BRIDGE_KRATOS_TIMEOUT": "15"}
 
 class BridgeServer:
     """``kratos-bridge serve`` as a real process; ``launcher`` runs it (``taskset -c 1``).
-    ``patient``: with ``PATIENT_TIMEOUTS`` under ``env``; a benchmark passes False to run
-    the defaults a user gets."""
+    ``patient``: with ``PATIENT_TIMEOUTS`` under ``env``; False runs the product's defaults,
+    as a user's bridge does (a benchmark, the failover test)."""
 
     def __init__(
         self,

@@ -661,6 +661,7 @@ class ClusterSet:
     def failover(self, replica: Address, timeout: float = 15.0) -> None:
         """``CLUSTER FAILOVER`` on ``replica``: its master hands over without losing a
         write. Returns once ``replica`` is the master and the whole cluster agrees."""
+        _fails_over_fast(self)  # a steady set retries a lost election only minutes later
         with self.nodes[replica].client() as client:
             client.execute_command("CLUSTER", "FAILOVER")
         wait_until(
