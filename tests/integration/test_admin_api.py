@@ -349,8 +349,13 @@ def test_a_revocation_is_real_in_kratos_and_at_once_on_every_process(
 
     assert flows.session_of(kratos, token=token).status_code == 401
     for bridge in (one, two):
-        wait_until(lambda b=bridge: auth(b, token) == 401, 2, "the revocation on every process")
-        assert all(auth(bridge, token) == 401 for _ in range(10))
+        # Every worker of each, 10 refusals in a row: the announcement, long before the
+        # 300 s re-validation (15 s: a busy machine may stall its delivery for seconds).
+        wait_until(
+            lambda b=bridge: all(auth(b, token) == 401 for _ in range(10)),
+            15,
+            "the revocation on every process",
+        )
         assert auth(bridge, spared) == 200
     assert sid not in listed(one)
     assert admin(two, "DELETE", f"/admin/sessions/{sid}").status_code in (200, 404)
@@ -371,7 +376,7 @@ def test_revoking_an_identity_spares_the_session_named(kratos: Kratos, start_bri
     assert {session_id(kratos, tokens[0])} == {keep}
     assert flows.session_of(kratos, token=tokens[1]).status_code == 401
     assert flows.session_of(kratos, token=tokens[2]).status_code == 401
-    wait_until(lambda: auth(bridge, tokens[1]) == 401, 2, "revocation")
+    wait_until(lambda: auth(bridge, tokens[1]) == 401, 15, "revocation")
     assert auth(bridge, tokens[2]) == 401
     assert auth(bridge, tokens[0]) == 200
 
@@ -379,7 +384,7 @@ def test_revoking_an_identity_spares_the_session_named(kratos: Kratos, start_bri
     assert everything.status_code == 200
     assert keep in everything.json()["revoked"]
     assert flows.session_of(kratos, token=tokens[0]).status_code == 401
-    wait_until(lambda: auth(bridge, tokens[0]) == 401, 2, "revocation")
+    wait_until(lambda: auth(bridge, tokens[0]) == 401, 15, "revocation")
 
 
 def test_an_identity_without_sessions_has_nothing_to_revoke(kratos: Kratos, start_bridge) -> None:

@@ -92,9 +92,12 @@ def test_a_browser_is_signed_out_in_kratos_and_refused_by_every_process_at_once(
     ), response.headers.get_list("Set-Cookie")
     assert flows.session_of(kratos, cookie=cookie).status_code == 401
 
-    for bridge in bridges:  # no wait for a re-validation: the announcement, within 2 s
-        wait_until(lambda b=bridge: auth(b, cookie=cookie) == 401, 2, "the sign-out everywhere")
-        assert all(auth(bridge, cookie=cookie) == 401 for _ in range(10))
+    for bridge in bridges:  # no wait for a re-validation (300 s): the announcement
+        wait_until(
+            lambda b=bridge: all(auth(b, cookie=cookie) == 401 for _ in range(10)),
+            15,  # seconds, normally: a busy machine may stall its delivery
+            "the sign-out everywhere",
+        )
 
 
 def test_a_script_with_the_cookie_gets_the_logout_url_as_json(kratos: Kratos, two_bridges) -> None:
@@ -127,8 +130,11 @@ def test_a_token_is_logged_out_through_kratos_api(kratos: Kratos, two_bridges) -
     assert response.status_code == 204, response.text
     assert flows.session_of(kratos, token=token).status_code == 401
     for bridge in bridges:
-        wait_until(lambda b=bridge: auth(b, token=token) == 401, 2, "the sign-out everywhere")
-        assert all(auth(bridge, token=token) == 401 for _ in range(10))
+        wait_until(
+            lambda b=bridge: all(auth(b, token=token) == 401 for _ in range(10)),
+            15,
+            "the sign-out everywhere",
+        )
         assert auth(bridge, token=kept) == 200  # only the one session ended
 
     bearer = flows.login_api(kratos, user)
